@@ -1,0 +1,25 @@
+"""sieve's errors: each names the thing, the value and what is allowed."""
+
+from __future__ import annotations
+
+__all__ = ["SieveError", "NotAvailableOffline", "RecipeError", "ShapeMismatch"]
+
+
+class SieveError(ValueError):
+    """Base class of sieve's errors (a ``ValueError``, so callers may catch either)."""
+
+
+class NotAvailableOffline(SieveError, OSError):
+    """A model, SAE or data set was asked for from the hub while no network (or offline mode)."""
+
+
+class ShapeMismatch(SieveError):
+    """Two parts that must agree in size do not (an SAE's d_in and a model's hidden size, ...)."""
+
+
+class RecipeError(SieveError):
+    """A recipe file is wrong: the message names the file, the key and what is allowed."""
+
+    def __init__(self, path: object, key: str, message: str) -> None:
+        self.path, self.key = path, key
+        super().__init__(f"{path}: [{key}] {message}")

@@ -1,0 +1,240 @@
+"""Load a causal LM as an nnsight model with uniform layer access, and format chat prompts.
+
+``load_model`` takes a hub id or a local directory and returns an ``nnsight.TransformersModel`` whose
+decoder layers are ``model.layers[i]`` on every supported architecture. The attention implementation
+is chosen for the device: flash-attention 2 when it imports and the model is on CUDA, otherwise the
+architecture's own default (never forcing sdpa, which Gemma2 refuses).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sieve.errors import NotAvailableOffline, SieveError
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "load_model",
+    "layer",
+    "hidden_size",
+    "num_layers",
+    "chat_prompt",
+    "encode_prompts",
+    "choose_attention",
+    "underlying",
+]
+
+# model_type -> where the decoder layers live. nnsight's ``rename`` maps each to ``layers``.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "gpt2": "transformer.h",
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+}
+_RENAME = {"transformer.h": "layers", "model.layers": "layers"}
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+
+
+def _hub_hint(kind: str, ident: str) -> str:
+    return (
+        f"{kind} {ident!r} is not on this machine and the hub cannot be reached "
+        f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). Download it where there is "
+        f"network with `hf download {ident} --local-dir DIR`, then pass DIR instead of the hub id "
+        "(or copy the hub cache to this machine)."
+    )
+
+
+def _resolve_config(source: str | Path, revision: str | None):
+    from transformers import AutoConfig
+
+    path = Path(source)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise SieveError(f"model directory {path} has no config.json; expected a save_pretrained dir")
+        return AutoConfig.from_pretrained(path)
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(source), "config.json", revision=revision)
+        if not isinstance(cached, str):
+            raise NotAvailableOffline(_hub_hint("model", str(source)))
+    try:
+        return AutoConfig.from_pretrained(str(source), revision=revision)
+    except OSError as e:
+        raise NotAvailableOffline(_hub_hint("model", str(source)) + f" ({e.__class__.__name__})") from e
+
+
+def choose_attention(model_type: str, device: str) -> str | None:
+    """The attention implementation to ask for: flash-attention 2 on CUDA when installed, else None.
+
+    None leaves transformers' default (sdpa for GPT-2/Llama/Qwen2, eager for Gemma2).
+
+    Example:
+        >>> choose_attention("gemma2", "cpu") is None
+        True
+    """
+    if device.startswith("cuda") and torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return None
+
+
+def _dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        out = getattr(torch, str(dtype))
+    except AttributeError:
+        out = None
+    if not isinstance(out, torch.dtype):
+        raise SieveError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+    return out
+
+
+def load_model(
+    source: str | Path | Any,
+    *,
+    device: str = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    attn_implementation: str | None = "auto",
+    tokenizer: Any = None,
+    revision: str | None = None,
+):
+    """Load a causal LM as an ``nnsight.TransformersModel`` with ``model.layers[i]`` on any architecture.
+
+    ``source`` is a hub id, a local ``save_pretrained`` directory, or an already-built HF model (then
+    pass ``tokenizer``). ``device="auto"`` picks CUDA when available. ``dtype="auto"`` is bfloat16 on
+    CUDA and float32 on CPU.
+
+    Example:
+        >>> from sieve.world import world_model_dir
+        >>> model = load_model(world_model_dir())
+        >>> len(model.layers) >= 2
+        True
+    """
+    from nnsight import TransformersModel
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = _dtype(dtype, device)
+    if isinstance(source, torch.nn.Module):
+        config, built = source.config, source
+    else:
+        config, built = _resolve_config(source, revision), None
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise SieveError(
+            f"architecture {model_type!r} of {getattr(config, 'name_or_path', source)!r} is not supported; "
+            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+        )
+    kwargs: dict[str, Any] = {}
+    attn = choose_attention(model_type, device) if attn_implementation == "auto" else attn_implementation
+    if built is not None:
+        model = TransformersModel(built.to(device), tokenizer=tokenizer, task="text-generation",
+                                  rename=_RENAME)
+    else:
+        if attn is not None:
+            kwargs["attn_implementation"] = attn
+        if revision:
+            kwargs["revision"] = revision
+        if tokenizer is not None:
+            kwargs["tokenizer"] = tokenizer
+        model = TransformersModel(
+            str(source), task="text-generation", dispatch=True, device_map=device, dtype=torch_dtype,
+            rename=_RENAME, **kwargs,
+        )
+    model.tokenizer.padding_side = "left"
+    if model.tokenizer.pad_token is None:
+        model.tokenizer.pad_token = model.tokenizer.eos_token
+    return model
+
+
+def underlying(model) -> torch.nn.Module:
+    """The plain HF module inside an nnsight model (for code outside a trace)."""
+    return getattr(model, "_module", model)
+
+
+def num_layers(model) -> int:
+    """Number of decoder layers."""
+    return len(model.layers)
+
+
+def hidden_size(model) -> int:
+    """The residual stream width d of the model."""
+    cfg = underlying(model).config
+    return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+
+
+def layer(model, index: int):
+    """The envoy of decoder layer ``index`` (negative counts from the end), with a clear range error.
+
+    Example:
+        >>> layer(model, 99)  # doctest: +SKIP
+        SieveError: layer 99 is out of range: this model has 4 decoder layers (0..3)
+    """
+    n = num_layers(model)
+    if not isinstance(index, int) or not -n <= index < n:
+        raise SieveError(f"layer {index!r} is out of range: this model has {n} decoder layers (0..{n - 1})")
+    return model.layers[index]
+
+
+def chat_prompt(tokenizer, user: str, *, system: str | None = None, prefill: str = "") -> str:
+    """Format one user turn with the model's chat template, the generation prompt and an answer prefill.
+
+    Models whose template has no system role (Gemma) get the system text at the top of the user turn.
+    Tokenizers without a chat template (base models, the embedded world) get the plain text.
+
+    Example:
+        >>> chat_prompt(tok, "Write tests.", prefill="```python\\n")  # doctest: +SKIP
+        '<bos><start_of_turn>user\\nWrite tests.<end_of_turn>\\n<start_of_turn>model\\n```python\\n'
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        head = f"{system}\n\n" if system else ""
+        return f"{head}{user}\n{prefill}"
+    msgs = [{"role": "user", "content": user}]
+    if system:
+        msgs.insert(0, {"role": "system", "content": system})
+    try:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - templates raise their own errors for a system role
+        if not system:
+            raise
+        msgs = [{"role": "user", "content": f"{system}\n\n{user}"}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return text + prefill
+
+
+def encode_prompts(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Tokenize prompts left-padded, adding BOS only where the text does not already start with it.
+
+    Example:
+        >>> enc = encode_prompts(tok, ["def f(", "import re"])  # doctest: +SKIP
+        >>> enc["input_ids"].shape, enc["attention_mask"].shape  # doctest: +SKIP
+    """
+    if not texts:
+        raise SieveError("no prompts given")
+    bos = tokenizer.bos_token
+    rows = []
+    for t in texts:
+        special = not (bos and t.startswith(bos))
+        rows.append(tokenizer(t, add_special_tokens=special)["input_ids"])
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}

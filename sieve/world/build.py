@@ -1,0 +1,88 @@
+"""Rebuild the embedded world from scratch: ``python -m sieve.world.build [--out DIR] [--stages ...]``.
+
+Stages, each resumable and seeded:
+
+1. ``lm``: corpus → byte-level BPE tokenizer → GPT-2 LM (checkpointed; a cut-off run resumes).
+2. ``sae``: a TopK SAE on one layer's residual stream (sae-lens format).
+3. ``feature``: label held-out tokens by regex use, pick the feature that detects it best, set its
+   threshold, and measure the world (loss, regex use of completions, SAE quality, detector quality).
+4. ``ship``: copy the final model, tokenizer, SAE and ``world.json`` into ``sieve/world/data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from sieve.world.corpus import corpus_fingerprint, load_corpus
+from sieve.world.train_lm import LMConfig, encode_chunks, train_lm, train_tokenizer
+
+log = logging.getLogger("sieve.world.build")
+
+DEFAULT_OUT = Path("build/world")
+
+
+def stage_lm(out: Path, cfg: LMConfig) -> Path:
+    """Corpus, tokenizer and LM; returns the model directory."""
+    chunks, versions = load_corpus()
+    manifest = {
+        "corpus": corpus_fingerprint(chunks),
+        "sources": versions,
+        "chunks": len(chunks),
+        "regex_chunks": sum(c.uses_regex for c in chunks),
+        "lm": asdict(cfg),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    man_path = out / "manifest.json"
+    if man_path.exists():
+        old = json.loads(man_path.read_text())
+        if old.get("corpus") != manifest["corpus"]:
+            raise SystemExit(
+                f"{out} holds a build from another corpus ({old.get('corpus')} != "
+                f"{manifest['corpus']}; sources {old.get('sources')} vs {versions}); "
+                "use a fresh --out directory"
+            )
+    man_path.write_text(json.dumps(manifest, indent=1))
+    tok_dir = out / "tokenizer"
+    if (tok_dir / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    else:
+        t0 = time.time()
+        tok = train_tokenizer([c.text for c in chunks if not c.held_out], cfg.vocab_size, tok_dir)
+        log.info("tokenizer trained in %.0fs", time.time() - t0)
+    ids = encode_chunks(tok, chunks)
+    n_train = sum(len(i) for i, c in zip(ids, chunks) if not c.held_out)
+    log.info("corpus: %d chunks, %d train tokens", len(chunks), n_train)
+    return train_lm(cfg, tok, chunks, ids, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="build directory (default build/world)")
+    p.add_argument("--stages", nargs="+", default=["lm", "sae", "feature", "ship"])
+    p.add_argument("--tokens", type=int, default=LMConfig.tokens, help="LM training tokens")
+    p.add_argument("--threads", type=int, default=LMConfig.threads)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    cfg = LMConfig(tokens=args.tokens, threads=args.threads)
+    t0 = time.time()
+    if "lm" in args.stages:
+        stage_lm(args.out, cfg)
+        log.info("lm stage done after %.0fs", time.time() - t0)
+    if {"sae", "feature", "ship"} & set(args.stages):
+        from sieve.world import build_sae
+
+        build_sae.run_stages(args.out, args.stages, cfg)
+    log.info("world build finished in %.0fs", time.time() - t0)
+
+
+if __name__ == "__main__":
+    main()
