@@ -1,0 +1,180 @@
+"""The study's twelve methods as data: each is a detector, a gate, an edit and a direction, by name.
+
+A :class:`Method` names its parts; :class:`Parts` holds the concrete detectors (with thresholds) and
+directions of one setting (an SAE feature, a CAA vector, a probe). ``build(method, parts, value)`` makes
+the :class:`~sieve.interventions.Intervention` for one scale (``add``) or clamp value (``clamp``).
+
+Users add methods without touching sieve::
+
+    register_method(Method("probe_input", gate="input", edit="add", detector="probe", direction="sae"))
+
+Differences from the study's code (by design, see ``upstream_sieve.md``): the SAE detector is the
+feature's true pre-activation (encoder bias included, ``b_dec`` subtracted where the SAE does it); the
+``input`` gate latches per row across decode steps; the probe fires where ``w·h + b > 0`` (the study
+tested ``w·h > b``); clamps move along the direction so the detector reads exactly the clamp value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from sieve.errors import SieveError
+from sieve.interventions import EDITS, GATES, Detector, Edit, Intervention
+
+__all__ = ["Method", "Parts", "METHODS", "register_method", "get_method", "build", "STUDY_METHODS"]
+
+ThresholdRule = Literal["detector", "zero", "max0"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named composition: ``detector`` and ``direction`` are keys into :class:`Parts`.
+
+    ``threshold``: ``detector`` uses the detector's own threshold; ``zero`` uses 0; ``max0`` uses
+    ``max(threshold, 0)`` (clamps only act where the feature is positive, as in the study).
+    """
+
+    name: str
+    gate: str
+    edit: str
+    direction: str
+    detector: str | None = None
+    threshold: ThresholdRule = "detector"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.gate not in GATES:
+            raise SieveError(f"method {self.name!r}: gate {self.gate!r} unknown; allowed {list(GATES)}")
+        if self.edit not in EDITS:
+            raise SieveError(f"method {self.name!r}: edit {self.edit!r} unknown; allowed {list(EDITS)}")
+        if (self.gate != "always" or self.edit == "clamp") and self.detector is None:
+            raise SieveError(f"method {self.name!r}: gate {self.gate!r} / edit {self.edit!r} needs a detector")
+        if self.threshold not in ("detector", "zero", "max0"):
+            raise SieveError(f"method {self.name!r}: threshold rule {self.threshold!r} unknown")
+
+
+@dataclass
+class Parts:
+    """The detectors (each with its threshold) and unit directions available to methods.
+
+    Example:
+        >>> p = Parts()
+        >>> p.add_direction("sae", torch.tensor([3.0, 4.0]))
+        >>> p.directions["sae"]
+        tensor([0.6000, 0.8000])
+    """
+
+    detectors: dict[str, tuple[Detector, float]] = field(default_factory=dict)
+    directions: dict[str, Tensor] = field(default_factory=dict)
+
+    def add_detector(self, name: str, detector: Detector, threshold: float) -> None:
+        self.detectors[name] = (detector, float(threshold))
+
+    def add_direction(self, name: str, v: Tensor) -> None:
+        v = v.detach().float().flatten()
+        self.directions[name] = v / v.norm()
+
+    def detector(self, name: str) -> tuple[Detector, float]:
+        if name not in self.detectors:
+            raise SieveError(f"no detector {name!r} in this setting; available: {sorted(self.detectors)}")
+        return self.detectors[name]
+
+    def direction(self, name: str) -> Tensor:
+        if name not in self.directions:
+            raise SieveError(f"no direction {name!r} in this setting; available: {sorted(self.directions)}")
+        return self.directions[name]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Add a method to the registry (``replace=True`` to redefine one).
+
+    Example:
+        >>> m = register_method(Method("my_input_probe", gate="input", edit="add", direction="sae",
+        ...                            detector="probe"), replace=True)
+        >>> get_method("my_input_probe").gate
+        'input'
+    """
+    if method.name in METHODS and not replace:
+        raise SieveError(f"method {method.name!r} is already registered (pass replace=True)")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``, or an error listing the registered ones."""
+    if name not in METHODS:
+        raise SieveError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def build(method: Method | str, parts: Parts, value: float) -> Intervention:
+    """The intervention of ``method`` at ``value`` (a scale for add, a target for clamp).
+
+    Example:
+        >>> parts = Parts()
+        >>> parts.add_direction("sae", torch.tensor([0.0, 1.0]))
+        >>> parts.add_detector("sae", Detector(torch.tensor([0.0, 2.0]), kind="sae"), 1.5)
+        >>> iv = build("conditional_per_token", parts, -4.0)
+        >>> (iv.gate, iv.edit.kind, iv.threshold)
+        ('token', 'add', 1.5)
+    """
+    m = get_method(method) if isinstance(method, str) else method
+    det, thr = (None, 0.0)
+    if m.detector is not None:
+        det, thr = parts.detector(m.detector)
+    if m.threshold == "zero":
+        thr = 0.0
+    elif m.threshold == "max0":
+        thr = max(thr, 0.0)
+    return Intervention(
+        gate=m.gate,  # type: ignore[arg-type]
+        edit=Edit(m.edit, parts.direction(m.direction), float(value)),  # type: ignore[arg-type]
+        detector=det,
+        threshold=thr,
+        name=m.name,
+        meta={"method": m.name, "value": float(value)},
+    )
+
+
+STUDY_METHODS: tuple[Method, ...] = (
+    Method("constant_sae", "always", "add", "sae", description="add s·(SAE decoder row) everywhere"),
+    Method("constant_steering_vector", "always", "add", "caa", description="add s·(CAA vector) everywhere"),
+    Method("conditional_per_token", "token", "add", "sae", "sae",
+           description="add s·(decoder row) on tokens where the SAE feature fires"),
+    Method("conditional_per_input", "input", "add", "sae", "sae",
+           description="add s·(decoder row) everywhere once the feature has fired in the row (latched)"),
+    Method("conditional_steering_vector", "token", "add", "caa", "caa",
+           description="add s·(CAA vector) where the CAA projection passes its calibrated threshold"),
+    Method("sae_steering_vector", "token", "add", "caa", "sae",
+           description="add s·(CAA vector) where the SAE feature fires"),
+    Method("clamping", "token", "clamp", "sae", "sae", threshold="zero",
+           description="clamp the feature to s where it is positive"),
+    Method("conditional_clamping", "token", "clamp", "sae", "sae", threshold="max0",
+           description="clamp the feature to s where it passes its threshold"),
+    Method("probe_sae", "token", "add", "sae", "probe",
+           description="add s·(decoder row) where the probe says positive"),
+    Method("probe_steering_vector", "token", "add", "caa", "probe",
+           description="add s·(CAA vector) where the probe says positive"),
+    Method("probe_sae_clamping", "token", "clamp", "sae", "probe", threshold="max0",
+           description="clamp the probe's logit to s along the decoder row where the probe says positive"),
+    Method("probe_steering_vector_clamping", "token", "clamp", "caa", "probe", threshold="max0",
+           description="clamp the probe's logit to s along the CAA vector where the probe says positive"),
+)
+for _m in STUDY_METHODS:
+    register_method(_m)
+
+
+def unit(v: Tensor) -> Tensor:
+    """``v / |v|`` in float32."""
+    v = v.detach().float()
+    return v / v.norm()
+
+
+_ = torch  # torch is used in doctests

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny tokenizer and tiny GPT-2 / Llama / Gemma2 models built from configs (no download)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ARCHS = ("gpt2", "llama", "gemma2")
+
+
+def _texts() -> list[str]:
+    from sieve.world.corpus import stdlib_root
+
+    root = stdlib_root()
+    names = ["json/decoder.py", "json/encoder.py", "string.py", "fnmatch.py", "glob.py", "textwrap.py"]
+    return [(root / n).read_text() for n in names]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    from sieve.world.train_lm import train_tokenizer
+
+    return train_tokenizer(_texts(), 512, tmp_path_factory.mktemp("tok"))
+
+
+def build_tiny(arch: str, tok, d: int = 64):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed({"gpt2": 0, "llama": 1, "gemma2": 2}[arch])
+    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        m = GPT2LMHeadModel(GPT2Config(n_embd=d, n_layer=3, n_head=4, n_positions=256, **common))
+    elif arch == "llama":
+        m = LlamaForCausalLM(LlamaConfig(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, **common))
+    else:
+        m = Gemma2ForCausalLM(Gemma2Config(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=3,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                           max_position_embeddings=256, sliding_window=32, **common))
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for arch in ARCHS:
+        d = tmp_path_factory.mktemp(arch)
+        build_tiny(arch, tiny_tokenizer).save_pretrained(d)
+        tiny_tokenizer.save_pretrained(d)
+        out[arch] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs):
+    from sieve.models import load_model
+
+    return {arch: load_model(path) for arch, path in tiny_dirs.items()}
+
+
+PROMPTS = [
+    "import re\n\ndef parse(s):\n",
+    "def add(a, b):\n    return",
+    "class Point:\n    def __init__(self, x",
+    "x = [i for i in",
+]
