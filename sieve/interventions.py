@@ -3,8 +3,10 @@
 - **Detector**: a linear score per token, ``a = h·w + b`` (an SAE feature's true pre-activation, a CAA
   projection, a probe's logit).
 - **Gate**: where to edit. ``always``: every real token; ``token``: tokens whose score passes the
-  threshold; ``input``: every real token of a row once any real token of that row (BOS and padding
-  excluded) has passed it, latched for the rest of the generation.
+  threshold; ``input``: every real token of a row from the first real token (BOS and padding
+  excluded) that passes it on, latched for the rest of the generation. The latch is causal: in the
+  prefill, prompt tokens before the first firing are not edited (the study's code edited them all,
+  and, under the KV cache, never fired again after the prefill).
 - **Edit**: ``add`` ``s·u``, or ``clamp`` the detector to value ``c``: ``h += (c − a)/(w·u) · u``, so the
   detector reads exactly ``c`` afterwards (the study used ``(c − a)·u``, exact only when ``w·u = 1``).
 
@@ -221,10 +223,13 @@ def apply_edit(
     """
     a = torch.einsum("btd,bd->bt", h.float(), p.w) + p.b[:, None]
     fired = (a > p.threshold[:, None]) & eligible
+    # The latch is causal: on from the first firing token on (earlier positions of the same forward
+    # are left alone), so a prompt read in one forward or token by token is edited the same way.
+    latched_bt = latched[:, None] | (fired.long().cumsum(dim=1) > 0)
     latched = latched | ((p.gate == 3) & fired.any(dim=1))
     g = p.gate[:, None]
     edited = torch.where(
-        g == 1, eligible, torch.where(g == 2, fired, (g == 3) & latched[:, None] & eligible)
+        g == 1, eligible, torch.where(g == 2, fired, (g == 3) & latched_bt & eligible)
     )
     coef = torch.where(p.clamp[:, None], (p.value[:, None] - a) / p.wu[:, None], p.value[:, None])
     coef = torch.where(edited, coef, torch.zeros_like(coef))

@@ -79,8 +79,10 @@ def reference_generate(model, prompt: str, iv: Intervention | None) -> list[int]
         elif iv.gate == "token":
             where = fired
         else:
-            state["latched"] = state["latched"] or bool(fired.any())
-            where = real & state["latched"]
+            where = torch.zeros(T, dtype=torch.bool)
+            for t in range(T):  # causal latch, position by position
+                state["latched"] = state["latched"] or bool(fired[t])
+                where[t] = real[t] and state["latched"]
         if iv.edit.kind == "add":
             coef = torch.full((T,), iv.edit.value)
         else:
@@ -182,12 +184,18 @@ def test_input_latch_persists_across_decode_steps():
     steer = Steerer([iv, iv], {"input_ids": torch.tensor([[1, 2], [1, 2]])})
     prefill = torch.zeros(2, 2, d)
     prefill[0, 1, 0] = 1.0  # row 0 fires at its second prompt token
+    prefill[1, 0, 0] = 1.0  # row 1 fires at its first prompt token, BOS-free here
+    prefill[0, 0, 0] = 0.0
     out = steer(prefill)
-    assert out[0, :, 1].tolist() == [5.0, 5.0] and out[1, :, 1].tolist() == [0.0, 0.0]
-    for _ in range(3):  # decode steps that never fire: row 0 stays latched, row 1 stays off
+    # Causal: row 0 is edited from its firing token on, not before it.
+    assert out[0, :, 1].tolist() == [0.0, 5.0] and out[1, :, 1].tolist() == [5.0, 5.0]
+    for _ in range(3):  # decode steps that never fire: both rows stay latched
         step = steer(torch.zeros(2, 1, d))
-        assert step[0, 0, 1] == 5.0 and step[1, 0, 1] == 0.0
-    assert steer.counts()["gen_edited"] == [3, 0]
+        assert step[0, 0, 1] == 5.0 and step[1, 0, 1] == 5.0
+    assert steer.counts()["gen_edited"] == [3, 3]
+    fresh = Steerer([iv])
+    for _ in range(3):
+        assert fresh(torch.zeros(1, 1, d))[0, 0, 1] == 0.0  # never fired: never edited
 
 
 def test_clamp_reads_back_clamp_value():

@@ -1,0 +1,86 @@
+"""Teacher-forced measures under an intervention: next-token log-probabilities, loss, token labels.
+
+One forward per batch (nnsight ``model.trace``), each row with its own intervention (or none), the
+edit applied at the layer exactly as in generation. Used for the embedded world's general-ability
+axis (held-out loss on regex-free code) and for the probability of ``re`` at real call sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sieve.interventions import Intervention, Steerer
+from sieve.models import encode_prompts, layer, underlying
+
+__all__ = ["steered_logprobs", "steered_loss", "char_spans_to_tokens"]
+
+
+@torch.inference_mode()
+def steered_logprobs(
+    model,
+    texts: Sequence[str],
+    interventions: Sequence[Intervention | None] | Intervention | None,
+    *,
+    layer_index: int,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[Tensor]:
+    """Per text, ``[T_i - 1]``: log P(token t+1 | tokens ≤ t) under that row's intervention.
+
+    Token positions are those of ``tokenizer(text)`` (BOS included as position 0).
+
+    Example:
+        >>> lp = steered_logprobs(model, ["def f(x):\\n    return x\\n"], None, layer_index=1)  # doctest: +SKIP
+        >>> float(-lp[0].mean())  # the loss in nats  # doctest: +SKIP
+    """
+    texts = list(texts)
+    ivs = [interventions] * len(texts) if interventions is None or isinstance(interventions, Intervention) \
+        else list(interventions)
+    target = layer(model, layer_index)
+    device = next(underlying(model).parameters()).device
+    out: list[Tensor] = []
+    for i in tqdm(range(0, len(texts), batch_size), desc="steered forward", disable=not progress):
+        batch = texts[i : i + batch_size]
+        enc = {k: v.to(device) for k, v in encode_prompts(model.tokenizer, batch).items()}
+        steer = Steerer(ivs[i : i + batch_size], enc, model.tokenizer)
+        with model.trace(enc):
+            target.output = steer(target.output)
+            logits = model.output.logits.save()
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        ids = enc["input_ids"]
+        tok_lp = lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].cpu()
+        mask = enc["attention_mask"].cpu()
+        for j in range(len(batch)):
+            n = int(mask[j].sum())
+            out.append(tok_lp[j, -(n - 1):] if n > 1 else tok_lp[j, :0])
+    return out
+
+
+def steered_loss(model, texts: Sequence[str], interventions, *, layer_index: int, batch_size: int = 16) -> float:
+    """Mean next-token loss (nats per token) over all texts under the interventions."""
+    lps = steered_logprobs(model, texts, interventions, layer_index=layer_index, batch_size=batch_size)
+    total = sum(float(-lp.sum()) for lp in lps)
+    return total / max(1, sum(lp.numel() for lp in lps))
+
+
+def char_spans_to_tokens(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> Tensor:
+    """``[T]`` bool over ``tokenizer(text)`` tokens (BOS included): True where a token overlaps a span.
+
+    Example:
+        >>> char_spans_to_tokens(tok, "import re\\nx = 1", [(0, 9)]).tolist()  # doctest: +SKIP
+        [False, True, True, False, False, False, False]
+    """
+    enc = tokenizer(text, return_offsets_mapping=True)
+    lab = torch.zeros(len(enc["input_ids"]), dtype=torch.bool)
+    for t, (a, b) in enumerate(enc["offset_mapping"]):
+        if b <= a:
+            continue
+        for s, e in spans:
+            if a < e and s < b:
+                lab[t] = True
+                break
+    return lab

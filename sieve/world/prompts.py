@@ -1,0 +1,141 @@
+"""The embedded world's prompt sets, cut from held-out files (never seen in training).
+
+- **regex-prone**: functions (or module-level code) that use ``re``, cut just before the first line
+  that does; the prompt is the chunk's imports (``import re`` among them) and the lines before.
+- **neutral**: functions from files that do not import ``re``, cut after the signature and docstring.
+- **code**: held-out regex-free chunks, whole, for the general-ability loss.
+
+Each prompt keeps the rest of its function (``reference``) for evaluation, and prompts that would not
+leave room to generate in the model's context are dropped.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sieve.evals.regex_use import find_regex_use
+from sieve.world.corpus import Chunk
+
+__all__ = ["WorldPrompt", "regex_prone_prompts", "neutral_prompts", "regex_free_code", "save_prompts",
+           "load_prompts"]
+
+
+@dataclass(frozen=True)
+class WorldPrompt:
+    """A completion prompt from a held-out function; ``reference`` is what followed in the file."""
+
+    id: str
+    kind: str
+    prompt: str
+    reference: str
+
+
+def _body_start(body: str) -> int | None:
+    """Line index (0-based) of the first statement after the def line and docstring, or None."""
+    try:
+        tree = ast.parse(body)
+    except SyntaxError:
+        return None
+    fn = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    if fn is None:
+        cls = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
+        fn = next((n for n in (cls.body if cls else []) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))),
+                  None)
+    if fn is None or not fn.body:
+        return None
+    first = fn.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        if len(fn.body) < 2:
+            return None
+        first = fn.body[1]
+    return first.lineno - 1
+
+
+def _fit(tok, header: str, head: str, max_prompt_tokens: int) -> str | None:
+    """Header + function head within the token budget, dropping import lines from the top of the
+    header as needed (``import re`` lines are kept: they are what makes a prompt regex-prone)."""
+    lines = header.splitlines() if header else []
+    keep_always = [i for i, ln in enumerate(lines) if find_regex_use(ln).used]
+    others = [i for i in range(len(lines)) if i not in keep_always]
+    while True:
+        kept = sorted(set(keep_always) | set(others))
+        hdr = "\n".join(lines[i] for i in kept)
+        text = f"{hdr}\n\n{head}" if hdr else head
+        if tok is None or len(tok(text)["input_ids"]) <= max_prompt_tokens:
+            return text
+        if not others:
+            return None
+        others.pop(0)
+
+
+def regex_prone_prompts(chunks: list[Chunk], tok=None, max_prompt_tokens: int = 192) -> list[WorldPrompt]:
+    """Held-out functions that use ``re``, cut before the first line that uses it.
+
+    Example:
+        >>> from sieve.world.corpus import SourceFile, chunk_file
+        >>> src = SourceFile("m.py", "import re\\n\\ndef f(s):\\n    '''Doc.'''\\n    s = s.strip()\\n"
+        ...                  "    return re.sub('a', 'b', s)\\n", True)
+        >>> p = regex_prone_prompts(list(chunk_file(src)))[0]
+        >>> p.prompt.endswith("s = s.strip()\\n"), p.reference.strip()
+        (True, "return re.sub('a', 'b', s)")
+    """
+    out = []
+    for c in chunks:
+        if not (c.held_out and c.uses_regex):
+            continue
+        # Module-level code (``PAT = re.compile(...)``) is cut right before its first use.
+        start = 0 if c.name == "<module>" else _body_start(c.body)
+        use = find_regex_use(c.body)
+        if start is None or not use.spans:
+            continue
+        lines = c.body.splitlines(keepends=True)
+        first_use_line = c.body.count("\n", 0, use.spans[0][0])
+        cut = max(start, first_use_line)
+        if first_use_line < start:
+            continue  # the def line itself uses re (a default argument): no clean cut
+        text = _fit(tok, c.header, "".join(lines[:cut]), max_prompt_tokens)
+        if text is not None:
+            out.append(WorldPrompt(f"{c.file}:{c.name}", "regex", text, "".join(lines[cut:])))
+    return out
+
+
+def neutral_prompts(chunks: list[Chunk], tok=None, max_prompt_tokens: int = 192, limit: int | None = None
+                    ) -> list[WorldPrompt]:
+    """Held-out functions from files that do not import ``re``, cut after signature and docstring."""
+    out = []
+    for c in chunks:
+        if not c.held_out or c.uses_regex or c.name == "<module>" or find_regex_use(c.header).used:
+            continue
+        start = _body_start(c.body)
+        if start is None:
+            continue
+        lines = c.body.splitlines(keepends=True)
+        text = _fit(tok, c.header, "".join(lines[:start]), max_prompt_tokens)
+        if text is not None:
+            out.append(WorldPrompt(f"{c.file}:{c.name}", "neutral", text, "".join(lines[start:])))
+    if limit is not None and len(out) > limit:
+        step = len(out) / limit
+        out = [out[int(i * step)] for i in range(limit)]
+    return out
+
+
+def regex_free_code(chunks: list[Chunk], limit: int = 200) -> list[str]:
+    """Held-out chunks that neither use nor import ``re``, evenly spaced, for the loss measure."""
+    pool = [c.text for c in chunks if c.held_out and not c.uses_regex and not find_regex_use(c.header).used]
+    if len(pool) > limit:
+        step = len(pool) / limit
+        pool = [pool[int(i * step)] for i in range(limit)]
+    return pool
+
+
+def save_prompts(path: Path, prompts: list[WorldPrompt]) -> None:
+    """Write prompts as JSON lines."""
+    path.write_text("".join(json.dumps(asdict(p)) + "\n" for p in prompts))
+
+
+def load_prompts(path: Path) -> list[WorldPrompt]:
+    """Read prompts written by :func:`save_prompts`."""
+    return [WorldPrompt(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
