@@ -1,0 +1,112 @@
+"""Per-completion evaluations: code extraction, syntax, regex use, and task success in the sandbox."""
+
+from __future__ import annotations
+
+import ast
+import re
+import textwrap
+from dataclasses import dataclass
+
+from sieve.evals.regex_use import find_regex_use
+from sieve.evals.sandbox import run_sandboxed
+
+__all__ = ["extract_code", "syntax_ok", "complete_function", "CodeEval", "evaluate_code"]
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
+
+
+def extract_code(response: str, prefilled_fence: bool = True) -> str | None:
+    """The first fenced Python block of a response; with ``prefilled_fence`` the response continues an
+    opening fence that was part of the prompt, so the code runs to the first closing fence.
+
+    Example:
+        >>> extract_code("def test():\\n    pass\\n```\\nMore text")
+        'def test():\\n    pass\\n'
+        >>> extract_code("Sure!\\n```python\\nx = 1\\n```", prefilled_fence=False)
+        'x = 1\\n'
+    """
+    if prefilled_fence:
+        return response.split("```", 1)[0]
+    m = _FENCE.search(response)
+    return m.group(1) if m else None
+
+
+def syntax_ok(code: str) -> bool:
+    """Whether ``code`` parses.
+
+    Example:
+        >>> syntax_ok("def f(:"), syntax_ok("x = 1")
+        (False, True)
+    """
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def complete_function(prompt: str, completion: str) -> str:
+    """The function a completion finishes: from the prompt's last ``def``/``class`` line, through the
+    completion up to the first line that leaves that block, dedented. Without a ``def`` in the prompt
+    (module-level code), the prompt after its imports and the whole completion.
+
+    Example:
+        >>> complete_function("import os\n\n    def f(x):\n", "        return x\n\n    def g():\n")
+        'def f(x):\n    return x\n'
+    """
+    lines = prompt.splitlines(keepends=True)
+    starts = [i for i, ln in enumerate(lines) if ln.lstrip().startswith(("def ", "async def ", "class "))]
+    if not starts:
+        body = [ln for ln in lines if not ln.startswith(("import ", "from "))]
+        return textwrap.dedent("".join(body).lstrip("\n") + completion)
+    i = starts[-1]
+    base = len(lines[i]) - len(lines[i].lstrip())
+    out = []
+    for j, ln in enumerate(completion.splitlines(keepends=True)):
+        continuing = j == 0 and not prompt.endswith("\n")
+        if ln.strip() and not continuing and len(ln) - len(ln.lstrip()) <= base:
+            break
+        out.append(ln)
+    return textwrap.dedent("".join(lines[i:]) + "".join(out)).rstrip() + "\n"
+
+
+@dataclass(frozen=True)
+class CodeEval:
+    """What one completion did: code found, regex used (and how sure), valid syntax, task success."""
+
+    has_code: bool
+    regex: bool
+    regex_parsed: str
+    syntax: bool
+    executed: bool | None
+    exec_status: str
+
+
+def evaluate_code(
+    code: str | None,
+    *,
+    setup: str = "",
+    execute: bool = False,
+    call: list[str] | None = None,
+    timeout_s: float = 3.0,
+    memory_mb: int = 512,
+) -> CodeEval:
+    """Evaluate one piece of generated code; execution (if asked) happens only in the sandbox.
+
+    Example:
+        >>> e = evaluate_code("import re\\ndef test_x():\\n    assert re.match('a', 'a')\\n", execute=True)
+        >>> (e.regex, e.syntax, e.executed)
+        (True, True, True)
+    """
+    if code is None or not code.strip():
+        return CodeEval(False, False, "none", False, False if execute else None, "no-code")
+    use = find_regex_use(code)
+    ok = syntax_ok(code)
+    executed, status = None, "not-run"
+    if execute:
+        if ok:
+            r = run_sandboxed(code, setup=setup, call=call, timeout_s=timeout_s, memory_mb=memory_mb)
+            executed, status = r.ok, r.status
+        else:
+            executed, status = False, "syntax"
+    return CodeEval(True, use.used, use.parsed, ok, executed, status)

@@ -1,0 +1,362 @@
+"""Recipe files: everything a run needs, as TOML data (never code), validated on load.
+
+A recipe names the model, the SAE and feature, the layer, the detector data, the methods and their
+scales, the prompt sets, sampling, the sample count, the evaluations and the output directory. Loading
+checks every key against the schema below and fails with a :class:`~sieve.errors.RecipeError` naming
+the file, the key and what is allowed. Relative paths resolve against the recipe file's folder, so a
+folder of recipe + prompt files can be shared as is. ``recipe_hash`` (of the validated content) goes
+into every result row.
+
+Example:
+    >>> r = load_recipe(Path("recipes/regex.toml"))
+    >>> r.sae.layer >= 0 and "conditional_per_token" in r.sweep.methods
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from sieve.errors import RecipeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "Recipe", "ModelSpec", "SAESpec", "CAASpec", "ProbeSpec", "PromptSpec", "SweepSpec", "EvalSpec",
+    "OutputSpec", "load_recipe", "save_recipe", "recipe_hash", "apply_overrides", "recipe_from_dict",
+    "UNSTEERED",
+]
+
+UNSTEERED = "unsteered"
+
+
+@dataclass
+class ModelSpec:
+    """``source``: "world" (the embedded model), a hub id, or a local directory."""
+
+    source: str = "world"
+    device: str = "auto"
+    dtype: str = "auto"
+    chat: bool = False
+    revision: str = ""
+
+
+@dataclass
+class SAESpec:
+    """Where the SAE comes from and which feature of it detects the behaviour.
+
+    ``source``: "world", a sae-lens release (with ``id``), a local dir, or a hub repo in the study's
+    format. ``threshold``: None takes the SAE's own (JumpReLU) threshold, else 0.
+    """
+
+    source: str = "world"
+    id: str = ""
+    layer: int = 0
+    feature: int = 0
+    threshold: float | None = None
+
+
+@dataclass
+class CAASpec:
+    """Contrastive prompts for the CAA vector and how its threshold is set.
+
+    ``threshold = "calibrate"`` makes it fire as often as the SAE feature on the calibration prompts
+    (then ``threshold_bias`` is added); a number sets it directly.
+    """
+
+    prompts: str = ""
+    threshold: float | str = "calibrate"
+    threshold_bias: float = 0.0
+
+
+@dataclass
+class ProbeSpec:
+    """Probe training data. ``data = "spans"``: tokens labelled by regex use in code (``code`` set);
+    ``data = "generations"``: tokens generated from the contrastive prompts, labelled by polarity."""
+
+    data: Literal["spans", "generations"] = "spans"
+    samples: int = 8
+    max_new_tokens: int = 64
+    l2: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class PromptSpec:
+    """Prompt sets. "world" uses the embedded world's held-out sets; otherwise a prompts TOML file."""
+
+    source: str = "world"
+    regex_limit: int = 0
+    neutral_limit: int = 40
+    code_limit: int = 80
+    system: str = ""
+
+
+@dataclass
+class SweepSpec:
+    """Methods × scales × samples. ``scales`` maps a method name or an edit kind (``add``/``clamp``) to
+    its values; the method's own entry wins."""
+
+    methods: list[str] = field(default_factory=lambda: [UNSTEERED])
+    scales: dict[str, list[float]] = field(default_factory=dict)
+    samples: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 0
+
+
+@dataclass
+class EvalSpec:
+    """Evaluations. ``execute``: run generated tests in the sandbox; ``general``: "loss" (held-out
+    next-token loss on regex-free code) or "mmlu" (via the MMLU recipe)."""
+
+    execute: bool = True
+    timeout_s: float = 3.0
+    memory_mb: int = 512
+    judge: Literal["off", "hf", "openai"] = "off"
+    judge_model: str = ""
+    general: Literal["loss", "mmlu", "none"] = "loss"
+    mmlu_data: str = ""
+    mmlu_subjects: list[str] = field(default_factory=list)
+    mmlu_shots: int = 0
+    mmlu_limit: int = 0
+
+
+@dataclass
+class OutputSpec:
+    dir: str = "runs/regex"
+    charts: bool = True
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. ``path`` is the file it came from (None when built in code)."""
+
+    name: str
+    description: str = ""
+    kind: Literal["regex", "detect", "mmlu"] = "regex"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    sae: SAESpec = field(default_factory=SAESpec)
+    caa: CAASpec = field(default_factory=CAASpec)
+    probe: ProbeSpec = field(default_factory=ProbeSpec)
+    prompts: PromptSpec = field(default_factory=PromptSpec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    path: Path | None = None
+
+    def resolve(self, value: str) -> Path:
+        """A path from the recipe, relative to the recipe file's folder."""
+        p = Path(value).expanduser()
+        if p.is_absolute() or self.path is None:
+            return p
+        return (self.path.parent / p).resolve()
+
+    def scales_for(self, method: str) -> list[float]:
+        """The values swept for ``method`` (its own entry, else its edit kind's)."""
+        from sieve.methods import get_method
+
+        if method == UNSTEERED:
+            return [0.0]
+        if method in self.sweep.scales:
+            return list(self.sweep.scales[method])
+        kind = get_method(method).edit
+        if kind in self.sweep.scales:
+            return list(self.sweep.scales[kind])
+        raise RecipeError(self.path or "<recipe>", "sweep.scales",
+                          f"no scales for method {method!r}: add '{method}' or '{kind}'")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _check(value: Any, tp: Any, where: Path | str, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise RecipeError(where, key, f"{value!r} is not allowed; allowed: {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check(value, arm, where, key)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(where, key, f"{value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin is list:
+        (item,) = get_args(tp)
+        if not isinstance(value, list):
+            raise RecipeError(where, key, f"expected a list, got {type(value).__name__} {value!r}")
+        return [_check(v, item, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, vt = get_args(tp)
+        if not isinstance(value, dict):
+            raise RecipeError(where, key, f"expected a table, got {type(value).__name__}")
+        return {str(k): _check(v, vt, where, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(where, key, f"expected a table, got {type(value).__name__}")
+        return _from_dict(tp, value, where, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(where, key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(where, key, f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(where, key, f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(where, key, f"expected a string, got {value!r}")
+        return value
+    if tp is Path or tp is type(None):
+        return value
+    raise RecipeError(where, key, f"unsupported schema type {tp}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: Path | str, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "path"}
+    unknown = set(data) - names
+    if unknown:
+        k = sorted(unknown)[0]
+        raise RecipeError(where, f"{prefix}.{k}".lstrip("."), f"unknown key; allowed here: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "path":
+            continue
+        key = f"{prefix}.{f.name}".lstrip(".")
+        if f.name in data:
+            kwargs[f.name] = _check(data[f.name], hints[f.name], where, key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(where, key, "is required")
+    return cls(**kwargs)
+
+
+def _validate(r: Recipe) -> Recipe:
+    from sieve.methods import METHODS
+
+    where = r.path or "<recipe>"
+    for i, m in enumerate(r.sweep.methods):
+        if m != UNSTEERED and m not in METHODS:
+            raise RecipeError(where, f"sweep.methods[{i}]",
+                              f"unknown method {m!r}; allowed: {[UNSTEERED, *sorted(METHODS)]}")
+    for k in r.sweep.scales:
+        if k not in ("add", "clamp") and k not in METHODS:
+            raise RecipeError(where, f"sweep.scales.{k}", "must be a method name, 'add' or 'clamp'")
+    for m in r.sweep.methods:
+        r.scales_for(m)  # every method has scales
+    for key, v, lo in (("sweep.samples", r.sweep.samples, 1), ("sweep.max_new_tokens", r.sweep.max_new_tokens, 1),
+                       ("sae.layer", r.sae.layer, 0), ("sae.feature", r.sae.feature, 0),
+                       ("sweep.batch_size", r.sweep.batch_size, 0)):
+        if v < lo:
+            raise RecipeError(where, key, f"must be >= {lo}, got {v}")
+    if r.sweep.temperature < 0:
+        raise RecipeError(where, "sweep.temperature", f"must be >= 0, got {r.sweep.temperature}")
+    if not 0 < r.sweep.top_p <= 1:
+        raise RecipeError(where, "sweep.top_p", f"must be in (0, 1], got {r.sweep.top_p}")
+    if isinstance(r.caa.threshold, str) and r.caa.threshold != "calibrate":
+        raise RecipeError(where, "caa.threshold", f"{r.caa.threshold!r}: use a number or 'calibrate'")
+    return r
+
+
+def recipe_from_dict(data: dict[str, Any], path: Path | None = None) -> Recipe:
+    """Validate a parsed recipe."""
+    where = path or "<recipe>"
+    if "name" not in data:
+        raise RecipeError(where, "name", "is required")
+    r = _from_dict(Recipe, data, where)
+    r.path = path
+    return _validate(r)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override (``key.sub=value``, values in TOML syntax) and validate a recipe file.
+
+    Example:
+        >>> load_recipe("recipes/regex.toml", ["sweep.samples=2"]).sweep.samples
+        2
+    """
+    path = Path(path).resolve()
+    if not path.exists():
+        raise RecipeError(path, "-", "file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(path, "-", f"is not valid TOML: {e}") from e
+    if overrides:
+        data = apply_overrides(data, overrides, path)
+    return recipe_from_dict(data, path)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], where: Path | str = "<overrides>") -> dict:
+    """Set dotted keys from ``key=value`` strings (value parsed as TOML, else taken as a string)."""
+    data = json.loads(json.dumps(data))
+    for ov in overrides:
+        if "=" not in ov:
+            raise RecipeError(where, ov, "an override must look like key.sub=value")
+        key, raw = ov.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(where, key, f"{p!r} is not a table")
+        node[parts[-1]] = value
+    return data
+
+
+def _to_dict(r: Recipe) -> dict[str, Any]:
+    d = dataclasses.asdict(r)
+    d.pop("path", None)
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if v is not None}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return clean(d)
+
+
+def save_recipe(r: Recipe, path: str | Path) -> Path:
+    """Write a recipe as TOML; ``load_recipe`` of the result gives the same recipe (same hash)."""
+    import tomli_w
+
+    path = Path(path)
+    path.write_text(tomli_w.dumps(_to_dict(r)))
+    return path
+
+
+def recipe_hash(r: Recipe) -> str:
+    """A short hash of the validated recipe's content (independent of formatting and comments)."""
+    return hashlib.sha256(json.dumps(_to_dict(r), sort_keys=True).encode()).hexdigest()[:16]
