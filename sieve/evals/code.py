@@ -51,8 +51,8 @@ def complete_function(prompt: str, completion: str) -> str:
     (module-level code), the prompt after its imports and the whole completion.
 
     Example:
-        >>> complete_function("import os\n\n    def f(x):\n", "        return x\n\n    def g():\n")
-        'def f(x):\n    return x\n'
+        >>> complete_function("import os\\n\\n    def f(x):\\n", "        return x\\n\\n    def g():\\n")
+        'def f(x):\\n    return x\\n'
     """
     lines = prompt.splitlines(keepends=True)
     starts = [i for i, ln in enumerate(lines) if ln.lstrip().startswith(("def ", "async def ", "class "))]
