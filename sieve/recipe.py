@@ -69,13 +69,12 @@ class SAESpec:
 
 @dataclass
 class CAASpec:
-    """Contrastive prompts for the CAA vector and how its threshold is set.
+    """How the CAA vector's threshold is set (its contrastive pairs come from the prompt set).
 
     ``threshold = "calibrate"`` makes it fire as often as the SAE feature on the calibration prompts
     (then ``threshold_bias`` is added); a number sets it directly.
     """
 
-    prompts: str = ""
     threshold: float | str = "calibrate"
     threshold_bias: float = 0.0
 

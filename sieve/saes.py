@@ -219,7 +219,7 @@ class Feature:
 
     @property
     def encoder_bias(self) -> float:
-        return float(self.sae.b_enc[self.index])
+        return float(self.sae.b_enc[self.index].detach())
 
     @property
     def decoder(self) -> Tensor:
@@ -234,7 +234,7 @@ class Feature:
     def threshold(self) -> float | None:
         """The JumpReLU threshold, or None for SAEs without one."""
         t = getattr(self.sae, "threshold", None)
-        return None if t is None else float(t[self.index])
+        return None if t is None else float(t[self.index].detach())
 
     @property
     def _scale(self) -> float:
@@ -253,7 +253,7 @@ class Feature:
         w = self.encoder.float() * self._scale
         b = self.encoder_bias
         if getattr(self.sae.cfg, "apply_b_dec_to_input", False):
-            b -= float(self.sae.b_dec.float() @ self.encoder.float())
+            b -= float(self.sae.b_dec.detach().float() @ self.encoder.float())
         return w, b * self._scale
 
     def pre_activation(self, h: Tensor) -> Tensor:

@@ -358,7 +358,41 @@ def stage_ship(out: Path, cfg: LMConfig) -> None:
         "lm": asdict(cfg),
     }
     (DATA_DIR / "world.json").write_text(json.dumps(world, indent=1))
+    write_prompt_files(chunks, tok, cfg.n_ctx, DATA_DIR / "prompts")
     log.info("shipped world to %s: loss %.3f, feature %d", DATA_DIR, loss, feat["feature"])
+
+
+def write_prompt_files(chunks: list[Chunk], tok, n_ctx: int, out: Path) -> None:
+    """The world's prompt sets as JSON lines (held-out sets for evaluation; train-split sets for CAA
+    and the probe, so detectors are never fitted on what they are judged on)."""
+    from dataclasses import replace
+
+    from sieve.evals.regex_use import find_regex_use
+    from sieve.world.prompts import neutral_prompts, regex_free_code, regex_prone_prompts, save_prompts
+
+    out.mkdir(parents=True, exist_ok=True)
+    budget = n_ctx - 56
+    save_prompts(out / "regex.jsonl", regex_prone_prompts(chunks, tok, budget))
+    save_prompts(out / "neutral.jsonl", neutral_prompts(chunks, tok, budget, limit=200))
+    code = [_clip(tok, t, n_ctx) for t in regex_free_code(chunks, limit=200)]
+    (out / "code.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in code))
+    # Contrastive pairs from training files: the same function start with and without ``import re``.
+    train = [replace(c, held_out=True) for c in chunks if not c.held_out and c.uses_regex]
+    pairs = []
+    for p in regex_prone_prompts(train, tok, budget):
+        header, _, head = p.prompt.partition("\n\n")
+        lines = header.splitlines()
+        kept = [ln for ln in lines if not find_regex_use(ln).used]
+        if len(kept) == len(lines) or not head:
+            continue
+        neg = ("\n".join(kept) + "\n\n" + head) if kept else head
+        pairs.append({"id": p.id, "positive": p.prompt, "negative": neg})
+    g = torch.Generator().manual_seed(SEED)
+    pairs = [pairs[i] for i in sorted(torch.randperm(len(pairs), generator=g)[:128].tolist())]
+    (out / "contrastive.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    probe = [_clip(tok, c.text, n_ctx) for c in chunks if not c.held_out and c.uses_regex]
+    probe = [probe[i] for i in sorted(torch.randperm(len(probe), generator=g)[:200].tolist())]
+    (out / "probe.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in probe))
 
 
 def run_stages(out: Path, stages: list[str], cfg: LMConfig, layer: int = LAYER) -> None:

@@ -1,0 +1,241 @@
+"""The regex study: steer a code model away from regular expressions while its code stays valid.
+
+    python -m recipes.regex [RECIPE.toml] [key=value ...] [--shard i/n] [--merge DIR ...] [--report-only]
+
+With no recipe it runs ``recipes/regex.toml``, the embedded world (a tiny code model shipped with sieve),
+offline on a CPU in minutes. ``key=value`` overrides any recipe key (``sweep.samples=2``,
+``sweep.methods=["unsteered","constant_sae"]``; values in TOML syntax).
+
+What it does, in one direction:
+
+1. plan: every (prompt set, method, scale, prompt, sample) row; a row's sampling seed depends on the
+   prompt and sample only, so methods are compared on the same random numbers;
+2. generate: rows mixing methods and scales run as batched generation with the edit at every step;
+   each finished chunk of rows is evaluated (regex use by parsing, syntax, and for instruct models the
+   generated tests run in the sandbox) and appended to ``<output>/gen`` (parquet parts);
+3. general ability per (method, scale): held-out next-token loss on regex-free code (embedded world) or
+   MMLU accuracy (real models), appended to ``<output>/ability``;
+4. report: a summary table with 95% intervals and the Pareto front, charts (HTML + PNG).
+
+An interrupted run started again with the same recipe resumes: finished rows are skipped, none is
+duplicated. ``--shard i/n`` runs every n-th row (for several machines, each with its own output
+folder or the same one); ``--merge DIR ...`` combines shard outputs into the recipe's output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from tqdm.auto import tqdm
+
+from sieve.errors import SieveError
+from sieve.evals.code import complete_function, evaluate_code, extract_code
+from sieve.generation import generate
+from sieve.methods import build
+from sieve.recipe import UNSTEERED, Recipe, load_recipe, recipe_hash
+from sieve.results import ResultStore, merge_stores, pareto_front, parse_shard, summarize
+
+log = logging.getLogger("recipes.regex")
+
+DEFAULT_RECIPE = Path(__file__).parent / "regex.toml"
+
+
+def row_seed(base: int, *parts: Any) -> int:
+    """A stable 31-bit seed from the recipe seed and the row's prompt/sample (not its method)."""
+    h = hashlib.sha256(json.dumps([base, *parts]).encode()).digest()
+    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
+
+
+def plan(recipe: Recipe, prompts) -> list[dict[str, Any]]:
+    """Every generation row of the sweep, in a stable order."""
+    rows = []
+    for set_name, items in (("regex", prompts.regex), ("neutral", prompts.neutral)):
+        for method in recipe.sweep.methods:
+            for scale in recipe.scales_for(method):
+                for pi, p in enumerate(items):
+                    for s in range(recipe.sweep.samples):
+                        rows.append({
+                            "key": f"{set_name}|{method}|{scale:g}|{p.id}|{s}",
+                            "set": set_name, "method": method, "scale": float(scale),
+                            "prompt_index": pi, "prompt_id": p.id, "sample": s,
+                            "seed": row_seed(recipe.sweep.seed, set_name, p.id, s),
+                        })
+    return rows
+
+
+def _shard(rows: list[dict[str, Any]], shard: tuple[int, int]) -> list[dict[str, Any]]:
+    i, n = shard
+    return [r for k, r in enumerate(rows) if k % n == i]
+
+
+def evaluate_row(recipe: Recipe, prompt, completion) -> dict[str, Any]:
+    """Evaluate one completion: code, regex use, syntax, and (instruct models) task success."""
+    if prompt.style == "instruct":
+        code = extract_code(completion.text, prefilled_fence=True)
+        ev = evaluate_code(code, setup=prompt.setup, execute=recipe.eval.execute and prompt.kind == "regex",
+                           timeout_s=recipe.eval.timeout_s, memory_mb=recipe.eval.memory_mb)
+    else:
+        code = complete_function(prompt.text, completion.text)
+        ev = evaluate_code(code, execute=False)
+    return {
+        "text": completion.text, "code": code or "", "has_code": ev.has_code, "regex": ev.regex,
+        "regex_parsed": ev.regex_parsed, "syntax": ev.syntax, "executed": ev.executed,
+        "exec_status": ev.exec_status, "n_tokens": len(completion.token_ids), "finished": completion.finished,
+        **{k: int(v) for k, v in completion.counts.items()},
+    }
+
+
+def run_generation(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, int], progress: bool) -> int:
+    rows = _shard(plan(recipe, setting.prompts), shard)
+    done = store.done_keys()
+    todo = [r for r in rows if r["key"] not in done]
+    log.info("generation: %d rows in this shard, %d done, %d to go", len(rows), len(rows) - len(todo), len(todo))
+    if not todo:
+        return 0
+    ivs: dict[tuple[str, float], Any] = {}
+    for r in todo:
+        cell = (r["method"], r["scale"])
+        if cell not in ivs:
+            ivs[cell] = None if r["method"] == UNSTEERED else build(r["method"], setting.parts, r["scale"])
+    sets = {"regex": setting.prompts.regex, "neutral": setting.prompts.neutral}
+    bs = recipe.sweep.batch_size or None
+    chunk = (bs or 32) * 4
+    rh = recipe_hash(recipe)
+    bar = tqdm(total=len(todo), desc="sweep", unit="row", disable=not progress)
+    for i in range(0, len(todo), chunk):
+        part = todo[i : i + chunk]
+        prompts = [sets[r["set"]][r["prompt_index"]] for r in part]
+        outs = generate(
+            setting.model, [p.text for p in prompts], [ivs[(r["method"], r["scale"])] for r in part],
+            layer_index=setting.layer, max_new_tokens=recipe.sweep.max_new_tokens,
+            temperature=recipe.sweep.temperature, top_p=recipe.sweep.top_p,
+            seeds=[r["seed"] for r in part], batch_size=bs, progress=False,
+        )
+        store.append([{**r, "recipe_hash": rh, **evaluate_row(recipe, p, o)} for r, p, o in zip(part, prompts, outs)])
+        bar.update(len(part))
+    bar.close()
+    return len(todo)
+
+
+def run_ability(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, int], progress: bool) -> None:
+    """General ability per (method, scale): loss on regex-free code, or MMLU accuracy."""
+    if recipe.eval.general == "none":
+        return
+    cells = [(m, float(s)) for m in recipe.sweep.methods for s in recipe.scales_for(m)]
+    cells = _shard([{"cell": c} for c in cells], shard)
+    done = store.done_keys()
+    todo = [c["cell"] for c in cells if f"ability|{c['cell'][0]}|{c['cell'][1]:g}" not in done]
+    rh = recipe_hash(recipe)
+    for method, scale in tqdm(todo, desc="general ability", disable=not progress):
+        iv = None if method == UNSTEERED else build(method, setting.parts, scale)
+        if recipe.eval.general == "loss":
+            from sieve.evals.ability import steered_logprobs
+
+            lps = steered_logprobs(setting.model, setting.prompts.code, iv, layer_index=setting.layer,
+                                   batch_size=recipe.sweep.batch_size or 16)
+            values = [float(-lp.mean()) for lp in lps if lp.numel()]
+            metric = "loss"
+        else:
+            from sieve.evals.mmlu import load_mmlu, mmlu_accuracy
+
+            qs = load_mmlu(recipe)
+            correct = mmlu_accuracy(setting.model, qs, iv, layer_index=setting.layer, chat=recipe.model.chat,
+                                    shots=recipe.eval.mmlu_shots)
+            values = [float(c) for c in correct]
+            metric = "mmlu"
+        store.append([{"key": f"ability|{method}|{scale:g}", "method": method, "scale": scale,
+                       "metric": metric, "value": sum(values) / max(1, len(values)), "values": values,
+                       "recipe_hash": rh}])
+
+
+def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = False) -> pl.DataFrame:
+    """Summary with intervals, Pareto flags, charts; returns the summary table."""
+    gen = ResultStore(out / "gen").table()
+    if not gen.height:
+        raise SieveError(f"no results in {out / 'gen'} yet")
+    ability = ResultStore(out / "ability").table()
+    validity = "executed" if recipe.eval.execute and gen["executed"].drop_nulls().len() else "syntax"
+    summary = summarize(gen, ability if ability.height else None, validity=validity)
+    lower = recipe.eval.general == "loss"
+    summary = pareto_front(summary, lower_ability_is_better=lower)
+    summary.write_parquet(out / "summary.parquet")
+    summary.write_csv(out / "summary.csv")
+    if charts and recipe.output.charts:
+        from sieve.plots import pareto_chart, save_chart
+
+        title = "held-out loss on regex-free code (nats, lower is better)" if lower else "MMLU accuracy"
+        save_chart(pareto_chart(summary, ability_title=title), out / "pareto")
+    if not quiet:
+        print(format_summary(summary, validity))
+    return summary
+
+
+def format_summary(summary: pl.DataFrame, validity: str) -> str:
+    """The printed summary: per method, its Pareto-front scales with 95% intervals."""
+    lines = [f"{'method':32s} {'scale':>7s}  {'regex rate [95% CI]':>22s}  {validity + ' rate [95% CI]':>24s}  "
+             f"{'ability [95% CI]':>24s}  neutral changed"]
+    for r in summary.sort(["method", "scale"]).iter_rows(named=True):
+        if not r.get("pareto", True):
+            continue
+        ab = (f"{r['ability']:.3f} [{r['ability_lo']:.3f},{r['ability_hi']:.3f}]"
+              if r.get("ability") is not None else "-")
+        nc = f"{r['neutral_changed']:.2f}" if r.get("neutral_changed") is not None else "-"
+        lines.append(
+            f"{r['method']:32s} {r['scale']:7.2f}  {r['regex_rate']:.3f} [{r['regex_lo']:.3f},{r['regex_hi']:.3f}]"
+            f"  {r['valid_rate']:.3f} [{r['valid_lo']:.3f},{r['valid_hi']:.3f}]      {ab:>24s}  {nc}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m recipes.regex", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe TOML (default: the embedded world)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sweep.samples=2")
+    p.add_argument("--shard", default=None, help="run shard i of n (i/n), e.g. 0/4")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="merge these run folders (shards) into the recipe's output folder, then report")
+    p.add_argument("--report-only", action="store_true", help="only summarise and chart what is there")
+    p.add_argument("--out", default=None, help="output folder (default: the recipe's output.dir)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.recipe and "=" in args.recipe and not Path(args.recipe).exists():
+        args.overrides.insert(0, args.recipe)
+        args.recipe = str(DEFAULT_RECIPE)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = Path(args.out) if args.out else recipe.resolve(recipe.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps({"hash": recipe_hash(recipe), "file": str(recipe.path)}))
+    if args.merge:
+        for sub in ("gen", "ability"):
+            merge_stores([Path(d) / sub for d in args.merge], out / sub)
+        report(recipe, out)
+        return 0
+    if not args.report_only:
+        from sieve.setting import load_setting
+
+        shard = parse_shard(args.shard)
+        t0 = time.time()
+        setting = load_setting(recipe, progress=not args.no_progress)
+        tag = f"{shard[0]}of{shard[1]}"
+        run_generation(recipe, setting, ResultStore(out / "gen", tag), shard, not args.no_progress)
+        run_ability(recipe, setting, ResultStore(out / "ability", tag), shard, not args.no_progress)
+        log.info("sweep finished in %.0fs; results in %s", time.time() - t0, out)
+        if shard[1] > 1:
+            log.info("shard %s done; merge shards with --merge", args.shard)
+            return 0
+    report(recipe, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""MMLU accuracy under an intervention, scored from the answer-letter logits in one forward per question.
+
+Data: ``cais/mmlu`` through ``datasets`` (when the hub is reachable or cached), or a local parquet /
+JSON / JSON-lines file in the same schema (``question``, ``subject``, ``choices`` [4], ``answer`` 0–3,
+optional ``split`` with ``dev`` rows for few-shot examples).
+
+Prompt (the harness's MMLU format): ``The following are multiple choice questions (with answers) about
+{subject}.`` + shots + the question, lettered choices and ``Answer:``. For instruct models the text
+is one user turn with the chat template and the answer turn pre-filled with ``Answer:``. The predicted
+letter is the one whose token (with or without a leading space) has the highest logit at the last
+position. Questions run batched; each row carries its intervention, as in generation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sieve.errors import NotAvailableOffline, SieveError
+from sieve.interventions import Intervention, Steerer
+from sieve.models import chat_prompt, encode_prompts, layer, underlying
+
+__all__ = ["Question", "load_mmlu", "load_questions", "format_question", "mmlu_accuracy", "letter_token_ids"]
+
+LETTERS = "ABCD"
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+    subject: str
+    split: str = "test"
+
+
+def _rows_to_questions(rows: list[dict[str, Any]], where: str) -> list[Question]:
+    out = []
+    for i, r in enumerate(rows):
+        for k in ("question", "choices", "answer"):
+            if k not in r:
+                raise SieveError(f"{where}: row {i} has no {k!r} (schema: question, subject, choices, answer)")
+        choices = tuple(str(c) for c in r["choices"])
+        ans = r["answer"]
+        ans = LETTERS.index(ans) if isinstance(ans, str) else int(ans)
+        if len(choices) != 4 or not 0 <= ans < 4:
+            raise SieveError(f"{where}: row {i} needs 4 choices and an answer in 0..3")
+        out.append(Question(str(r["question"]), choices, ans, str(r.get("subject", "")), str(r.get("split", "test"))))
+    return out
+
+
+def load_questions(path: str | Path, subjects: list[str] | None = None) -> list[Question]:
+    """Questions from a local parquet, JSON (a list) or JSON-lines file in the cais/mmlu schema.
+
+    Example:
+        >>> qs = load_questions("recipes/data/mmlu_fixture.json")
+        >>> len(qs) >= 20 and all(len(q.choices) == 4 for q in qs)
+        True
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SieveError(f"MMLU file {path} not found")
+    if path.suffix == ".parquet":
+        import polars as pl
+
+        rows = pl.read_parquet(path).to_dicts()
+    elif path.suffix == ".json":
+        rows = json.loads(path.read_text())
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    qs = _rows_to_questions(rows, str(path))
+    if subjects:
+        qs = [q for q in qs if q.subject in subjects]
+    return qs
+
+
+def load_mmlu(recipe: Any) -> list[Question]:
+    """The recipe's MMLU questions: its local file, or ``cais/mmlu`` (test split, plus dev for shots)."""
+    ev = recipe.eval
+    if ev.mmlu_data:
+        qs = load_questions(recipe.resolve(ev.mmlu_data), ev.mmlu_subjects or None)
+    else:
+        try:
+            from datasets import load_dataset
+        except ImportError as e:  # pragma: no cover
+            raise SieveError("datasets is needed to fetch cais/mmlu") from e
+        qs = []
+        for subject in ev.mmlu_subjects or ["all"]:
+            try:
+                for split in ("test", "dev"):
+                    ds = load_dataset("cais/mmlu", subject, split=split)
+                    qs += _rows_to_questions([{**r, "split": split} for r in ds], f"cais/mmlu/{subject}")
+            except (OSError, ConnectionError, ValueError) as e:
+                raise NotAvailableOffline(
+                    f"cais/mmlu ({subject}) is not on this machine and the hub cannot be reached; download it "
+                    "where there is network (`datasets.load_dataset('cais/mmlu', SUBJECT)` then "
+                    "`.to_parquet(...)`) and set eval.mmlu_data to that file"
+                ) from e
+    if ev.mmlu_limit:
+        test = [q for q in qs if q.split != "dev"][: ev.mmlu_limit]
+        qs = test + [q for q in qs if q.split == "dev"]
+    return qs
+
+
+def format_question(q: Question, shots: list[Question] = (), with_answer: bool = False) -> str:
+    """The harness's MMLU text for one question (and its few-shot examples).
+
+    Example:
+        >>> print(format_question(Question("2+2?", ("3", "4", "5", "6"), 1, "math")))
+        The following are multiple choice questions (with answers) about math.
+        <BLANKLINE>
+        2+2?
+        A. 3
+        B. 4
+        C. 5
+        D. 6
+        Answer:
+    """
+    subj = q.subject.replace("_", " ")
+    head = f"The following are multiple choice questions (with answers) about {subj}.\n\n"
+
+    def one(x: Question, ans: bool) -> str:
+        body = x.question.strip() + "\n" + "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(x.choices))
+        return body + "Answer:" + (f" {LETTERS[x.answer]}\n\n" if ans else "")
+
+    return head + "".join(one(s, True) for s in shots) + one(q, with_answer)
+
+
+def letter_token_ids(tokenizer) -> list[list[int]]:
+    """For each letter A–D, the single-token ids of ``"A"`` and ``" A"`` (whichever exist)."""
+    out = []
+    for L in LETTERS:
+        ids = set()
+        for variant in (L, f" {L}"):
+            enc = tokenizer(variant, add_special_tokens=False)["input_ids"]
+            if len(enc) == 1:
+                ids.add(enc[0])
+        if not ids:
+            raise SieveError(f"the tokenizer has no single token for the answer letter {L!r}")
+        out.append(sorted(ids))
+    return out
+
+
+@torch.inference_mode()
+def mmlu_accuracy(
+    model,
+    questions: list[Question],
+    intervention: Intervention | None,
+    *,
+    layer_index: int,
+    chat: bool = False,
+    shots: int = 0,
+    batch_size: int = 16,
+) -> list[bool]:
+    """Whether each test question is answered right under the intervention (one forward each, batched).
+
+    Example:
+        >>> correct = mmlu_accuracy(model, qs, None, layer_index=2)  # doctest: +SKIP
+        >>> sum(correct) / len(correct)  # doctest: +SKIP
+    """
+    test = [q for q in questions if q.split != "dev"]
+    dev: dict[str, list[Question]] = {}
+    for q in questions:
+        if q.split == "dev":
+            dev.setdefault(q.subject, []).append(q)
+    tok = model.tokenizer
+    texts = []
+    for q in test:
+        text = format_question(q, dev.get(q.subject, [])[:shots])
+        if chat:
+            body, _, _ = text.rpartition("Answer:")
+            text = chat_prompt(tok, body.rstrip() + "\nAnswer with the letter only.", prefill="Answer:")
+        texts.append(text)
+    letters = letter_token_ids(tok)
+    target = layer(model, layer_index)
+    device = next(underlying(model).parameters()).device
+    out: list[bool] = []
+    for i in range(0, len(texts), batch_size):
+        batch = texts[i : i + batch_size]
+        enc = {k: v.to(device) for k, v in encode_prompts(tok, batch).items()}
+        steer = Steerer([intervention] * len(batch), enc, tok)
+        with model.trace(enc):
+            target.output = steer(target.output)
+            last = model.output.logits[:, -1].save()
+        scores = torch.stack([last[:, ids].float().max(dim=-1).values for ids in letters], dim=-1)
+        pred = scores.argmax(-1).cpu().tolist()
+        out += [p == q.answer for p, q in zip(pred, test[i : i + batch_size])]
+    return out

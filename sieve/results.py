@@ -1,0 +1,179 @@
+"""Results: an append-only parquet store that resumes, shards and merges; summaries with intervals;
+Pareto fronts.
+
+A store is a folder of part files (``part-<shard>-<n>.parquet``), each written atomically when a batch
+finishes. Every row has a unique ``key``; on resume, keys already present are skipped, and reading
+the table drops duplicates, so a crash at any point loses at most the batch in flight and never
+duplicates a row. Shards write their own parts; ``merge`` combines shard folders into one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from sieve.evals.metrics import mean_ci, wilson
+
+__all__ = ["ResultStore", "merge_stores", "summarize", "pareto_front", "parse_shard"]
+
+
+class ResultStore:
+    """An append-only table in ``folder`` (one parquet part per append).
+
+    Example:
+        >>> s = ResultStore(tmp_path / "gen")  # doctest: +SKIP
+        >>> s.append([{"key": "a", "x": 1}]); s.done_keys()  # doctest: +SKIP
+        {'a'}
+    """
+
+    def __init__(self, folder: str | Path, shard: str = "0of1") -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.shard = shard
+        self._counter = itertools.count(len(list(self.folder.glob("part-*.parquet"))))
+
+    def parts(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.parquet"))
+
+    def append(self, rows: list[dict[str, Any]]) -> Path | None:
+        """Write ``rows`` as one new part, atomically (temp file, then rename)."""
+        if not rows:
+            return None
+        df = pl.DataFrame(rows, infer_schema_length=None)
+        name = f"part-{self.shard}-{next(self._counter):06d}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = self.folder / f".{name}.tmp"
+        df.write_parquet(tmp)
+        os.replace(tmp, self.folder / name)
+        return self.folder / name
+
+    def table(self) -> pl.DataFrame:
+        """All rows, one per key (the first written wins), in key order of writing."""
+        parts = self.parts()
+        if not parts:
+            return pl.DataFrame()
+        df = pl.concat([pl.read_parquet(p) for p in parts], how="diagonal_relaxed")
+        return df.unique(subset="key", keep="first", maintain_order=True)
+
+    def done_keys(self) -> set[str]:
+        parts = self.parts()
+        if not parts:
+            return set()
+        return set(pl.concat([pl.read_parquet(p, columns=["key"]) for p in parts])["key"].to_list())
+
+
+def merge_stores(folders: Iterable[str | Path], out: str | Path) -> pl.DataFrame:
+    """Combine several stores (e.g. one per shard) into ``out``, dropping duplicate keys.
+
+    Example:
+        >>> merge_stores(["runs/a/gen", "runs/b/gen"], "runs/merged/gen")  # doctest: +SKIP
+    """
+    frames = [ResultStore(f).table() for f in folders]
+    frames = [f for f in frames if f.height]
+    if not frames:
+        return pl.DataFrame()
+    df = pl.concat(frames, how="diagonal_relaxed").unique(subset="key", keep="first", maintain_order=True)
+    store = ResultStore(out, shard="merged")
+    for p in store.parts():
+        p.unlink()
+    store.append(df.to_dicts())
+    return df
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` → ``(i, n)`` with a clear error.
+
+    Example:
+        >>> parse_shard("1/4")
+        (1, 4)
+    """
+    if not text:
+        return (0, 1)
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return (i, n)
+
+
+def _rate(col: pl.Series) -> tuple[float, float, float]:
+    vals = [bool(v) for v in col.to_list() if v is not None]
+    k, n = sum(vals), len(vals)
+    lo, hi = wilson(k, n)
+    return (k / n if n else float("nan"), lo, hi)
+
+
+def summarize(gen: pl.DataFrame, ability: pl.DataFrame | None, *, validity: str = "syntax") -> pl.DataFrame:
+    """Per method and scale: regex rate and validity rate on the regex-prone set (Wilson 95% CIs),
+    general ability (mean and CI), and side effects on the neutral set (detector firings per completion,
+    share of completions changed from unsteered with the same seed).
+
+    ``validity``: the column that says a completion is valid (``syntax`` or ``executed``).
+    """
+    rows = []
+    rx = gen.filter(pl.col("set") == "regex")
+    nt = gen.filter(pl.col("set") == "neutral")
+    base = {}
+    if nt.height:
+        for r in nt.filter(pl.col("method") == "unsteered").iter_rows(named=True):
+            base[(r["prompt_id"], r["sample"])] = r["text"]
+    for (method, scale), grp in rx.group_by(["method", "scale"], maintain_order=True):
+        regex = _rate(grp["regex"])
+        valid = _rate(grp[validity]) if validity in grp.columns else (float("nan"),) * 3
+        row = {"method": method, "scale": scale, "n": grp.height,
+               "regex_rate": regex[0], "regex_lo": regex[1], "regex_hi": regex[2],
+               "valid_rate": valid[0], "valid_lo": valid[1], "valid_hi": valid[2]}
+        ng = nt.filter((pl.col("method") == method) & (pl.col("scale") == scale))
+        if ng.height:
+            row["neutral_fired_per_row"] = float(ng["gen_fired"].mean() + ng["prompt_fired"].mean())
+            changed = [base.get((r["prompt_id"], r["sample"])) != r["text"] for r in ng.iter_rows(named=True)
+                       if (r["prompt_id"], r["sample"]) in base]
+            row["neutral_changed"] = sum(changed) / len(changed) if changed else float("nan")
+            row["neutral_regex_rate"] = float(ng["regex"].mean())
+        if ability is not None and ability.height:
+            ab = ability.filter((pl.col("method") == method) & (pl.col("scale") == scale))
+            if ab.height:
+                vals = ab["values"][0].to_list() if "values" in ab.columns else [ab["value"][0]]
+                m, lo, hi = mean_ci(vals)
+                row.update({"ability_metric": ab["metric"][0], "ability": m, "ability_lo": lo, "ability_hi": hi})
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def pareto_front(summary: pl.DataFrame, *, lower_ability_is_better: bool) -> pl.DataFrame:
+    """Rows of ``summary`` not dominated on (regex rate ↓, validity ↑, ability ↑ or ↓), flagged
+    ``pareto = True`` (within each method, and over all rows as ``pareto_all``).
+    """
+    if not summary.height:
+        return summary
+    sign = -1.0 if lower_ability_is_better else 1.0
+
+    def objectives(r: dict[str, Any]) -> tuple[float, float, float]:
+        ab = r.get("ability")
+        return (-r["regex_rate"], r["valid_rate"], sign * ab if ab is not None else 0.0)
+
+    recs = summary.to_dicts()
+    objs = [objectives(r) for r in recs]
+
+    def dominated(i: int, pool: list[int]) -> bool:
+        a = objs[i]
+        for j in pool:
+            b = objs[j]
+            if j != i and all(y >= x for x, y in zip(a, b)) and any(y > x for x, y in zip(a, b)):
+                return True
+        return False
+
+    all_idx = list(range(len(recs)))
+    by_method: dict[str, list[int]] = {}
+    for i, r in enumerate(recs):
+        by_method.setdefault(r["method"], []).append(i)
+    flags = [not dominated(i, by_method[recs[i]["method"]]) for i in all_idx]
+    flags_all = [not dominated(i, all_idx) for i in all_idx]
+    return summary.with_columns(pl.Series("pareto", flags), pl.Series("pareto_all", flags_all))

@@ -1,0 +1,141 @@
+"""Model and SAE loading: uniform layer access, feature views by the SAE's own rule, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sieve.errors import NotAvailableOffline, ShapeMismatch, SieveError
+from sieve.models import choose_attention, hidden_size, layer, load_model, underlying
+from sieve.saes import check_compatible, feature, load_sae, save_sae
+from tests.conftest import ARCHS
+
+
+def _hf_layers(hf):
+    return hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_access_reads_the_hf_module_output(tiny_models, arch):
+    model = tiny_models[arch]
+    hf = underlying(model)
+    enc = model.tokenizer(["def f(x):\n    return x"], return_tensors="pt")
+    seen = {}
+    handle = _hf_layers(hf)[1].register_forward_hook(lambda m, a, o: seen.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.inference_mode():
+            with model.trace(dict(enc)):
+                h = model.layers[1].output.save()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(h, seen["h"])
+    assert len(model.layers) == 3 and hidden_size(model) == 64
+
+
+def test_layer_out_of_range(tiny_models):
+    with pytest.raises(SieveError, match=r"layer 7 is out of range: this model has 3 decoder layers \(0..2\)"):
+        layer(tiny_models["gpt2"], 7)
+
+
+def test_unknown_architecture(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path)
+    with pytest.raises(SieveError, match="architecture 'bert'.*supported: .*gemma2.*gpt2.*llama.*qwen2"):
+        load_model(tmp_path)
+
+
+def test_hub_id_while_offline_fails_at_once(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(NotAvailableOffline, match="google/gemma-2-2b-it.*hf download.*--local-dir"):
+        load_model("google/gemma-2-2b-it")
+    with pytest.raises(NotAvailableOffline, match="gemma-scope-2b-pt-res"):
+        load_sae("gemma-scope-2b-pt-res", "layer_8/width_16k/average_l0_71")
+    with pytest.raises(SieveError, match="has no SAE 'layer_8/width_16k/average_l0_999'"):
+        load_sae("gemma-scope-2b-pt-res", "layer_8/width_16k/average_l0_999")
+
+
+def test_attention_choice_never_forces_sdpa():
+    assert choose_attention("gemma2", "cpu") is None
+    assert choose_attention("llama", "cpu") is None
+
+
+def _saes(d=64, f=96):
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(0)
+    out = {
+        "standard": StandardSAE(StandardSAEConfig(d_in=d, d_sae=f)),
+        "jumprelu": JumpReLUSAE(JumpReLUSAEConfig(d_in=d, d_sae=f, apply_b_dec_to_input=False)),
+        "topk": TopKSAE(TopKSAEConfig(d_in=d, d_sae=f, k=8)),
+    }
+    for sae in out.values():
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            if hasattr(sae, "threshold"):
+                sae.threshold.copy_(0.05 + 0.1 * torch.rand_like(sae.threshold))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["standard", "jumprelu", "topk"])
+def test_feature_activation_equals_sae_encode(kind, tmp_path):
+    sae = _saes()[kind]
+    h = torch.randn(4, 7, 64) * 3
+    enc = sae.encode(h)
+    for i in (0, 5, 95):
+        torch.testing.assert_close(feature(sae, i).activation(h), enc[..., i], atol=1e-5, rtol=1e-5)
+    # round trip through disk
+    loaded = load_sae(save_sae(sae, tmp_path / kind))
+    torch.testing.assert_close(loaded.encode(h), enc)
+    f = feature(loaded, 5)
+    assert abs(float(f.direction.norm()) - 1) < 1e-6
+    if kind == "jumprelu":
+        assert f.threshold == pytest.approx(float(sae.threshold[5]))
+    else:
+        assert f.threshold is None
+
+
+def test_b_dec_only_where_the_sae_applies_it():
+    saes = _saes()
+    h = torch.randn(3, 64)
+    std, jr = saes["standard"], saes["jumprelu"]
+    assert std.cfg.apply_b_dec_to_input and not jr.cfg.apply_b_dec_to_input
+    i = 3
+    torch.testing.assert_close(feature(std, i).pre_activation(h), (h - std.b_dec) @ std.W_enc[:, i] + std.b_enc[i])
+    torch.testing.assert_close(feature(jr, i).pre_activation(h), h @ jr.W_enc[:, i] + jr.b_enc[i])
+
+
+def test_feature_out_of_range_and_width_mismatch(tiny_models):
+    sae = _saes(d=32)["standard"]
+    with pytest.raises(SieveError, match=r"feature 96 is out of range: this SAE has 96 features \(0..95\)"):
+        feature(sae, 96)
+    with pytest.raises(ShapeMismatch, match="SAE d_in=32 does not match the model's hidden size 64"):
+        check_compatible(sae, tiny_models["llama"])
+
+
+def test_study_format_sae_loads_from_state_dict_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    d, f, k = 16, 40, 4
+    torch.manual_seed(1)
+    sd = {"encoder_DF": torch.randn(d, f), "encoder_bias_F": torch.randn(f), "decoder_FD": torch.randn(f, d),
+          "decoder_bias_D": torch.randn(d)}
+    for fmt in ("pt", "safetensors"):
+        folder = tmp_path / fmt
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"sae_cfg": {"d_in": d, "d_sae": f, "k": k}}))
+        if fmt == "pt":
+            torch.save(sd, folder / "layer_12.pt")
+        else:
+            save_file(sd, str(folder / "layer_12.safetensors"))
+        sae = load_sae(folder, layer=12)
+        h = torch.randn(5, d)
+        pre = h @ sd["encoder_DF"] + sd["encoder_bias_F"]  # no b_dec subtraction in this format
+        top = pre.topk(k, dim=-1)
+        want = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        torch.testing.assert_close(sae.encode(h), want)
+        torch.testing.assert_close(sae.decode(want), want @ sd["decoder_FD"] + sd["decoder_bias_D"])
