@@ -359,7 +359,31 @@ def stage_ship(out: Path, cfg: LMConfig) -> None:
     }
     (DATA_DIR / "world.json").write_text(json.dumps(world, indent=1))
     write_prompt_files(chunks, tok, cfg.n_ctx, DATA_DIR / "prompts")
+    update_world_recipe(RECIPE, feat["layer"], feat["feature"], feat["threshold"])
     log.info("shipped world to %s: loss %.3f, feature %d", DATA_DIR, loss, feat["feature"])
+
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "regex.toml"
+
+
+def update_world_recipe(path: Path, layer: int, feature: int, threshold: float) -> None:
+    """Write the selected layer, feature and threshold into the [sae] table of the world's recipe,
+    keeping the file's comments and layout."""
+    import re
+
+    if not path.exists():
+        log.warning("no %s to update", path)
+        return
+    text = path.read_text()
+    head, sep, rest = text.partition("\n[sae]\n")
+    if not sep:
+        raise SystemExit(f"{path} has no [sae] table")
+    body, nxt, tail = rest.partition("\n[")
+    for key, val in (("layer", str(layer)), ("feature", str(feature)), ("threshold", f"{threshold:.6g}")):
+        body, n = re.subn(rf"(?m)^{key}\s*=.*$", f"{key} = {val}", body)
+        if not n:
+            body += f"\n{key} = {val}"
+    path.write_text(head + sep + body + nxt + tail)
 
 
 def write_prompt_files(chunks: list[Chunk], tok, n_ctx: int, out: Path) -> None:
