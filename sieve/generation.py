@@ -10,7 +10,8 @@ composition changes padding and so the floating-point sums of attention and matm
 greedy output was identical across batchings in our tests, but bf16 on GPU can flip near-ties.
 
 Generation runs exactly ``max_new_tokens`` steps (the trace's loop is bounded and must not outlive the
-generation); a row that emits EOS is finished there, its later tokens forced to EOS and cut off.
+generation); a row that emits EOS is finished there (later tokens are a filler HF never reads as
+EOS) and cut off.
 """
 
 from __future__ import annotations
@@ -49,17 +50,24 @@ class RowSampler:
 
     temperature 0 is greedy. Otherwise: temperature, then top-p, then inverse-CDF sampling with one
     uniform draw from the row's generator. It returns scores with only the chosen token finite, so HF's
-    greedy step takes exactly that token. Rows that emitted EOS keep emitting EOS.
+    greedy step takes exactly that token.
+
+    End of sequence is handled here, not by HF: when a row picks an EOS token, the step is recorded in
+    ``finished_at`` and a filler token is emitted instead, so HF never sees every row finish and stop
+    early (which would cut the trace's bounded loop short). Rows are cut at ``finished_at`` afterwards.
     """
 
     def __init__(
-        self, temperatures: Sequence[float], seeds: Sequence[int], top_p: float, eos_token_id: int | None
+        self, temperatures: Sequence[float], seeds: Sequence[int], top_p: float, eos_token_ids: Sequence[int],
+        filler_token_id: int,
     ) -> None:
         self.t = torch.tensor([float(t) for t in temperatures])
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.top_p = float(top_p)
-        self.eos = eos_token_id
-        self.done = torch.zeros(len(seeds), dtype=torch.bool)
+        self.eos = torch.tensor(sorted(set(int(e) for e in eos_token_ids)), dtype=torch.long)
+        self.filler = int(filler_token_id)
+        self.finished_at: list[int | None] = [None] * len(seeds)
+        self.step = 0
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         B = scores.shape[0]
@@ -72,19 +80,37 @@ class RowSampler:
         if self.top_p < 1.0:
             sp, si = probs.sort(dim=-1, descending=True)
             keep = sp.cumsum(-1) - sp < self.top_p
-            sp = sp * keep
-            probs = torch.zeros_like(probs).scatter(-1, si, sp)
+            probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
         probs = probs / probs.sum(-1, keepdim=True)
         cdf = probs.cumsum(-1)
         sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
         choice = torch.where(t > 0, sampled, greedy)
-        if self.eos is not None:
-            done = self.done.to(scores.device)
-            choice = torch.where(done, torch.full_like(choice, self.eos), choice)
-            self.done = (done | (choice == self.eos)).cpu()
+        is_eos = torch.isin(choice, self.eos.to(choice.device)).cpu().tolist()
+        for i in range(B):
+            if self.finished_at[i] is None and is_eos[i]:
+                self.finished_at[i] = self.step
+        done = torch.tensor([f is not None for f in self.finished_at], device=choice.device)
+        choice = torch.where(done, torch.full_like(choice, self.filler), choice)
+        self.step += 1
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(B, device=scores.device), choice] = 0.0
         return out
+
+
+def _eos_ids(model) -> list[int]:
+    ids = []
+    for src in (underlying(model).generation_config.eos_token_id, model.tokenizer.eos_token_id):
+        if src is None:
+            continue
+        ids += list(src) if isinstance(src, (list, tuple)) else [src]
+    return sorted(set(int(i) for i in ids))
+
+
+def _filler(tok, eos: list[int]) -> int:
+    pad = tok.pad_token_id
+    if pad is not None and pad not in eos:
+        return int(pad)
+    return next(i for i in range(len(tok)) if i not in eos)
 
 
 def steered_generate_batch(
@@ -114,8 +140,8 @@ def steered_generate_batch(
     enc = encode_prompts(tok, prompts)
     enc = {k: v.to(device) for k, v in enc.items()}
     steer = Steerer(interventions, enc, tok)
-    eos = tok.eos_token_id
-    sampler = RowSampler(temps, seed_list, top_p, eos)
+    eos = _eos_ids(model)
+    sampler = RowSampler(temps, seed_list, top_p, eos, _filler(tok, eos))
     gc = copy.deepcopy(hf.generation_config)
     # HF must not stop rows itself (the trace's loop is bounded by max_new_tokens); RowSampler
     # handles EOS. min_new_tokens is not used: it would forbid EOS and change what rows generate.
@@ -139,9 +165,10 @@ def steered_generate_batch(
     out = []
     for i in range(B):
         row = new[i].tolist()
-        finished = eos is not None and eos in row
+        end = sampler.finished_at[i]
+        finished = end is not None
         if finished:
-            row = row[: row.index(eos)]
+            row = row[:end]
         out.append(Completion(
             prompt=prompts[i],
             text=tok.decode(row, skip_special_tokens=True),

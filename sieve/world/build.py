@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="build directory (default build/world)")
     p.add_argument("--stages", nargs="+", default=["lm", "sae", "feature", "ship"])
     p.add_argument("--tokens", type=int, default=LMConfig.tokens, help="LM training tokens")
+    p.add_argument("--regex-phase-steps", type=int, default=LMConfig.regex_phase_steps)
     p.add_argument("--threads", type=int, default=LMConfig.threads)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    cfg = LMConfig(tokens=args.tokens, threads=args.threads)
+    cfg = LMConfig(tokens=args.tokens, threads=args.threads, regex_phase_steps=args.regex_phase_steps)
     t0 = time.time()
     if "lm" in args.stages:
         stage_lm(args.out, cfg)

@@ -1,7 +1,8 @@
 """The embedded world's prompt sets, cut from held-out files (never seen in training).
 
-- **regex-prone**: functions (or module-level code) that use ``re``, cut just before the first line
-  that does; the prompt is the chunk's imports (``import re`` among them) and the lines before.
+- **regex-prone**: functions (or module-level code) that use ``re``, cut at the decision point, right
+  before the first use (``m = `` | ``re.match(...)``); the prompt is the chunk's imports (``import re``
+  among them) and the code before that point.
 - **neutral**: functions from files that do not import ``re``, cut after the signature and docstring.
 - **code**: held-out regex-free chunks, whole, for the general-ability loss.
 
@@ -54,6 +55,20 @@ def _body_start(body: str) -> int | None:
     return first.lineno - 1
 
 
+def _heal(prompt: str, reference: str) -> tuple[str, str]:
+    """Move the whitespace that starts ``reference`` onto the prompt, all but its last space.
+
+    A byte-level BPE merges a newline with the next line's indentation (``"\\n   "``) and the last
+    space with the word after it (``" return"``). A prompt that ends in a bare newline is therefore
+    out of distribution (the model reads it as "the next line is not indented"); ending it with the
+    newline and all but one space of the indentation leaves the boundary where training put it.
+    """
+    ws = reference[: len(reference) - len(reference.lstrip())]
+    if ws.endswith(" "):
+        return prompt + ws[:-1], reference[len(ws) - 1 :]
+    return prompt + ws, reference[len(ws) :]
+
+
 def _fit(tok, header: str, head: str, max_prompt_tokens: int) -> str | None:
     """Header + function head within the token budget, dropping import lines from the top of the
     header as needed (``import re`` lines are kept: they are what makes a prompt regex-prone)."""
@@ -72,15 +87,15 @@ def _fit(tok, header: str, head: str, max_prompt_tokens: int) -> str | None:
 
 
 def regex_prone_prompts(chunks: list[Chunk], tok=None, max_prompt_tokens: int = 192) -> list[WorldPrompt]:
-    """Held-out functions that use ``re``, cut before the first line that uses it.
+    """Held-out functions that use ``re``, cut right before the first use.
 
     Example:
         >>> from sieve.world.corpus import SourceFile, chunk_file
         >>> src = SourceFile("m.py", "import re\\n\\ndef f(s):\\n    '''Doc.'''\\n    s = s.strip()\\n"
         ...                  "    return re.sub('a', 'b', s)\\n", True)
         >>> p = regex_prone_prompts(list(chunk_file(src)))[0]
-        >>> p.prompt.endswith("s = s.strip()\\n"), p.reference.strip()
-        (True, "return re.sub('a', 'b', s)")
+        >>> p.prompt.endswith("s = s.strip()\\n    return"), p.reference
+        (True, " re.sub('a', 'b', s)")
     """
     out = []
     for c in chunks:
@@ -91,14 +106,17 @@ def regex_prone_prompts(chunks: list[Chunk], tok=None, max_prompt_tokens: int = 
         use = find_regex_use(c.body)
         if start is None or not use.spans:
             continue
-        lines = c.body.splitlines(keepends=True)
         first_use_line = c.body.count("\n", 0, use.spans[0][0])
-        cut = max(start, first_use_line)
         if first_use_line < start:
             continue  # the def line itself uses re (a default argument): no clean cut
-        text = _fit(tok, c.header, "".join(lines[:cut]), max_prompt_tokens)
+        # Cut at the decision point: right before the first use (``m = `` | ``re.match(...)``).
+        at = use.spans[0][0]
+        head, rest = c.body[:at], c.body[at:]
+        if head.endswith(" "):
+            head, rest = head[:-1], " " + rest  # keep " re" / " import" one token, as in training
+        text = _fit(tok, c.header, head, max_prompt_tokens)
         if text is not None:
-            out.append(WorldPrompt(f"{c.file}:{c.name}", "regex", text, "".join(lines[cut:])))
+            out.append(WorldPrompt(f"{c.file}:{c.name}", "regex", *_heal(text, rest)))
     return out
 
 
@@ -115,7 +133,7 @@ def neutral_prompts(chunks: list[Chunk], tok=None, max_prompt_tokens: int = 192,
         lines = c.body.splitlines(keepends=True)
         text = _fit(tok, c.header, "".join(lines[:start]), max_prompt_tokens)
         if text is not None:
-            out.append(WorldPrompt(f"{c.file}:{c.name}", "neutral", text, "".join(lines[start:])))
+            out.append(WorldPrompt(f"{c.file}:{c.name}", "neutral", *_heal(text, "".join(lines[start:]))))
     if limit is not None and len(out) > limit:
         step = len(out) / limit
         out = [out[int(i * step)] for i in range(limit)]

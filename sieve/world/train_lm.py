@@ -44,13 +44,24 @@ class LMConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.05
     regex_upsample: int = 2
+    # A second, short phase with code that uses ``re`` much more frequent: the model then reaches for
+    # regular expressions where a file imports ``re`` (a behaviour to steer), while files that do not
+    # import it stay regex-free.
+    regex_phase_steps: int = 300
+    regex_phase_upsample: int = 8
+    regex_phase_lr: float = 4e-4
     seed: int = 0
     threads: int = 2
     checkpoint_every: int = 100
 
     @property
     def steps(self) -> int:
+        """Steps of the main phase."""
         return self.tokens // (self.batch_size * self.n_ctx)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.regex_phase_steps
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
@@ -94,12 +105,15 @@ def encode_chunks(tok, chunks: list[Chunk]) -> list[list[int]]:
     return [list(e) for e in enc]
 
 
-def _stream(ids: list[list[int]], chunks: list[Chunk], cfg: LMConfig, epoch: int) -> torch.Tensor:
+def _stream(
+    ids: list[list[int]], chunks: list[Chunk], cfg: LMConfig, epoch: int, phase: int = 1
+) -> torch.Tensor:
     """One epoch's token stream: chunks in a seeded order, regex chunks repeated, concatenated."""
+    up = cfg.regex_upsample if phase == 1 else cfg.regex_phase_upsample
     order: list[int] = []
     for i, c in enumerate(chunks):
-        order.extend([i] * (cfg.regex_upsample if c.uses_regex else 1))
-    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        order.extend([i] * (up if c.uses_regex else 1))
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + (0 if phase == 1 else 500_000))
     perm = torch.randperm(len(order), generator=g).tolist()
     flat: list[int] = []
     for p in perm:
@@ -108,7 +122,28 @@ def _stream(ids: list[list[int]], chunks: list[Chunk], cfg: LMConfig, epoch: int
     return torch.tensor(flat[:n], dtype=torch.long).view(-1, cfg.n_ctx)
 
 
+class _Batches:
+    """The batch of any global step, a function of (seed, step) alone: resuming needs no data state."""
+
+    def __init__(self, ids: list[list[int]], chunks: list[Chunk], cfg: LMConfig) -> None:
+        self.ids, self.chunks, self.cfg = ids, chunks, cfg
+        self.key: tuple[int, int] | None = None
+        self.data: torch.Tensor | None = None
+        self.per_epoch = {p: _stream(ids, chunks, cfg, 0, p).shape[0] // cfg.batch_size for p in (1, 2)}
+
+    def __call__(self, step: int) -> torch.Tensor:
+        phase, local = (1, step) if step < self.cfg.steps else (2, step - self.cfg.steps)
+        epoch, pos = divmod(local, self.per_epoch[phase])
+        if self.key != (phase, epoch):
+            self.data = _stream(self.ids, self.chunks, self.cfg, epoch, phase)
+            self.key = (phase, epoch)
+        bs = self.cfg.batch_size
+        return self.data[pos * bs : (pos + 1) * bs]
+
+
 def _lr(cfg: LMConfig, step: int) -> float:
+    if step >= cfg.steps:
+        return cfg.regex_phase_lr
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
@@ -198,30 +233,12 @@ def train_lm(
     tr_chunks = [chunks[i] for i in train_idx]
     tr_ids = [ids[i] for i in train_idx]
 
-    epoch, data = -1, None
-    pos_in_epoch = 0
-    # Map the global step to (epoch, batch) without materialising skipped epochs twice.
-    per_epoch: int | None = None
+    batches = _Batches(tr_ids, tr_chunks, cfg)
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="world LM", unit="step", mininterval=10)
+    bar = tqdm(total=cfg.total_steps, initial=step, desc="world LM", unit="step", mininterval=10)
     t0 = time.time()
-    while step < cfg.steps:
-        if data is None or pos_in_epoch >= per_epoch:
-            epoch += 1
-            data = _stream(tr_ids, tr_chunks, cfg, epoch)
-            per_epoch = data.shape[0] // cfg.batch_size
-            pos_in_epoch = 0
-            if epoch == 0 and step > 0:
-                # Fast-forward: skip whole epochs, then batches, to the resumed step.
-                skip = step
-                while skip >= per_epoch:
-                    skip -= per_epoch
-                    epoch += 1
-                    data = _stream(tr_ids, tr_chunks, cfg, epoch)
-                    per_epoch = data.shape[0] // cfg.batch_size
-                pos_in_epoch = skip
-        x = data[pos_in_epoch * cfg.batch_size : (pos_in_epoch + 1) * cfg.batch_size]
-        pos_in_epoch += 1
+    while step < cfg.total_steps:
+        x = batches(step)
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step)
         loss = model(input_ids=x, labels=x).loss
@@ -233,10 +250,10 @@ def train_lm(
         step += 1
         bar.update(1)
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.3f}", epoch=epoch,
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.3f}", phase=batches.key,
                             tok_s=f"{20 * x.numel() / max(1e-9, time.time() - t0):.0f}")
             t0 = time.time()
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step in (cfg.steps, cfg.total_steps):
             _save_ckpt(ckpt, model, opt, step, cfg, losses)
     bar.close()
     model.eval()
