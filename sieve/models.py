@@ -208,7 +208,7 @@ def chat_prompt(tokenizer, user: str, *, system: str | None = None, prefill: str
         msgs.insert(0, {"role": "system", "content": system})
     try:
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - templates raise their own errors for a system role
+    except Exception:
         if not system:
             raise
         msgs = [{"role": "user", "content": f"{system}\n\n{user}"}]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sieve.errors import NotAvailableOffline, SieveError, ShapeMismatch
+from sieve.errors import NotAvailableOffline, ShapeMismatch, SieveError
 from sieve.models import _hub_hint, _offline, hidden_size
 
 __all__ = ["load_sae", "Feature", "feature", "check_compatible", "save_sae", "convert_study_sae"]
@@ -173,7 +173,7 @@ def _load_study_from_hub(repo: str, *, layer: int | None, device: str, dtype: st
 
     try:
         local = snapshot_download(repo, local_files_only=_offline())
-    except Exception as e:  # noqa: BLE001 - hub errors vary; all mean "not here"
+    except Exception as e:
         raise NotAvailableOffline(_hub_hint("SAE repo", repo)) from e
     sub = Path(local)
     cands = [p for p in sub.rglob("config.json") if "sae_cfg" in p.read_text()]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sieve.detectors import cached, calibrate_threshold, caa_vector, fingerprint, train_probe
+from sieve.detectors import caa_vector, cached, calibrate_threshold, fingerprint, train_probe
 from sieve.evals.metrics import auroc, binary_metrics, mean_ci, pr_curve, wilson
 
 

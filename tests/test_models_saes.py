@@ -64,7 +64,14 @@ def test_attention_choice_never_forces_sdpa():
 
 
 def _saes(d=64, f=96):
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
 
     torch.manual_seed(0)
     out = {

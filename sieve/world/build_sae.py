@@ -226,9 +226,9 @@ def best_f1(scores: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
 def stage_feature(out: Path, cfg: LMConfig) -> dict:
     from sieve.evals.ability import steered_logprobs
     from sieve.evals.metrics import binary_metrics
+    from sieve.interventions import Detector
     from sieve.methods import Parts, build
     from sieve.saes import feature, load_sae
-    from sieve.interventions import Detector
     from sieve.world.prompts import regex_free_code
 
     t0 = time.time()
