@@ -45,10 +45,12 @@ def syntax_ok(code: str) -> bool:
     return True
 
 
-def complete_function(prompt: str, completion: str) -> str:
+def complete_function(prompt: str, completion: str, drop_partial: bool = True) -> str:
     """The function a completion finishes: from the prompt's last ``def``/``class`` line, through the
     completion up to the first line that leaves that block, dedented. Without a ``def`` in the prompt
-    (module-level code), the prompt after its imports and the whole completion.
+    (module-level code), the prompt after its imports and the whole completion. When the completion
+    stops mid-line inside the function (the token budget ran out), that unfinished last line is
+    dropped (``drop_partial``), so syntax is judged on what the model finished.
 
     Example:
         >>> complete_function("import os\\n\\n    def f(x):\\n", "        return x\\n\\n    def g():\\n")
@@ -62,11 +64,15 @@ def complete_function(prompt: str, completion: str) -> str:
     i = starts[-1]
     base = len(lines[i]) - len(lines[i].lstrip())
     out = []
+    ended = False
     for j, ln in enumerate(completion.splitlines(keepends=True)):
         continuing = j == 0 and not prompt.endswith("\n")
         if ln.strip() and not continuing and len(ln) - len(ln.lstrip()) <= base:
+            ended = True
             break
         out.append(ln)
+    if drop_partial and not ended and out and not out[-1].endswith("\n") and len(out) > 1:
+        out = out[:-1]  # the token budget ran out mid-line: judge the lines that were finished
     return textwrap.dedent("".join(lines[i:]) + "".join(out)).rstrip() + "\n"
 
 

@@ -1,0 +1,36 @@
+"""Code extraction, completion cutting and syntax checks on tricky completions."""
+
+from __future__ import annotations
+
+from sieve.evals.code import complete_function, evaluate_code, extract_code, syntax_ok
+
+
+def test_extract_code_from_prefilled_and_plain_answers():
+    assert extract_code("import random\ndef test_fuzz():\n    pass\n```\nThis test ...") == \
+        "import random\ndef test_fuzz():\n    pass\n"
+    assert extract_code("no closing fence\nx = 1\n") == "no closing fence\nx = 1\n"
+    plain = "Here you go:\n```py\nx = 1\n```\nand\n```python\ny = 2\n```"
+    assert extract_code(plain, prefilled_fence=False) == "x = 1\n"
+    assert extract_code("no code at all", prefilled_fence=False) is None
+    assert not evaluate_code(None).has_code
+
+
+def test_complete_function_cuts_at_dedent_and_partial_lines():
+    prompt = "import re\n\ndef f(s):\n    s = s.strip()\n    return"
+    assert complete_function(prompt, " s.lower()\n\ndef g():\n    pass\n") == \
+        "def f(s):\n    s = s.strip()\n    return s.lower()\n"
+    # ran out of tokens mid-line: the unfinished line is dropped
+    cut = complete_function("def f(s):\n   ", " x = 1\n    y = foo(1,")
+    assert cut == "def f(s):\n    x = 1\n" and syntax_ok(cut)
+    # a method inside a class: the block ends at the class body's indentation
+    meth = complete_function("class A:\n    def m(self):\n       ", " return 1\n    def n(self):\n")
+    assert meth == "def m(self):\n    return 1\n"
+    # module-level prompt: imports dropped, the rest kept
+    assert complete_function("import re\n\nPAT =", " re.compile('x')\n") == "PAT = re.compile('x')\n"
+
+
+def test_regex_judged_on_the_function_not_the_header():
+    prompt = "import re\n\ndef f(s):\n   "
+    clean = evaluate_code(complete_function(prompt, " return s.split(',')\n"))
+    dirty = evaluate_code(complete_function(prompt, " return re.split(',', s)\n"))
+    assert not clean.regex and dirty.regex and clean.syntax and dirty.syntax

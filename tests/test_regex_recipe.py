@@ -1,0 +1,125 @@
+"""The regex study end to end on the embedded world: a tiny sweep, kill-and-resume, shards and merge."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from recipes import regex
+from sieve.recipe import load_recipe, recipe_hash
+from sieve.results import ResultStore
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = '["unsteered","constant_sae","conditional_per_input","conditional_clamping","probe_sae","sae_steering_vector"]'
+
+
+def _overrides(out: Path, **extra) -> list[str]:
+    ov = {
+        "sweep.methods": METHODS, "sweep.samples": "1", "sweep.max_new_tokens": "8", "sweep.batch_size": "8",
+        "sweep.scales.add": "[-8.0]", "sweep.scales.clamp": "[-4.0]",
+        "prompts.regex_limit": "6", "prompts.neutral_limit": "3", "prompts.code_limit": "4",
+        "output.dir": f'"{out}"',
+    }
+    ov.update(extra)
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+@pytest.fixture(scope="session")
+def detector_cache(tmp_path_factory) -> Path:
+    """CAA vector and probe built once for the session (they are cached by a hash of their inputs)."""
+    from sieve.setting import load_setting
+
+    out = tmp_path_factory.mktemp("cache_run")
+    load_setting(load_recipe(ROOT / "recipes/regex.toml", _overrides(out)), progress=False)
+    return out / "cache"
+
+
+def _prepare(out: Path, cache: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(cache, out / "cache", dirs_exist_ok=True)
+
+
+def test_tiny_sweep_end_to_end(tmp_path, detector_cache, capsys):
+    out = tmp_path / "run"
+    _prepare(out, detector_cache)
+    assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(out), "--no-progress"]) == 0
+    gen = ResultStore(out / "gen").table()
+    r = load_recipe(ROOT / "recipes/regex.toml", _overrides(out))
+    # 6 methods, one scale each, (6 regex + 3 neutral) prompts, 1 sample
+    assert gen.height == 6 * 9 and gen["key"].n_unique() == gen.height
+    assert set(gen["recipe_hash"]) == {recipe_hash(r)}
+    assert {"regex", "syntax", "prompt_fired", "gen_edited", "text", "code"} <= set(gen.columns)
+    ability = ResultStore(out / "ability").table()
+    assert ability.height == 6 and (ability["metric"] == "loss").all()
+    summary = pl.read_parquet(out / "summary.parquet")
+    assert summary.height == 6 and {"regex_lo", "regex_hi", "ability_lo", "pareto"} <= set(summary.columns)
+    assert (out / "pareto.html").exists() and (out / "pareto.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "regex rate [95% CI]" in printed
+    # unsteered rows are never edited; constant steering edits every generated token
+    un = gen.filter(pl.col("method") == "unsteered")
+    assert (un["gen_edited"] == 0).all() and (un["prompt_edited"] == 0).all()
+    const = gen.filter(pl.col("method") == "constant_sae")
+    assert (const["gen_edited"] == 7).all()  # 8 new tokens: 7 decode forwards after the prefill
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path, detector_cache):
+    out = tmp_path / "run"
+    _prepare(out, detector_cache)
+    args = [str(ROOT / "recipes/regex.toml"), *_overrides(out, **{"sweep.batch_size": "2"}), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "recipes.regex", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    gen_dir = out / "gen"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(gen_dir.glob("part-*.parquet"))) < 2:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed: make the sweep longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = ResultStore(gen_dir).table()
+    assert 0 < partial.height < 54
+    assert regex.main(args) == 0
+    full = ResultStore(gen_dir).table()
+    assert full.height == 54 and full["key"].n_unique() == 54
+    # the rows written before the kill are kept as they were (resume skips them)
+    kept = full.filter(pl.col("key").is_in(partial["key"].to_list())).sort("key")
+    assert kept["text"].to_list() == partial.sort("key")["text"].to_list()
+    # and the whole table equals an uninterrupted run's (rows are seeded per prompt and sample)
+    clean = tmp_path / "clean"
+    _prepare(clean, detector_cache)
+    assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(clean), "--no-progress"]) == 0
+    ref = ResultStore(clean / "gen").table().sort("key")
+    assert full.sort("key")["text"].to_list() == ref["text"].to_list()
+
+
+def test_shards_then_merge(tmp_path, detector_cache):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"shard{i}"
+        _prepare(out, detector_cache)
+        assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(out), "--shard", f"{i}/2", "--no-progress"]) == 0
+        outs.append(out)
+    sizes = [ResultStore(o / "gen").table().height for o in outs]
+    assert sum(sizes) == 54 and min(sizes) > 0
+    merged = tmp_path / "merged"
+    assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(merged), "--merge", *map(str, outs)]) == 0
+    table = ResultStore(merged / "gen").table()
+    assert table.height == 54 and table["key"].n_unique() == 54
+    assert ResultStore(merged / "ability").table().height == 6
+    assert (merged / "summary.parquet").exists()
+
+
+def test_bad_override_names_key(tmp_path):
+    with pytest.raises(Exception, match=r"sweep.methods\[0\].*unknown method 'bogus'"):
+        regex.main([str(ROOT / "recipes/regex.toml"), 'sweep.methods=["bogus"]', f'output.dir="{tmp_path}"'])
