@@ -30,6 +30,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from sieve.errors import SieveError
-from sieve.evals.code import complete_function, evaluate_code, extract_code
+from sieve.evals.code import cut_function, evaluate_code, extract_code, valid_prefix
 from sieve.generation import generate
 from sieve.methods import build
 from sieve.recipe import UNSTEERED, Recipe, load_recipe, recipe_hash
@@ -83,8 +84,11 @@ def evaluate_row(recipe: Recipe, prompt, completion) -> dict[str, Any]:
         ev = evaluate_code(code, setup=prompt.setup, execute=recipe.eval.execute and prompt.kind == "regex",
                            timeout_s=recipe.eval.timeout_s, memory_mb=recipe.eval.memory_mb)
     else:
-        code = complete_function(prompt.text, completion.text)
+        code, ended = cut_function(prompt.text, completion.text)
         ev = evaluate_code(code, execute=False)
+        if not ev.syntax and not ended and not completion.finished and valid_prefix(code):
+            # The token budget ran out inside the function: valid so far is valid.
+            ev = replace(ev, syntax=True)
     return {
         "text": completion.text, "code": code or "", "has_code": ev.has_code, "regex": ev.regex,
         "regex_parsed": ev.regex_parsed, "syntax": ev.syntax, "executed": ev.executed,

@@ -34,3 +34,13 @@ def test_regex_judged_on_the_function_not_the_header():
     clean = evaluate_code(complete_function(prompt, " return s.split(',')\n"))
     dirty = evaluate_code(complete_function(prompt, " return re.split(',', s)\n"))
     assert not clean.regex and dirty.regex and clean.syntax and dirty.syntax
+
+
+def test_valid_prefix_accepts_unfinished_but_not_wrong_code():
+    from sieve.evals.code import cut_function, valid_prefix
+
+    code, ended = cut_function("def f(xs):\n   ", " for x in xs:\n        if x:\n            y = (x,\n    z = 1")
+    assert not ended and not syntax_ok(code) and valid_prefix(code)
+    assert not valid_prefix("def f(x):\n    return x +* 1\n")
+    code, ended = cut_function("def f(x):\n   ", " return x\n\nprint(1)\n")
+    assert ended and syntax_ok(code)

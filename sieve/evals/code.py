@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from sieve.evals.regex_use import find_regex_use
 from sieve.evals.sandbox import run_sandboxed
 
-__all__ = ["extract_code", "syntax_ok", "complete_function", "CodeEval", "evaluate_code"]
+__all__ = [
+    "extract_code", "syntax_ok", "valid_prefix", "complete_function", "cut_function", "CodeEval", "evaluate_code",
+]
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
 
@@ -45,6 +47,26 @@ def syntax_ok(code: str) -> bool:
     return True
 
 
+def valid_prefix(code: str) -> bool:
+    """Whether ``code`` is valid Python so far: complete, or incomplete only because it stops early
+    (an open block, bracket or string), not because of an error.
+
+    Example:
+        >>> valid_prefix("def f(x):\\n    if x:"), valid_prefix("def f(x):\\n    y = (1,"), valid_prefix("def f(:")
+        (True, True, False)
+    """
+    import codeop
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            codeop.compile_command(code, "<completion>", "exec")
+        except (SyntaxError, ValueError, OverflowError):
+            return False
+    return True
+
+
 def complete_function(prompt: str, completion: str, drop_partial: bool = True) -> str:
     """The function a completion finishes: from the prompt's last ``def``/``class`` line, through the
     completion up to the first line that leaves that block, dedented. Without a ``def`` in the prompt
@@ -56,11 +78,17 @@ def complete_function(prompt: str, completion: str, drop_partial: bool = True) -
         >>> complete_function("import os\\n\\n    def f(x):\\n", "        return x\\n\\n    def g():\\n")
         'def f(x):\\n    return x\\n'
     """
+    return cut_function(prompt, completion, drop_partial)[0]
+
+
+def cut_function(prompt: str, completion: str, drop_partial: bool = True) -> tuple[str, bool]:
+    """:func:`complete_function`'s code, and whether the block ended inside the completion (False when
+    the completion stopped first)."""
     lines = prompt.splitlines(keepends=True)
     starts = [i for i, ln in enumerate(lines) if ln.lstrip().startswith(("def ", "async def ", "class "))]
     if not starts:
         body = [ln for ln in lines if not ln.startswith(("import ", "from "))]
-        return textwrap.dedent("".join(body).lstrip("\n") + completion)
+        return textwrap.dedent("".join(body).lstrip("\n") + completion), False
     i = starts[-1]
     base = len(lines[i]) - len(lines[i].lstrip())
     out = []
@@ -73,7 +101,7 @@ def complete_function(prompt: str, completion: str, drop_partial: bool = True) -
         out.append(ln)
     if drop_partial and not ended and out and not out[-1].endswith("\n") and len(out) > 1:
         out = out[:-1]  # the token budget ran out mid-line: judge the lines that were finished
-    return textwrap.dedent("".join(lines[i:]) + "".join(out)).rstrip() + "\n"
+    return textwrap.dedent("".join(lines[i:]) + "".join(out)).rstrip() + "\n", ended
 
 
 @dataclass(frozen=True)
