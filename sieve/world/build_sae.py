@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sieve.world.corpus import Chunk, load_corpus
+from sieve.world.prompts import clip_to_tokens
 from sieve.world.train_lm import LMConfig
 
 log = logging.getLogger("sieve.world.build")
@@ -60,21 +61,10 @@ def _train_texts(chunks: list[Chunk], tok, budget: int, seed: int) -> list[str]:
     return texts
 
 
-def _clip(tok, text: str, n_ctx: int) -> str:
-    """The longest prefix of ``text`` (in whole tokens) that re-encodes to at most ``n_ctx`` tokens."""
-    ids = tok(text)["input_ids"]
-    keep = min(len(ids), n_ctx)
-    while True:
-        clipped = tok.decode(ids[1:keep])
-        if len(tok(clipped)["input_ids"]) <= n_ctx:
-            return clipped
-        keep -= 4
-
-
 def _activations(model, texts: list[str], layer: int, n_ctx: int) -> torch.Tensor:
     from sieve.detectors import token_activations
 
-    clipped = [_clip(model.tokenizer, t, n_ctx) for t in texts]
+    clipped = [clip_to_tokens(model.tokenizer, t, n_ctx) for t in texts]
     acts = token_activations(model, clipped, layer, batch_size=32)
     return torch.cat(acts)
 
@@ -187,7 +177,7 @@ def labelled_tokens(model, chunks: list[Chunk], layer: int, sae, n_ctx: int):
     tok = model.tokenizer
     texts, labels, calls = [], [], []
     for c in chunks:
-        text = _clip(tok, c.text, n_ctx)
+        text = clip_to_tokens(tok, c.text, n_ctx)
         use = find_regex_use(c.text)
         lab = char_spans_to_tokens(tok, text, [s for s in use.spans if s[1] <= len(text)])
         texts.append(text)
@@ -255,7 +245,7 @@ def stage_feature(out: Path, cfg: LMConfig) -> dict:
     # Steering check on the select half: P(re at call sites) and loss on regex-free code.
     rx_sel = [c for c in sel if c.uses_regex]
     _, _, rx_texts, rx_calls = labelled_tokens(model, rx_sel, layer, sae, cfg.n_ctx)
-    code = [_clip(model.tokenizer, t, cfg.n_ctx) for t in regex_free_code(sel, limit=60)]
+    code = [clip_to_tokens(model.tokenizer, t, cfg.n_ctx) for t in regex_free_code(sel, limit=60)]
     hnorm = float(torch.cat(_activations_list(model, code[:20], layer)).norm(dim=-1).mean())
 
     def measure(iv) -> tuple[float, float]:
@@ -398,7 +388,7 @@ def write_prompt_files(chunks: list[Chunk], tok, n_ctx: int, out: Path) -> None:
     budget = n_ctx - 56
     save_prompts(out / "regex.jsonl", regex_prone_prompts(chunks, tok, budget))
     save_prompts(out / "neutral.jsonl", neutral_prompts(chunks, tok, budget, limit=200))
-    code = [_clip(tok, t, n_ctx) for t in regex_free_code(chunks, limit=200)]
+    code = [clip_to_tokens(tok, t, n_ctx) for t in regex_free_code(chunks, limit=200)]
     (out / "code.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in code))
     # Contrastive pairs from training files: the same function start with and without ``import re``.
     train = [replace(c, held_out=True) for c in chunks if not c.held_out and c.uses_regex]
@@ -414,7 +404,7 @@ def write_prompt_files(chunks: list[Chunk], tok, n_ctx: int, out: Path) -> None:
     g = torch.Generator().manual_seed(SEED)
     pairs = [pairs[i] for i in sorted(torch.randperm(len(pairs), generator=g)[:128].tolist())]
     (out / "contrastive.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    probe = [_clip(tok, c.text, n_ctx) for c in chunks if not c.held_out and c.uses_regex]
+    probe = [clip_to_tokens(tok, c.text, n_ctx) for c in chunks if not c.held_out and c.uses_regex]
     probe = [probe[i] for i in sorted(torch.randperm(len(probe), generator=g)[:200].tolist())]
     (out / "probe.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in probe))
 

@@ -1,0 +1,89 @@
+"""The shipped embedded world loads through the ordinary loaders and behaves as recorded.
+
+These checks do not depend on the exact weights a rebuild produces: they read the feature, layer and
+threshold from world.json and check behaviour, with loose bounds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sieve.evals.ability import char_spans_to_tokens, steered_logprobs
+from sieve.evals.code import complete_function, syntax_ok
+from sieve.evals.regex_use import find_regex_use
+from sieve.generation import generate
+from sieve.interventions import Detector
+from sieve.methods import Parts, build
+from sieve.models import encode_prompts
+from sieve.prompts import WORLD_PROMPTS_DIR
+from sieve.world import load_world, world_info
+from sieve.world.prompts import clip_to_tokens, load_prompts
+
+
+@pytest.fixture(scope="module")
+def world():
+    return load_world()
+
+
+def test_world_loads_and_matches_its_record(world):
+    info = world_info()
+    assert world.feature.index == info["feature"] and world.layer == info["layer"]
+    assert world.sae.cfg.d_in == world.model._module.config.n_embd
+    assert info["sae"]["fve"] > 0.7 and info["sae"]["l0"] <= 32
+    assert info["heldout_loss_regex_free"] < 4.0
+    assert info["fires_before_first_call"] > 0.5
+
+
+def test_feature_fires_on_import_re_not_on_plain_code(world):
+    texts = ["import re\nimport os\n\ndef f(s):\n    return s\n", "import os\nimport sys\n\ndef f(s):\n    return s\n"]
+    enc = encode_prompts(world.model.tokenizer, texts)
+    with torch.inference_mode():
+        with world.model.trace(enc):
+            h = world.model.layers[world.layer].output.save()
+    a = world.feature.pre_activation(h)
+    real = enc["attention_mask"].bool()
+    assert bool((a[0][real[0]] > world.threshold).any())
+    assert not bool((a[1][real[1]] > world.threshold).any())
+
+
+def test_completions_are_python(world):
+    prompts = load_prompts(WORLD_PROMPTS_DIR / "neutral.jsonl")[:16]
+    outs = generate(world.model, [p.prompt for p in prompts], None, layer_index=world.layer,
+                    max_new_tokens=40, progress=False)
+    ok = [syntax_ok(complete_function(p.prompt, o.text)) or o.text.strip() == "" for p, o in zip(prompts, outs)]
+    assert sum(ok) >= 4  # a 2.6M-parameter model: much of it, not all
+
+
+def _call_site_probability(world, iv) -> float:
+    prompts = load_prompts(WORLD_PROMPTS_DIR / "regex.jsonl")
+    tok = world.model.tokenizer
+    texts = [clip_to_tokens(tok, p.prompt + p.reference, 256) for p in prompts][:30]
+    lps = steered_logprobs(world.model, texts, iv, layer_index=world.layer)
+    ps = []
+    for t, lp in zip(texts, lps):
+        use = find_regex_use(t)
+        calls = [(s, s + 2) for (s, _), k in zip(use.spans, use.kinds) if k == "call"]
+        mask = char_spans_to_tokens(world.model.tokenizer, t, calls)[1:][: lp.shape[0]]
+        if mask.any():
+            ps.append(float(lp[mask].exp().mean()))
+    return sum(ps) / len(ps)
+
+
+def test_conditional_steering_lowers_regex_probability_not_neutral_loss(world):
+    w, b = world.feature.linear()
+    parts = Parts()
+    parts.add_detector("sae", Detector(w, b, kind="sae"), world.threshold)
+    parts.add_direction("sae", world.feature.direction)
+    iv = build("conditional_per_input", parts, -20.0)
+    base, steered = _call_site_probability(world, None), _call_site_probability(world, iv)
+    assert steered < 0.6 * base
+    code = [line for line in (WORLD_PROMPTS_DIR / "code.jsonl").read_text().splitlines()][:20]
+    import json
+
+    code = [json.loads(c)["text"] for c in code]
+    lp0 = steered_logprobs(world.model, code, None, layer_index=world.layer)
+    lp1 = steered_logprobs(world.model, code, iv, layer_index=world.layer)
+    loss0 = -torch.cat(lp0).mean()
+    loss1 = -torch.cat(lp1).mean()
+    assert float(loss1 - loss0) < 0.05
