@@ -64,10 +64,10 @@ def plan(recipe: Recipe, prompts) -> list[dict[str, Any]]:
                 for pi, p in enumerate(items):
                     for s in range(recipe.sweep.samples):
                         rows.append({
-                            "key": f"{set_name}|{method}|{scale:g}|{p.id}|{s}",
+                            "key": f"{set_name}|{method}|{scale:g}|{pi}:{p.id}|{s}",
                             "set": set_name, "method": method, "scale": float(scale),
                             "prompt_index": pi, "prompt_id": p.id, "sample": s,
-                            "seed": row_seed(recipe.sweep.seed, set_name, p.id, s),
+                            "seed": row_seed(recipe.sweep.seed, set_name, pi, p.id, s),
                         })
     return rows
 

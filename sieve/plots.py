@@ -14,7 +14,7 @@ def _line(df: pl.DataFrame, x: str, y: str, xtitle: str, ytitle: str, title: str
     base = alt.Chart(df).encode(
         x=alt.X(f"{x}:Q", title=xtitle, scale=alt.Scale(zero=False)),
         y=alt.Y(f"{y}:Q", title=ytitle, scale=alt.Scale(zero=False)),
-        color=alt.Color("method:N", title="method"),
+        color=alt.Color("method:N", title="method", scale=alt.Scale(scheme="tableau20")),
         tooltip=["method", "scale", alt.Tooltip(f"{x}:Q", format=".3f"), alt.Tooltip(f"{y}:Q", format=".3f")],
     )
     return (base.mark_line(opacity=0.6) + base.mark_point(filled=True, size=60)).properties(

@@ -123,7 +123,7 @@ def summarize(gen: pl.DataFrame, ability: pl.DataFrame | None, *, validity: str 
     base = {}
     if nt.height:
         for r in nt.filter(pl.col("method") == "unsteered").iter_rows(named=True):
-            base[(r["prompt_id"], r["sample"])] = r["text"]
+            base[(r["prompt_index"], r["sample"])] = r["text"]
     for (method, scale), grp in rx.group_by(["method", "scale"], maintain_order=True):
         regex = _rate(grp["regex"])
         valid = _rate(grp[validity]) if validity in grp.columns else (float("nan"),) * 3
@@ -133,8 +133,8 @@ def summarize(gen: pl.DataFrame, ability: pl.DataFrame | None, *, validity: str 
         ng = nt.filter((pl.col("method") == method) & (pl.col("scale") == scale))
         if ng.height:
             row["neutral_fired_per_row"] = float(ng["gen_fired"].mean() + ng["prompt_fired"].mean())
-            changed = [base.get((r["prompt_id"], r["sample"])) != r["text"] for r in ng.iter_rows(named=True)
-                       if (r["prompt_id"], r["sample"]) in base]
+            changed = [base.get((r["prompt_index"], r["sample"])) != r["text"] for r in ng.iter_rows(named=True)
+                       if (r["prompt_index"], r["sample"]) in base]
             row["neutral_changed"] = sum(changed) / len(changed) if changed else float("nan")
             row["neutral_regex_rate"] = float(ng["regex"].mean())
         if ability is not None and ability.height:
