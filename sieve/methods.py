@@ -25,7 +25,9 @@ from torch import Tensor
 from sieve.errors import SieveError
 from sieve.interventions import EDITS, GATES, Detector, Edit, Intervention
 
-__all__ = ["Method", "Parts", "METHODS", "register_method", "get_method", "build", "STUDY_METHODS"]
+__all__ = [
+    "Method", "Parts", "METHODS", "register_method", "get_method", "build", "STUDY_METHODS", "EXTRA_METHODS",
+]
 
 ThresholdRule = Literal["detector", "zero", "max0"]
 
@@ -168,6 +170,16 @@ STUDY_METHODS: tuple[Method, ...] = (
            description="clamp the probe's logit to s along the CAA vector where the probe says positive"),
 )
 for _m in STUDY_METHODS:
+    register_method(_m)
+
+# Beyond the study: compositions its code had no hook function for.
+EXTRA_METHODS: tuple[Method, ...] = (
+    Method("input_steering_vector", "input", "add", "caa", "sae",
+           description="add s·(CAA vector) everywhere once the SAE feature has fired in the row (latched)"),
+    Method("input_clamping", "input", "clamp", "sae", "sae", threshold="detector",
+           description="clamp the feature to s everywhere once it has fired in the row (latched)"),
+)
+for _m in EXTRA_METHODS:
     register_method(_m)
 
 

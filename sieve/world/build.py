@@ -38,6 +38,13 @@ def stage_lm(out: Path, cfg: LMConfig) -> Path:
         "lm": asdict(cfg),
     }
     out.mkdir(parents=True, exist_ok=True)
+    shipped = Path(__file__).parent / "data" / "world.json"
+    if shipped.exists():
+        pinned = json.loads(shipped.read_text()).get("sources", {})
+        differ = {k: (v, versions.get(k)) for k, v in pinned.items() if versions.get(k) != v}
+        if differ:
+            log.warning("sources differ from the shipped world's (shipped, here): %s; the rebuild will read "
+                        "another corpus and give another world", differ)
     man_path = out / "manifest.json"
     if man_path.exists():
         old = json.loads(man_path.read_text())
