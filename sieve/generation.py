@@ -66,16 +66,24 @@ class RowSampler:
         self.top_p = float(top_p)
         self.eos = torch.tensor(sorted(set(int(e) for e in eos_token_ids)), dtype=torch.long)
         self.filler = int(filler_token_id)
-        self.finished_at: list[int | None] = [None] * len(seeds)
+        self.finished: Tensor | None = None  # [B] step at which each row picked EOS, -1 while running
         self.step = 0
+
+    @property
+    def finished_at(self) -> list[int | None]:
+        """Per row, the step at which it picked EOS (None: it never did)."""
+        if self.finished is None:
+            return [None] * len(self.gens)
+        return [None if f < 0 else int(f) for f in self.finished.tolist()]
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         B = scores.shape[0]
+        dev = scores.device
         logits = scores.float()
         greedy = logits.argmax(-1)
         # Uniform draws on CPU from the per-row generators, then moved: keeps rows independent.
-        u = torch.stack([torch.rand((), generator=g) for g in self.gens]).to(scores.device)
-        t = self.t.to(scores.device)
+        u = torch.stack([torch.rand((), generator=g) for g in self.gens]).to(dev, non_blocking=True)
+        t = self.t.to(dev)
         probs = torch.softmax(logits / t.clamp_min(1e-6)[:, None], dim=-1)
         if self.top_p < 1.0:
             sp, si = probs.sort(dim=-1, descending=True)
@@ -85,15 +93,15 @@ class RowSampler:
         cdf = probs.cumsum(-1)
         sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
         choice = torch.where(t > 0, sampled, greedy)
-        is_eos = torch.isin(choice, self.eos.to(choice.device)).cpu().tolist()
-        for i in range(B):
-            if self.finished_at[i] is None and is_eos[i]:
-                self.finished_at[i] = self.step
-        done = torch.tensor([f is not None for f in self.finished_at], device=choice.device)
-        choice = torch.where(done, torch.full_like(choice, self.filler), choice)
+        # End-of-sequence bookkeeping stays on the device: no host sync per step.
+        if self.finished is None:
+            self.finished = torch.full((B,), -1, dtype=torch.long, device=dev)
+        is_eos = torch.isin(choice, self.eos.to(dev))
+        self.finished = torch.where(is_eos & (self.finished < 0), self.step, self.finished)
+        choice = torch.where(self.finished >= 0, torch.full_like(choice, self.filler), choice)
         self.step += 1
         out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(B, device=scores.device), choice] = 0.0
+        out[torch.arange(B, device=dev), choice] = 0.0
         return out
 
 
@@ -163,9 +171,10 @@ def steered_generate_batch(
     counts = steer.counts()
     new = ids[:, enc["input_ids"].shape[1] :].cpu()
     out = []
+    ends = sampler.finished_at
     for i in range(B):
         row = new[i].tolist()
-        end = sampler.finished_at[i]
+        end = ends[i]
         finished = end is not None
         if finished:
             row = row[:end]
@@ -222,8 +231,8 @@ def generate(
         raise SieveError(f"temperature and seeds need one value per prompt ({n})")
     device = next(underlying(model).parameters()).device
     bs = batch_size or _default_batch(device)
-    lengths = [len(model.tokenizer(p)["input_ids"]) for p in prompts]
-    order = sorted(range(n), key=lambda i: lengths[i])
+    # Group rows of similar length (characters: a cheap proxy, no second tokenisation) to limit padding.
+    order = sorted(range(n), key=lambda i: len(prompts[i]))
     results: list[Completion | None] = [None] * n
     bar = tqdm(total=n, desc="generate", unit="row", disable=not progress)
     i = 0
