@@ -62,6 +62,7 @@ class RowSampler:
         filler_token_id: int,
     ) -> None:
         self.t = torch.tensor([float(t) for t in temperatures])
+        self.any_sampled = bool((self.t > 0).any())  # all greedy: skip the sampling work
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.top_p = float(top_p)
         self.eos = torch.tensor(sorted(set(int(e) for e in eos_token_ids)), dtype=torch.long)
@@ -80,19 +81,20 @@ class RowSampler:
         B = scores.shape[0]
         dev = scores.device
         logits = scores.float()
-        greedy = logits.argmax(-1)
-        # Uniform draws on CPU from the per-row generators, then moved: keeps rows independent.
-        u = torch.stack([torch.rand((), generator=g) for g in self.gens]).to(dev, non_blocking=True)
-        t = self.t.to(dev)
-        probs = torch.softmax(logits / t.clamp_min(1e-6)[:, None], dim=-1)
-        if self.top_p < 1.0:
-            sp, si = probs.sort(dim=-1, descending=True)
-            keep = sp.cumsum(-1) - sp < self.top_p
-            probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
-        probs = probs / probs.sum(-1, keepdim=True)
-        cdf = probs.cumsum(-1)
-        sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
-        choice = torch.where(t > 0, sampled, greedy)
+        choice = logits.argmax(-1)
+        if self.any_sampled:
+            # Uniform draws on CPU from the per-row generators, then moved: keeps rows independent.
+            u = torch.stack([torch.rand((), generator=g) for g in self.gens]).to(dev, non_blocking=True)
+            t = self.t.to(dev)
+            probs = torch.softmax(logits / t.clamp_min(1e-6)[:, None], dim=-1)
+            if self.top_p < 1.0:
+                sp, si = probs.sort(dim=-1, descending=True)
+                keep = sp.cumsum(-1) - sp < self.top_p
+                probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
+            probs = probs / probs.sum(-1, keepdim=True)
+            cdf = probs.cumsum(-1)
+            sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+            choice = torch.where(t > 0, sampled, choice)
         # End-of-sequence bookkeeping stays on the device: no host sync per step.
         if self.finished is None:
             self.finished = torch.full((B,), -1, dtype=torch.long, device=dev)
