@@ -32,8 +32,12 @@ DEFAULT_RECIPE = Path(__file__).parent / "regex.toml"
 
 def labelled_texts(setting) -> list[str]:
     """Held-apart texts: the regex-prone and neutral prompts with what followed them, and the code set."""
+    from sieve.models import clip_to_tokens, max_context
+
     ps = setting.prompts
-    return [p.text + p.reference for p in ps.regex] + [p.text + p.reference for p in ps.neutral] + list(ps.code)
+    texts = [p.text + p.reference for p in ps.regex] + [p.text + p.reference for p in ps.neutral] + list(ps.code)
+    n = max_context(setting.model)
+    return [clip_to_tokens(setting.model.tokenizer, t, n) for t in texts] if n else texts
 
 
 def run(recipe, progress: bool = True) -> tuple[pl.DataFrame, pl.DataFrame]:

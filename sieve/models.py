@@ -27,6 +27,8 @@ __all__ = [
     "encode_prompts",
     "choose_attention",
     "underlying",
+    "clip_to_tokens",
+    "max_context",
 ]
 
 # model_type -> where the decoder layers live. nnsight's ``rename`` maps each to ``layers``.
@@ -214,6 +216,32 @@ def chat_prompt(tokenizer, user: str, *, system: str | None = None, prefill: str
         msgs = [{"role": "user", "content": f"{system}\n\n{user}"}]
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return text + prefill
+
+
+def clip_to_tokens(tok, text: str, n_ctx: int) -> str:
+    """The longest prefix of ``text`` (whole tokens) that encodes to at most ``n_ctx`` tokens, BOS included.
+
+    Example:
+        >>> len(tok(clip_to_tokens(tok, "x = 1\\n" * 500, 256))["input_ids"]) <= 256  # doctest: +SKIP
+        True
+    """
+    ids = tok(text)["input_ids"]
+    keep = min(len(ids), n_ctx)
+    while True:
+        clipped = tok.decode(ids[1:keep])
+        if len(tok(clipped)["input_ids"]) <= n_ctx:
+            return clipped
+        keep -= 4
+
+
+def max_context(model) -> int | None:
+    """The model's context length (positions it was built for), if its config says."""
+    cfg = underlying(model).config
+    for key in ("n_positions", "max_position_embeddings"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
 
 
 def encode_prompts(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,8 @@ from sieve.results import ResultStore, merge_stores, pareto_front, parse_shard, 
 
 def _rows(method, scale, n, regex_every, valid_every=1, set_name="regex"):
     return [{"key": f"{set_name}|{method}|{scale}|p{i}|0", "set": set_name, "method": method, "scale": scale,
-             "prompt_id": f"p{i}", "prompt_index": i, "sample": 0, "regex": i % regex_every == 0, "syntax": i % valid_every == 0,
+             "prompt_id": f"p{i}", "prompt_index": i, "sample": 0,
+             "regex": i % regex_every == 0, "syntax": i % valid_every == 0,
              "executed": None, "text": f"{method}{scale}{i}" if method != "unsteered" else f"t{i}",
              "prompt_fired": 1, "gen_fired": 2} for i in range(n)]
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sieve.evals.regex_use import find_regex_use
+from sieve.models import clip_to_tokens
 from sieve.world.corpus import Chunk
 
 __all__ = ["WorldPrompt", "clip_to_tokens", "regex_prone_prompts", "neutral_prompts", "regex_free_code", "save_prompts",
@@ -53,22 +54,6 @@ def _body_start(body: str) -> int | None:
             return None
         first = fn.body[1]
     return first.lineno - 1
-
-
-def clip_to_tokens(tok, text: str, n_ctx: int) -> str:
-    """The longest prefix of ``text`` (whole tokens) that encodes to at most ``n_ctx`` tokens, BOS included.
-
-    Example:
-        >>> len(tok(clip_to_tokens(tok, "x = 1\\n" * 500, 256))["input_ids"]) <= 256  # doctest: +SKIP
-        True
-    """
-    ids = tok(text)["input_ids"]
-    keep = min(len(ids), n_ctx)
-    while True:
-        clipped = tok.decode(ids[1:keep])
-        if len(tok(clipped)["input_ids"]) <= n_ctx:
-            return clipped
-        keep -= 4
 
 
 def _heal(prompt: str, reference: str) -> tuple[str, str]:
