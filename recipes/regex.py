@@ -77,8 +77,9 @@ def _shard(rows: list[dict[str, Any]], shard: tuple[int, int]) -> list[dict[str,
     return [r for k, r in enumerate(rows) if k % n == i]
 
 
-def evaluate_row(recipe: Recipe, prompt, completion) -> dict[str, Any]:
-    """Evaluate one completion: code, regex use, syntax, and (instruct models) task success."""
+def evaluate_row(recipe: Recipe, prompt, completion, judge=None) -> dict[str, Any]:
+    """Evaluate one completion: code, regex use, syntax, (instruct models) task success, and the
+    optional judge's verdict."""
     if prompt.style == "instruct":
         code = extract_code(completion.text, prefilled_fence=True)
         ev = evaluate_code(code, setup=prompt.setup, execute=recipe.eval.execute and prompt.kind == "regex",
@@ -89,7 +90,10 @@ def evaluate_row(recipe: Recipe, prompt, completion) -> dict[str, Any]:
         if not ev.syntax and not ended and not completion.finished and valid_prefix(code):
             # The token budget ran out inside the function: valid so far is valid.
             ev = replace(ev, syntax=True)
+    verdict = judge(prompt.setup, code) if judge is not None and code and prompt.kind == "regex" else None
     return {
+        "judge_follows": verdict.follows_prompt if verdict else None,
+        "judge_sensible": verdict.sensible if verdict else None,
         "text": completion.text, "code": code or "", "has_code": ev.has_code, "regex": ev.regex,
         "regex_parsed": ev.regex_parsed, "syntax": ev.syntax, "executed": ev.executed,
         "exec_status": ev.exec_status, "n_tokens": len(completion.token_ids), "finished": completion.finished,
@@ -113,6 +117,9 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, shard: tuple[int
     bs = recipe.sweep.batch_size or None
     chunk = (bs or 32) * 4
     rh = recipe_hash(recipe)
+    from sieve.evals.judge import make_judge
+
+    judge = make_judge(recipe.eval.judge, recipe.eval.judge_model)
     bar = tqdm(total=len(todo), desc="sweep", unit="row", disable=not progress)
     for i in range(0, len(todo), chunk):
         part = todo[i : i + chunk]
@@ -123,7 +130,8 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, shard: tuple[int
             temperature=recipe.sweep.temperature, top_p=recipe.sweep.top_p,
             seeds=[r["seed"] for r in part], batch_size=bs, progress=False,
         )
-        store.append([{**r, "recipe_hash": rh, **evaluate_row(recipe, p, o)} for r, p, o in zip(part, prompts, outs)])
+        store.append([{**r, "recipe_hash": rh, **evaluate_row(recipe, p, o, judge)}
+                      for r, p, o in zip(part, prompts, outs)])
         bar.update(len(part))
     bar.close()
     return len(todo)
