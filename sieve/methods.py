@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
+import torch  # noqa: F401 - the doctests use it
 from torch import Tensor
 
 from sieve.errors import SieveError
@@ -181,12 +181,3 @@ EXTRA_METHODS: tuple[Method, ...] = (
 )
 for _m in EXTRA_METHODS:
     register_method(_m)
-
-
-def unit(v: Tensor) -> Tensor:
-    """``v / |v|`` in float32."""
-    v = v.detach().float()
-    return v / v.norm()
-
-
-_ = torch  # torch is used in doctests

@@ -17,7 +17,6 @@ from sieve.detectors import (
     cached,
     calibrate_threshold,
     fingerprint,
-    last_token_activations,
     token_activations,
     train_probe,
 )
@@ -132,5 +131,4 @@ def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = Tr
         parts.add_direction("probe", t["w"])
         info["probe_accuracy"] = {"train": float(t["acc"][0]), "test": float(t["acc"][1])}
         log.info("probe accuracy train %.3f test %.3f", *t["acc"].tolist())
-    _ = last_token_activations  # re-exported for notebooks
     return Setting(r, model, sae, feat, r.sae.layer, float(threshold), parts, prompts, info)

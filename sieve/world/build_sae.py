@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict
@@ -417,5 +416,3 @@ def run_stages(out: Path, stages: list[str], cfg: LMConfig, layer: int = LAYER) 
     if "ship" in stages:
         stage_ship(out, cfg)
 
-
-_ = math

@@ -75,6 +75,16 @@ def _held_out(rel: str, fraction: float) -> bool:
     return (h % 10_000) < fraction * 10_000
 
 
+def _read_source(path: Path) -> str | None:
+    """A source file's text, or None when it is too large or not UTF-8."""
+    if path.stat().st_size > _MAX_FILE_BYTES:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
 def stdlib_files(root: Path | None = None, held_out_fraction: float = 0.1) -> list[SourceFile]:
     """All usable ``.py`` files of the standard library, sorted by path, with their split.
 
@@ -90,13 +100,9 @@ def stdlib_files(root: Path | None = None, held_out_fraction: float = 0.1) -> li
         parts = set(rel.split("/")[:-1])
         if parts & _EXCLUDED_PARTS or rel.startswith("test_") or "/test_" in rel:
             continue
-        if path.stat().st_size > _MAX_FILE_BYTES:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        out.append(SourceFile(rel, text, _held_out(rel, held_out_fraction)))
+        text = _read_source(path)
+        if text is not None:
+            out.append(SourceFile(rel, text, _held_out(rel, held_out_fraction)))
     return out
 
 
@@ -198,13 +204,8 @@ def extra_files(held_out_fraction: float = 0.1) -> tuple[list[SourceFile], dict[
             rel = f"{pkg}/{path.relative_to(root).as_posix()}"
             if set(rel.split("/")[:-1]) & (_EXCLUDED_PARTS | {"testing", "vendor", "_vendor"}):
                 continue
-            if path.stat().st_size > _MAX_FILE_BYTES:
-                continue
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
-            if _IMPORTS_RE.search(text):
+            text = _read_source(path)
+            if text is not None and _IMPORTS_RE.search(text):
                 files.append(SourceFile(rel, text, _held_out(rel, held_out_fraction)))
     return files, versions
 
