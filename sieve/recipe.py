@@ -357,5 +357,8 @@ def save_recipe(r: Recipe, path: str | Path) -> Path:
 
 
 def recipe_hash(r: Recipe) -> str:
-    """A short hash of the validated recipe's content (independent of formatting and comments)."""
-    return hashlib.sha256(json.dumps(_to_dict(r), sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of the validated recipe's content (independent of formatting and comments, and of
+    ``[output]``: the same study written to another folder is the same run)."""
+    d = _to_dict(r)
+    d.pop("output", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -47,6 +47,7 @@ def test_round_trip_and_hash(tmp_path):
     assert again.sweep == r.sweep and again.sae == r.sae
     changed = load_recipe(out, ["sweep.samples=7"])
     assert changed.sweep.samples == 7 and recipe_hash(changed) != recipe_hash(r)
+    assert recipe_hash(load_recipe(out, ['output.dir="elsewhere"'])) == recipe_hash(r)
 
 
 def test_relative_paths_resolve_against_the_recipe_file(tmp_path):

@@ -74,7 +74,8 @@ def test_tiny_sweep_end_to_end(tmp_path, detector_cache, capsys):
 def test_killed_run_resumes_without_duplicates(tmp_path, detector_cache):
     out = tmp_path / "run"
     _prepare(out, detector_cache)
-    args = [str(ROOT / "recipes/regex.toml"), *_overrides(out, **{"sweep.batch_size": "2"}), "--no-progress"]
+    extra = {"sweep.batch_size": "2", "sweep.samples": "3"}  # 162 rows in 21 parts: room to kill mid-way
+    args = [str(ROOT / "recipes/regex.toml"), *_overrides(out, **extra), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "recipes.regex", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -83,22 +84,23 @@ def test_killed_run_resumes_without_duplicates(tmp_path, detector_cache):
     while time.time() < deadline and len(list(gen_dir.glob("part-*.parquet"))) < 2:
         if proc.poll() is not None:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed: make the sweep longer"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = ResultStore(gen_dir).table()
-    assert 0 < partial.height < 54
+    assert 0 < partial.height < 162
     assert regex.main(args) == 0
     full = ResultStore(gen_dir).table()
-    assert full.height == 54 and full["key"].n_unique() == 54
+    assert full.height == 162 and full["key"].n_unique() == 162
     # the rows written before the kill are kept as they were (resume skips them)
     kept = full.filter(pl.col("key").is_in(partial["key"].to_list())).sort("key")
     assert kept["text"].to_list() == partial.sort("key")["text"].to_list()
     # and the whole table equals an uninterrupted run's (rows are seeded per prompt and sample)
     clean = tmp_path / "clean"
     _prepare(clean, detector_cache)
-    assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(clean), "--no-progress"]) == 0
+    assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(clean, **{"sweep.samples": "3"}),
+                       "--no-progress"]) == 0
     ref = ResultStore(clean / "gen").table().sort("key")
     assert full.sort("key")["text"].to_list() == ref["text"].to_list()
 
