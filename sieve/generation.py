@@ -9,15 +9,16 @@ row's completion does not depend on which batch it ran in, as far as the backend
 composition changes padding and so the floating-point sums of attention and matmuls; on CPU float32
 greedy output was identical across batchings in our tests, but bf16 on GPU can flip near-ties.
 
-Generation runs exactly ``max_new_tokens`` steps (the trace's loop is bounded and must not outlive the
-generation); a row that emits EOS is finished there (later tokens are a filler HF never reads as
-EOS) and cut off.
+Each row stops at its EOS: the sampler records it and emits a filler HF never reads as EOS (so HF
+does not drop rows on its own), the row is cut there, and generation ends early once every row has
+finished (the trace's bounded loop is then cut short, which is harmless: nothing follows it).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -68,7 +69,16 @@ class RowSampler:
         self.eos = torch.tensor(sorted(set(int(e) for e in eos_token_ids)), dtype=torch.long)
         self.filler = int(filler_token_id)
         self.finished: Tensor | None = None  # [B] step at which each row picked EOS, -1 while running
+        self.history: list[Tensor] = []  # the token chosen at each step, [B] each
         self.step = 0
+
+    def all_finished(self) -> bool:
+        """Whether every row has picked EOS (one host sync, as HF's own stop check)."""
+        return self.finished is not None and bool((self.finished >= 0).all())
+
+    def tokens(self) -> Tensor:
+        """``[B, steps]``: the tokens chosen so far (fillers after a row's EOS)."""
+        return torch.stack(self.history, dim=1) if self.history else torch.zeros(len(self.gens), 0, dtype=torch.long)
 
     @property
     def finished_at(self) -> list[int | None]:
@@ -101,10 +111,22 @@ class RowSampler:
         is_eos = torch.isin(choice, self.eos.to(dev))
         self.finished = torch.where(is_eos & (self.finished < 0), self.step, self.finished)
         choice = torch.where(self.finished >= 0, torch.full_like(choice, self.filler), choice)
+        self.history.append(choice)
         self.step += 1
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(B, device=dev), choice] = 0.0
         return out
+
+
+class _AllRowsFinished:
+    """A stopping criterion: stop generating once every row has picked EOS (rows are cut there anyway)."""
+
+    def __init__(self, sampler: RowSampler) -> None:
+        self.sampler = sampler
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+        done = self.sampler.all_finished()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 def _eos_ids(model) -> list[int]:
@@ -165,13 +187,19 @@ def steered_generate_batch(
     gc.top_p = None
     gc.top_k = None
     target = layer(model, layer_index)
-    with torch.inference_mode():
-        with model.generate(enc, generation_config=gc, logits_processor=[sampler]) as tracer:
+    from transformers import StoppingCriteriaList
+
+    with torch.inference_mode(), warnings.catch_warnings():
+        # When every row has finished early, generation stops before the bounded loop's last step;
+        # nnsight then warns that the loop was cut short. Nothing follows the loop in the trace: the
+        # tokens are read from the sampler, so the warning says nothing here.
+        warnings.filterwarnings("ignore", message=".*was never reached.*")
+        with model.generate(enc, generation_config=gc, logits_processor=[sampler],
+                            stopping_criteria=StoppingCriteriaList([_AllRowsFinished(sampler)])) as tracer:
             for _ in tracer.iter[:max_new_tokens]:
                 target.output = steer(target.output)
-            ids = tracer.result.save()
     counts = steer.counts()
-    new = ids[:, enc["input_ids"].shape[1] :].cpu()
+    new = sampler.tokens().cpu()
     out = []
     ends = sampler.finished_at
     for i in range(B):

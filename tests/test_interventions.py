@@ -224,3 +224,27 @@ def test_steerer_in_users_own_trace(tiny_models):
     assert ids.shape[1] == enc["input_ids"].shape[1] + 4
     assert steer.calls == 4
     assert steer.counts()["gen_edited"] == [3, 3]
+
+
+def test_generation_stops_once_every_row_has_finished(tiny_dirs):
+    """A model that always says EOS: rows end at once and no further decode step runs."""
+    from transformers import GPT2LMHeadModel
+
+    from sieve.models import load_model
+
+    hf = GPT2LMHeadModel.from_pretrained(tiny_dirs["gpt2"]).eval()
+    tok_model = load_model(tiny_dirs["gpt2"])
+    tok = tok_model.tokenizer
+    with torch.no_grad():
+        head = torch.nn.Linear(hf.config.n_embd, hf.config.vocab_size, bias=True)
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 50.0
+        hf.lm_head = head
+    model = load_model(hf, tokenizer=tok)
+    d = hf.config.n_embd
+    iv = Intervention("always", Edit("add", torch.ones(d), 0.5))
+    outs = generate(model, PROMPTS, iv, layer_index=LAYER, max_new_tokens=16, progress=False)
+    assert all(o.finished and o.token_ids == [] and o.text == "" for o in outs)
+    # only the prefill ran: the edit never saw a decode step
+    assert all(o.counts["gen_edited"] == 0 and o.counts["prompt_edited"] > 0 for o in outs)
