@@ -146,6 +146,11 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, i
     done = store.done_keys()
     todo = [c["cell"] for c in cells if f"ability|{c['cell'][0]}|{c['cell'][1]:g}" not in done]
     rh = recipe_hash(recipe)
+    questions = None
+    if recipe.eval.general == "mmlu" and todo:
+        from sieve.evals.mmlu import load_mmlu
+
+        questions = load_mmlu(recipe)  # once, not per cell
     for method, scale in tqdm(todo, desc="general ability", disable=not progress):
         iv = None if method == UNSTEERED else build(method, setting.parts, scale)
         if recipe.eval.general == "loss":
@@ -156,10 +161,9 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, i
             values = [float(-lp.mean()) for lp in lps if lp.numel()]
             metric = "loss"
         else:
-            from sieve.evals.mmlu import load_mmlu, mmlu_accuracy
+            from sieve.evals.mmlu import mmlu_accuracy
 
-            qs = load_mmlu(recipe)
-            correct = mmlu_accuracy(setting.model, qs, iv, layer_index=setting.layer, chat=recipe.model.chat,
+            correct = mmlu_accuracy(setting.model, questions, iv, layer_index=setting.layer, chat=recipe.model.chat,
                                     shots=recipe.eval.mmlu_shots)
             values = [float(c) for c in correct]
             metric = "mmlu"

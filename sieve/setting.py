@@ -67,6 +67,16 @@ def _sae(r: Recipe):
     return load_sae(src, r.sae.id or None, layer=r.sae.layer)
 
 
+def _weights_fingerprint(source: str | Path) -> list:
+    """What identifies the weights behind a source: for a local folder, its weight files' names, sizes
+    and modification times (a rebuilt model in the same folder must not reuse a stale cache)."""
+    p = Path(source)
+    if not p.exists():
+        return [str(source)]
+    files = sorted(f for f in p.rglob("*") if f.suffix in {".safetensors", ".bin", ".pt", ".npz"})
+    return [str(p)] + [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+
+
 def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = True) -> Setting:
     """Load model, SAE, feature and build every detector and direction the recipe's methods use.
 
@@ -94,7 +104,9 @@ def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = Tr
     parts.add_detector("sae", Detector(w, b, kind="sae", name=f"feature {r.sae.feature}"), threshold)
     parts.add_direction("sae", feat.direction)
     cache_dir = r.resolve(r.output.dir) / "cache"
-    key_base = [str(_model_source(r)), r.sae.source, r.sae.id, r.sae.layer]
+    sae_src = r.resolve(r.sae.source) if r.sae.source != "world" else None
+    key_base = [_weights_fingerprint(_model_source(r)), _weights_fingerprint(sae_src or "world-sae"),
+                r.sae.id, r.sae.layer]
 
     # CAA: mean difference at the last prompt token over contrastive pairs.
     pos, neg = prompts.contrastive
