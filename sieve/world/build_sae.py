@@ -61,11 +61,8 @@ def _train_texts(chunks: list[Chunk], tok, budget: int, seed: int) -> list[str]:
 
 
 def _activations(model, texts: list[str], layer: int, n_ctx: int) -> torch.Tensor:
-    from sieve.detectors import token_activations
-
-    clipped = [clip_to_tokens(model.tokenizer, t, n_ctx) for t in texts]
-    acts = token_activations(model, clipped, layer, batch_size=32)
-    return torch.cat(acts)
+    """``[N, d]``: the layer's activations at every real token of the texts, each clipped to ``n_ctx``."""
+    return torch.cat(_activations_list(model, [clip_to_tokens(model.tokenizer, t, n_ctx) for t in texts], layer))
 
 
 def train_topk_sae(x: torch.Tensor, d_sae: int, k: int, steps: int, batch: int, lr: float, seed: int):
@@ -190,7 +187,7 @@ def labelled_tokens(model, chunks: list[Chunk], layer: int, sae, n_ctx: int):
     return pre.detach(), y, texts, calls
 
 
-def _activations_list(model, texts, layer):
+def _activations_list(model, texts: list[str], layer: int) -> list[torch.Tensor]:
     from sieve.detectors import token_activations
 
     return token_activations(model, texts, layer, batch_size=32, progress=False)
