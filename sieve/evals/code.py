@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import ast
 import re
 import textwrap
 from dataclasses import dataclass
 
-from sieve.evals.regex_use import find_regex_use
+from sieve.evals.regex_use import find_regex_use, parse_quietly
 from sieve.evals.sandbox import run_sandboxed
 
 __all__ = [
@@ -41,7 +40,7 @@ def syntax_ok(code: str) -> bool:
         (False, True)
     """
     try:
-        ast.parse(code)
+        parse_quietly(code)
     except (SyntaxError, ValueError):
         return False
     return True

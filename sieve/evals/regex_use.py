@@ -21,10 +21,11 @@ import ast
 import io
 import re
 import tokenize
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["RegexUse", "find_regex_use", "uses_regex"]
+__all__ = ["RegexUse", "find_regex_use", "uses_regex", "parse_quietly"]
 
 _TEXT_RULE = re.compile(
     r"\bimport\s+re\b(?!\w)|\bfrom\s+re\s+import\b|\bre\s*\.\s*[A-Za-z_]\w*"
@@ -47,6 +48,13 @@ class RegexUse:
     kinds: tuple[str, ...] = ()
     parsed: Parsed = "ast"
     names: frozenset[str] = field(default_factory=frozenset)
+
+
+def parse_quietly(code: str) -> ast.Module:
+    """``ast.parse`` without the SyntaxWarnings that generated code triggers (``1abc``, bad escapes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        return ast.parse(code)
 
 
 def _line_offsets(code: str) -> list[int]:
@@ -171,7 +179,7 @@ def find_regex_use(code: str) -> RegexUse:
         False
     """
     try:
-        tree = ast.parse(code)
+        tree = parse_quietly(code)
     except (SyntaxError, ValueError):
         tree = None
     if tree is not None:
@@ -183,7 +191,7 @@ def find_regex_use(code: str) -> RegexUse:
     for cut in range(len(lines) - 1, 0, -1):
         prefix = "".join(lines[:cut])
         try:
-            tree = ast.parse(prefix)
+            tree = parse_quietly(prefix)
         except (SyntaxError, ValueError):
             continue
         spans, kinds, names = _ast_uses(tree, prefix)
