@@ -197,13 +197,14 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
 def format_summary(summary: pl.DataFrame, validity: str) -> str:
     """The printed summary: per method, its Pareto-front scales with 95% intervals."""
     lines = [f"{'method':32s} {'scale':>7s}  {'regex rate [95% CI]':>22s}  {validity + ' rate [95% CI]':>24s}  "
-             f"{'ability [95% CI]':>24s}  neutral changed"]
+             f"{'ability [95% CI]':>24s}  neutral changed / moved"]
     for r in summary.sort(["method", "scale"]).iter_rows(named=True):
         if not r.get("pareto", True):
             continue
         ab = (f"{r['ability']:.3f} [{r['ability_lo']:.3f},{r['ability_hi']:.3f}]"
               if r.get("ability") is not None else "-")
-        nc = f"{r['neutral_changed']:.2f}" if r.get("neutral_changed") is not None else "-"
+        nc = (f"{r['neutral_changed']:.2f} / {r['neutral_moved']:.2f}" if r.get("neutral_changed") is not None
+              else "-")
         lines.append(
             f"{r['method']:32s} {r['scale']:7.2f}  {r['regex_rate']:.3f} [{r['regex_lo']:.3f},{r['regex_hi']:.3f}]"
             f"  {r['valid_rate']:.3f} [{r['valid_lo']:.3f},{r['valid_hi']:.3f}]      {ab:>24s}  {nc}"

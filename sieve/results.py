@@ -110,10 +110,23 @@ def _rate(col: pl.Series) -> tuple[float, float, float]:
     return (k / n if n else float("nan"), lo, hi)
 
 
+def _moved(base: str, other: str) -> float:
+    """1 − (common prefix of ``other`` with ``base``) / len(base): 0 unchanged, 1 different from the start."""
+    if not base:
+        return 0.0 if not other else 1.0
+    n = 0
+    for a, b in zip(base, other):
+        if a != b:
+            break
+        n += 1
+    return 1.0 - n / len(base)
+
+
 def summarize(gen: pl.DataFrame, ability: pl.DataFrame | None, *, validity: str = "syntax") -> pl.DataFrame:
     """Per method and scale: regex rate and validity rate on the regex-prone set (Wilson 95% CIs),
     general ability (mean and CI), and side effects on the neutral set (detector firings per completion,
-    share of completions changed from unsteered with the same seed).
+    share of completions changed from unsteered with the same seed, and how far: the share of the
+    unsteered text lost after the first difference).
 
     ``validity``: the column that says a completion is valid (``syntax`` or ``executed``).
     """
@@ -133,9 +146,11 @@ def summarize(gen: pl.DataFrame, ability: pl.DataFrame | None, *, validity: str 
         ng = nt.filter((pl.col("method") == method) & (pl.col("scale") == scale))
         if ng.height:
             row["neutral_fired_per_row"] = float(ng["gen_fired"].mean() + ng["prompt_fired"].mean())
-            changed = [base.get((r["prompt_index"], r["sample"])) != r["text"] for r in ng.iter_rows(named=True)
-                       if (r["prompt_index"], r["sample"]) in base]
-            row["neutral_changed"] = sum(changed) / len(changed) if changed else float("nan")
+            pairs = [(base[(r["prompt_index"], r["sample"])], r["text"]) for r in ng.iter_rows(named=True)
+                     if (r["prompt_index"], r["sample"]) in base]
+            row["neutral_changed"] = sum(a != b for a, b in pairs) / len(pairs) if pairs else float("nan")
+            # How far they moved: the share of the unsteered completion lost after the first difference.
+            row["neutral_moved"] = (sum(_moved(a, b) for a, b in pairs) / len(pairs)) if pairs else float("nan")
             row["neutral_regex_rate"] = float(ng["regex"].mean())
         if ability is not None and ability.height:
             ab = ability.filter((pl.col("method") == method) & (pl.col("scale") == scale))

@@ -36,6 +36,12 @@ def test_shards_merge_without_duplicates(tmp_path):
     assert ResultStore(tmp_path / "all" / "gen").table().height == 6
 
 
+def test_moved_measures_the_lost_suffix():
+    from sieve.results import _moved
+
+    assert _moved("abcd", "abcd") == 0.0 and _moved("abcd", "abXY") == 0.5 and _moved("abcd", "zzzz") == 1.0
+
+
 def test_parse_shard():
     assert parse_shard(None) == (0, 1) and parse_shard("2/3") == (2, 3)
     for bad in ("3/3", "a/b", "1"):
@@ -58,6 +64,7 @@ def test_summary_rates_intervals_and_side_effects():
     assert un["regex_lo"] < 0.5 < un["regex_hi"]
     assert c["ability"] == pytest.approx(2.2) and c["ability_lo"] < 2.2 < c["ability_hi"]
     assert un["neutral_changed"] == 0.0 and c["neutral_changed"] == 1.0
+    assert un["neutral_moved"] == 0.0 and c["neutral_moved"] == 1.0  # "t0" vs "c-4.00": differs at once
     assert c["neutral_fired_per_row"] == 3.0
     p = pareto_front(s, lower_ability_is_better=True)
     # neither dominates: c has less regex, unsteered has more validity and lower loss
