@@ -101,7 +101,7 @@ def test_feature_activation_equals_sae_encode(kind, tmp_path):
     f = feature(loaded, 5)
     assert abs(float(f.direction.norm()) - 1) < 1e-6
     if kind == "jumprelu":
-        assert f.threshold == pytest.approx(float(sae.threshold[5]))
+        assert f.threshold == pytest.approx(float(sae.threshold[5].detach()))
     else:
         assert f.threshold is None
 

@@ -88,3 +88,18 @@ def test_loading_a_recipe_runs_no_code(tmp_path):
     p.write_text(f"name = \"__import__('pathlib').Path('{marker}').touch()\"\n")
     r = load_recipe(p)
     assert not marker.exists() and r.name.startswith("__import__")
+
+
+def test_recipe_registry_lists_scripts_and_files(capsys):
+    import importlib
+
+    from recipes import RECIPES, recipe_files
+    from recipes.__main__ import main
+
+    for module, _ in RECIPES.values():
+        assert callable(importlib.import_module(module).main)
+    files = {f for f, _, _ in recipe_files()}
+    assert files == {p.name for p in SHIPPED}
+    main()
+    out = capsys.readouterr().out
+    assert "regex_gemma2_2b.toml" in out and "detect" in out
