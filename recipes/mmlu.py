@@ -20,9 +20,10 @@ from pathlib import Path
 import polars as pl
 from tqdm.auto import tqdm
 
+from recipes.regex import intervention
 from sieve.evals.metrics import wilson
 from sieve.evals.mmlu import load_mmlu, mmlu_accuracy
-from sieve.methods import build, get_method
+from sieve.methods import get_method
 from sieve.recipe import UNSTEERED, load_recipe, recipe_hash
 
 DEFAULT_RECIPE = Path(__file__).parent / "regex.toml"
@@ -40,7 +41,7 @@ def run(recipe, progress: bool = True) -> pl.DataFrame:
     cells = [(UNSTEERED, 0.0)] + [(m, float(s)) for m in recipe.sweep.methods if m != UNSTEERED
                                   for s in recipe.scales_for(m)]
     for method, scale in tqdm(cells, desc="MMLU", disable=not progress):
-        iv = None if method == UNSTEERED else build(method, setting.parts, scale)
+        iv = intervention(setting.parts, method, scale)
         correct = mmlu_accuracy(setting.model, qs, iv, layer_index=setting.layer, chat=recipe.model.chat,
                                 shots=recipe.eval.mmlu_shots, batch_size=recipe.sweep.batch_size or 16)
         k, n = sum(correct), len(correct)

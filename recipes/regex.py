@@ -55,6 +55,11 @@ def row_seed(base: int, *parts: Any) -> int:
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
+def intervention(parts, method: str, scale: float):
+    """The intervention of one (method, scale) cell; None for the unsteered baseline."""
+    return None if method == UNSTEERED else build(method, parts, scale)
+
+
 def plan(recipe: Recipe, prompts) -> list[dict[str, Any]]:
     """Every generation row of the sweep, in a stable order."""
     rows = []
@@ -112,7 +117,7 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, shard: tuple[int
     for r in todo:
         cell = (r["method"], r["scale"])
         if cell not in ivs:
-            ivs[cell] = None if r["method"] == UNSTEERED else build(r["method"], setting.parts, r["scale"])
+            ivs[cell] = intervention(setting.parts, *cell)
     sets = {"regex": setting.prompts.regex, "neutral": setting.prompts.neutral}
     bs = recipe.sweep.batch_size or None
     chunk = (bs or 32) * 4
@@ -152,7 +157,7 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, i
 
         questions = load_mmlu(recipe)  # once, not per cell
     for method, scale in tqdm(todo, desc="general ability", disable=not progress):
-        iv = None if method == UNSTEERED else build(method, setting.parts, scale)
+        iv = intervention(setting.parts, method, scale)
         if recipe.eval.general == "loss":
             from sieve.evals.ability import steered_logprobs
 

@@ -54,8 +54,9 @@ class RowSampler:
     greedy step takes exactly that token.
 
     End of sequence is handled here, not by HF: when a row picks an EOS token, the step is recorded in
-    ``finished_at`` and a filler token is emitted instead, so HF never sees every row finish and stop
-    early (which would cut the trace's bounded loop short). Rows are cut at ``finished_at`` afterwards.
+    ``finished_at`` and a filler token is emitted instead, so HF never drops rows on its own; the
+    chosen tokens are kept in ``history``. Generation stops once every row has finished (see
+    ``_AllRowsFinished``), and rows are cut at ``finished_at`` afterwards.
     """
 
     def __init__(
@@ -175,8 +176,8 @@ def steered_generate_batch(
     eos = _eos_ids(model)
     sampler = RowSampler(temps, seed_list, top_p, eos, _filler(tok, eos))
     gc = copy.deepcopy(hf.generation_config)
-    # HF must not stop rows itself (the trace's loop is bounded by max_new_tokens); RowSampler
-    # handles EOS. min_new_tokens is not used: it would forbid EOS and change what rows generate.
+    # HF must not end rows itself: RowSampler handles EOS and _AllRowsFinished stops the whole batch.
+    # min_new_tokens is not used: it would forbid EOS and change what rows generate.
     gc.eos_token_id = None
     gc.pad_token_id = tok.pad_token_id
     gc.do_sample = False

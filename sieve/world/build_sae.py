@@ -165,12 +165,12 @@ def _split_heldout(chunks: list[Chunk]) -> tuple[list[Chunk], list[Chunk]]:
     return sel, ev
 
 
-def labelled_tokens(model, chunks: list[Chunk], layer: int, sae, n_ctx: int):
-    """Per-token SAE pre-activations ``[N, F]``, labels (regex use) ``[N]`` and call-site flags."""
+def _labels(tok, chunks: list[Chunk], n_ctx: int) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+    """Per chunk: its text clipped to ``n_ctx`` tokens, regex-use token labels and call-site flags
+    (``[T]`` bool over the text's tokens, BOS dropped)."""
     from sieve.evals.ability import char_spans_to_tokens
     from sieve.evals.regex_use import find_regex_use
 
-    tok = model.tokenizer
     texts, labels, calls = [], [], []
     for c in chunks:
         text = clip_to_tokens(tok, c.text, n_ctx)
@@ -180,11 +180,18 @@ def labelled_tokens(model, chunks: list[Chunk], layer: int, sae, n_ctx: int):
         labels.append(lab[1:])
         call_spans = [s for s, k in zip(use.spans, use.kinds) if k == "call" and s[0] + 2 <= len(text)]
         calls.append(char_spans_to_tokens(tok, text, [(s, s + 2) for s, _ in call_spans])[1:])
+    return texts, labels, calls
+
+
+def labelled_tokens(model, chunks: list[Chunk], layer: int, sae, n_ctx: int):
+    """Per-token SAE pre-activations ``[N, F]``, labels (regex use) ``[N]``, call-site flags per chunk,
+    and the per-chunk activations they came from."""
+    texts, labels, calls = _labels(model.tokenizer, chunks, n_ctx)
     acts = _activations_list(model, texts, layer)
     x = torch.cat(acts)
     pre = (x - sae.b_dec * sae.cfg.apply_b_dec_to_input) @ sae.W_enc + sae.b_enc
     y = torch.cat([lab[: a.shape[0]] for lab, a in zip(labels, acts)])
-    return pre.detach(), y, texts, calls
+    return pre.detach(), y, calls, acts
 
 
 def _activations_list(model, texts: list[str], layer: int) -> list[torch.Tensor]:
@@ -240,7 +247,7 @@ def stage_feature(out: Path, cfg: LMConfig) -> dict:
 
     # Steering check on the select half: P(re at call sites) and loss on regex-free code.
     rx_sel = [c for c in sel if c.uses_regex]
-    _, _, rx_texts, rx_calls = labelled_tokens(model, rx_sel, layer, sae, cfg.n_ctx)
+    rx_texts, _, rx_calls = _labels(model.tokenizer, rx_sel, cfg.n_ctx)  # no activations needed here
     code = [clip_to_tokens(model.tokenizer, t, cfg.n_ctx) for t in regex_free_code(sel, limit=60)]
     hnorm = float(torch.cat(_activations_list(model, code[:20], layer)).norm(dim=-1).mean())
 
@@ -273,10 +280,9 @@ def stage_feature(out: Path, cfg: LMConfig) -> dict:
 
     # Reported numbers: the eval half, never used to choose.
     ev_chunks = subset(ev, 300)
-    pre_ev, y_ev, ev_texts, ev_calls = labelled_tokens(model, ev_chunks, layer, sae, cfg.n_ctx)
+    pre_ev, y_ev, ev_calls, acts_ev = labelled_tokens(model, ev_chunks, layer, sae, cfg.n_ctx)
     det = binary_metrics(pre_ev[:, fi], y_ev, threshold)
     # Does the feature fire before the call? Share of call sites with a firing at or before them.
-    acts_ev = _activations_list(model, ev_texts, layer)
     w, b = feature(sae, fi).linear()
     before = []
     for a, c in zip(acts_ev, ev_calls):
