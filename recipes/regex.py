@@ -133,7 +133,7 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, shard: tuple[int
             setting.model, [p.text for p in prompts], [ivs[(r["method"], r["scale"])] for r in part],
             layer_index=setting.layer, max_new_tokens=recipe.sweep.max_new_tokens,
             temperature=recipe.sweep.temperature, top_p=recipe.sweep.top_p,
-            seeds=[r["seed"] for r in part], batch_size=bs, progress=False,
+            seeds=[r["seed"] for r in part], stop=recipe.sweep.stop, batch_size=bs, progress=False,
         )
         store.append([{**r, "recipe_hash": rh, **evaluate_row(recipe, p, o, judge)}
                       for r, p, o in zip(part, prompts, outs)])

@@ -9,9 +9,11 @@ row's completion does not depend on which batch it ran in, as far as the backend
 composition changes padding and so the floating-point sums of attention and matmuls; on CPU float32
 greedy output was identical across batchings in our tests, but bf16 on GPU can flip near-ties.
 
-Each row stops at its EOS: the sampler records it and emits a filler HF never reads as EOS (so HF
-does not drop rows on its own), the row is cut there, and generation ends early once every row has
-finished (the trace's bounded loop is then cut short, which is harmless: nothing follows it).
+Each row ends at its EOS (cut) or when its text ends with a stop string (kept): ``RowTracker``, a
+stopping criterion, finds both on the device; HF's own EOS handling is off, so no row is padded or
+dropped mid-batch. Generation ends early once every row has ended (the trace's bounded loop is then
+cut short, which is harmless: nothing follows it). An all-greedy batch adds no logits processor: HF's
+own argmax picks the tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sieve.errors import SieveError
 from sieve.interventions import Intervention, Steerer
 from sieve.models import encode_prompts, layer, underlying
 
-__all__ = ["Completion", "RowSampler", "generate", "steered_generate_batch"]
+__all__ = ["Completion", "RowSampler", "RowTracker", "generate", "steered_generate_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -50,84 +52,106 @@ class RowSampler:
     """A logits processor that picks each row's next token itself, from that row's own generator.
 
     temperature 0 is greedy. Otherwise: temperature, then top-p, then inverse-CDF sampling with one
-    uniform draw from the row's generator. It returns scores with only the chosen token finite, so HF's
-    greedy step takes exactly that token.
+    uniform draw from the row's generator per step. It returns the scores with the chosen token set to
+    +inf, so HF's greedy step takes exactly that token. Only needed when some row samples: an all-greedy
+    batch is left to HF's own argmax.
 
-    End of sequence is handled here, not by HF: when a row picks an EOS token, the step is recorded in
-    ``finished_at`` and a filler token is emitted instead, so HF never drops rows on its own; the
-    chosen tokens are kept in ``history``. Generation stops once every row has finished (see
-    ``_AllRowsFinished``), and rows are cut at ``finished_at`` afterwards.
+    Example:
+        >>> s = RowSampler([0.0, 1.0], seeds=[0, 1])
+        >>> scores = torch.tensor([[0.0, 5.0, 1.0], [0.0, 0.0, 50.0]])
+        >>> s(torch.zeros(2, 1, dtype=torch.long), scores).argmax(-1).tolist()
+        [1, 2]
     """
 
-    def __init__(
-        self, temperatures: Sequence[float], seeds: Sequence[int], top_p: float, eos_token_ids: Sequence[int],
-        filler_token_id: int,
-    ) -> None:
+    def __init__(self, temperatures: Sequence[float], seeds: Sequence[int], top_p: float = 1.0) -> None:
+        if len(temperatures) != len(seeds):
+            raise SieveError(f"RowSampler: {len(temperatures)} temperatures for {len(seeds)} seeds")
         self.t = torch.tensor([float(t) for t in temperatures])
-        self.any_sampled = bool((self.t > 0).any())  # all greedy: skip the sampling work
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.top_p = float(top_p)
-        self.eos = torch.tensor(sorted(set(int(e) for e in eos_token_ids)), dtype=torch.long)
-        self.filler = int(filler_token_id)
-        self.finished: Tensor | None = None  # [B] step at which each row picked EOS, -1 while running
-        self.history: list[Tensor] = []  # the token chosen at each step, [B] each
-        self.step = 0
-
-    def all_finished(self) -> bool:
-        """Whether every row has picked EOS (one host sync, as HF's own stop check)."""
-        return self.finished is not None and bool((self.finished >= 0).all())
-
-    def tokens(self) -> Tensor:
-        """``[B, steps]``: the tokens chosen so far (fillers after a row's EOS)."""
-        return torch.stack(self.history, dim=1) if self.history else torch.zeros(len(self.gens), 0, dtype=torch.long)
-
-    @property
-    def finished_at(self) -> list[int | None]:
-        """Per row, the step at which it picked EOS (None: it never did)."""
-        if self.finished is None:
-            return [None] * len(self.gens)
-        return [None if f < 0 else int(f) for f in self.finished.tolist()]
+        self._rows: Tensor | None = None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        B = scores.shape[0]
         dev = scores.device
         logits = scores.float()
-        choice = logits.argmax(-1)
-        if self.any_sampled:
-            # Uniform draws on CPU from the per-row generators, then moved: keeps rows independent.
-            u = torch.stack([torch.rand((), generator=g) for g in self.gens]).to(dev, non_blocking=True)
-            t = self.t.to(dev)
-            probs = torch.softmax(logits / t.clamp_min(1e-6)[:, None], dim=-1)
-            if self.top_p < 1.0:
-                sp, si = probs.sort(dim=-1, descending=True)
-                keep = sp.cumsum(-1) - sp < self.top_p
-                probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
-            probs = probs / probs.sum(-1, keepdim=True)
-            cdf = probs.cumsum(-1)
-            sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
-            choice = torch.where(t > 0, sampled, choice)
-        # End-of-sequence bookkeeping stays on the device: no host sync per step.
-        if self.finished is None:
-            self.finished = torch.full((B,), -1, dtype=torch.long, device=dev)
-        is_eos = torch.isin(choice, self.eos.to(dev))
-        self.finished = torch.where(is_eos & (self.finished < 0), self.step, self.finished)
-        choice = torch.where(self.finished >= 0, torch.full_like(choice, self.filler), choice)
-        self.history.append(choice)
-        self.step += 1
-        out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(B, device=dev), choice] = 0.0
-        return out
+        # Uniform draws on CPU from the per-row generators, then moved: keeps rows independent.
+        u = torch.stack([torch.rand((), generator=g) for g in self.gens]).to(dev, non_blocking=True)
+        t = self.t.to(dev, non_blocking=True)
+        probs = torch.softmax(logits / t.clamp_min(1e-6)[:, None], dim=-1)
+        if self.top_p < 1.0:
+            sp, si = probs.sort(dim=-1, descending=True)
+            keep = sp.cumsum(-1) - sp < self.top_p
+            probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
+        probs = probs / probs.sum(-1, keepdim=True)
+        cdf = probs.cumsum(-1)
+        sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+        choice = torch.where(t > 0, sampled, logits.argmax(-1))
+        if self._rows is None or self._rows.device != dev:
+            self._rows = torch.arange(scores.shape[0], device=dev)
+        # HF passes its own float copy of the logits: editing it in place is safe (B writes).
+        scores[self._rows, choice] = float("inf")
+        return scores
 
 
-class _AllRowsFinished:
-    """A stopping criterion: stop generating once every row has picked EOS (rows are cut there anyway)."""
+class RowTracker:
+    """A stopping criterion that tracks where each row ends, on the device, and stops the batch once every
+    row has ended.
 
-    def __init__(self, sampler: RowSampler) -> None:
-        self.sampler = sampler
+    A row ends at its first EOS token (the EOS is cut) or once its text ends with one of ``stop``
+    (the token completing the stop string is kept; matching is HF's ``StopStringCriteria``). HF's own
+    EOS handling is switched off, so no row is padded or dropped mid-batch; rows that have ended keep
+    generating until the whole batch is done, and their extra tokens are cut afterwards.
 
-    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
-        done = self.sampler.all_finished()
+    Example:
+        >>> tr = RowTracker(prompt_len=1, eos_token_ids=[0])
+        >>> tr(torch.tensor([[5, 0], [5, 7]]), None).tolist()
+        [False, False]
+        >>> tr(torch.tensor([[5, 0, 3], [5, 7, 0]]), None).tolist()
+        [True, True]
+        >>> tr.ends.tolist(), tr.tokens().tolist()
+        ([0, 1], [[0, 3], [7, 0]])
+    """
+
+    def __init__(self, prompt_len: int, eos_token_ids: Sequence[int], stop=None) -> None:
+        self.prompt_len = int(prompt_len)
+        self.eos = torch.tensor(sorted(set(int(e) for e in eos_token_ids)), dtype=torch.long)
+        self.stop = stop  # a StopStringCriteria, or None
+        self.ends: Tensor | None = None  # [B] generated tokens to keep; -1 while the row runs
+        self.ids: Tensor | None = None  # the latest input_ids, prompt included
+
+    def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs) -> Tensor:
+        step = input_ids.shape[1] - self.prompt_len - 1
+        if self.ends is None:
+            self.ends = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
+            self.eos = self.eos.to(input_ids.device)
+        is_eos = torch.isin(input_ids[:, -1], self.eos)
+        ended = is_eos if self.stop is None else is_eos | self.stop(input_ids, scores)
+        at = torch.where(is_eos, step, step + 1)
+        self.ends = torch.where(ended & (self.ends < 0), at, self.ends)
+        self.ids = input_ids
+        done = bool((self.ends >= 0).all())  # one host sync per step, as HF's own stop check
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    def keeps(self, position: int) -> Tensor | None:
+        """``[B]`` bool: whether generated token ``position`` belongs to each row's completion (None
+        before the first token)."""
+        if self.ends is None:
+            return None
+        return (self.ends < 0) | (self.ends > position)
+
+    def tokens(self) -> Tensor:
+        """``[B, steps]``: every generated token, including those after a row's end."""
+        if self.ids is None:
+            raise SieveError("RowTracker: nothing was generated")
+        return self.ids[:, self.prompt_len :]
+
+    def completions(self) -> list[tuple[list[int], bool]]:
+        """Per row: the kept tokens, and whether the row ended (EOS or stop string) before the budget."""
+        ends = self.ends.tolist() if self.ends is not None else []
+        out = []
+        for row, end in zip(self.tokens().cpu().tolist(), ends):
+            out.append((row[:end] if end >= 0 else row, end >= 0))
+        return out
 
 
 def _eos_ids(model) -> list[int]:
@@ -139,11 +163,16 @@ def _eos_ids(model) -> list[int]:
     return sorted(set(int(i) for i in ids))
 
 
-def _filler(tok, eos: list[int]) -> int:
-    pad = tok.pad_token_id
-    if pad is not None and pad not in eos:
-        return int(pad)
-    return next(i for i in range(len(tok)) if i not in eos)
+def _stop_criterion(tok, stop: Sequence[str] | str):
+    if isinstance(stop, str):
+        stop = [stop]
+    if not stop:
+        return None
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise SieveError(f"stop strings must be non-empty strings, got {list(stop)!r}")
+    from transformers import StopStringCriteria
+
+    return StopStringCriteria(tok, list(stop))  # HF caches its token tables per tokenizer and strings
 
 
 def steered_generate_batch(
@@ -156,6 +185,7 @@ def steered_generate_batch(
     temperatures: Sequence[float] | float = 0.0,
     seeds: Sequence[int] | int = 0,
     top_p: float = 1.0,
+    stop: Sequence[str] = (),
 ) -> list[Completion]:
     """One batch: every row its own prompt, intervention, temperature and seed.
 
@@ -165,6 +195,8 @@ def steered_generate_batch(
     B = len(prompts)
     if len(interventions) != B:
         raise SieveError(f"{len(interventions)} interventions for {B} prompts: give one per row (None: unsteered)")
+    if max_new_tokens < 1:
+        raise SieveError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     temps = [float(temperatures)] * B if isinstance(temperatures, (int, float)) else list(temperatures)
     seed_list = [int(seeds) + i for i in range(B)] if isinstance(seeds, int) else list(seeds)
     tok = model.tokenizer
@@ -173,10 +205,10 @@ def steered_generate_batch(
     enc = encode_prompts(tok, prompts)
     enc = {k: v.to(device) for k, v in enc.items()}
     steer = Steerer(interventions, enc, tok)
-    eos = _eos_ids(model)
-    sampler = RowSampler(temps, seed_list, top_p, eos, _filler(tok, eos))
+    tracker = RowTracker(enc["input_ids"].shape[1], _eos_ids(model), _stop_criterion(tok, stop))
+    processors = [RowSampler(temps, seed_list, top_p)] if any(t > 0 for t in temps) else []
     gc = copy.deepcopy(hf.generation_config)
-    # HF must not end rows itself: RowSampler handles EOS and _AllRowsFinished stops the whole batch.
+    # HF must not end rows itself: RowTracker finds each row's end and stops the batch once all have.
     # min_new_tokens is not used: it would forbid EOS and change what rows generate.
     gc.eos_token_id = None
     gc.pad_token_id = tok.pad_token_id
@@ -191,24 +223,18 @@ def steered_generate_batch(
     from transformers import StoppingCriteriaList
 
     with torch.inference_mode(), warnings.catch_warnings():
-        # When every row has finished early, generation stops before the bounded loop's last step;
-        # nnsight then warns that the loop was cut short. Nothing follows the loop in the trace: the
-        # tokens are read from the sampler, so the warning says nothing here.
+        # When every row has ended early, generation stops before the bounded loop's last step; nnsight
+        # then warns that the loop was cut short. Nothing follows the loop in the trace: the tokens are
+        # read from the tracker, so the warning says nothing here.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
-        with model.generate(enc, generation_config=gc, logits_processor=[sampler],
-                            stopping_criteria=StoppingCriteriaList([_AllRowsFinished(sampler)])) as tracer:
-            for _ in tracer.iter[:max_new_tokens]:
-                target.output = steer(target.output)
+        with model.generate(enc, generation_config=gc, logits_processor=processors,
+                            stopping_criteria=StoppingCriteriaList([tracker])) as tracer:
+            for step in tracer.iter[:max_new_tokens]:
+                # Decode step k reads generated token k-1: count firings only while it is kept.
+                target.output = steer(target.output, counted=None if step == 0 else tracker.keeps(step - 1))
     counts = steer.counts()
-    new = sampler.tokens().cpu()
     out = []
-    ends = sampler.finished_at
-    for i in range(B):
-        row = new[i].tolist()
-        end = ends[i]
-        finished = end is not None
-        if finished:
-            row = row[:end]
+    for i, (row, finished) in enumerate(tracker.completions()):
         out.append(Completion(
             prompt=prompts[i],
             text=tok.decode(row, skip_special_tokens=True),
@@ -233,13 +259,15 @@ def generate(
     temperature: float | Sequence[float] = 0.0,
     seeds: Sequence[int] | int = 0,
     top_p: float = 1.0,
+    stop: Sequence[str] = (),
     batch_size: int | None = None,
     progress: bool = True,
 ) -> list[Completion]:
     """Generate for every prompt with its own intervention, in batches, edited at every step.
 
     ``interventions`` is one per prompt (None: unsteered), or one for all. ``seeds`` is one per prompt
-    (or a base seed: row i gets base + i). ``batch_size=None`` picks a size for the device and halves it
+    (or a base seed: row i gets base + i). A row ends at EOS or once its text ends with one of ``stop``
+    (kept in the text; e.g. ``["```"]`` ends a fenced code block). ``batch_size=None`` picks a size for the device and halves it
     when CUDA runs out of memory. Rows are grouped by prompt length to limit padding; results come
     back in the input order.
 
@@ -273,7 +301,7 @@ def generate(
             outs = steered_generate_batch(
                 model, [prompts[j] for j in idx], [interventions[j] for j in idx],
                 layer_index=layer_index, max_new_tokens=max_new_tokens,
-                temperatures=[temps[j] for j in idx], seeds=[seed_list[j] for j in idx], top_p=top_p,
+                temperatures=[temps[j] for j in idx], seeds=[seed_list[j] for j in idx], top_p=top_p, stop=stop,
             )
         except torch.cuda.OutOfMemoryError:
             if bs == 1 or batch_size is not None:

@@ -308,7 +308,9 @@ class Steerer:
             )
         return eligible_mask(ids, self.encoding.get("attention_mask"), self.bos_token_id).to(device)
 
-    def __call__(self, output: Any) -> Any:
+    def __call__(self, output: Any, counted: Tensor | None = None) -> Any:
+        """Edit one forward's layer output. ``counted`` (``[B]`` bool, optional): the rows whose tokens
+        of this forward go into the counts (a row that has already ended is left out)."""
         h = output[0] if isinstance(output, tuple) else output
         B, T, D = h.shape
         if B != len(self.interventions):
@@ -327,8 +329,12 @@ class Steerer:
             eligible = torch.ones(B, T, dtype=torch.bool, device=h.device)
         h_new, self.latched, fired, edited = apply_edit(h, self.packed, eligible, self.latched)
         where = "prompt" if self.calls == 0 else "gen"
-        self.stats[f"{where}_fired"] += fired.sum(1)
-        self.stats[f"{where}_edited"] += edited.sum(1)
+        n_fired, n_edited = fired.sum(1), edited.sum(1)
+        if counted is not None:
+            counted = counted.to(h.device)
+            n_fired, n_edited = n_fired * counted, n_edited * counted
+        self.stats[f"{where}_fired"] += n_fired
+        self.stats[f"{where}_edited"] += n_edited
         self.calls += 1
         return (h_new, *output[1:]) if isinstance(output, tuple) else h_new
 

@@ -105,7 +105,8 @@ class PromptSpec:
 @dataclass
 class SweepSpec:
     """Methods × scales × samples. ``scales`` maps a method name or an edit kind (``add``/``clamp``) to
-    its values; the method's own entry wins."""
+    its values; the method's own entry wins. ``stop``: strings that end a row (kept in its text), e.g.
+    the closing code fence when only the code block is evaluated."""
 
     methods: list[str] = field(default_factory=lambda: [UNSTEERED])
     scales: dict[str, list[float]] = field(default_factory=dict)
@@ -113,6 +114,7 @@ class SweepSpec:
     max_new_tokens: int = 64
     temperature: float = 0.8
     top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
     seed: int = 0
     batch_size: int = 0
 
@@ -278,6 +280,9 @@ def _validate(r: Recipe) -> Recipe:
         raise RecipeError(where, "sweep.temperature", f"must be >= 0, got {r.sweep.temperature}")
     if not 0 < r.sweep.top_p <= 1:
         raise RecipeError(where, "sweep.top_p", f"must be in (0, 1], got {r.sweep.top_p}")
+    for i, st in enumerate(r.sweep.stop):
+        if not st:
+            raise RecipeError(where, f"sweep.stop[{i}]", "must be a non-empty string")
     if isinstance(r.caa.threshold, str) and r.caa.threshold != "calibrate":
         raise RecipeError(where, "caa.threshold", f"{r.caa.threshold!r}: use a number or 'calibrate'")
     return r

@@ -56,6 +56,7 @@ neutral_limit = 2
 methods = ["unsteered", "conditional_per_token", "probe_sae", "constant_steering_vector"]
 samples = 1
 max_new_tokens = 12
+stop = ["```"]
 [sweep.scales]
 add = [-4.0]
 [eval]
@@ -74,6 +75,8 @@ charts = false
     # every regex-set completion was judged by the sandbox (run, or refused as not valid Python)
     assert rx["exec_status"].is_in(["ok", "error", "syntax", "timeout", "killed", "no-result", "no-code"]).all()
     assert (gen.filter(pl.col("set") == "neutral")["exec_status"] != "ok").all()
+    fenced = gen.filter(pl.col("text").str.contains("```", literal=True))
+    assert fenced["finished"].all() and (fenced["text"].str.count_matches("```", literal=True) == 1).all()
     ab = ResultStore(tmp_path / "out" / "ability").table()
     assert ab.height == 4 and (ab["metric"] == "mmlu").all()
     assert all(len(v) == 24 for v in ab["values"].to_list())

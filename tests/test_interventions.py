@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sieve.errors import SieveError
 from sieve.generation import generate
 from sieve.interventions import Detector, Edit, Intervention, Steerer, apply_edit, eligible_mask, pack
 from sieve.methods import STUDY_METHODS, Parts, build
@@ -248,3 +249,42 @@ def test_generation_stops_once_every_row_has_finished(tiny_dirs):
     assert all(o.finished and o.token_ids == [] and o.text == "" for o in outs)
     # only the prefill ran: the edit never saw a decode step
     assert all(o.counts["gen_edited"] == 0 and o.counts["prompt_edited"] > 0 for o in outs)
+
+
+def test_stop_strings_end_rows_and_keep_the_stop(tiny_models):
+    """A row ends once its text ends with a stop string (kept, like a closing code fence); the tokens
+    before it are those of the same run without stop strings, and rows without a match run on."""
+    model = tiny_models["llama"]
+    free = generate(model, PROMPTS, None, layer_index=LAYER, max_new_tokens=12, progress=False)
+    # A stop string the first row produces in the middle of its completion.
+    tok = model.tokenizer
+    first = free[0].token_ids
+    k = next(i for i in range(2, len(first)) if tok.decode(first[i : i + 1]).strip())
+    stop = tok.decode(first[k : k + 1]).strip()
+    stopped = generate(model, PROMPTS, None, layer_index=LAYER, max_new_tokens=12, stop=[stop], progress=False)
+    for a, b in zip(free, stopped):
+        hit = next((i for i in range(len(a.token_ids)) if stop in tok.decode(a.token_ids[: i + 1])), None)
+        if hit is None:
+            assert b.token_ids == a.token_ids and b.finished == a.finished
+        else:
+            assert b.token_ids == a.token_ids[: hit + 1] and b.finished and stop in b.text
+    assert stopped[0].finished and len(stopped[0].token_ids) <= k + 1
+    with pytest.raises(SieveError, match="stop strings"):
+        generate(model, PROMPTS, None, layer_index=LAYER, max_new_tokens=4, stop=[""], progress=False)
+
+
+def test_row_tracker_counts_only_kept_tokens():
+    """EOS is cut and a stop-string token is kept; a row that ended is left out of the counts."""
+    from sieve.generation import RowTracker
+
+    class StopAt7:  # a stand-in for StopStringCriteria: "the text now ends with the stop string"
+        def __call__(self, ids, scores):
+            return ids[:, -1] == 7
+
+    tr = RowTracker(prompt_len=2, eos_token_ids=[0], stop=StopAt7())
+    assert tr.keeps(0) is None
+    tr(torch.tensor([[1, 1, 5], [1, 1, 7], [1, 1, 0]]), None)
+    assert tr.ends.tolist() == [-1, 1, 0] and tr.keeps(0).tolist() == [True, True, False]
+    done = tr(torch.tensor([[1, 1, 5, 0], [1, 1, 7, 0], [1, 1, 0, 7]]), None)
+    assert done.all() and tr.ends.tolist() == [1, 1, 0]
+    assert tr.completions() == [([5], True), ([7], True), ([], True)]
