@@ -9,7 +9,8 @@
 2. **Sweep**: the same methods × scales × prompts done two ways: sieve's (all rows in batched
    generation, rows mixing methods and scales) and the study's (one ``generate`` per method × scale,
    batch 20, a forward hook on the layer). Greedy, so both must give the same tokens; the script checks.
-3. Tokens per second and peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS growth).
+3. Tokens per second, and peak memory of each side of the sweep, each run alone in a fresh process
+   (CUDA: ``max_memory_allocated`` above the loaded model; CPU: peak resident-set growth, polled).
 
 Configs: ``world`` (the embedded model), ``mid`` (a random 8-layer d=512 Llama), ``gemma2-2b``
 (gemma-2-2b's published config with random weights; for a GPU).
@@ -22,7 +23,9 @@ import json
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,10 +100,11 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - t
 
 
-def plain_generate(model, enc, n: int):
+def plain_generate(model, enc, n: int, sample: bool = False):
     with torch.inference_mode():
-        return underlying(model).generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                          pad_token_id=model.tokenizer.pad_token_id)
+        kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if sample else dict(do_sample=False)
+        return underlying(model).generate(**enc, max_new_tokens=n, min_new_tokens=n,
+                                          pad_token_id=model.tokenizer.pad_token_id, **kw)
 
 
 def bench_overhead(model, layer: int, device: str, batch: int, n: int, repeats: int) -> list[dict]:
@@ -109,21 +113,28 @@ def bench_overhead(model, layer: int, device: str, batch: int, n: int, repeats: 
     d = underlying(model).config.hidden_size
     u = torch.randn(d)
     det = Detector(torch.randn(d), 0.0)
-    kinds = {
-        "always/add": Intervention("always", Edit("add", u, -4.0)),
-        "token/add": Intervention("token", Edit("add", u, -4.0), det, 0.0),
-        "input/add": Intervention("input", Edit("add", u, -4.0), det, 0.0),
-        "token/clamp": Intervention("token", Edit("clamp", u, -1.0), det, 0.0),
-    }
+    # (name, intervention, sampled): greedy for each gate/edit kind, then sampling at temperature 1
+    # against HF's own sampling. The rows never pick EOS (a random direction of a trained model, or
+    # random weights, rarely does within the budget; the script checks), so both do the same steps.
+    kinds = [
+        ("always/add", Intervention("always", Edit("add", u, -4.0)), False),
+        ("token/add", Intervention("token", Edit("add", u, -4.0), det, 0.0), False),
+        ("input/add", Intervention("input", Edit("add", u, -4.0), det, 0.0), False),
+        ("token/clamp", Intervention("token", Edit("clamp", u, -1.0), det, 0.0), False),
+        ("token/add, sampled", Intervention("token", Edit("add", u, -4.0), det, 0.0), True),
+    ]
     rows = []
     plain_generate(model, enc, 2)  # warm-up
     generate(model, prompts, None, layer_index=layer, max_new_tokens=2, progress=False)
-    for name, iv in kinds.items():
-        plain_t, sieve_t = [], []
+    for name, iv, sample in kinds:
+        plain_t, sieve_t, steps = [], [], []
         for _ in range(repeats):
-            plain_t.append(timed(lambda: plain_generate(model, enc, n), device))
-            sieve_t.append(timed(lambda iv=iv: generate(model, prompts, iv, layer_index=layer, max_new_tokens=n,
-                                                  batch_size=batch, progress=False), device))
+            plain_t.append(timed(lambda s=sample: plain_generate(model, enc, n, s), device))
+            sieve_t.append(timed(lambda iv=iv, s=sample, steps=steps: steps.append(max(len(o.token_ids) for o in generate(
+                model, prompts, iv, layer_index=layer, max_new_tokens=n, batch_size=batch, progress=False,
+                temperature=1.0 if s else 0.0, seeds=len(steps)))), device))
+        if min(steps) < n:
+            print(f"warning: {name}: every row ended before {n} tokens in some run; the ratio is not like for like")
         ratios = [s / p for s, p in zip(sieve_t, plain_t)]
         rows.append({"kind": name, "plain_s": statistics.median(plain_t), "sieve_s": statistics.median(sieve_t),
                      "ratio": statistics.median(sieve_t) / statistics.median(plain_t),
@@ -175,22 +186,32 @@ def study_way(model, layer: int, cells, parts, prompts, n: int, device: str) -> 
     return outs
 
 
-def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: int) -> dict:
+def sweep_plan(model, layer: int, per_cell: int):
+    """The sweep: every add method (not input-gated) × 3 scales × ``per_cell`` prompts, one row each."""
     parts = parts_for(model, layer)
     methods = [m.name for m in STUDY_METHODS if m.edit == "add" and m.gate != "input"]
     cells = [(m, s) for m in methods for s in (-2.0, -4.0, -8.0)]
     prompts = (PROMPTS * per_cell)[:per_cell]
     rows = [p for _ in cells for p in prompts]
     ivs = [build(m, parts, s) for m, s in cells for _ in prompts]
+    return parts, cells, prompts, rows, ivs
+
+
+def sieve_way(model, layer: int, rows, ivs, n: int, device: str) -> list[list[int]]:
+    """All rows of the sweep in batched generation, rows mixing methods and scales."""
+    bs = len(rows) if device == "cuda" else 64
+    outs = generate(model, rows, ivs, layer_index=layer, max_new_tokens=n, batch_size=bs, progress=False)
+    return [o.token_ids for o in outs]
+
+
+def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: int) -> dict:
+    parts, cells, prompts, rows, ivs = sweep_plan(model, layer, per_cell)
     sieve_t, study_t = [], []
     for _ in range(repeats):
         study_t.append(timed(lambda: study_way(model, layer, cells, parts, prompts, n, device), device))
-        sieve_t.append(timed(lambda: generate(model, rows, ivs, layer_index=layer, max_new_tokens=n,
-                                              batch_size=len(rows) if device == "cuda" else 64,
-                                              progress=False), device))
+        sieve_t.append(timed(lambda: sieve_way(model, layer, rows, ivs, n, device), device))
     a = study_way(model, layer, cells, parts, prompts, n, device)
-    b = [o.token_ids for o in generate(model, rows, ivs, layer_index=layer, max_new_tokens=n, progress=False,
-                                       batch_size=len(rows) if device == "cuda" else 64)]
+    b = sieve_way(model, layer, rows, ivs, n, device)
     same = sum(x[: len(y)] == y for x, y in zip(a, b)) / len(a)  # sieve cuts rows at EOS
     return {"cells": len(cells), "rows": len(rows), "tokens": len(rows) * n,
             "study_s": statistics.median(study_t), "sieve_s": statistics.median(sieve_t),
@@ -199,6 +220,59 @@ def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: 
             "speedup_max": max(s / t for s, t in zip(study_t, sieve_t)),
             "sieve_tok_s": len(rows) * n / statistics.median(sieve_t),
             "study_tok_s": len(rows) * n / statistics.median(study_t), "same_tokens": same}
+
+
+class _RssPeak:
+    """The peak resident set size while the block runs, polled every millisecond from /proc (the
+    process's lifetime maximum, ``ru_maxrss``, is usually set by loading, not by generation)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def peak_memory_probe(config: str, device: str, which: str, n: int, per_cell: int) -> float:
+    """Run one side of the sweep once in this (fresh) process; MiB of peak memory above the loaded model.
+    CUDA: ``max_memory_allocated``; CPU: peak resident set growth."""
+    model, layer = build_model(config, device)
+    parts, cells, prompts, rows, ivs = sweep_plan(model, layer, per_cell)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    with _RssPeak() as rss:
+        if which == "study":
+            study_way(model, layer, cells, parts, prompts, n, device)
+        else:
+            sieve_way(model, layer, rows, ivs, n, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return (rss.peak - rss.base) / 2**20
+
+
+def peak_memory(args, which: str) -> float:
+    """:func:`peak_memory_probe` in a child process, so that each side starts from the same memory."""
+    cmd = [sys.executable, __file__, "--config", args.config, "--device", args.device, "--tokens", str(args.tokens),
+           "--per-cell", str(args.per_cell), "--probe", which]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["peak_mb"])
 
 
 def main() -> None:
@@ -210,21 +284,22 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--per-cell", type=int, default=20)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--probe", choices=["study", "sieve"], help=argparse.SUPPRESS)  # one memory probe (internal)
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.probe:
+        print(json.dumps({"peak_mb": peak_memory_probe(args.config, args.device, args.probe, args.tokens,
+                                                       args.per_cell)}))
+        return
     model, layer = build_model(args.config, args.device)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     overhead = bench_overhead(model, layer, args.device, args.batch, args.tokens, args.repeats)
     sweep = bench_sweep(model, layer, args.device, args.tokens, args.per_cell, max(1, args.repeats // 2))
-    mem = (torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda"
-           else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
+    sweep["study_peak_mb"] = round(peak_memory(args, "study"), 1)
+    sweep["sieve_peak_mb"] = round(peak_memory(args, "sieve"), 1)
     result = {"config": args.config, "device": args.device, "torch": torch.__version__,
               "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}",
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-              "batch": args.batch, "tokens": args.tokens, "overhead": overhead, "sweep": sweep,
-              "peak_memory_mb": round(mem, 1)}
+              "batch": args.batch, "tokens": args.tokens, "overhead": overhead, "sweep": sweep}
     print(f"# {args.config} on {args.device} ({result['machine']}), batch {args.batch}, {args.tokens} new tokens")
     print("| edit | plain generate (s) | sieve (s) | ratio (median) | ratio range |")
     print("|---|---|---|---|---|")
@@ -235,7 +310,8 @@ def main() -> None:
     print(f"\nsweep: {s['cells']} method×scale cells, {s['rows']} rows, {s['tokens']} tokens: study way "
           f"{s['study_s']:.1f}s ({s['study_tok_s']:.0f} tok/s), sieve {s['sieve_s']:.1f}s ({s['sieve_tok_s']:.0f} tok/s)"
           f" -> {s['speedup']:.1f}x faster (range {s['speedup_min']:.1f}-{s['speedup_max']:.1f}); "
-          f"identical tokens in {100 * s['same_tokens']:.0f}% of rows; peak memory +{result['peak_memory_mb']} MB")
+          f"identical tokens in {100 * s['same_tokens']:.0f}% of rows; peak memory above the model: study way "
+          f"+{s['study_peak_mb']} MiB, sieve +{s['sieve_peak_mb']} MiB")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
