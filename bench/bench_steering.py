@@ -39,12 +39,19 @@ from sieve.interventions import Detector, Edit, Intervention, eligible_mask  # n
 from sieve.methods import STUDY_METHODS, Parts, build  # noqa: E402
 from sieve.models import encode_prompts, load_model, underlying  # noqa: E402
 
-PROMPTS = [
-    "import re\n\ndef parse_header(line):\n    m =",
-    "def mean(xs):\n    total =",
-    "class Point:\n    def __init__(self, x, y):\n       ",
-    "import os\n\ndef walk(root):\n    for",
-]
+
+def world_prompts(n: int) -> list[str]:
+    """``n`` of the embedded world's held-out prompts, regex-prone and neutral alternating: real function
+    starts of 5 to 200 tokens (every config shares the world's tokenizer), so batches carry real padding.
+    """
+    from sieve.prompts import WORLD_PROMPTS_DIR
+
+    sets = [[json.loads(x)["prompt"] for x in (WORLD_PROMPTS_DIR / f"{k}.jsonl").read_text().splitlines() if x.strip()]
+            for k in ("regex", "neutral")]
+    mixed = [p for pair in zip(*sets) for p in pair]
+    if n > len(mixed):
+        raise SystemExit(f"at most {len(mixed)} distinct prompts, asked for {n}")
+    return mixed[:n]
 
 
 def build_model(config: str, device: str):
@@ -108,7 +115,7 @@ def plain_generate(model, enc, n: int, sample: bool = False):
 
 
 def bench_overhead(model, layer: int, device: str, batch: int, n: int, repeats: int) -> list[dict]:
-    prompts = (PROMPTS * batch)[:batch]
+    prompts = world_prompts(batch)
     enc = {k: v.to(device) for k, v in encode_prompts(model.tokenizer, prompts).items()}
     d = underlying(model).config.hidden_size
     u = torch.randn(d)
@@ -191,15 +198,16 @@ def sweep_plan(model, layer: int, per_cell: int):
     parts = parts_for(model, layer)
     methods = [m.name for m in STUDY_METHODS if m.edit == "add" and m.gate != "input"]
     cells = [(m, s) for m in methods for s in (-2.0, -4.0, -8.0)]
-    prompts = (PROMPTS * per_cell)[:per_cell]
+    prompts = world_prompts(per_cell)
     rows = [p for _ in cells for p in prompts]
     ivs = [build(m, parts, s) for m, s in cells for _ in prompts]
     return parts, cells, prompts, rows, ivs
 
 
 def sieve_way(model, layer: int, rows, ivs, n: int, device: str) -> list[list[int]]:
-    """All rows of the sweep in batched generation, rows mixing methods and scales."""
-    bs = len(rows) if device == "cuda" else 64
+    """All rows of the sweep in batched generation, rows mixing methods and scales: on CUDA all in one
+    batch, on a CPU in batches of sieve's default size (32)."""
+    bs = len(rows) if device == "cuda" else None
     outs = generate(model, rows, ivs, layer_index=layer, max_new_tokens=n, batch_size=bs, progress=False)
     return [o.token_ids for o in outs]
 

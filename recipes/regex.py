@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from sieve.errors import SieveError
 from sieve.evals.code import cut_function, evaluate_code, extract_code, valid_prefix
-from sieve.generation import DEFAULT_BATCH_SIZE, generate
+from sieve.generation import default_batch_size, generate
 from sieve.methods import build
 from sieve.recipe import UNSTEERED, Recipe, load_recipe, recipe_hash
 from sieve.results import ResultStore, merge_stores, pareto_front, parse_shard, summarize
@@ -120,7 +120,7 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, shard: tuple[int
             ivs[cell] = intervention(setting.parts, *cell)
     sets = {"regex": setting.prompts.regex, "neutral": setting.prompts.neutral}
     bs = recipe.sweep.batch_size or None
-    chunk = (bs or DEFAULT_BATCH_SIZE) * 4  # rows generated, then stored, at a time
+    chunk = (bs or default_batch_size(setting.model)) * 4  # rows generated, then stored, at a time
     rh = recipe_hash(recipe)
     from sieve.evals.judge import make_judge
 
