@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from sieve.generation import generate  # noqa: E402
 from sieve.interventions import Detector, Edit, Intervention, eligible_mask  # noqa: E402
 from sieve.methods import STUDY_METHODS, Parts, build  # noqa: E402
-from sieve.models import encode_prompts, load_model, underlying  # noqa: E402
+from sieve.models import choose_attention, encode_prompts, load_model, underlying  # noqa: E402
 
 
 def world_prompts(n: int) -> list[str]:
@@ -66,15 +66,22 @@ def build_model(config: str, device: str):
     tok = AutoTokenizer.from_pretrained(world_model_dir())
     common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id)
+    attn = choose_attention("gemma2" if config == "gemma2-2b" else "llama", device)
+    if attn is not None:
+        common["attn_implementation"] = attn  # flash-attention 2 on CUDA when installed, as load_model does
     torch.manual_seed(0)
     if config == "mid":
         m = LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                                          num_attention_heads=8, num_key_value_heads=4, **common))
         layer = 4
-    elif config == "gemma2-2b":  # gemma-2-2b's published sizes, random weights
+    elif config == "gemma2-2b":
+        # gemma-2-2b's published config (2.6B parameters), random weights, its 256k vocabulary included so
+        # the LM head costs what it does; prompts use the world's tokenizer, whose ids are a subset.
+        common["vocab_size"] = 256000
         m = Gemma2ForCausalLM(Gemma2Config(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                                            num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                                           sliding_window=4096, **common))
+                                           sliding_window=4096, attn_logit_softcapping=50.0,
+                                           final_logit_softcapping=30.0, query_pre_attn_scalar=256, **common))
         layer = 8
     else:
         raise SystemExit(f"unknown config {config!r}")
