@@ -130,8 +130,8 @@ class RowTracker:
         at = torch.where(is_eos, step, step + 1)
         self.ends = torch.where(ended & (self.ends < 0), at, self.ends)
         self.ids = input_ids
-        done = bool((self.ends >= 0).all())  # one host sync per step, as HF's own stop check
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        # Every row is told "done" once all have ended; no host sync here (HF's own stop check has one).
+        return (self.ends >= 0).all().expand(input_ids.shape[0])
 
     def keeps(self, position: int) -> Tensor | None:
         """``[B]`` bool: whether generated token ``position`` belongs to each row's completion (None
