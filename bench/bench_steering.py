@@ -311,7 +311,9 @@ def main() -> None:
     sweep = bench_sweep(model, layer, args.device, args.tokens, args.per_cell, max(1, args.repeats // 2))
     sweep["study_peak_mb"] = round(peak_memory(args, "study"), 1)
     sweep["sieve_peak_mb"] = round(peak_memory(args, "sieve"), 1)
-    result = {"config": args.config, "device": args.device, "torch": torch.__version__,
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or None
+    result = {"config": args.config, "device": args.device, "torch": torch.__version__, "commit": commit,
               "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}",
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "batch": args.batch, "tokens": args.tokens, "overhead": overhead, "sweep": sweep}
