@@ -8,7 +8,9 @@
    per-pair ratios.
 2. **Sweep**: the same methods × scales × prompts done two ways: sieve's (all rows in batched
    generation, rows mixing methods and scales) and the study's (one ``generate`` per method × scale,
-   batch 20, a forward hook on the layer). Greedy, so both must give the same tokens; the script checks.
+   batch 20, a forward hook on the layer). Greedy (every row runs the whole budget), then sampled at
+   temperature 1 with rows ending at EOS as in the study (both sides use the same per-row seeds); either
+   way both must give the same tokens, and the script checks.
 3. Tokens per second, and peak memory of each side of the sweep, each run alone in a fresh process
    (CUDA: ``max_memory_allocated`` above the loaded model; CPU: peak resident-set growth, polled).
 
@@ -34,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sieve.generation import generate  # noqa: E402
+from sieve.generation import RowSampler, generate  # noqa: E402
 from sieve.interventions import Detector, Edit, Intervention, eligible_mask  # noqa: E402
 from sieve.methods import STUDY_METHODS, Parts, build  # noqa: E402
 from sieve.models import choose_attention, encode_prompts, load_model, underlying  # noqa: E402
@@ -157,12 +159,17 @@ def bench_overhead(model, layer: int, device: str, batch: int, n: int, repeats: 
     return rows
 
 
-def study_way(model, layer: int, cells, parts, prompts, n: int, device: str) -> list[list[int]]:
-    """One generate per method × scale, batch 20, a forward hook on the layer (the study's structure)."""
+def study_way(model, layer: int, cells, parts, prompts, n: int, device: str, sampled: bool = False) -> list[list[int]]:
+    """One generate per method × scale, batch 20, a forward hook on the layer (the study's structure).
+
+    Greedy: ``n`` tokens per row. ``sampled``: temperature 1 with sieve's per-row seeded sampler (row k
+    of the sweep draws from seed k, as in :func:`sieve_way`, so both give the same tokens), and HF ends
+    rows at EOS (padding them, stopping once all 20 have ended), as the study ran."""
     hf = underlying(model)
     layers = hf.model.layers if hasattr(hf, "model") and hasattr(hf.model, "layers") else hf.transformer.h
     tok = model.tokenizer
     outs = []
+    eos = underlying(model).generation_config.eos_token_id
     for method, scale in cells:
         iv = build(method, parts, scale)
         det, u = iv.detector, iv.edit.direction.to(device)
@@ -192,8 +199,14 @@ def study_way(model, layer: int, cells, parts, prompts, n: int, device: str) -> 
                 enc = {k: v.to(device) for k, v in encode_prompts(tok, prompts[i : i + 20]).items()}
                 state["real"] = eligible_mask(enc["input_ids"], enc["attention_mask"], tok.bos_token_id)
                 with torch.inference_mode():
-                    ids = hf.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                      pad_token_id=tok.pad_token_id)
+                    if sampled:
+                        b = enc["input_ids"].shape[0]
+                        seeds = range(len(outs), len(outs) + b)
+                        ids = hf.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
+                                          eos_token_id=eos, logits_processor=[RowSampler([1.0] * b, list(seeds))])
+                    else:
+                        ids = hf.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                          pad_token_id=tok.pad_token_id)
                 outs += ids[:, enc["input_ids"].shape[1]:].tolist()
         finally:
             handle.remove()
@@ -211,30 +224,32 @@ def sweep_plan(model, layer: int, per_cell: int):
     return parts, cells, prompts, rows, ivs
 
 
-def sieve_way(model, layer: int, rows, ivs, n: int, device: str) -> list[list[int]]:
+def sieve_way(model, layer: int, rows, ivs, n: int, device: str, sampled: bool = False) -> list[list[int]]:
     """All rows of the sweep in batched generation, rows mixing methods and scales: on CUDA all in one
     batch, on a CPU in batches of sieve's default size (32)."""
     bs = len(rows) if device == "cuda" else None
-    outs = generate(model, rows, ivs, layer_index=layer, max_new_tokens=n, batch_size=bs, progress=False)
+    outs = generate(model, rows, ivs, layer_index=layer, max_new_tokens=n, batch_size=bs, progress=False,
+                    temperature=1.0 if sampled else 0.0, seeds=list(range(len(rows))))
     return [o.token_ids for o in outs]
 
 
-def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: int) -> dict:
+def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: int, sampled: bool = False) -> dict:
     parts, cells, prompts, rows, ivs = sweep_plan(model, layer, per_cell)
     sieve_t, study_t = [], []
     for _ in range(repeats):
-        study_t.append(timed(lambda: study_way(model, layer, cells, parts, prompts, n, device), device))
-        sieve_t.append(timed(lambda: sieve_way(model, layer, rows, ivs, n, device), device))
-    a = study_way(model, layer, cells, parts, prompts, n, device)
-    b = sieve_way(model, layer, rows, ivs, n, device)
+        study_t.append(timed(lambda: study_way(model, layer, cells, parts, prompts, n, device, sampled), device))
+        sieve_t.append(timed(lambda: sieve_way(model, layer, rows, ivs, n, device, sampled), device))
+    a = study_way(model, layer, cells, parts, prompts, n, device, sampled)
+    b = sieve_way(model, layer, rows, ivs, n, device, sampled)
     same = sum(x[: len(y)] == y for x, y in zip(a, b)) / len(a)  # sieve cuts rows at EOS
-    return {"cells": len(cells), "rows": len(rows), "tokens": len(rows) * n,
+    kept = sum(len(y) for y in b)  # tokens of the completions (all n per row when greedy)
+    return {"sampled": sampled, "cells": len(cells), "rows": len(rows), "tokens": kept,
             "study_s": statistics.median(study_t), "sieve_s": statistics.median(sieve_t),
             "speedup": statistics.median(study_t) / statistics.median(sieve_t),
             "speedup_min": min(s / t for s, t in zip(study_t, sieve_t)),
             "speedup_max": max(s / t for s, t in zip(study_t, sieve_t)),
-            "sieve_tok_s": len(rows) * n / statistics.median(sieve_t),
-            "study_tok_s": len(rows) * n / statistics.median(study_t), "same_tokens": same}
+            "sieve_tok_s": kept / statistics.median(sieve_t),
+            "study_tok_s": kept / statistics.median(study_t), "same_tokens": same}
 
 
 class _RssPeak:
@@ -263,10 +278,14 @@ class _RssPeak:
 
 
 def peak_memory_probe(config: str, device: str, which: str, n: int, per_cell: int) -> float:
-    """Run one side of the sweep once in this (fresh) process; MiB of peak memory above the loaded model.
-    CUDA: ``max_memory_allocated``; CPU: peak resident set growth."""
+    """Run one side of the sweep once in this (fresh) process; MiB of peak memory above the loaded and
+    warmed-up model. CUDA: ``max_memory_allocated``; CPU: peak resident set growth."""
     model, layer = build_model(config, device)
     parts, cells, prompts, rows, ivs = sweep_plan(model, layer, per_cell)
+    # Warm both paths up on one row and one token first: one-time costs (lazy imports, nnsight's first
+    # trace, thread pools) are not what a sweep needs.
+    study_way(model, layer, cells[:1], parts, prompts[:1], 1, device)
+    sieve_way(model, layer, rows[:1], ivs[:1], 1, device)
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -309,6 +328,8 @@ def main() -> None:
     model, layer = build_model(args.config, args.device)
     overhead = bench_overhead(model, layer, args.device, args.batch, args.tokens, args.repeats)
     sweep = bench_sweep(model, layer, args.device, args.tokens, args.per_cell, max(1, args.repeats // 2))
+    sweep_sampled = bench_sweep(model, layer, args.device, args.tokens, args.per_cell, max(1, args.repeats // 2),
+                                sampled=True)
     sweep["study_peak_mb"] = round(peak_memory(args, "study"), 1)
     sweep["sieve_peak_mb"] = round(peak_memory(args, "sieve"), 1)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -316,19 +337,22 @@ def main() -> None:
     result = {"config": args.config, "device": args.device, "torch": torch.__version__, "commit": commit,
               "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}",
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-              "batch": args.batch, "tokens": args.tokens, "overhead": overhead, "sweep": sweep}
+              "batch": args.batch, "tokens": args.tokens, "overhead": overhead, "sweep": sweep,
+              "sweep_sampled": sweep_sampled}
     print(f"# {args.config} on {args.device} ({result['machine']}), batch {args.batch}, {args.tokens} new tokens")
     print("| edit | plain generate (s) | sieve (s) | ratio (median) | ratio range |")
     print("|---|---|---|---|---|")
     for r in overhead:
         print(f"| {r['kind']} | {r['plain_s']:.3f} | {r['sieve_s']:.3f} | {r['ratio']:.2f}x | "
               f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} |")
-    s = sweep
-    print(f"\nsweep: {s['cells']} method×scale cells, {s['rows']} rows, {s['tokens']} tokens: study way "
-          f"{s['study_s']:.1f}s ({s['study_tok_s']:.0f} tok/s), sieve {s['sieve_s']:.1f}s ({s['sieve_tok_s']:.0f} tok/s)"
-          f" -> {s['speedup']:.1f}x faster (range {s['speedup_min']:.1f}-{s['speedup_max']:.1f}); "
-          f"identical tokens in {100 * s['same_tokens']:.0f}% of rows; peak memory above the model: study way "
-          f"+{s['study_peak_mb']} MiB, sieve +{s['sieve_peak_mb']} MiB")
+    for s in (sweep, sweep_sampled):
+        kind = "sampled (T=1, rows end at EOS)" if s["sampled"] else "greedy"
+        print(f"\nsweep, {kind}: {s['cells']} method×scale cells, {s['rows']} rows, {s['tokens']} tokens: study way "
+              f"{s['study_s']:.1f}s ({s['study_tok_s']:.0f} tok/s), sieve {s['sieve_s']:.1f}s "
+              f"({s['sieve_tok_s']:.0f} tok/s) -> {s['speedup']:.1f}x faster (range {s['speedup_min']:.1f}-"
+              f"{s['speedup_max']:.1f}); identical tokens in {100 * s['same_tokens']:.0f}% of rows")
+    print(f"peak memory above the model (greedy sweep): study way +{sweep['study_peak_mb']} MiB, "
+          f"sieve +{sweep['sieve_peak_mb']} MiB")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 

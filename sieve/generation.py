@@ -31,9 +31,11 @@ from tqdm.auto import tqdm
 
 from sieve.errors import SieveError
 from sieve.interventions import Intervention, Steerer
-from sieve.models import encode_prompts, layer, underlying
+from sieve.models import encode_prompts, layer, token_lengths, underlying
 
-__all__ = ["Completion", "RowSampler", "RowTracker", "default_batch_size", "generate", "steered_generate_batch"]
+__all__ = [
+    "Completion", "RowSampler", "RowTracker", "check_context", "default_batch_size", "generate", "steered_generate_batch",
+]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,31 @@ def _stop_criterion(tok, stop: Sequence[str] | str):
     return StopStringCriteria(tok, list(stop))  # HF caches its token tables per tokenizer and strings
 
 
+def check_context(model, prompt_lengths: Sequence[int], max_new_tokens: int, first_index: int = 0) -> None:
+    """Raise a :class:`SieveError` naming the first prompt whose tokens plus ``max_new_tokens`` exceed a
+    model with learned positions (GPT-2: ``n_positions``), which would otherwise fail deep inside the
+    model mid-batch. Rotary models (Llama, Gemma, Qwen) have no hard limit and are not checked.
+
+    Example:
+        >>> from sieve.world import load_world
+        >>> try:
+        ...     check_context(load_world().model, [200, 250], 48)
+        ... except SieveError as e:
+        ...     print(str(e).split(" (")[0])
+        prompt 1 has 250 tokens; with max_new_tokens=48 it needs 298 positions, but the model has 256
+    """
+    limit = getattr(underlying(model).config, "n_positions", None)
+    if not isinstance(limit, int):
+        return
+    for i, n in enumerate(prompt_lengths):
+        if n + max_new_tokens > limit:
+            raise SieveError(
+                f"prompt {first_index + i} has {n} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{n + max_new_tokens} positions, but the model has {limit} (learned positions). Shorten the "
+                "prompt (sieve.models.clip_to_tokens) or lower max_new_tokens."
+            )
+
+
 def steered_generate_batch(
     model,
     prompts: list[str],
@@ -204,6 +231,7 @@ def steered_generate_batch(
     hf = underlying(model)
     device = next(hf.parameters()).device
     enc = encode_prompts(tok, prompts)
+    check_context(model, enc["attention_mask"].sum(1).tolist(), max_new_tokens)
     enc = {k: v.to(device) for k, v in enc.items()}
     steer = Steerer(interventions, enc, tok)
     tracker = RowTracker(enc["input_ids"].shape[1], _eos_ids(model), _stop_criterion(tok, stop))
@@ -303,6 +331,10 @@ def generate(
     if len(temps) != n or len(seed_list) != n:
         raise SieveError(f"temperature and seeds need one value per prompt ({n})")
     bs = batch_size or default_batch_size(model)
+    if isinstance(getattr(underlying(model).config, "n_positions", None), int):
+        # A model with learned positions fails on an over-long row: check every prompt before any batch
+        # runs, so nothing generated is lost to one long prompt near the end.
+        check_context(model, token_lengths(model.tokenizer, prompts), max_new_tokens)
     # Group rows of similar length (characters: a cheap proxy, no second tokenisation) to limit padding.
     order = sorted(range(n), key=lambda i: len(prompts[i]))
     results: list[Completion | None] = [None] * n

@@ -29,6 +29,7 @@ __all__ = [
     "underlying",
     "clip_to_tokens",
     "max_context",
+    "token_lengths",
 ]
 
 # model_type -> where the decoder layers live. nnsight's ``rename`` maps each to ``layers``.
@@ -244,6 +245,27 @@ def max_context(model) -> int | None:
     return None
 
 
+def _token_rows(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        raise SieveError("no prompts given")
+    bos = tokenizer.bos_token
+    plain = [t for t in texts if not (bos and t.startswith(bos))]
+    with_bos = tokenizer(plain, add_special_tokens=True)["input_ids"] if plain else []
+    it = iter(with_bos)
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] if bos and t.startswith(bos) else next(it) for t in texts]
+
+
+def token_lengths(tokenizer, texts: list[str]) -> list[int]:
+    """How many tokens :func:`encode_prompts` gives each text (BOS included where it adds one).
+
+    Example:
+        >>> from sieve.world import load_world
+        >>> token_lengths(load_world().model.tokenizer, ["def f(", "<|endoftext|>def f("])
+        [4, 4]
+    """
+    return [len(r) for r in _token_rows(tokenizer, list(texts))]
+
+
 def encode_prompts(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
     """Tokenize prompts left-padded, adding BOS only where the text does not already start with it.
 
@@ -251,13 +273,7 @@ def encode_prompts(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
         >>> enc = encode_prompts(tok, ["def f(", "import re"])  # doctest: +SKIP
         >>> enc["input_ids"].shape, enc["attention_mask"].shape  # doctest: +SKIP
     """
-    if not texts:
-        raise SieveError("no prompts given")
-    bos = tokenizer.bos_token
-    rows = []
-    for t in texts:
-        special = not (bos and t.startswith(bos))
-        rows.append(tokenizer(t, add_special_tokens=special)["input_ids"])
+    rows = _token_rows(tokenizer, texts)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -288,3 +288,17 @@ def test_row_tracker_counts_only_kept_tokens():
     done = tr(torch.tensor([[1, 1, 5, 0], [1, 1, 7, 0], [1, 1, 0, 7]]), None)
     assert done.all() and tr.ends.tolist() == [1, 1, 0]
     assert tr.completions() == [([5], True), ([7], True), ([], True)]
+
+
+def test_over_long_prompt_is_refused_before_any_batch_runs(tiny_models):
+    """A model with learned positions would fail inside its embedding mid-sweep: the prompt is named first."""
+    model = tiny_models["gpt2"]
+    limit = underlying(model).config.n_positions
+    long_prompt = "x = 1\n" * limit
+    prompts = [*PROMPTS, long_prompt]
+    with pytest.raises(SieveError, match=rf"prompt {len(PROMPTS)} has \d+ tokens; with max_new_tokens=4"):
+        generate(model, prompts, None, layer_index=LAYER, max_new_tokens=4, batch_size=1, progress=False)
+    # rotary models have no hard limit: no check
+    from sieve.generation import check_context
+
+    check_context(tiny_models["llama"], [10**6], 4)
