@@ -42,7 +42,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Completion:
-    """One generated row: the prompt, the new text and tokens, and what the detector did."""
+    """One generated row: the prompt, the new text and tokens, and what the detector did.
+
+    ``finished``: the row ended before the token budget, at EOS (not in ``token_ids``) or at a stop
+    string (in them). ``counts``: detector firings and edits on the prompt and on the kept tokens.
+    """
 
     prompt: str
     text: str
