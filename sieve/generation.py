@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from sieve.errors import SieveError
 from sieve.interventions import Intervention, Steerer
-from sieve.models import encode_prompts, layer, token_lengths, underlying
+from sieve.models import layer, pad_left, tokenize_prompts, underlying
 
 __all__ = [
     "Completion", "RowSampler", "RowTracker", "check_context", "default_batch_size", "generate", "steered_generate_batch",
@@ -218,8 +218,10 @@ def steered_generate_batch(
     seeds: Sequence[int] | int = 0,
     top_p: float = 1.0,
     stop: Sequence[str] = (),
+    token_ids: list[list[int]] | None = None,
 ) -> list[Completion]:
-    """One batch: every row its own prompt, intervention, temperature and seed.
+    """One batch: every row its own prompt, intervention, temperature and seed. ``token_ids``: the
+    prompts already tokenized (:func:`sieve.models.tokenize_prompts`), so they are not tokenized again.
 
     Example:
         >>> outs = steered_generate_batch(model, ["def f("], [None], layer_index=1, max_new_tokens=4)  # doctest: +SKIP
@@ -234,8 +236,11 @@ def steered_generate_batch(
     tok = model.tokenizer
     hf = underlying(model)
     device = next(hf.parameters()).device
-    enc = encode_prompts(tok, prompts)
-    check_context(model, enc["attention_mask"].sum(1).tolist(), max_new_tokens)
+    rows = token_ids if token_ids is not None else tokenize_prompts(tok, prompts)
+    if len(rows) != B:
+        raise SieveError(f"{len(rows)} token rows for {B} prompts")
+    check_context(model, [len(r) for r in rows], max_new_tokens)
+    enc = pad_left(rows, tok.pad_token_id)
     enc = {k: v.to(device) for k, v in enc.items()}
     steer = Steerer(interventions, enc, tok)
     tracker = RowTracker(enc["input_ids"].shape[1], _eos_ids(model), _stop_criterion(tok, stop))
@@ -335,12 +340,14 @@ def generate(
     if len(temps) != n or len(seed_list) != n:
         raise SieveError(f"temperature and seeds need one value per prompt ({n})")
     bs = batch_size or default_batch_size(model)
-    if isinstance(getattr(underlying(model).config, "n_positions", None), int):
-        # A model with learned positions fails on an over-long row: check every prompt before any batch
-        # runs, so nothing generated is lost to one long prompt near the end.
-        check_context(model, token_lengths(model.tokenizer, prompts), max_new_tokens)
-    # Group rows of similar length (characters: a cheap proxy, no second tokenisation) to limit padding.
-    order = sorted(range(n), key=lambda i: len(prompts[i]))
+    # Every prompt is tokenized once, here: over-long rows are refused before any batch runs (nothing
+    # generated is lost to one long prompt near the end), rows of similar length share a batch (less
+    # padding), and each batch takes its rows' ids as they are.
+    if n == 0:
+        return []
+    rows = tokenize_prompts(model.tokenizer, list(prompts))
+    check_context(model, [len(r) for r in rows], max_new_tokens)
+    order = sorted(range(n), key=lambda i: len(rows[i]))
     results: list[Completion | None] = [None] * n
     bar = tqdm(total=n, desc="generate", unit="row", disable=not progress)
     i = 0
@@ -351,6 +358,7 @@ def generate(
                 model, [prompts[j] for j in idx], [interventions[j] for j in idx],
                 layer_index=layer_index, max_new_tokens=max_new_tokens,
                 temperatures=[temps[j] for j in idx], seeds=[seed_list[j] for j in idx], top_p=top_p, stop=stop,
+                token_ids=[rows[j] for j in idx],
             )
         except torch.cuda.OutOfMemoryError:
             if bs == 1 or batch_size is not None:

@@ -29,7 +29,8 @@ __all__ = [
     "underlying",
     "clip_to_tokens",
     "max_context",
-    "token_lengths",
+    "pad_left",
+    "tokenize_prompts",
 ]
 
 # model_type -> where the decoder layers live. nnsight's ``rename`` maps each to ``layers``.
@@ -245,25 +246,40 @@ def max_context(model) -> int | None:
     return None
 
 
-def _token_rows(tokenizer, texts: list[str]) -> list[list[int]]:
+def tokenize_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt as :func:`encode_prompts` feeds them, unpadded: BOS added only where the
+    text does not already start with it.
+
+    Example:
+        >>> from sieve.world import load_world
+        >>> [len(r) for r in tokenize_prompts(load_world().model.tokenizer, ["def f(", "<|endoftext|>def f("])]
+        [4, 4]
+    """
     if not texts:
         raise SieveError("no prompts given")
     bos = tokenizer.bos_token
     plain = [t for t in texts if not (bos and t.startswith(bos))]
-    with_bos = tokenizer(plain, add_special_tokens=True)["input_ids"] if plain else []
-    it = iter(with_bos)
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] if bos and t.startswith(bos) else next(it) for t in texts]
+    with_bos = iter(tokenizer(plain, add_special_tokens=True)["input_ids"] if plain else [])
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] if bos and t.startswith(bos) else next(with_bos)
+            for t in texts]
 
 
-def token_lengths(tokenizer, texts: list[str]) -> list[int]:
-    """How many tokens :func:`encode_prompts` gives each text (BOS included where it adds one).
+def pad_left(rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad token rows into ``input_ids`` and ``attention_mask``.
 
     Example:
-        >>> from sieve.world import load_world
-        >>> token_lengths(load_world().model.tokenizer, ["def f(", "<|endoftext|>def f("])
-        [4, 4]
+        >>> pad_left([[5, 6], [7]], 0)["input_ids"].tolist()
+        [[5, 6], [0, 7]]
     """
-    return [len(r) for r in _token_rows(tokenizer, list(texts))]
+    if not rows:
+        raise SieveError("no prompts given")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def encode_prompts(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -273,12 +289,4 @@ def encode_prompts(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
         >>> enc = encode_prompts(tok, ["def f(", "import re"])  # doctest: +SKIP
         >>> enc["input_ids"].shape, enc["attention_mask"].shape  # doctest: +SKIP
     """
-    rows = _token_rows(tokenizer, texts)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return pad_left(tokenize_prompts(tokenizer, texts), tokenizer.pad_token_id)
