@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -179,7 +180,16 @@ def _stop_criterion(tok, stop: Sequence[str] | str):
         raise SieveError(f"stop strings must be non-empty strings, got {list(stop)!r}")
     from transformers import StopStringCriteria
 
-    return StopStringCriteria(tok, list(stop))  # HF caches its token tables per tokenizer and strings
+    # Built once per tokenizer and strings: construction reads the whole vocabulary (256k entries on
+    # Gemma), and the criterion is stateless, so every batch can share it.
+    per_tok = _STOP_CRITERIA.setdefault(tok, {})
+    key = tuple(stop)
+    if key not in per_tok:
+        per_tok[key] = StopStringCriteria(tok, list(stop))
+    return per_tok[key]
+
+
+_STOP_CRITERIA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def check_context(model, prompt_lengths: Sequence[int], max_new_tokens: int, first_index: int = 0) -> None:
