@@ -75,16 +75,20 @@ class RowSampler:
         if len(temperatures) != len(seeds):
             raise SieveError(f"RowSampler: {len(temperatures)} temperatures for {len(seeds)} seeds")
         self.t = torch.tensor([float(t) for t in temperatures])
+        self.any_greedy = bool((self.t <= 0).any())  # else no argmax is needed
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.top_p = float(top_p)
         self._rows: Tensor | None = None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         dev = scores.device
+        if self._rows is None or self._rows.device != dev:  # once per generation: row index, temperatures
+            self._rows = torch.arange(scores.shape[0], device=dev)
+            self.t = self.t.to(dev)
         logits = scores.float()
         # Uniform draws on CPU from the per-row generators, then moved: keeps rows independent.
         u = torch.stack([torch.rand((), generator=g) for g in self.gens]).to(dev, non_blocking=True)
-        t = self.t.to(dev, non_blocking=True)
+        t = self.t
         probs = torch.softmax(logits / t.clamp_min(1e-6)[:, None], dim=-1)
         if self.top_p < 1.0:
             sp, si = probs.sort(dim=-1, descending=True)
@@ -93,9 +97,7 @@ class RowSampler:
         probs = probs / probs.sum(-1, keepdim=True)
         cdf = probs.cumsum(-1)
         sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
-        choice = torch.where(t > 0, sampled, logits.argmax(-1))
-        if self._rows is None or self._rows.device != dev:
-            self._rows = torch.arange(scores.shape[0], device=dev)
+        choice = torch.where(t > 0, sampled, logits.argmax(-1)) if self.any_greedy else sampled
         # HF passes its own float copy of the logits: editing it in place is safe (B writes).
         scores[self._rows, choice] = float("inf")
         return scores
