@@ -194,7 +194,7 @@ def _stop_criterion(tok, stop: Sequence[str] | str):
 _STOP_CRITERIA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def check_context(model, prompt_lengths: Sequence[int], max_new_tokens: int, first_index: int = 0) -> None:
+def check_context(model, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
     """Raise a :class:`SieveError` naming the first prompt whose tokens plus ``max_new_tokens`` exceed a
     model with learned positions (GPT-2: ``n_positions``), which would otherwise fail deep inside the
     model mid-batch. Rotary models (Llama, Gemma, Qwen) have no hard limit and are not checked.
@@ -213,7 +213,7 @@ def check_context(model, prompt_lengths: Sequence[int], max_new_tokens: int, fir
     for i, n in enumerate(prompt_lengths):
         if n + max_new_tokens > limit:
             raise SieveError(
-                f"prompt {first_index + i} has {n} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"prompt {i} has {n} tokens; with max_new_tokens={max_new_tokens} it needs "
                 f"{n + max_new_tokens} positions, but the model has {limit} (learned positions). Shorten the "
                 "prompt (sieve.models.clip_to_tokens) or lower max_new_tokens."
             )
