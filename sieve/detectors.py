@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in notebooks
 
 from sieve.errors import SieveError
 from sieve.interventions import Detector, eligible_mask

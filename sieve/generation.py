@@ -22,13 +22,13 @@ import copy
 import logging
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in notebooks
 
 from sieve.errors import SieveError
 from sieve.interventions import Intervention, Steerer
@@ -325,6 +325,7 @@ def generate(
     stop: Sequence[str] = (),
     batch_size: int | None = None,
     progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[Completion]:
     """Generate for every prompt with its own intervention, in batches, edited at every step.
 
@@ -332,7 +333,8 @@ def generate(
     (or a base seed: row i gets base + i). A row ends at EOS or once its text ends with one of ``stop``
     (kept in the text; e.g. ``["```"]`` ends a fenced code block). ``batch_size=None`` takes
     :func:`default_batch_size` and halves it when CUDA runs out of memory. Rows are grouped by prompt
-    length to limit padding; results come back in the input order.
+    length to limit padding; results come back in the input order. ``on_batch(n)`` is called after each
+batch with its number of rows (e.g. a caller's own progress bar's ``update``).
 
     Example:
         >>> from sieve.world import load_world
@@ -382,6 +384,8 @@ def generate(
         for j, o in zip(idx, outs):
             results[j] = o
         bar.update(len(idx))
+        if on_batch is not None:
+            on_batch(len(idx))
         i += len(idx)
     bar.close()
     return [r for r in results if r is not None]

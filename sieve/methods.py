@@ -27,6 +27,7 @@ from sieve.interventions import EDITS, GATES, Detector, Edit, Intervention
 
 __all__ = [
     "Method", "Parts", "METHODS", "register_method", "get_method", "build", "STUDY_METHODS", "EXTRA_METHODS",
+    "FAMILIES", "family",
 ]
 
 ThresholdRule = Literal["detector", "zero", "max0"]
@@ -181,3 +182,27 @@ EXTRA_METHODS: tuple[Method, ...] = (
 )
 for _m in EXTRA_METHODS:
     register_method(_m)
+
+
+# Families, for tables and charts: a method's family is where its edit is allowed to act, read off its
+# detector. One place, so every chart, table and report groups methods the same way.
+FAMILIES: tuple[str, ...] = ("baseline", "constant", "SAE-gated", "probe-gated", "CAA-gated", "other")
+_FAMILY_OF_DETECTOR = {None: "constant", "sae": "SAE-gated", "probe": "probe-gated", "caa": "CAA-gated"}
+
+
+def family(method: str) -> str:
+    """The family of a method name: ``baseline`` (unsteered), ``constant`` (no detector), ``SAE-gated``,
+    ``probe-gated``, ``CAA-gated`` (by the detector that gates it), or ``other`` (any other detector, or
+    a name not registered here, e.g. from another session's results).
+
+    Example:
+        >>> [family(m) for m in ("unsteered", "constant_sae", "conditional_clamping", "probe_sae",
+        ...                      "conditional_steering_vector", "no_such_method")]
+        ['baseline', 'constant', 'SAE-gated', 'probe-gated', 'CAA-gated', 'other']
+    """
+    if method == "unsteered":
+        return "baseline"
+    m = METHODS.get(method)
+    if m is None:
+        return "other"
+    return _FAMILY_OF_DETECTOR.get(m.detector, "other")

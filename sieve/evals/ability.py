@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in notebooks
 
 from sieve.interventions import Intervention, Steerer
 from sieve.models import encode_prompts, layer, underlying

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in notebooks
 
 from sieve.world.corpus import Chunk, load_corpus
 from sieve.world.prompts import clip_to_tokens

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in notebooks
 
 from sieve.world.corpus import Chunk
 
