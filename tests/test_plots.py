@@ -54,7 +54,8 @@ def test_pareto_chart_draws_intervals_and_scale_labels(tmp_path):
     assert ("clamping", "-8") in labels and ("unsteered", "") in labels
     # intervals of "regex avoided" are the regex-rate interval turned round
     row = next(d for d in data if d["method"] == "clamping" and d["scale"] == -8.0)
-    assert abs(row["avoided_lo"] - (1 - row["regex_hi"])) < 1e-12 and row["avoided_lo"] < row["regex_avoided"] < row["avoided_hi"]
+    assert abs(row["avoided_lo"] - (1 - row["regex_hi"])) < 1e-12
+    assert row["avoided_lo"] < row["regex_avoided"] < row["avoided_hi"]
     paths = save_chart(pareto_chart(_summary()), tmp_path / "pareto")
     assert [p.suffix for p in paths] == [".html", ".png"] and all(p.stat().st_size > 1000 for p in paths)
     assert "cdn" not in (tmp_path / "pareto.html").read_text().lower()  # self-contained, works offline
