@@ -88,7 +88,8 @@ def evaluate_row(recipe: Recipe, prompt, completion, judge=None) -> dict[str, An
     if prompt.style == "instruct":
         code = extract_code(completion.text, prefilled_fence=True)
         ev = evaluate_code(code, setup=prompt.setup, execute=recipe.eval.execute and prompt.kind == "regex",
-                           timeout_s=recipe.eval.timeout_s, memory_mb=recipe.eval.memory_mb)
+                           timeout_s=recipe.eval.timeout_s, memory_mb=recipe.eval.memory_mb,
+                           sandbox=recipe.eval.sandbox)
     else:
         code, ended = cut_function(prompt.text, completion.text)
         ev = evaluate_code(code, execute=False)
@@ -246,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         from sieve.setting import load_setting
 
         shard = parse_shard(args.shard)
+        if recipe.eval.execute and recipe.prompts.source != "world":  # generated tests will run
+            from sieve.evals.sandbox import check_sandbox
+
+            check_sandbox(recipe.eval.sandbox)  # refuses before the model loads where bwrap is missing
+            if recipe.eval.sandbox == "process":
+                log.warning("eval.sandbox = 'process': generated code runs WITHOUT OS-level isolation")
         t0 = time.time()
         setting = load_setting(recipe, progress=not args.no_progress)
         tag = f"{shard[0]}of{shard[1]}"

@@ -7,6 +7,18 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 CONSTRAINTS=${SIEVE_TORCH_CONSTRAINTS-constraints/cpu.txt}
 EXTRAS=${SIEVE_EXTRAS:-dev}
+# Generated code runs only under bubblewrap (sieve refuses to run it without): install it where we can.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing bubblewrap (the sandbox for generated code)..." >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q bubblewrap >&2 || { apt-get update -q >&2 && apt-get install -y -q bubblewrap >&2; } ||
+      echo "could not install bubblewrap with apt-get; generated code will not run until it is installed" >&2
+  else
+    echo "bubblewrap (bwrap) is missing and cannot be installed from here: generated code will not run until" \
+      "it is (sudo apt-get install bubblewrap / sudo dnf install bubblewrap / sudo pacman -S bubblewrap)" >&2
+  fi
+fi
 stamp_src="$(cat pyproject.toml ${CONSTRAINTS:+$CONSTRAINTS}) $EXTRAS"
 stamp=$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)
 if [ -x .venv/bin/python ] && [ "$(cat .venv/.sieve-stamp 2>/dev/null)" = "$stamp" ]; then

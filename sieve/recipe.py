@@ -121,10 +121,13 @@ class SweepSpec:
 
 @dataclass
 class EvalSpec:
-    """Evaluations. ``execute``: run generated tests in the sandbox; ``general``: "loss" (held-out
-    next-token loss on regex-free code) or "mmlu" (via the MMLU recipe)."""
+    """Evaluations. ``execute``: run generated tests in the sandbox; ``sandbox``: "bwrap" (OS-level
+    isolation, the default; refused where bubblewrap is missing) or "process" (the weaker mode, without
+    filesystem or network isolation; warns on every run); ``general``: "loss" (held-out next-token
+    loss on regex-free code) or "mmlu" (via the MMLU recipe)."""
 
     execute: bool = True
+    sandbox: Literal["bwrap", "process"] = "bwrap"
     timeout_s: float = 3.0
     memory_mb: int = 512
     judge: Literal["off", "hf", "openai"] = "off"

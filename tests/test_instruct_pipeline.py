@@ -73,7 +73,7 @@ charts = false
     assert gen.height == 4 * (3 + 2)
     rx = gen.filter(pl.col("set") == "regex")
     # every regex-set completion was judged by the sandbox (run, or refused as not valid Python)
-    assert rx["exec_status"].is_in(["ok", "error", "syntax", "timeout", "killed", "no-result", "no-code"]).all()
+    assert rx["exec_status"].is_in(["ok", "error", "syntax", "timeout", "killed", "no-result", "no-code", "tampered"]).all()
     assert (gen.filter(pl.col("set") == "neutral")["exec_status"] != "ok").all()
     fenced = gen.filter(pl.col("text").str.contains("```", literal=True))
     assert fenced["finished"].all() and (fenced["text"].str.count_matches("```", literal=True) == 1).all()

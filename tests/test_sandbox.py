@@ -1,72 +1,272 @@
-"""The sandbox contains each escape attempt and counts it as a failure."""
+"""The sandbox's behaviour for honest tests, its screen for dishonest ones, and where bubblewrap is
+missing. (Escape attempts: tests/test_sandbox_escapes.py.)"""
 
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
 
+from sieve.evals import sandbox
 from sieve.evals.code import evaluate_code
-from sieve.evals.sandbox import run_sandboxed
+from sieve.evals.sandbox import (
+    SandboxUnavailable,
+    SandboxWarning,
+    _run,
+    bwrap_available,
+    check_sandbox,
+    collect_tests,
+    run_sandboxed,
+    screen,
+)
 
-ESCAPES = {
-    "read_secret": "import os\ndef test_a():\n    assert os.environ['SIEVE_TEST_SECRET'] == 'hunter2'\n",
-    "write_outside": "def test_a():\n    open({target!r}, 'w').write('x')\n",
-    "delete_outside": "import os\ndef test_a():\n    os.remove({target!r})\n",
-    "socket": "import socket\ndef test_a():\n    socket.create_connection(('127.0.0.1', 9), timeout=1)\n",
-    "fork_bomb": "import os\ndef test_a():\n    while True:\n        os.fork()\n",
-    "subprocess": "import subprocess\ndef test_a():\n    subprocess.run(['id'])\n",
-    "os_system": "import os\ndef test_a():\n    os.system('true')\n",
-    "memory": "def test_a():\n    blocks = [bytearray(100 * 1024 * 1024) for _ in range(100)]\n",
-    "infinite_loop": "def test_a():\n    while True:\n        pass\n",
-    "sleep_forever": "import time\ndef test_a():\n    time.sleep(60)\n",
-    "big_file": "def test_a():\n    with open('big.bin', 'wb') as f:\n        f.write(b'0' * (64 * 1024 * 1024))\n",
-    "ctypes": "import ctypes\ndef test_a():\n    ctypes.CDLL(None)\n",
-    "fake_result": "import os\nprint('{{\"status\": \"ok\"}}')\nos._exit(0)\n",
-    "exit_zero": "import sys\ndef test_a():\n    sys.exit(0)\n",
-}
+needs_bwrap = pytest.mark.skipif(not bwrap_available() and os.environ.get("SIEVE_SANDBOX_TESTS") != "require",
+                                 reason="bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
 
+SETUP = textwrap.dedent('''
+    import re
 
-@pytest.fixture()
-def target(tmp_path: Path) -> Path:
-    p = tmp_path / "outside.txt"
-    p.write_text("keep me")
-    return p
+    def extract_numbers(text):
+        """Every run of digits in text, in order."""
+        return [int(m) for m in re.findall(r"[0-9]+", text)]
+''')
 
 
-@pytest.mark.parametrize("name", sorted(ESCAPES))
-def test_escape_is_contained(name, target, monkeypatch):
-    monkeypatch.setenv("SIEVE_TEST_SECRET", "hunter2")
-    code = ESCAPES[name].format(target=str(target))
-    r = run_sandboxed(code, timeout_s=2.0, memory_mb=256)
-    assert not r.ok, f"{name}: {r}"
-    assert target.read_text() == "keep me"
-    assert r.seconds < 10
-
-
+@needs_bwrap
 def test_well_behaved_test_passes_and_sees_function_under_test():
     setup = "def double(x):\n    return 2 * x\n"
     code = "import random\ndef test_fuzz():\n    random.seed(0)\n    for _ in range(100):\n" \
            "        x = random.randint(-9, 9)\n        assert double(x) == x + x\n"
     r = run_sandboxed(code, setup=setup)
-    assert r.ok and r.status == "ok"
-    assert not run_sandboxed("def test_f():\n    assert double(1) == 3\n", setup=setup).ok
+    assert r.ok and r.status == "ok" and r.detail == "ran test_fuzz"
+    bad = run_sandboxed("def test_f():\n    assert double(1) == 3, 'off by one'\n", setup=setup)
+    assert not bad.ok and bad.status == "error" and "off by one" in bad.detail and "line 2" in bad.detail
 
 
-def test_writes_inside_its_own_directory_are_allowed_and_removed():
-    r = run_sandboxed("def test_a():\n    open('scratch.txt', 'w').write('x')\n    assert open('scratch.txt').read() == 'x'\n")
-    assert r.ok
-    assert not any(p.name.startswith("sieve-sandbox-") for p in Path(os.environ.get("TMPDIR", "/tmp")).iterdir()
-                   if p.is_dir() and (p / "scratch.txt").exists())
+@needs_bwrap
+def test_a_typical_generated_test_with_the_standard_library_passes():
+    code = textwrap.dedent('''
+        import random
+        import re
+        import string
+        from collections import Counter, namedtuple
+        from dataclasses import dataclass
+
+        Case = namedtuple("Case", "text numbers")
+
+        @dataclass
+        class Gen:
+            seed: int
+
+        def _case(rng):
+            nums = [rng.randint(0, 999) for _ in range(rng.randint(0, 5))]
+            text = " ".join(rng.choice(string.ascii_letters) + str(n) for n in nums)
+            return Case(text, nums)
+
+        def test_fuzz():
+            rng = random.Random(Gen(0).seed)
+            for _ in range(200):
+                case = _case(rng)
+                assert extract_numbers(case.text) == case.numbers, case
+                assert Counter(extract_numbers(case.text)) == Counter(case.numbers)
+                assert re.sub("[0-9]", "", case.text) is not None
+    ''')
+    r = run_sandboxed(code, setup=SETUP)
+    assert r.ok, r
+
+
+@needs_bwrap
+def test_every_test_function_runs_in_order_and_one_failure_fails_the_evaluation():
+    code = "def test_b():\n    print('b')\ndef test_a():\n    print('a')\ndef helper():\n    assert False\n"
+    r = run_sandboxed(code)
+    assert r.ok and r.detail == "ran test_b, test_a" and r.output.index("b") < r.output.index("a")
+    r = run_sandboxed(code + "def test_c():\n    assert 1 == 2\n")
+    assert not r.ok and r.detail.startswith("test_c")
+    assert run_sandboxed(code, call=["helper"]).status == "error"
+    assert run_sandboxed(code, call=["missing"]).status == "error"
+
+
+@needs_bwrap
+def test_writes_inside_the_private_work_dir_are_allowed_and_private():
+    code = "def test_a():\n    open('scratch.txt', 'w').write('x')\n    assert open('scratch.txt').read() == 'x'\n"
+    assert run_sandboxed(code).ok
+    # the next evaluation starts in an empty work dir
+    assert run_sandboxed("import os\ndef test_a():\n    assert os.listdir('.') == []\n").ok
+
+
+@needs_bwrap
+def test_limits_hold_and_are_reported():
+    assert run_sandboxed("def test_a():\n    x = bytearray(1 << 30)\n", memory_mb=128).status == "error"
+    r = run_sandboxed("def test_a():\n    open('big', 'wb').write(b'0' * (16 << 20))\n", timeout_s=5)
+    assert r.status == "error" and "File too large" in r.detail
+    assert run_sandboxed("def test_a():\n    while True:\n        pass\n", timeout_s=1.0).status == "timeout"
+
+
+@needs_bwrap
+def test_each_test_runs_in_a_fresh_process():
+    code = "STATE = []\ndef test_a():\n    STATE.append(1)\n    assert STATE == [1]\n" \
+           "def test_b():\n    STATE.append(2)\n    assert STATE == [2]\n"
+    assert run_sandboxed(code).ok
 
 
 def test_no_test_function_is_a_failure():
     assert run_sandboxed("x = 1\n").status == "error"
 
 
-def test_evaluate_code_switches_execution_off():
+@needs_bwrap
+def test_evaluate_code_statuses():
     e = evaluate_code("def test_a():\n    while True: pass\n", execute=False)
-    assert e.executed is None and e.syntax
+    assert e.executed is None and e.syntax and e.exec_status == "not-run"
     e = evaluate_code("def test_a(:\n", execute=True)
     assert e.executed is False and e.exec_status == "syntax"
+    e = evaluate_code("def extract_numbers(t):\n    return []\ndef test_a():\n    assert extract_numbers('') == []\n",
+                      setup=SETUP, execute=True)
+    assert e.executed is False and e.exec_status == "tampered"
+    e = evaluate_code("def test_a():\n    assert extract_numbers('a1b22') == [1, 22]\n", setup=SETUP, execute=True)
+    assert e.executed is True and e.exec_status == "ok"
+
+
+# ------------------------------------------------------------------------------------- the screen
+
+HONEST = [
+    "import re\ndef test_a():\n    assert re.compile('x').match('x')\n",
+    "from re import compile\ndef test_a():\n    assert compile('x')\n",
+    "import random, string\ndef test_a():\n    random.seed(0)\n"
+    "    s = ''.join(random.choice(string.digits) for _ in range(5))\n"
+    "    assert extract_numbers(s) == ([int(s)] if s else [])\n",
+    "def test_a():\n    text = 'please exit the system and write to the environ'\n    assert extract_numbers(text) == []\n",
+    "import sys\ndef test_a():\n    assert extract_numbers(str(sys.maxsize)) == [sys.maxsize]\n",
+    "def test_a():\n    with open('f.txt', 'w') as f:\n        f.write('1')\n    assert getattr(f, 'closed')\n",
+    "import math\ndef test_a():\n    fn = extract_numbers\n    assert fn('3') == [math.floor(3.5)]\n",
+]
+
+DISHONEST = {
+    "redefine the function": "def extract_numbers(t):\n    return [1]\ndef test_a():\n    assert extract_numbers('1') == [1]\n",
+    "assign over it": "extract_numbers = lambda t: []\ndef test_a():\n    assert extract_numbers('') == []\n",
+    "rebind through global": "def test_a():\n    global extract_numbers\n    extract_numbers = len\n",
+    "patch its module": "import re\nre.findall = lambda *a: []\ndef test_a():\n    assert extract_numbers('1') == []\n",
+    "import over it": "from os import path as extract_numbers\ndef test_a():\n    pass\n",
+    "shadow with a parameter": "def test_a(extract_numbers=lambda t: []):\n    assert extract_numbers('1') == []\n",
+    "swap its code": "def test_a():\n    extract_numbers.__code__ = (lambda t: []).__code__\n",
+    "os._exit": "import os\ndef test_a():\n    try:\n        assert False\n    finally:\n        os._exit(0)\n",
+    "sys.exit at import": "import sys\nsys.exit(0)\ndef test_a():\n    assert False\n",
+    "exit builtin": "exit(0)\ndef test_a():\n    pass\n",
+    "SystemExit": "raise SystemExit(0)\ndef test_a():\n    pass\n",
+    "touch __main__": "import sys\nm = sys.modules['__main__']\ndef test_a():\n    pass\n",
+    "__main__ import": "import __main__\ndef test_a():\n    pass\n",
+    "computed getattr": "import os\nf = getattr(os, '_ex' + 'it')\ndef test_a():\n    f(0)\n",
+    "getattr by string": "import os\ndef test_a():\n    getattr(os, '_exit')(0)\n",
+    "raw descriptor write": "import os\ndef test_a():\n    os.write(3, b'pass')\n",
+    "from os import write": "from os import write as w\ndef test_a():\n    w(3, b'pass')\n",
+    "open a raw descriptor": "def test_a():\n    open(3, 'w').write('pass')\n",
+    "eval": "def test_a():\n    eval('1')\n",
+    "exec": "def test_a():\n    exec('x = 1')\n",
+    "globals": "def test_a():\n    globals()['extract_numbers'] = len\n",
+    "frames": "import sys\ndef test_a():\n    sys._getframe().f_back\n",
+    "traceback frames": "def test_a():\n    try:\n        1 / 0\n    except Exception as e:\n"
+                        "        e.__traceback__.tb_frame\n",
+    "ctypes": "import ctypes\ndef test_a():\n    pass\n",
+    "gc": "import gc\ndef test_a():\n    gc.get_objects()\n",
+    "inspect": "import inspect\ndef test_a():\n    inspect.currentframe()\n",
+    "importlib": "import importlib\ndef test_a():\n    importlib.import_module('os')\n",
+    "dunder import": "def test_a():\n    __import__('os')\n",
+    "builtins": "import builtins\ndef test_a():\n    builtins.print = None\n",
+    "subclasses walk": "def test_a():\n    ().__class__.__bases__[0].__subclasses__()\n",
+    "subprocess": "import subprocess\ndef test_a():\n    subprocess.run(['id'])\n",
+    "os.system": "import os\ndef test_a():\n    os.system('id')\n",
+    "pickle": "import pickle\ndef test_a():\n    pickle.loads(b'')\n",
+    "mock": "from unittest import mock\ndef test_a():\n    pass\n",
+    "setattr": "import re\ndef test_a():\n    setattr(re, 'findall', len)\n",
+    "relative import": "from . import x\ndef test_a():\n    pass\n",
+    "star import": "from os import *\ndef test_a():\n    pass\n",
+}
+
+
+@pytest.mark.parametrize("code", HONEST)
+def test_screen_lets_honest_tests_through(code):
+    assert screen(code, SETUP) is None
+
+
+@pytest.mark.parametrize("why", sorted(DISHONEST))
+def test_screen_marks_dishonest_tests_tampered(why):
+    reason = screen(DISHONEST[why], SETUP)
+    assert reason and reason.startswith(("line", "does not")), why
+    r = run_sandboxed(DISHONEST[why], setup=SETUP)
+    assert r.status == "tampered" and not r.ok and r.detail == reason
+
+
+def test_screen_of_the_code_under_test_only_refuses_what_fakes_results():
+    assert screen(SETUP, generated=False) is None
+    assert screen("import os, subprocess\ndef f():\n    return os.getcwd()\n", generated=False) is None
+    assert screen("import os\nos._exit(0)\n", generated=False)
+    assert run_sandboxed("def test_a():\n    pass\n", setup="import os\nos._exit(0)\n").status == "tampered"
+
+
+@needs_bwrap
+def test_runtime_redefinition_past_the_screen_is_still_tampered():
+    """With the screen off, the harness still sees the function under test replaced."""
+    code = "def test_a():\n    d = dict(a=1)\n    g = [v for v in [__builtins__]][0]\n" \
+           "    import sys\n    sys.modules['__sieve_test__'] = 1\n"
+    assert screen(code, SETUP)
+    sneaky = "def test_a():\n    ns = test_a.__globals__\n    ns['extract_numbers'] = lambda t: [1]\n" \
+             "    assert extract_numbers('x') == [1]\n"
+    r = _run(sneaky, SETUP, None, 3.0, 256, 8, None, "bwrap", screen_code=False, audit_hook=False)
+    assert r.status == "tampered" and "extract_numbers" in r.detail
+
+
+def test_collected_tests_are_top_level_test_functions():
+    assert collect_tests("def test_a():\n    def test_inner():\n        pass\nclass TestX:\n    pass\n"
+                      "async def test_b():\n    pass\n") == ["test_a", "test_b"]
+
+
+@needs_bwrap
+def test_async_tests_do_not_pass_unawaited():
+    r = run_sandboxed("async def test_a():\n    assert False\n")
+    assert not r.ok and "async" in r.detail
+
+
+# ----------------------------------------------------------------------------- where bwrap is missing
+
+def test_missing_bwrap_refuses_with_how_to_install(monkeypatch):
+    monkeypatch.setattr(sandbox, "bwrap_available", lambda: False)
+    with pytest.raises(SandboxUnavailable, match="apt-get install -y bubblewrap") as e:
+        run_sandboxed("def test_a():\n    pass\n")
+    assert "eval.sandbox" in str(e.value)
+    with pytest.raises(SandboxUnavailable):
+        evaluate_code("def test_a():\n    pass\n", execute=True)
+    with pytest.raises(SandboxUnavailable, match="unknown sandbox mode"):
+        check_sandbox("none")  # type: ignore[arg-type]
+
+
+def test_process_mode_runs_and_warns_every_time(monkeypatch, tmp_path):
+    monkeypatch.setattr(sandbox, "bwrap_available", lambda: False)
+    for _ in range(2):
+        with pytest.warns(SandboxWarning, match="WITHOUT OS-level isolation"):
+            r = run_sandboxed("def test_a():\n    assert 1 + 1 == 2\n", mode="process")
+        assert r.ok
+    with pytest.warns(SandboxWarning):
+        assert run_sandboxed("def test_a():\n    assert 1 == 2\n", mode="process").status == "error"
+    # still no process creation in the weaker mode (seccomp), and the screen still applies
+    marker = tmp_path / "m"
+    r = _run(f"import os\ndef test_a():\n    if os.fork() == 0:\n        open({str(marker)!r}, 'w')\n",
+             "", None, 3.0, 256, 8, None, "process", screen_code=False, audit_hook=False)
+    assert not marker.exists() and r.status == "error"
+
+
+def test_invalid_limits_are_refused():
+    for kw in ({"timeout_s": 0}, {"memory_mb": -5}, {"file_mb": 0}):
+        with pytest.raises(ValueError, match="must be > 0"):
+            run_sandboxed("def test_a():\n    pass\n", **kw)
+
+
+def test_sandbox_is_a_recipe_key(tmp_path):
+    from sieve.errors import RecipeError
+    from sieve.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    assert load_recipe(root / "recipes/regex.toml").eval.sandbox == "bwrap"
+    assert load_recipe(root / "recipes/regex.toml", ['eval.sandbox="process"']).eval.sandbox == "process"
+    with pytest.raises(RecipeError, match=r"\[eval.sandbox\] 'none' is not allowed"):
+        load_recipe(root / "recipes/regex.toml", ['eval.sandbox="none"'])

@@ -7,7 +7,7 @@ import textwrap
 from dataclasses import dataclass
 
 from sieve.evals.regex_use import find_regex_use, parse_quietly
-from sieve.evals.sandbox import run_sandboxed
+from sieve.evals.sandbox import SandboxMode, run_sandboxed
 
 __all__ = [
     "extract_code", "syntax_ok", "valid_prefix", "complete_function", "cut_function", "CodeEval", "evaluate_code",
@@ -123,8 +123,12 @@ def evaluate_code(
     call: list[str] | None = None,
     timeout_s: float = 3.0,
     memory_mb: int = 512,
+    sandbox: SandboxMode = "bwrap",
 ) -> CodeEval:
-    """Evaluate one piece of generated code; execution (if asked) happens only in the sandbox.
+    """Evaluate one piece of generated code; execution (if asked) happens only in the sandbox
+    (:func:`~sieve.evals.sandbox.run_sandboxed`, mode ``sandbox``), with ``setup`` (the code under
+    test) run there too. ``exec_status`` is the sandbox's status (``ok``, ``error``, ``timeout``,
+    ``killed``, ``no-result``, ``tampered``), or ``syntax``/``no-code``/``not-run``.
 
     Example:
         >>> e = evaluate_code("import re\\ndef test_x():\\n    assert re.match('a', 'a')\\n", execute=True)
@@ -138,7 +142,7 @@ def evaluate_code(
     executed, status = None, "not-run"
     if execute:
         if ok:
-            r = run_sandboxed(code, setup=setup, call=call, timeout_s=timeout_s, memory_mb=memory_mb)
+            r = run_sandboxed(code, setup=setup, call=call, timeout_s=timeout_s, memory_mb=memory_mb, mode=sandbox)
             executed, status = r.ok, r.status
         else:
             executed, status = False, "syntax"

@@ -1,109 +1,623 @@
-"""Run untrusted generated code in a contained child process, never in sieve's own.
+"""Run untrusted generated code (and a prompt file's code under test) contained by the operating
+system, never in sieve's own process.
 
-Layers of containment, each a backstop for the others:
+The boundary is the OS, not the interpreter. In the default mode, ``"bwrap"``, each evaluation runs
+under `bubblewrap <https://github.com/containers/bubblewrap>`_:
 
-1. a separate interpreter started with ``-I`` (isolated: no ``PYTHON*`` variables, no user site),
-   in a fresh temporary directory that is its working directory and ``HOME``, deleted afterwards;
-2. a scrubbed environment (``PATH``, ``HOME``, ``LANG`` only): no secrets to read;
-3. resource limits set before the code starts: CPU seconds, address space, file size, open files,
-   processes (no fork bombs), no core dumps;
-4. no network: a new network namespace (``unshare -n``) where the OS allows it, and in any case an
-   audit hook that refuses sockets;
-5. the audit hook also refuses writes outside the temporary directory, process creation
-   (``fork``, ``exec``, ``subprocess``, ``os.system``) and ``ctypes``;
-6. a wall-clock timeout that kills the whole process group.
+- new user, pid, network, ipc, uts and cgroup namespaces; a non-root uid inside; no capabilities;
+  no further user namespaces; ``--die-with-parent`` and ``--new-session``;
+- a filesystem of read-only binds of only what the interpreter needs (its executable, its standard
+  library, its shared library and the system library folders), with its site-packages hidden; no
+  home, no project tree, no ``/etc``, no ``/proc``; ``/dev`` minimal and read-only; a private,
+  size-limited tmpfs as the working directory;
+- inside, a harness process that never runs untrusted code forks one worker per test function. The
+  worker closes every descriptor but its own report pipe, sets resource limits (address space, CPU
+  seconds, file size, open files, no core dumps), makes itself non-dumpable and installs a seccomp
+  filter that refuses process creation (``fork``/``vfork``/``clone`` without ``CLONE_THREAD``),
+  ``execve``, ``ptrace``, other processes' memory, ``mount``/``unshare``/``setns`` and non-Unix
+  sockets. No fork means no fork bomb and no process left behind, whatever the uid; the pid
+  namespace ends with the harness in any case;
+- an audit hook in the worker is kept as defence in depth only;
+- per-test outcomes reach sieve through a pipe that only the harness holds (the worker closed its
+  copy before the untrusted code was imported): no nonce, no secret in the environment;
+- sieve reads stdout, stderr and results with a hard byte cap and kills the whole sandbox (pid
+  namespace teardown) at the wall-clock limit.
 
-The result is read from a file the harness writes with a per-run nonce; anything else (a crash, a
-limit hit, a refused operation, a timeout) is a failure with its reason.
+Before anything runs, :func:`screen` reads the generated module's syntax tree: redefining the function
+under test, touching ``__main__``/the harness/frames, ``os._exit``, ``sys.exit`` at import, writing to
+raw descriptors, dynamic code (``exec``/``eval``/``__import__``)... mark the evaluation
+``"tampered"``: not passed, not run.
+
+Where bubblewrap is missing, execution is refused (:class:`SandboxUnavailable`, with how to install it)
+unless the caller names the weaker mode ``"process"`` (same harness, seccomp and limits, but no
+filesystem or network isolation), which warns every time a process starts using it.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import os
-import secrets
+import re
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
-__all__ = ["SandboxResult", "run_sandboxed", "network_isolation_available"]
+from sieve.errors import SieveError
 
-_HARNESS = r'''
-import json, os, sys, builtins
-_nonce = os.environ.pop("SIEVE_NONCE")
-_root = os.path.realpath(os.getcwd())
-_result_path = os.path.join(_root, ".result-" + _nonce)
-_real_open = builtins.open
+__all__ = [
+    "SandboxResult", "SandboxMode", "SandboxUnavailable", "SandboxWarning", "run_sandboxed", "screen",
+    "check_sandbox", "collect_tests", "bwrap_available", "network_isolation_available", "INSTALL_HINT",
+]
 
-def _inside(p):
-    try:
-        p = os.path.realpath(os.fsdecode(p))
-    except Exception:
-        return False
-    return p == _root or p.startswith(_root + os.sep)
+SandboxMode = Literal["bwrap", "process"]
 
-_BLOCK = {"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "os.fork",
-          "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-          "ctypes.dlopen", "ctypes.dlsym", "os.kill", "os.killpg", "pty.spawn"}
+INSTALL_HINT = (
+    "install bubblewrap: `apt-get install -y bubblewrap` (Debian/Ubuntu), `dnf install bubblewrap` "
+    "(Fedora), `pacman -S bubblewrap` (Arch); `bash scripts/setup.sh` does it where it runs as root "
+    "with apt. Or choose the weaker mode explicitly with eval.sandbox = \"process\" in the recipe or "
+    "eval.sandbox=process on the command line (generated code can then read and write what sieve can)"
+)
 
-def _audit(event, args):
-    if event in _BLOCK:
-        raise PermissionError("sandbox: " + event + " is not allowed")
-    if event == "open" and args and len(args) > 1:
-        path, mode = args[0], args[1]
-        writing = isinstance(mode, str) and any(c in mode for c in "wax+")
-        if isinstance(mode, int):
-            writing = bool(mode & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC))
-        if writing and not isinstance(path, int) and not _inside(path):
-            raise PermissionError("sandbox: writing outside the sandbox directory")
-    if event in ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.chmod",
-                 "os.symlink", "os.link", "os.truncate"):
-        if args and not isinstance(args[0], int) and not _inside(args[0]):
-            raise PermissionError("sandbox: " + event + " outside the sandbox directory")
 
-def _report(status, detail=""):
-    with _real_open(_result_path, "w") as f:
-        json.dump({"nonce": _nonce, "status": status, "detail": detail[-2000:]}, f)
+class SandboxUnavailable(SieveError, RuntimeError):
+    """The sandbox asked for cannot run here (bubblewrap missing or not permitted)."""
 
-sys.addaudithook(_audit)
-_spec = json.loads(_real_open(os.path.join(_root, "job.json")).read())
-ns = {"__name__": "__sieve_sandbox__"}
-try:
-    exec(compile(_spec["setup"], "<under_test>", "exec"), ns)
-    exec(compile(_spec["code"], "<generated>", "exec"), ns)
-    names = _spec["call"] or sorted(k for k, v in ns.items() if k.startswith("test") and callable(v))
-    if not names:
-        raise RuntimeError("no test function found")
-    for n in names:
-        if n not in ns:
-            raise NameError("test function " + repr(n) + " is not defined")
-        ns[n]()
-except BaseException as e:
-    import traceback
-    _report("error", type(e).__name__ + ": " + str(e) + "\n" + traceback.format_exc(limit=3))
-    os._exit(1)
-_report("ok", "ran " + ", ".join(names))
-os._exit(0)
-'''
+
+class SandboxWarning(UserWarning):
+    """Generated code runs in the weaker ``"process"`` mode, without OS-level isolation."""
 
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """``ok`` when the code ran and every test function returned; otherwise ``status`` says why."""
+    """``ok`` when the code ran and every test function returned; otherwise ``status`` says why:
+    ``error`` (a test raised, or no test), ``timeout``, ``killed`` (a limit or signal), ``no-result``
+    (no outcome came back), ``tampered`` (the screen refused the code: not run)."""
 
     ok: bool
-    status: str  # ok | error | timeout | killed | no-result
+    status: str
     detail: str
     seconds: float
+    output: str = ""  # the first bytes of the code's stdout, then its stderr (capped)
+
+
+# --------------------------------------------------------------------------------------- the screen
+
+# Names that reach the harness, the interpreter's internals, frames or raw channels. No honest
+# generated test needs them; refused wherever they appear (names, attributes, imported names, and
+# words inside string constants, since ``getattr(os, "_exit")`` is the same call).
+_UNAMBIGUOUS = {
+    "__main__", "_exit", "__builtins__", "__globals__", "__code__", "__closure__", "__subclasses__",
+    "__import__", "__loader__", "__spec__", "__self__", "__dict__", "__bases__", "__base__", "__mro__",
+    "__reduce__", "__reduce_ex__", "__getattribute__", "__setattr__", "__delattr__", "__getstate__",
+    "__setstate__", "__init_subclass__", "__set_name__", "__class_getitem__", "__del__",
+    "_getframe", "_current_frames", "f_back", "f_globals", "f_locals", "f_builtins", "f_code",
+    "tb_frame", "gi_frame", "cr_frame", "ag_frame", "gi_code", "co_code", "settrace", "setprofile",
+    "addaudithook", "fork_exec", "closerange", "register_at_fork", "attrgetter", "methodcaller",
+    "resolve_name", "locate", "SystemExit",
+}
+# Builtins refused by name (a call or a reference): dynamic code and attribute access.
+_BUILTINS = {"exec", "eval", "compile", "globals", "locals", "vars", "setattr", "delattr", "breakpoint",
+             "exit", "quit", "__import__"}
+# Attributes refused on the modules that own processes, exits and raw descriptors (``f.write`` on a
+# file the test opened is fine; ``os.write`` is not).
+_RAW_MODULES = {"os", "posix", "nt", "sys", "io", "_io", "signal", "_thread", "unittest", "shutil"}
+_RAW_ATTRS = {
+    "exit", "abort", "kill", "killpg", "system", "popen", "fdopen", "dup", "dup2", "write", "writev",
+    "pwrite", "pwritev", "sendfile", "splice", "copy_file_range", "fork", "forkpty", "execv", "execve",
+    "execvp", "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnl", "spawnle",
+    "posix_spawn", "posix_spawnp", "modules", "FileIO", "open_code", "mock", "close", "set_inheritable",
+    "pidfd_open", "ptrace", "setns", "unshare",
+}
+_FORBIDDEN_MODULES = {
+    "ctypes", "_ctypes", "gc", "inspect", "_posixsubprocess", "posix", "nt", "importlib", "builtins",
+    "__main__", "atexit", "signal", "subprocess", "multiprocessing", "_multiprocessing", "concurrent",
+    "pickle", "_pickle", "copyreg", "marshal", "shelve", "code", "codeop", "runpy", "pty", "socket",
+    "_socket", "mmap", "faulthandler", "dis", "unittest.mock", "mock", "_thread", "pydoc", "pkgutil",
+    "zipimport", "trace", "bdb", "pdb", "timeit", "doctest", "sysconfig", "site", "resource", "fcntl",
+    "operator", "_operator", "ast",
+}
+# The prompt file's own code under test: only what would fake a result or reach the harness.
+_SETUP_FORBIDDEN = {"__main__", "_exit", "_getframe", "_current_frames", "f_back", "f_globals",
+                    "tb_frame", "gi_frame", "cr_frame", "settrace", "setprofile", "addaudithook",
+                    "closerange", "fork_exec", "SystemExit"}
+_SETUP_FORBIDDEN_MODULES = {"ctypes", "_ctypes", "gc", "__main__", "_posixsubprocess", "atexit"}
+
+
+def _bindings(setup: str) -> tuple[set[str], dict[str, str]]:
+    """The top-level names the code under test binds, and which of them are plain module imports."""
+    try:
+        tree = ast.parse(setup)
+    except (SyntaxError, ValueError):
+        return set(), {}
+    names: set[str] = set()
+    modules: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                bound = a.asname or a.name.split(".")[0]
+                names.add(bound)
+                modules[bound] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom):
+            names.update(a.asname or a.name for a in node.names)
+        else:
+            names.update(s.id for s in ast.walk(node) if isinstance(s, ast.Name) and isinstance(s.ctx, ast.Store))
+    return names, modules
+
+
+def _words(s: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", s[:200_000]))
+
+
+def screen(code: str, setup: str = "", *, generated: bool = True) -> str | None:
+    """Why ``code`` may not run as honest tests of ``setup``; None when it may.
+
+    Generated tests are refused (status ``"tampered"``) when they rebind or patch a name the code under
+    test defines, import a module that reaches the interpreter's internals, processes or the harness
+    (``ctypes``, ``gc``, ``inspect``, ``importlib``, ``subprocess``, ``pickle``, ``__main__``...), use
+    dynamic code or attribute access (``exec``, ``eval``, ``setattr``, ``vars``, ``getattr`` with a
+    computed name), exit (``sys.exit``, ``os._exit``, ``SystemExit``), write to raw descriptors
+    (``os.write``), or name such an internal inside a string. ``generated=False`` screens a prompt
+    file's code under test, which may do more: only exits, ``__main__``, frames and ``ctypes``.
+
+    Example:
+        >>> screen("def test_a():\\n    assert f(1) == 2\\n", "def f(x):\\n    return x + 1\\n") is None
+        True
+        >>> screen("def f(x):\\n    return 2\\ndef test_a():\\n    assert f(1) == 2\\n", "def f(x):\\n    return x + 1\\n")
+        "line 1: redefines 'f', which the code under test defines"
+        >>> screen("import os\\nos._exit(0)\\n")
+        'line 2: uses os._exit'
+    """
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError) as e:
+        return f"does not parse: {e.msg if isinstance(e, SyntaxError) else e}"
+    protected, setup_modules = _bindings(setup) if generated else (set(), {})
+    unambiguous = _UNAMBIGUOUS if generated else _SETUP_FORBIDDEN
+    bad_modules = _FORBIDDEN_MODULES if generated else _SETUP_FORBIDDEN_MODULES
+    aliases: dict[str, str] = {}  # local name -> the module (or module.attr) it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for a in node.names:
+                aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+    # getattr is fine only when called with a constant name (which the string rule then screens)
+    plain_getattr = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call) and len(n.args) >= 2
+                     and isinstance(n.args[1], ast.Constant) and isinstance(n.args[1].value, str)}
+
+    def bad_module(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[: i + 1]) in bad_modules for i in range(len(parts)))
+
+    def raw(module: str, attr: str) -> bool:
+        return generated and module.split(".")[0] in _RAW_MODULES and attr in _RAW_ATTRS
+
+    def rebinds(name: str, line: int) -> str:
+        return f"line {line}: redefines {name!r}, which the code under test defines"
+
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                bound = a.asname or a.name.split(".")[0]
+                if bad_module(a.name):
+                    return f"line {line}: imports {a.name!r}"
+                if bound in protected and setup_modules.get(bound) != aliases.get(bound):
+                    return rebinds(bound, line)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level or not node.module:
+                return f"line {line}: relative import"
+            if bad_module(node.module):
+                return f"line {line}: imports {node.module!r}"
+            for a in node.names:
+                if a.name == "*":
+                    return f"line {line}: imports * from {node.module!r}"
+                if a.name in unambiguous or raw(node.module, a.name) or bad_module(f"{node.module}.{a.name}"):
+                    return f"line {line}: imports {a.name!r} from {node.module!r}"
+                if (a.asname or a.name) in protected:
+                    return rebinds(a.asname or a.name, line)
+        elif isinstance(node, ast.Name):
+            if node.id in unambiguous or generated and node.id in _BUILTINS and node.id not in aliases:
+                return f"line {line}: uses {node.id!r}"
+            if generated and node.id == "getattr" and id(node) not in plain_getattr:
+                return f"line {line}: getattr with a computed name"
+            if node.id in protected and not isinstance(node.ctx, ast.Load):
+                return rebinds(node.id, line)
+        elif isinstance(node, ast.Attribute):
+            base = aliases.get(node.value.id, node.value.id) if isinstance(node.value, ast.Name) else ""
+            if node.attr in unambiguous or raw(base, node.attr):
+                return f"line {line}: uses {base + '.' if base else ''}{node.attr}"
+            if not isinstance(node.ctx, ast.Load) and isinstance(node.value, ast.Name) and (
+                    node.value.id in protected or node.value.id in aliases):
+                return f"line {line}: changes {node.value.id}.{node.attr}"
+        elif isinstance(node, ast.Subscript):
+            if not isinstance(node.ctx, ast.Load) and isinstance(node.value, ast.Name) and node.value.id in protected:
+                return f"line {line}: changes {node.value.id}[...], which the code under test defines"
+        elif isinstance(node, ast.Call) and generated:
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            if name == "open" and node.args and isinstance(node.args[0], ast.Constant) and isinstance(
+                    node.args[0].value, int):
+                return f"line {line}: opens a raw descriptor"
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            if not isinstance(node, ast.Lambda) and node.name in protected:
+                return rebinds(node.name, line)
+            if not isinstance(node, ast.ClassDef):
+                args = node.args
+                for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, *filter(None, [args.vararg, args.kwarg])]:
+                    if a.arg in protected:
+                        return rebinds(a.arg, line)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            hit = sorted(set(node.names) & protected)
+            if hit:
+                return rebinds(hit[0], line)
+        elif isinstance(node, ast.ExceptHandler) and node.name in protected:
+            return rebinds(node.name, line)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)):
+            text = node.value.decode("latin-1") if isinstance(node.value, bytes) else node.value
+            hit = sorted(_words(text) & unambiguous)
+            if hit:
+                return f"line {line}: names {hit[0]!r} in a string"
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name in protected:
+            return rebinds(node.name, line)
+    return None
+
+
+def collect_tests(code: str) -> list[str]:
+    """The test functions a module defines at top level (``def test...``), in order.
+
+    Example:
+        >>> collect_tests("def helper():\\n    pass\\ndef test_b():\\n    pass\\ndef test_a():\\n    pass\\n")
+        ['test_b', 'test_a']
+    """
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return []
+    names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+             and n.name.startswith("test")]
+    return list(dict.fromkeys(names))
+# -------------------------------------------------------------------------------------- the harness
+
+# Runs inside the sandbox as ``python -I -S -B -c HARNESS``; reads its job (JSON) from stdin. The
+# harness process never runs untrusted code: it forks one worker per test and forwards the worker's
+# outcome on the result descriptor, which the worker closes before it imports anything untrusted.
+_HARNESS = r'''
+import json, os, sys
+
+def _libc():
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.restype = ctypes.c_int
+    return ctypes, libc
+
+def _nodump():
+    ctypes, libc = _libc()
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE: no ptrace, no /proc/<pid>/fd of us
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
+
+def _seccomp():
+    """Refuse process creation, exec, ptrace, other processes' memory, mounts, namespaces and
+    non-Unix sockets for this process and its threads, whatever the uid."""
+    ctypes, libc = _libc()
+    machine = os.uname().machine
+    if machine == "x86_64":
+        arch, x32 = 0xC000003E, True
+        nr = dict(clone=56, fork=57, vfork=58, execve=59, execveat=322, clone3=435, ptrace=101,
+                  process_vm_readv=310, process_vm_writev=311, unshare=272, setns=308, mount=165,
+                  socket=41, pidfd_getfd=438, open_by_handle_at=304, open_tree=428, move_mount=429,
+                  fsopen=430, fsmount=432, mount_setattr=442, kcmp=312, process_madvise=440)
+    elif machine == "aarch64":
+        arch, x32 = 0xC00000B7, False
+        nr = dict(clone=220, execve=221, execveat=281, clone3=435, ptrace=117, process_vm_readv=270,
+                  process_vm_writev=271, unshare=97, setns=268, mount=40, socket=198, pidfd_getfd=438,
+                  open_by_handle_at=265, open_tree=428, move_mount=429, fsopen=430, fsmount=432,
+                  mount_setattr=442, kcmp=272, process_madvise=440)
+    else:
+        raise OSError("no seccomp filter for machine " + machine)
+    ALLOW, KILL, EPERM, ENOSYS, EACCES = 0x7FFF0000, 0x80000000, 0x50001, 0x50026, 0x5000D
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, KILL), (LD, 0, 0, 0)]
+    if x32:
+        prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, KILL)]
+    prog += [(JEQ, 0, 4, nr["clone"]), (LD, 0, 0, 16), (JSET, 0, 1, 0x10000), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
+    prog += [(JEQ, 0, 4, nr["socket"]), (LD, 0, 0, 16), (JEQ, 0, 1, 1), (RET, 0, 0, ALLOW), (RET, 0, 0, EACCES)]
+    prog += [(JEQ, 0, 1, nr["clone3"]), (RET, 0, 0, ENOSYS)]
+    for name, n in nr.items():
+        if name not in ("clone", "socket", "clone3"):
+            prog += [(JEQ, 0, 1, n), (RET, 0, 0, EPERM)]
+    prog.append((RET, 0, 0, ALLOW))
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+
+    table = (Filter * len(prog))(*[Filter(*ins) for ins in prog])
+    fprog = Prog(len(prog), table)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+    if libc.prctl(22, 2, ctypes.addressof(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+def _limits(job):
+    import resource
+    cpu, mem, fsize = job["cpu_s"], job["memory_mb"] << 20, job["file_mb"] << 20
+    for res, val in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (mem, mem)),
+                     (resource.RLIMIT_FSIZE, (fsize, fsize)), (resource.RLIMIT_NOFILE, (64, 64)),
+                     (resource.RLIMIT_CORE, (0, 0))):
+        resource.setrlimit(res, val)
+
+def _audit_hook(root, stdlib):
+    """Defence in depth only: the OS is the boundary."""
+    block = {"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "os.fork", "os.forkpty",
+             "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "ctypes.dlopen",
+             "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "os.kill", "os.killpg", "pty.spawn",
+             "sys.settrace", "sys.setprofile", "signal.pthread_kill", "sys._current_frames", "gc.get_objects",
+             "gc.get_referrers", "gc.get_referents", "os.pidfd_open"}
+    modules = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing", "_multiprocessing",
+               "pty", "gc", "runpy", "faulthandler", "_socket", "socket"}
+    paths = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.chmod", "os.chown",
+             "os.symlink", "os.link", "os.truncate", "os.utime", "os.mkfifo", "os.mknod", "shutil.move",
+             "shutil.copyfile", "os.listdir", "os.scandir")
+    realpath, fsdecode, startswith, getframe = os.path.realpath, os.fsdecode, str.startswith, sys._getframe
+    O_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def inside(p):
+        try:
+            p = realpath(fsdecode(p))
+        except Exception:
+            return False
+        return p == root or startswith(p, root + "/")
+
+    def hook(event, args):
+        if event in block:
+            raise PermissionError("sandbox: " + event + " is not allowed")
+        if event == "import" and args and str(args[0]).split(".")[0] in modules:
+            raise PermissionError("sandbox: importing " + str(args[0]) + " is not allowed")
+        if event == "compile" and not startswith(str(args[1]) if len(args) > 1 else "", stdlib):
+            caller = getframe(1).f_code.co_filename  # the stdlib's own exec (namedtuple, dataclasses)
+            if not startswith(caller, stdlib):
+                raise PermissionError("sandbox: compiling code at run time is not allowed")
+        if event == "open" and args:
+            path = args[0]
+            if isinstance(path, int):
+                if path > 2:
+                    raise PermissionError("sandbox: opening a raw descriptor is not allowed")
+                return
+            mode = args[1] if len(args) > 1 else None
+            flags = args[2] if len(args) > 2 else 0
+            writing = isinstance(mode, str) and any(c in mode for c in "wax+")
+            writing = writing or isinstance(flags, int) and bool(flags & O_WRITE)
+            name = fsdecode(path) if isinstance(path, (str, bytes)) else ""
+            if startswith(name, "/proc") or startswith(name, "/dev/fd") or startswith(name, "/sys"):
+                raise PermissionError("sandbox: " + name + " is not allowed")
+            if writing and not inside(path):
+                raise PermissionError("sandbox: writing outside the sandbox directory")
+        if event in paths:
+            for p in args[:2]:
+                if isinstance(p, (str, bytes, os.PathLike)) and not inside(p) and event not in ("os.listdir", "os.scandir"):
+                    raise PermissionError("sandbox: " + event + " outside the sandbox directory")
+                if event in ("os.listdir", "os.scandir") and isinstance(p, (str, bytes)) and startswith(fsdecode(p), "/proc"):
+                    raise PermissionError("sandbox: listing /proc is not allowed")
+
+    sys.addaudithook(hook)
+
+def _describe(e):
+    try:
+        import traceback
+        where = [f"line {fr.lineno} of {fr.filename[1:-1]}" for fr in traceback.extract_tb(e.__traceback__)
+                 if fr.filename in ("<generated>", "<under_test>")]
+        text = type(e).__name__ + ": " + str(e)
+        return (text + (" (" + where[-1] + ")" if where else ""))[:2000]
+    except BaseException:
+        return "an exception that could not be described"
+
+def _worker(job, name, report, result_fd):
+    write, exit_ = os.write, os._exit
+    try:
+        os.close(result_fd)
+        if report != 3:
+            os.dup2(report, 3)
+            os.close(report)
+        os.closerange(4, 1 << 16)
+        _limits(job)
+        if job["seccomp"]:
+            _seccomp()
+        for mod in [m for m in sys.modules if m == "_ctypes" or m == "ctypes" or m.startswith("ctypes.")]:
+            del sys.modules[mod]
+        setup_code = compile(job["setup"], "<under_test>", "exec")
+        test_code = compile(job["code"], "<generated>", "exec")
+        if job["audit"]:
+            _audit_hook(os.path.realpath(os.getcwd()), job["stdlib"])
+    except BaseException as e:
+        write(3, json.dumps({"test": name, "outcome": "sandbox", "detail": repr(e)}).encode())
+        exit_(0)
+    msg = {"test": name, "outcome": "fail"}
+    try:
+        ns = {"__name__": "__sieve_test__"}
+        exec(setup_code, ns)
+        originals = {k: ns[k] for k in job["protected"] if k in ns}
+        codes = {k: getattr(v, "__code__", None) for k, v in originals.items()}
+        exec(test_code, ns)
+        fn = ns.get(name)
+        if not callable(fn):
+            raise NameError("test function " + repr(name) + " is not defined")
+        ret = fn()
+        changed = [k for k, v in originals.items() if ns.get(k) is not v or getattr(v, "__code__", None) is not codes[k]]
+        if changed:
+            msg = {"test": name, "outcome": "tampered", "detail": "changed " + ", ".join(sorted(changed))}
+        elif ret is not None and hasattr(type(ret), "__await__"):
+            msg = {"test": name, "outcome": "fail", "detail": "async test functions are not run"}
+        else:
+            msg = {"test": name, "outcome": "pass"}
+    except BaseException as e:
+        msg = {"test": name, "outcome": "fail", "detail": _describe(e)}
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    write(3, json.dumps(msg).encode())
+    exit_(0)
+
+def _outcome(name, data, status):
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        why = {9: "SIGKILL (a limit)", 24: "SIGXCPU (CPU time limit)", 25: "SIGXFSZ (file size limit)",
+               31: "SIGSYS (forbidden system call)", 11: "SIGSEGV"}.get(sig, "signal " + str(sig))
+        return {"test": name, "outcome": "killed", "detail": why}
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+    try:
+        msg = json.loads(data.decode())
+    except Exception:
+        msg = None
+    known = ("pass", "fail", "tampered", "sandbox")
+    if not isinstance(msg, dict) or msg.get("test") != name or msg.get("outcome") not in known:
+        why = "the test process exited (" + str(code) + ") without an outcome"
+        return {"test": name, "outcome": "no-result", "detail": why}
+    if code != 0:
+        return {"test": name, "outcome": "no-result", "detail": "the test process exited with " + str(code)}
+    return {"test": name, "outcome": msg["outcome"], "detail": str(msg.get("detail", ""))[:2000]}
+
+def _await(pid, r):
+    """The worker's report and exit status; stop reading once the worker is gone (a descendant that
+    still holds the pipe must not keep us waiting)."""
+    import select
+    got, status, eof = b"", None, False
+    os.set_blocking(r, False)
+    while status is None:
+        if eof or len(got) > 65536:
+            status = os.waitpid(pid, 0)[1]
+            break
+        select.select([r], [], [], 0.05)
+        while len(got) <= 65536:
+            try:
+                chunk = os.read(r, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                eof = True
+                break
+            got += chunk
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = st
+    while len(got) <= 65536:
+        try:
+            chunk = os.read(r, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got[:65536], status
+
+def _main():
+    data = b""
+    while True:
+        chunk = os.read(0, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    job = json.loads(data.decode())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    result_fd = job["result_fd"]
+    _nodump()
+
+    def emit(obj):
+        buf = (json.dumps(obj) + "\n").encode()
+        while buf:
+            buf = buf[os.write(result_fd, buf):]
+
+    for name in job["tests"]:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                _worker(job, name, w, result_fd)
+            finally:
+                os._exit(70)
+        os.close(w)
+        got, status = _await(pid, r)
+        os.close(r)
+        if job["pidns"] and os.getpid() <= 2:
+            try:  # in our own pid namespace: whatever the test left behind goes with it
+                os.kill(-1, 9)
+            except OSError:
+                pass
+        emit(_outcome(name, got[:65536], status))
+    emit({"done": True})
+
+_main()
+'''
+
+# ------------------------------------------------------------------------------------ the launchers
+
+_QUERY = (
+    "import json, sys, sysconfig, os\n"
+    "v = sysconfig.get_config_vars()\n"
+    "lib = os.path.join(v.get('LIBDIR') or '', v.get('INSTSONAME') or '') if v.get('Py_ENABLE_SHARED') else ''\n"
+    "print(json.dumps({'exe': os.path.realpath(sys.executable), 'path': [p for p in sys.path if p],\n"
+    "  'stdlib': sysconfig.get_path('stdlib'), 'site': [sysconfig.get_path('purelib'), sysconfig.get_path('platlib')],\n"
+    "  'libpython': lib}))\n"
+)
+_SYSTEM_LIB_DIRS = ("/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32", "/lib", "/lib64", "/lib32", "/libx32")
+_WORK = "/sandbox"
+_OUTPUT_KEEP = 16 << 10  # bytes of stdout/stderr kept for the detail
+_OUTPUT_LIMIT = 8 << 20  # more than this (stdout + stderr) kills the evaluation
+_RESULT_LIMIT = 4 << 20
+
+
+@dataclass(frozen=True)
+class _Interpreter:
+    exe: str
+    path: tuple[str, ...]
+    stdlib: str
+    site: tuple[str, ...]
+    libpython: str
+
+
+@functools.lru_cache(maxsize=8)
+def _interpreter(python: str | None) -> _Interpreter:
+    """The interpreter the sandbox runs: the base interpreter of this one (not a venv's wrapper: only
+    the standard library is needed) unless another is named."""
+    exe = python or getattr(sys, "_base_executable", None) or sys.executable
+    exe = os.path.realpath(exe)
+    out = subprocess.run([exe, "-I", "-S", "-c", _QUERY], capture_output=True, timeout=30, env={"LANG": "C.UTF-8"})
+    if out.returncode != 0:
+        raise SandboxUnavailable(f"the sandbox interpreter {exe} does not start: {out.stderr.decode()[-500:]}")
+    info = json.loads(out.stdout)
+    return _Interpreter(info["exe"], tuple(info["path"]), info["stdlib"], tuple(p for p in info["site"] if p),
+                        info["libpython"] if info["libpython"] and os.path.exists(info["libpython"]) else "")
+
+
+def bwrap_available() -> bool:
+    """Whether the ``bwrap`` binary is on ``PATH`` (see :func:`check_sandbox` for whether it works)."""
+    return shutil.which("bwrap") is not None
 
 
 def network_isolation_available() -> bool:
-    """Whether ``unshare -n`` works here (a new, empty network namespace)."""
+    """Whether ``unshare -rn`` works here (used by the weaker ``"process"`` mode only)."""
     exe = shutil.which("unshare")
     if not exe:
         return False
@@ -113,25 +627,65 @@ def network_isolation_available() -> bool:
         return False
 
 
-_NET: bool | None = None
+def _bwrap_command(interp: _Interpreter, work_mb: int) -> list[str]:
+    cmd = [shutil.which("bwrap") or "bwrap",
+           "--unshare-all", "--unshare-user", "--disable-userns", "--uid", "1000", "--gid", "1000",
+           "--cap-drop", "ALL", "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv",
+           "--setenv", "LANG", "C.UTF-8", "--setenv", "HOME", _WORK, "--setenv", "TMPDIR", _WORK,
+           "--setenv", "PATH", "/nonexistent"]
+    for d in _SYSTEM_LIB_DIRS:  # the C library and what the interpreter's extension modules link
+        if os.path.islink(d):
+            cmd += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            cmd += ["--ro-bind", d, d]
+    binds = [interp.exe, *(p for p in interp.path if os.path.exists(p))]
+    if interp.libpython:
+        binds.append(os.path.realpath(interp.libpython))
+    for p in binds:
+        cmd += ["--ro-bind", p, p]
+    bound = [*_SYSTEM_LIB_DIRS, *binds]
+    hidden = {*interp.site, "/usr/lib/python3/dist-packages"}
+    for p in sorted(hidden):
+        if os.path.isdir(p) and any(p == b or p.startswith(b.rstrip("/") + "/") for b in bound):
+            cmd += ["--size", "4096", "--tmpfs", p, "--remount-ro", p]
+    cmd += ["--dev", "/dev", "--remount-ro", "/dev",
+            "--size", str(work_mb << 20), "--tmpfs", _WORK, "--remount-ro", "/", "--chdir", _WORK]
+    return cmd
 
 
-def _limits(cpu_s: int, memory_mb: int, file_mb: int, nproc: int):
-    def apply() -> None:  # runs in the child between fork and exec
-        import resource
+@functools.lru_cache(maxsize=8)
+def _probe(mode: str, python: str | None) -> str | None:
+    """Run one trivial test through the whole path; the reason it fails, or None."""
+    try:
+        r = _run("def test_probe():\n    assert sum(range(4)) == 6\n", "", ["test_probe"], 20.0, 256, 1,
+                 python, mode, screen_code=True, audit_hook=True, seccomp=True)
+    except OSError as e:
+        return str(e)
+    return None if r.ok else f"{r.status}: {r.detail}"
 
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-        mem = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_mb * 1024 * 1024,) * 2)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        try:
-            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-        except (ValueError, OSError):
-            pass
 
-    return apply
+def check_sandbox(mode: SandboxMode = "bwrap", python: str | None = None) -> None:
+    """Raise :class:`SandboxUnavailable` (saying how to fix it) unless ``mode`` can run generated code
+    here; ``"process"`` also warns (:class:`SandboxWarning`) that it is the weaker mode.
+
+    Example:
+        >>> check_sandbox("bwrap")  # bubblewrap installed and permitted
+    """
+    if mode not in ("bwrap", "process"):
+        raise SandboxUnavailable(f"unknown sandbox mode {mode!r}; allowed: 'bwrap', 'process'")
+    if mode == "bwrap" and not bwrap_available():
+        raise SandboxUnavailable(f"bubblewrap (bwrap) is not installed, so generated code is not run; {INSTALL_HINT}")
+    if mode == "process":
+        _warn_process()
+    why = _probe(mode, python)
+    if why:
+        raise SandboxUnavailable(f"the {mode!r} sandbox does not work here ({why}); {INSTALL_HINT}")
+
+
+def _warn_process() -> None:
+    warnings.warn("sandbox mode 'process': generated code runs WITHOUT OS-level isolation (it can read and write "
+                  "what this process can, and reach the network where unshare is missing); use the default "
+                  "'bwrap' mode for shared recipes", SandboxWarning, stacklevel=3)
 
 
 def run_sandboxed(
@@ -143,62 +697,189 @@ def run_sandboxed(
     memory_mb: int = 512,
     file_mb: int = 8,
     python: str | None = None,
+    mode: SandboxMode = "bwrap",
 ) -> SandboxResult:
-    """Run ``setup`` (the function under test) then ``code`` (the generated tests) in a sandbox and call
-    the test functions (``call``, or every callable named ``test*``).
+    """Run ``setup`` (the function under test) then ``code`` (the generated tests) in the sandbox and call
+    the test functions (``call``, or every top-level ``def test*``), each in its own process.
+
+    ``timeout_s`` bounds the whole evaluation (wall clock); ``memory_mb`` (address space),
+    ``file_mb`` (largest file) and CPU seconds bound each test process. ``mode="bwrap"`` (default)
+    refuses with :class:`SandboxUnavailable` where bubblewrap is missing; ``"process"`` is the
+    weaker, explicitly chosen mode.
 
     Example:
         >>> run_sandboxed("def test_one():\\n    assert 1 + 1 == 2\\n").ok
         True
         >>> run_sandboxed("import os\\ndef test_x():\\n    os.system('true')\\n").status
-        'error'
+        'tampered'
     """
+    if not timeout_s > 0 or not memory_mb > 0 or not file_mb > 0:
+        raise ValueError(f"timeout_s, memory_mb and file_mb must be > 0, got {timeout_s}, {memory_mb}, {file_mb}")
+    check_sandbox(mode, python)
+    return _run(code, setup, call, timeout_s, memory_mb, file_mb, python, mode)
+
+
+def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory_mb: int, file_mb: int,
+         python: str | None, mode: str, *, screen_code: bool = True, audit_hook: bool = True,
+         seccomp: bool = True) -> SandboxResult:
+    """The evaluation itself. The keyword switches turn single layers off, for the tests that show
+    the OS layers hold on their own."""
+    t0 = time.monotonic()
+    if screen_code:
+        why = screen(code, setup) or (screen(setup, generated=False) if setup else None)
+        if why:
+            return SandboxResult(False, "tampered", why, time.monotonic() - t0)
+    names = list(call) if call else collect_tests(code)
+    if not names:
+        return SandboxResult(False, "error", "no test function found", time.monotonic() - t0)
+    interp = _interpreter(python)
+    protected = sorted(_bindings(setup)[0])
+    job = {"setup": setup, "code": code, "tests": names, "protected": protected, "cpu_s": max(1, int(timeout_s) + 1),
+           "memory_mb": int(memory_mb), "file_mb": int(file_mb), "stdlib": os.path.dirname(interp.stdlib.rstrip("/")),
+           "seccomp": seccomp, "audit": audit_hook, "pidns": mode == "bwrap"}
+    tmp = None
+    if mode == "bwrap":
+        cmd = _bwrap_command(interp, max(16, 4 * int(file_mb)))
+        cwd, env = "/", {"LANG": "C.UTF-8"}
+    else:
+        tmp = tempfile.mkdtemp(prefix="sieve-sandbox-")
+        cmd = []
+        if _net_available():
+            cmd = [shutil.which("unshare") or "unshare", "-rn"]
+        cwd, env = tmp, {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
+    cmd += [interp.exe, "-I", "-S", "-B", "-c", _HARNESS]
+    r_fd, w_fd = os.pipe()
+    try:
+        job["result_fd"] = w_fd
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, pass_fds=(w_fd,), start_new_session=True)
+        os.close(w_fd)
+        w_fd = -1
+        outcome = _collect(proc, r_fd, json.dumps(job).encode(), t0 + timeout_s)
+    finally:
+        if w_fd >= 0:
+            os.close(w_fd)
+        os.close(r_fd)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _verdict(names, *outcome, time.monotonic() - t0)
+
+
+_NET: bool | None = None
+
+
+def _net_available() -> bool:
     global _NET
     if _NET is None:
         _NET = network_isolation_available()
-    t0 = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="sieve-sandbox-"))
+    return _NET
+
+
+def _collect(proc: subprocess.Popen, result_fd: int, job: bytes, deadline: float) -> tuple[bytes, str, str, int | None]:
+    """Feed the job, read results/stdout/stderr with byte caps until the harness is done or the deadline
+    passes; kill the sandbox (its whole pid namespace) on a deadline or an output flood."""
+    assert proc.stdin and proc.stdout and proc.stderr
+    sel = selectors.DefaultSelector()
+    os.set_blocking(proc.stdin.fileno(), False)
+    sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE, "stdin")
+    sel.register(proc.stdout.fileno(), selectors.EVENT_READ, "stdout")
+    sel.register(proc.stderr.fileno(), selectors.EVENT_READ, "stderr")
+    sel.register(result_fd, selectors.EVENT_READ, "result")
+    kept = {"stdout": bytearray(), "stderr": bytearray(), "result": bytearray()}
+    total_output, pending, why = 0, memoryview(job), ""
     try:
-        nonce = secrets.token_hex(16)
-        (tmp / "harness.py").write_text(_HARNESS)
-        (tmp / "job.json").write_text(json.dumps({"setup": setup, "code": code, "call": call or []}))
-        exe = python or sys.executable
-        cmd = [exe, "-I", "-B", str(tmp / "harness.py")]
-        if _NET:
-            # -r maps us to root inside a user namespace, which lets -n create the namespace unprivileged.
-            cmd = [shutil.which("unshare") or "unshare", "-rn", *cmd]
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "LANG": "C.UTF-8", "SIEVE_NONCE": nonce,
-               "TMPDIR": str(tmp)}
-        cpu = max(1, int(timeout_s) + 1)
-        proc = subprocess.Popen(
-            cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, preexec_fn=_limits(cpu, memory_mb, file_mb, nproc=64 if _NET else 512),
-        )
+        while len(sel.get_map()) > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                why = "timeout"
+                break
+            for key, _ in sel.select(min(left, 0.5)):
+                name = key.data
+                if name == "stdin":
+                    try:
+                        n = os.write(key.fd, pending[:65536])
+                    except (BrokenPipeError, BlockingIOError):
+                        n = len(pending) if not isinstance(sys.exc_info()[1], BlockingIOError) else 0
+                    pending = pending[n:]
+                    if not pending:
+                        sel.unregister(key.fd)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                if name == "result":
+                    if len(kept["result"]) + len(chunk) > _RESULT_LIMIT:
+                        why = "result flood"
+                        break
+                    kept["result"] += chunk
+                else:
+                    total_output += len(chunk)
+                    room = _OUTPUT_KEEP - len(kept[name])
+                    if room > 0:
+                        kept[name] += chunk[:room]
+                    if total_output > _OUTPUT_LIMIT:
+                        why = f"output limit ({_OUTPUT_LIMIT >> 20} MiB of stdout/stderr)"
+                        break
+            if why:
+                break
+    finally:
+        sel.close()
+        if why:
+            _kill(proc)
         try:
-            out, err = proc.communicate(timeout=timeout_s)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             _kill(proc)
-            proc.communicate()
-            return SandboxResult(False, "timeout", f"wall-clock limit {timeout_s}s", time.monotonic() - t0)
-        result_file = tmp / f".result-{nonce}"
-        if result_file.exists():
-            try:
-                res = json.loads(result_file.read_text())
-            except json.JSONDecodeError:
-                res = {}
-            if res.get("nonce") == nonce and res.get("status") in ("ok", "error"):
-                ok = res["status"] == "ok" and proc.returncode == 0
-                return SandboxResult(ok, res["status"] if ok or res["status"] == "error" else "error",
-                                     res.get("detail", ""), time.monotonic() - t0)
-        status = "killed" if proc.returncode and proc.returncode < 0 else "no-result"
-        detail = (err or b"").decode(errors="replace")[-2000:]
-        return SandboxResult(False, status, f"exit {proc.returncode}: {detail}", time.monotonic() - t0)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f and not f.closed:
+                f.close()
+    output = (bytes(kept["stdout"]) + b"\n" + bytes(kept["stderr"])).decode(errors="replace")
+    return bytes(kept["result"]), output, why, proc.returncode
 
 
 def _kill(proc: subprocess.Popen) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # bwrap's pid-1 child dies with it: the namespace goes
     except (ProcessLookupError, PermissionError):
         proc.kill()
+
+
+def _verdict(names: list[str], result: bytes, output: str, why: str, code: int | None, seconds: float) -> SandboxResult:
+    """``ok`` only when the harness reported ``pass`` for exactly the expected tests, in order, and
+    finished."""
+    outcomes: dict[str, dict] = {}
+    done = False
+    for line in result.decode(errors="replace").splitlines():
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(msg, dict):
+            continue
+        if msg.get("done") is True:
+            done = True
+        elif msg.get("test") in names and msg.get("test") not in outcomes:
+            outcomes[msg["test"]] = msg
+    if why == "timeout":
+        return SandboxResult(False, "timeout", f"wall-clock limit reached after {len(outcomes)} of {len(names)} tests",
+                             seconds, output)
+    if why:
+        return SandboxResult(False, "killed", why, seconds, output)
+    status_of = {"fail": "error", "killed": "killed", "no-result": "no-result", "tampered": "tampered",
+                 "sandbox": "no-result"}
+    for n in names:
+        o = outcomes.get(n)
+        if o is None:
+            return SandboxResult(False, "no-result", f"no outcome for {n} (exit {code}): {output[-1000:]}", seconds,
+                                 output)
+        if o.get("outcome") != "pass":
+            detail = f"{n}: {o.get('detail', '')}"
+            if o.get("outcome") == "sandbox":
+                detail = f"sandbox setup failed in {n}: {o.get('detail', '')}"
+            return SandboxResult(False, status_of.get(o.get("outcome"), "no-result"), detail, seconds, output)
+    if not done or code != 0:
+        return SandboxResult(False, "no-result", f"the harness did not finish (exit {code})", seconds, output)
+    return SandboxResult(True, "ok", "ran " + ", ".join(names), seconds, output)
