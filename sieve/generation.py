@@ -14,6 +14,10 @@ stopping criterion, finds both on the device; HF's own EOS handling is off, so n
 dropped mid-batch. Generation ends early once every row has ended (the trace's bounded loop is then
 cut short, which is harmless: nothing follows it). An all-greedy batch adds no logits processor: HF's
 own argmax picks the tokens.
+
+Prompts are healed by default (:mod:`sieve.healing`): a prompt whose last token could merge with what
+follows (a trailing ``"\\n"`` before indentation, a trailing space) is fed without that token, and the
+first generated token must start with its text. Each row keeps its full token budget after the prompt.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import Tensor
 from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in notebooks
 
 from sieve.errors import SieveError
+from sieve.healing import Heal, TokenHealer, heal_rows, strip_healed
 from sieve.interventions import Intervention, Steerer
 from sieve.models import layer, pad_left, tokenize_prompts, underlying
 
@@ -47,6 +52,9 @@ class Completion:
 
     ``finished``: the row ended before the token budget, at EOS (not in ``token_ids``) or at a stop
     string (in them). ``counts``: detector firings and edits on the prompt and on the kept tokens.
+    ``healed``: the prompt's last token's text when token healing backed it up (else ""): ``text``
+    continues the prompt as written (without it), ``token_ids`` include the token that re-spelled it,
+    and the detector counts it as generated.
     """
 
     prompt: str
@@ -54,6 +62,7 @@ class Completion:
     token_ids: list[int]
     finished: bool
     counts: dict[str, int] = field(default_factory=dict)
+    healed: str = ""
 
 
 class RowSampler:
@@ -122,10 +131,13 @@ class RowTracker:
         ([0, 1], [[0, 3], [7, 0]])
     """
 
-    def __init__(self, prompt_len: int, eos_token_ids: Sequence[int], stop=None) -> None:
+    def __init__(self, prompt_len: int, eos_token_ids: Sequence[int], stop=None,
+                 budgets: Sequence[int] | None = None) -> None:
         self.prompt_len = int(prompt_len)
         self.eos = torch.tensor(sorted(set(int(e) for e in eos_token_ids)), dtype=torch.long)
         self.stop = stop  # a StopStringCriteria, or None
+        # Per-row token budgets (rows of one batch may differ: a healed row gets one more); None: no cut.
+        self.budgets = None if budgets is None else torch.tensor([int(b) for b in budgets], dtype=torch.long)
         self.ends: Tensor | None = None  # [B] generated tokens to keep; -1 while the row runs
         self.ids: Tensor | None = None  # the latest input_ids, prompt included
 
@@ -134,20 +146,28 @@ class RowTracker:
         if self.ends is None:
             self.ends = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
             self.eos = self.eos.to(input_ids.device)
+            if self.budgets is not None:
+                self.budgets = self.budgets.to(input_ids.device)
         is_eos = torch.isin(input_ids[:, -1], self.eos)
         ended = is_eos if self.stop is None else is_eos | self.stop(input_ids, scores)
+        if self.budgets is not None:
+            ended = ended & (step < self.budgets)  # past its budget a row's tokens are not its own
         at = torch.where(is_eos, step, step + 1)
         self.ends = torch.where(ended & (self.ends < 0), at, self.ends)
         self.ids = input_ids
+        done = self.ends >= 0
+        if self.budgets is not None:
+            done = done | (step + 1 >= self.budgets)
         # Every row is told "done" once all have ended; no host sync here (HF's own stop check has one).
-        return (self.ends >= 0).all().expand(input_ids.shape[0])
+        return done.all().expand(input_ids.shape[0])
 
     def keeps(self, position: int) -> Tensor | None:
         """``[B]`` bool: whether generated token ``position`` belongs to each row's completion (None
         before the first token)."""
         if self.ends is None:
             return None
-        return (self.ends < 0) | (self.ends > position)
+        keep = (self.ends < 0) | (self.ends > position)
+        return keep if self.budgets is None else keep & (position < self.budgets)
 
     def tokens(self) -> Tensor:
         """``[B, steps]``: every generated token, including those after a row's end."""
@@ -158,8 +178,10 @@ class RowTracker:
     def completions(self) -> list[tuple[list[int], bool]]:
         """Per row: the kept tokens, and whether the row ended (EOS or stop string) before the budget."""
         ends = self.ends.tolist() if self.ends is not None else []
+        budgets = self.budgets.tolist() if self.budgets is not None else [None] * len(ends)
         out = []
-        for row, end in zip(self.tokens().cpu().tolist(), ends):
+        for row, end, budget in zip(self.tokens().cpu().tolist(), ends, budgets):
+            row = row[:budget] if budget is not None else row
             out.append((row[:end] if end >= 0 else row, end >= 0))
         return out
 
@@ -231,9 +253,11 @@ def steered_generate_batch(
     top_p: float = 1.0,
     stop: Sequence[str] = (),
     token_ids: list[list[int]] | None = None,
+    token_healing: bool = True,
 ) -> list[Completion]:
     """One batch: every row its own prompt, intervention, temperature and seed. ``token_ids``: the
     prompts already tokenized (:func:`sieve.models.tokenize_prompts`), so they are not tokenized again.
+    ``token_healing``: see :func:`generate`.
 
     Example:
         >>> outs = steered_generate_batch(model, ["def f("], [None], layer_index=1, max_new_tokens=4)  # doctest: +SKIP
@@ -252,18 +276,29 @@ def steered_generate_batch(
     if len(rows) != B:
         raise SieveError(f"{len(rows)} token rows for {B} prompts")
     check_context(model, [len(r) for r in rows], max_new_tokens)
+    heals: list[Heal | None] = [None] * B
+    if token_healing:
+        rows, heals = heal_rows(tok, rows)
+    healing = any(h is not None for h in heals)
+    # A healed row re-spells its prompt's last token first: it gets one step more, so every row keeps
+    # max_new_tokens after the prompt as written.
+    steps = max_new_tokens + 1 if healing else max_new_tokens
     enc = pad_left(rows, tok.pad_token_id)
     enc = {k: v.to(device) for k, v in enc.items()}
     steer = Steerer(interventions, enc, tok)
-    tracker = RowTracker(enc["input_ids"].shape[1], _eos_ids(model), _stop_criterion(tok, stop))
-    processors = [RowSampler(temps, seed_list, top_p)] if any(t > 0 for t in temps) else []
+    width = enc["input_ids"].shape[1]
+    tracker = RowTracker(width, _eos_ids(model), _stop_criterion(tok, stop),
+                         budgets=[max_new_tokens + (h is not None) for h in heals] if healing else None)
+    processors: list[Any] = [TokenHealer(heals, width)] if healing else []
+    if any(t > 0 for t in temps):
+        processors.append(RowSampler(temps, seed_list, top_p))
     gc = copy.deepcopy(hf.generation_config)
     # HF must not end rows itself: RowTracker finds each row's end and stops the batch once all have.
     # min_new_tokens is not used: it would forbid EOS and change what rows generate.
     gc.eos_token_id = None
     gc.pad_token_id = tok.pad_token_id
     gc.do_sample = False
-    gc.max_new_tokens = max_new_tokens
+    gc.max_new_tokens = steps
     gc.min_new_tokens = None
     gc.max_length = None
     gc.temperature = None
@@ -279,7 +314,7 @@ def steered_generate_batch(
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         with model.generate(enc, generation_config=gc, logits_processor=processors,
                             stopping_criteria=StoppingCriteriaList([tracker])) as tracer:
-            for step in tracer.iter[:max_new_tokens]:
+            for step in tracer.iter[:steps]:
                 # Decode step k reads generated token k-1: count firings only while it is kept.
                 target.output = steer(target.output, counted=None if step == 0 else tracker.keeps(step - 1))
     counts = steer.counts()
@@ -287,10 +322,11 @@ def steered_generate_batch(
     for i, (row, finished) in enumerate(tracker.completions()):
         out.append(Completion(
             prompt=prompts[i],
-            text=tok.decode(row, skip_special_tokens=True),
+            text=strip_healed(tok, row, heals[i]),
             token_ids=row,
             finished=finished,
             counts={k: v[i] for k, v in counts.items()},
+            healed=heals[i].text if heals[i] is not None else "",
         ))
     return out
 
@@ -326,6 +362,7 @@ def generate(
     batch_size: int | None = None,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    token_healing: bool = True,
 ) -> list[Completion]:
     """Generate for every prompt with its own intervention, in batches, edited at every step.
 
@@ -336,13 +373,19 @@ def generate(
     length to limit padding; results come back in the input order. ``on_batch(n)`` is called after each
 batch with its number of rows (e.g. a caller's own progress bar's ``update``).
 
+    ``token_healing`` (on by default): a prompt ending where the tokenizer would merge with the next
+    text (``"\\n"`` before indentation, a trailing space, half a word) is fed without its last token,
+    and the first generated token must start with that token's text (:mod:`sieve.healing`); the
+    completion's ``text`` continues the prompt as written, ``healed`` says what was re-spelled.
+    ``False`` feeds the prompts' tokens as they are.
+
     Example:
         >>> from sieve.world import load_world
         >>> w = load_world()
         >>> outs = generate(w.model, ["def add(a, b):\\n"], layer_index=w.layer, max_new_tokens=8,
         ...                 progress=False)
-        >>> len(outs[0].token_ids) <= 8
-        True
+        >>> outs[0].healed, len(outs[0].token_ids) <= 8 + 1  # "\\n" re-spelled, then 8 tokens at most
+        ('\\n', True)
     """
     n = len(prompts)
     if interventions is None or isinstance(interventions, Intervention):
@@ -372,7 +415,7 @@ batch with its number of rows (e.g. a caller's own progress bar's ``update``).
                 model, [prompts[j] for j in idx], [interventions[j] for j in idx],
                 layer_index=layer_index, max_new_tokens=max_new_tokens,
                 temperatures=[temps[j] for j in idx], seeds=[seed_list[j] for j in idx], top_p=top_p, stop=stop,
-                token_ids=[rows[j] for j in idx],
+                token_ids=[rows[j] for j in idx], token_healing=token_healing,
             )
         except torch.cuda.OutOfMemoryError:
             if bs == 1 or batch_size is not None:
