@@ -226,10 +226,11 @@ def sweep_plan(model, layer: int, per_cell: int):
 
 def sieve_way(model, layer: int, rows, ivs, n: int, device: str, sampled: bool = False) -> list[list[int]]:
     """All rows of the sweep in batched generation, rows mixing methods and scales: on CUDA all in one
-    batch, on a CPU in batches of sieve's default size (32)."""
+    batch, on a CPU in batches of sieve's default size (32). Token healing is off: the study's way feeds
+    the prompts' tokens as they are, and both must do the same work."""
     bs = len(rows) if device == "cuda" else None
     outs = generate(model, rows, ivs, layer_index=layer, max_new_tokens=n, batch_size=bs, progress=False,
-                    temperature=1.0 if sampled else 0.0, seeds=list(range(len(rows))))
+                    temperature=1.0 if sampled else 0.0, seeds=list(range(len(rows))), token_healing=False)
     return [o.token_ids for o in outs]
 
 

@@ -162,12 +162,13 @@ class RowTracker:
         return done.all().expand(input_ids.shape[0])
 
     def keeps(self, position: int) -> Tensor | None:
-        """``[B]`` bool: whether generated token ``position`` belongs to each row's completion (None
-        before the first token)."""
+        """``[B]`` bool: whether the forward that reads generated token ``position`` is part of each row's
+        run: the token belongs to the row's completion and (with per-row budgets) the row has budget
+        left for the token that forward predicts. None before the first token."""
         if self.ends is None:
             return None
         keep = (self.ends < 0) | (self.ends > position)
-        return keep if self.budgets is None else keep & (position < self.budgets)
+        return keep if self.budgets is None else keep & (position + 1 < self.budgets)
 
     def tokens(self) -> Tensor:
         """``[B, steps]``: every generated token, including those after a row's end."""

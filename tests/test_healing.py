@@ -160,3 +160,46 @@ def test_strip_healed_cuts_exact_bytes(world):
     ids = tok("\n    return x", add_special_tokens=False)["input_ids"]
     assert strip_healed(tok, ids, Heal("\n", b"\n", ())) == "    return x"
     assert strip_healed(tok, ids, None) == "\n    return x"
+
+
+def test_counts_of_an_unhealed_row_do_not_depend_on_healed_rows_beside_it(world):
+    """A healed row runs one step more; the unhealed row beside it is counted as if alone."""
+    from sieve.interventions import Edit, Intervention
+
+    d = underlying(world.model).config.n_embd
+    iv = Intervention("always", Edit("add", torch.ones(d), 0.01))
+    prompts = ["<|endoftext|>", DOCSTRING_PROMPTS[0]]
+    kw = dict(layer_index=world.layer, max_new_tokens=6, progress=False)
+    together = generate(world.model, prompts, iv, **kw)
+    alone = generate(world.model, prompts[:1], iv, **kw)[0]
+    assert together[0].healed == "" and together[1].healed == "\n"
+    assert together[0].token_ids == alone.token_ids and together[0].counts == alone.counts
+    for o in together:  # every forward after the prefill that predicts a kept token is counted
+        assert o.counts["gen_edited"] == (len(o.token_ids) if o.finished else len(o.token_ids) - 1)
+
+
+def test_a_model_that_only_says_eos_still_re_spells_the_healed_tail(tiny_dirs):
+    """EOS is masked at the healing step: the healed row re-spells its tail, then ends (empty text);
+    the unhealed row ends at once. Counts: one decode forward for the healed row, none for the other."""
+    from transformers import GPT2LMHeadModel
+
+    from sieve.interventions import Edit, Intervention
+    from sieve.models import load_model
+
+    hf = GPT2LMHeadModel.from_pretrained(tiny_dirs["gpt2"]).eval()
+    tok = load_model(tiny_dirs["gpt2"]).tokenizer
+    with torch.no_grad():
+        head = torch.nn.Linear(hf.config.n_embd, hf.config.vocab_size, bias=True)
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 50.0
+        hf.lm_head = head
+    model = load_model(hf, tokenizer=tok)
+    iv = Intervention("always", Edit("add", torch.ones(hf.config.n_embd), 0.5))
+    outs = generate(model, [PROMPTS[0], tok.bos_token], iv, layer_index=1, max_new_tokens=8, progress=False)
+    healed, plain = outs
+    assert healed.healed == "\n" and plain.healed == ""
+    assert healed.finished and len(healed.token_ids) == 1 and healed.text == ""
+    assert tok.decode(healed.token_ids).startswith("\n")
+    assert plain.finished and plain.token_ids == [] and plain.text == ""
+    assert healed.counts["gen_edited"] == 1 and plain.counts["gen_edited"] == 0

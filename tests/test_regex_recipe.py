@@ -68,11 +68,14 @@ def test_tiny_sweep_end_to_end(tmp_path, detector_cache, capsys):
     un = gen.filter(pl.col("method") == "unsteered")
     assert (un["gen_edited"] == 0).all() and (un["prompt_edited"] == 0).all()
     const = gen.filter(pl.col("method") == "constant_sae")
-    # 8 new tokens: 7 decode forwards after the prefill; a row that picked EOS at step j (n_tokens = j,
+    # A row that ran out of budget (8 new tokens, 9 when healing re-spelled the prompt's last token)
+    # had n_tokens - 1 decode forwards after the prefill; a row that picked EOS at step j (n_tokens = j,
     # the EOS cut) had its j kept tokens read by a forward, and nothing after its EOS is counted.
-    expected = pl.when(pl.col("finished")).then(pl.col("n_tokens")).otherwise(7)
+    expected = pl.when(pl.col("finished")).then(pl.col("n_tokens")).otherwise(pl.col("n_tokens") - 1)
+    assert set(const.filter(~pl.col("finished"))["n_tokens"]) <= {8, 9}
     assert const.select((pl.col("gen_edited") == expected).all()).item()
-    assert const["finished"].any() and (~const["finished"]).any()  # both kinds of row are checked
+    # (rows ending at EOS are checked in tests/test_healing.py: healed prompts rarely end within 8 tokens)
+    assert (~const["finished"]).any()
 
 
 def test_killed_run_resumes_without_duplicates(tmp_path, detector_cache):
