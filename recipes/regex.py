@@ -13,8 +13,9 @@ What it does, in one direction:
 2. generate: rows mixing methods and scales run as batched generation with the edit at every step;
    each finished chunk of rows is evaluated (regex use by parsing, syntax, and for instruct models the
    generated tests run in the sandbox) and appended to ``<output>/gen`` (parquet parts);
-3. general ability per (method, scale): held-out next-token loss on regex-free code (embedded world) or
-   MMLU accuracy (real models), appended to ``<output>/ability``;
+3. general ability per (method, scale): held-out next-token loss on regex-free code (embedded world),
+   MMLU accuracy (real models) or lm-evaluation-harness tasks (``eval.general = "lmeval"``), appended
+   to ``<output>/ability``;
 4. report: a summary table with 95% intervals and the Pareto front, charts (HTML + PNG).
 
 An interrupted run started again with the same recipe resumes: finished rows are skipped, none is
@@ -159,6 +160,7 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, i
         questions = load_mmlu(recipe)  # once, not per cell
     for method, scale in tqdm(todo, desc="general ability", disable=not progress):
         iv = intervention(setting.parts, method, scale)
+        extra: dict[str, Any] = {}
         if recipe.eval.general == "loss":
             from sieve.evals.ability import steered_logprobs
 
@@ -166,6 +168,9 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, i
                                    batch_size=recipe.sweep.batch_size or 16)
             values = [float(-lp.mean()) for lp in lps if lp.numel()]
             metric = "loss"
+        elif recipe.eval.general == "lmeval":
+            values, extra = harness_values(recipe, setting, iv)
+            metric = f"lmeval:{recipe.eval.lmeval_metric}"
         else:
             from sieve.evals.mmlu import mmlu_accuracy
 
@@ -175,7 +180,22 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, i
             metric = "mmlu"
         store.append([{"key": f"ability|{method}|{scale:g}", "method": method, "scale": scale,
                        "metric": metric, "value": sum(values) / max(1, len(values)), "values": values,
-                       "recipe_hash": rh}])
+                       "recipe_hash": rh, **extra}])
+
+
+def harness_values(recipe: Recipe, setting, iv) -> tuple[list[float], dict[str, Any]]:
+    """lm-evaluation-harness tasks under one cell's intervention: the per-document values of the
+    recipe's metric over all its tasks, and the per-task scores and gate counts as JSON."""
+    from sieve.evals.lmeval import SteeredLM, run_harness
+
+    ev = recipe.eval
+    lm = SteeredLM(model=setting.model, intervention=iv, layer=setting.layer, batch_size=recipe.sweep.batch_size or 16)
+    out = run_harness(lm, ev.lmeval_tasks, include_path=recipe.resolve(ev.lmeval_include) if ev.lmeval_include else None,
+                      limit=ev.lmeval_limit or None, num_fewshot=None if ev.lmeval_fewshot < 0 else ev.lmeval_fewshot,
+                      metric=ev.lmeval_metric)
+    values = [v for t in out["tasks"].values() for v in t["values"]]
+    detail = {"tasks": {k: t["metrics"] for k, t in out["tasks"].items()}, "gate": out["gate"]}
+    return values, {"detail": json.dumps(detail, sort_keys=True)}
 
 
 def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = False) -> pl.DataFrame:
@@ -193,7 +213,9 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
     if charts and recipe.output.charts:
         from sieve.plots import pareto_chart, save_chart
 
-        title = "held-out loss on regex-free code (nats, lower is better)" if lower else "MMLU accuracy"
+        title = ("held-out loss on regex-free code (nats, lower is better)" if lower
+                 else f"lm-eval {recipe.eval.lmeval_metric} ({', '.join(recipe.eval.lmeval_tasks)})"
+                 if recipe.eval.general == "lmeval" else "MMLU accuracy")
         save_chart(pareto_chart(summary, ability_title=title), out / "pareto")
     if not quiet:
         print(format_summary(summary, validity))

@@ -124,7 +124,9 @@ class EvalSpec:
     """Evaluations. ``execute``: run generated tests in the sandbox; ``sandbox``: "bwrap" (OS-level
     isolation, the default; refused where bubblewrap is missing) or "process" (the weaker mode, without
     filesystem or network isolation; warns on every run); ``general``: "loss" (held-out next-token
-    loss on regex-free code) or "mmlu" (via the MMLU recipe)."""
+    loss on regex-free code), "mmlu" (sieve's own scorer) or "lmeval" (lm-evaluation-harness tasks
+    ``lmeval_tasks``, scored by ``lmeval_metric`` per document; ``lmeval_include``: a folder of task
+    YAMLs of your own, relative to the recipe; ``lmeval_fewshot`` -1: each task's own)."""
 
     execute: bool = True
     sandbox: Literal["bwrap", "process"] = "bwrap"
@@ -132,11 +134,16 @@ class EvalSpec:
     memory_mb: int = 512
     judge: Literal["off", "hf", "openai"] = "off"
     judge_model: str = ""
-    general: Literal["loss", "mmlu", "none"] = "loss"
+    general: Literal["loss", "mmlu", "lmeval", "none"] = "loss"
     mmlu_data: str = ""
     mmlu_subjects: list[str] = field(default_factory=list)
     mmlu_shots: int = 0
     mmlu_limit: int = 0
+    lmeval_tasks: list[str] = field(default_factory=list)
+    lmeval_include: str = ""
+    lmeval_metric: str = "acc"
+    lmeval_limit: int = 0
+    lmeval_fewshot: int = -1
 
 
 @dataclass
@@ -286,6 +293,10 @@ def _validate(r: Recipe) -> Recipe:
     for i, st in enumerate(r.sweep.stop):
         if not st:
             raise RecipeError(where, f"sweep.stop[{i}]", "must be a non-empty string")
+    if r.eval.general == "lmeval" and not r.eval.lmeval_tasks:
+        raise RecipeError(where, "eval.lmeval_tasks", "general = 'lmeval' needs at least one harness task name")
+    if r.eval.lmeval_include and not r.resolve(r.eval.lmeval_include).is_dir():
+        raise RecipeError(where, "eval.lmeval_include", f"{r.resolve(r.eval.lmeval_include)} is not a folder")
     if isinstance(r.caa.threshold, str) and r.caa.threshold != "calibrate":
         raise RecipeError(where, "caa.threshold", f"{r.caa.threshold!r}: use a number or 'calibrate'")
     return r

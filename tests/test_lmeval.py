@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 
@@ -18,10 +19,14 @@ pytest.importorskip("lm_eval", reason="the [lmeval] extra is not installed")
 import lm_eval
 from lm_eval.models.huggingface import HFLM
 
+from recipes import regex
 from sieve.evals.lmeval import SteeredLM, run_harness, task_manager
 from sieve.interventions import Detector, Edit, Intervention
 from sieve.models import underlying
+from sieve.recipe import load_recipe
+from sieve.results import ResultStore
 from sieve.world import load_world
+from tests.test_regex_recipe import _overrides, _prepare, detector_cache  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,3 +211,43 @@ def test_run_harness_returns_per_document_values(world, tasks):
     assert len(vals) == len(DOCS) and set(vals) <= {0.0, 1.0}
     assert out["tasks"]["world_mc"]["metrics"]["acc"] == pytest.approx(sum(vals) / len(vals))
     assert out["gate"]["rows"] > 0
+
+
+def test_regex_recipe_takes_its_general_ability_from_the_harness(tmp_path, detector_cache, tasks):  # noqa: F811
+    """``eval.general = "lmeval"``: every cell of the sweep runs the harness tasks under its intervention,
+    into the same results table, summary and Pareto charts."""
+    out = tmp_path / "run"
+    _prepare(out, detector_cache)
+    ov = _overrides(out, **{"sweep.methods": '["unsteered","conditional_per_input"]', "eval.general": '"lmeval"',
+                            "eval.lmeval_tasks": '["world_mc"]', "eval.lmeval_include": f'"{tasks}"'})
+    assert regex.main([str(ROOT / "recipes/regex.toml"), *ov, "--no-progress"]) == 0
+    ability = ResultStore(out / "ability").table().sort("method")
+    assert ability["method"].to_list() == ["conditional_per_input", "unsteered"]
+    assert set(ability["metric"]) == {"lmeval:acc"}
+    assert all(len(v) == len(DOCS) for v in ability["values"].to_list())
+    detail = [json.loads(d) for d in ability["detail"]]
+    assert all("acc" in d["tasks"]["world_mc"] and d["gate"]["rows"] > 0 for d in detail)
+    assert detail[1]["gate"]["rows_edited"] == 0  # unsteered
+    assert detail[0]["gate"]["rows_fired"] > 0  # the regex feature fires on the `import re` contexts
+    summary = pl.read_parquet(out / "summary.parquet")
+    assert summary["ability_metric"].to_list() == ["lmeval:acc"] * 2 and summary["ability"].is_not_null().all()
+    assert (out / "pareto.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_with_recipe_model_args(tmp_path, detector_cache, tasks):  # noqa: F811
+    """``sieve-lm-eval --model sieve --model_args recipe=…,method=…,scale=…``: lm_eval's own command line."""
+    from sieve.evals.lmeval import main
+    from sieve.recipe import save_recipe
+
+    out = tmp_path / "run"
+    _prepare(out, detector_cache)
+    recipe = save_recipe(load_recipe(ROOT / "recipes/regex.toml", _overrides(out)), tmp_path / "recipe.toml")
+    res = tmp_path / "results"
+    main(["--model", "sieve", "--model_args", f"recipe={recipe},method=conditional_per_input,scale=-8",
+          "--tasks", "world_mc", "--include_path", str(tasks), "--batch_size", "4", "--output_path", str(res)])
+    (found,) = res.rglob("results_*.json")
+    data = json.loads(found.read_text())
+    assert "acc,none" in data["results"]["world_mc"]
+    args = data["config"]["model_args"]
+    assert args["method"] == "conditional_per_input" and args["scale"] == -8.0

@@ -291,7 +291,7 @@ def run_harness(
     tasks: Sequence[str],
     *,
     include_path: str | Path | None = None,
-    include_defaults: bool = True,
+    include_defaults: bool | None = None,
     limit: int | float | None = None,
     num_fewshot: int | None = None,
     metric: str = "acc",
@@ -299,8 +299,9 @@ def run_harness(
     """Run harness tasks on ``lm`` and return, per task, its aggregate metrics and the per-document
     values of ``metric`` (for intervals), with the gate counts of the run.
 
-    ``include_path``: a folder of task YAMLs of your own; ``include_defaults=False`` leaves out the
-    harness's built-in tasks (indexing them takes about 20 s, once per process).
+    ``include_path``: a folder of task YAMLs of your own. ``include_defaults``: whether the harness's
+    built-in tasks are indexed too (about 20 s, once per process); None: only when a task is not found
+    in ``include_path``.
 
     Example:
         >>> out = run_harness(lm, ["world_mc"], include_path="tasks/")  # doctest: +SKIP
@@ -308,6 +309,9 @@ def run_harness(
     """
     import lm_eval
 
+    if include_defaults is None:
+        local = task_manager(include_path, False) if include_path else None
+        include_defaults = local is None or not set(tasks) <= set(local.all_tasks)
     tm = task_manager(include_path, include_defaults)
     before = lm.gate_counts.as_dict()
     res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit,
