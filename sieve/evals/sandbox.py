@@ -444,8 +444,6 @@ def _worker(job, name, report, result_fd):
             del sys.modules[mod]
         setup_code = compile(job["setup"], "<under_test>", "exec")
         test_code = compile(job["code"], "<generated>", "exec")
-        if job["audit"]:
-            _audit_hook(os.path.realpath(os.getcwd()), job["stdlib"])
     except BaseException as e:
         write(3, json.dumps({"test": name, "outcome": "sandbox", "detail": repr(e)}).encode())
         exit_(0)
@@ -455,6 +453,8 @@ def _worker(job, name, report, result_fd):
         exec(setup_code, ns)
         originals = {k: ns[k] for k in job["protected"] if k in ns}
         codes = {k: getattr(v, "__code__", None) for k, v in originals.items()}
+        if job["audit"]:  # after the code under test (a prompt file may import what tests may not)
+            _audit_hook(os.path.realpath(os.getcwd()), job["stdlib"])
         exec(test_code, ns)
         fn = ns.get(name)
         if not callable(fn):
