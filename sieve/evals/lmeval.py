@@ -24,7 +24,7 @@ and from Python::
     lm = SteeredLM(model=w.model, intervention=iv, layer=w.layer, batch_size=8)
     lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"])
 
-Needs the ``lmeval`` extra (``pip install "<this package>[lmeval]"``).
+Needs the ``lmeval`` extra (``pip install -e ".[lmeval]"`` in a clone).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ try:
     from lm_eval.models.utils_hf import stop_sequences_criteria
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise SieveError(
-        "sieve.evals.lmeval needs lm-evaluation-harness: pip install 'lm-eval>=0.4.9' (or this package's "
+        "sieve.evals.lmeval needs lm-evaluation-harness: pip install 'lm-eval>=0.4.13,<0.5' (or this package's "
         f"[lmeval] extra) ({e})"
     ) from e
 
