@@ -39,7 +39,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from sieve.errors import SieveError
-from sieve.evals.code import cut_function, evaluate_code, extract_code, valid_prefix
+from sieve.evals.code import answer_validity, evaluate_code, function_validity
 from sieve.generation import default_batch_size, generate
 from sieve.methods import build
 from sieve.recipe import UNSTEERED, Recipe, load_recipe, recipe_hash
@@ -86,23 +86,26 @@ def _shard(rows: list[dict[str, Any]], shard: tuple[int, int]) -> list[dict[str,
 def evaluate_row(recipe: Recipe, prompt, completion, judge=None) -> dict[str, Any]:
     """Evaluate one completion: code, regex use, syntax, (instruct models) task success, and the
     optional judge's verdict."""
+    # Empty completions are counted and never valid; "valid" is complete-and-parsing or a valid prefix
+    # at the token budget (the kind says which).
     if prompt.style == "instruct":
-        code = extract_code(completion.text, prefilled_fence=True)
+        validity = answer_validity(completion.text, completion.finished, prefilled_fence=True)
+        code = validity.code
         ev = evaluate_code(code, setup=prompt.setup, execute=recipe.eval.execute and prompt.kind == "regex",
                            timeout_s=recipe.eval.timeout_s, memory_mb=recipe.eval.memory_mb,
                            sandbox=recipe.eval.sandbox)
     else:
-        code, ended = cut_function(prompt.text, completion.text)
+        validity = function_validity(prompt.text, completion.text, completion.finished)
+        code = validity.code
         ev = evaluate_code(code, execute=False)
-        if not ev.syntax and not ended and not completion.finished and valid_prefix(code):
-            # The token budget ran out inside the function: valid so far is valid.
-            ev = replace(ev, syntax=True)
+    ev = replace(ev, syntax=validity.valid)
     verdict = judge(prompt.setup, code) if judge is not None and code and prompt.kind == "regex" else None
     return {
         "judge_follows": verdict.follows_prompt if verdict else None,
         "judge_sensible": verdict.sensible if verdict else None,
         "text": completion.text, "code": code or "", "has_code": ev.has_code, "regex": ev.regex,
-        "regex_parsed": ev.regex_parsed, "syntax": ev.syntax, "executed": ev.executed,
+        "regex_parsed": ev.regex_parsed, "syntax": ev.syntax, "validity": validity.kind,
+        "empty": validity.empty, "complete": validity.kind == "complete", "executed": ev.executed,
         "exec_status": ev.exec_status, "n_tokens": len(completion.token_ids), "finished": completion.finished,
         **{k: int(v) for k, v in completion.counts.items()},
     }
@@ -222,21 +225,45 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
     return summary
 
 
+def _iv(r: dict[str, Any], est: str, lo: str, hi: str, signed: bool = False) -> str:
+    v, a, b = r.get(est), r.get(lo), r.get(hi)
+    if v is None or a is None or b is None:
+        return "-"
+    f = "+.3f" if signed else ".3f"
+    return f"{v:{f}} [{a:{f}},{b:{f}}]"
+
+
 def format_summary(summary: pl.DataFrame, validity: str) -> str:
-    """The printed summary: per method, its Pareto-front scales with 95% intervals."""
-    lines = [f"{'method':32s} {'scale':>7s}  {'regex rate [95% CI]':>22s}  {validity + ' rate [95% CI]':>24s}  "
-             f"{'ability [95% CI]':>24s}  neutral changed / moved"]
+    """The printed summary: per method, its Pareto-front scales. Rates come with two 95% intervals:
+    Wilson (every completion independent), then clustered by prompt (bootstrap over prompts); Δ is the
+    paired difference from unsteered on the same prompt and seed, with a prompt-clustered interval."""
+    lines = [f"{'method':32s} {'scale':>7s}  {'regex rate [95% CI] [by prompt]':>36s}  {'Δ regex [by prompt]':>24s}  "
+             f"{validity + ' rate [95% CI] [by prompt]':>37s}  {'Δ valid':>24s}  {'complete/prefix/empty':>21s}  "
+             f"{'ability [95% CI]':>24s}  neutral changed [by prompt] / moved"]
     for r in summary.sort(["method", "scale"]).iter_rows(named=True):
         if not r.get("pareto", True):
             continue
-        ab = (f"{r['ability']:.3f} [{r['ability_lo']:.3f},{r['ability_hi']:.3f}]"
-              if r.get("ability") is not None else "-")
-        nc = (f"{r['neutral_changed']:.2f} / {r['neutral_moved']:.2f}" if r.get("neutral_changed") is not None
-              else "-")
+        regex = _iv(r, "regex_rate", "regex_lo", "regex_hi") + (
+            f" [{r['regex_clo']:.3f},{r['regex_chi']:.3f}]" if r.get("regex_clo") is not None else "")
+        valid = _iv(r, "valid_rate", "valid_lo", "valid_hi") + (
+            f" [{r['valid_clo']:.3f},{r['valid_chi']:.3f}]" if r.get("valid_clo") is not None else "")
+        split = (f"{r['complete_rate']:.2f}/{r['prefix_rate']:.2f}/{r.get('empty_rate') or 0.0:.2f}"
+                 if r.get("complete_rate") is not None else "-")
+        ab = _iv(r, "ability", "ability_lo", "ability_hi")
+        nc = (_iv(r, "neutral_changed", "neutral_changed_clo", "neutral_changed_chi") + f" / {r['neutral_moved']:.2f}"
+              if r.get("neutral_changed") is not None else "-")
+        d_regex = _iv(r, "regex_diff", "regex_diff_lo", "regex_diff_hi", True)
+        d_valid = _iv(r, "valid_diff", "valid_diff_lo", "valid_diff_hi", True)
         lines.append(
-            f"{r['method']:32s} {r['scale']:7.2f}  {r['regex_rate']:.3f} [{r['regex_lo']:.3f},{r['regex_hi']:.3f}]"
-            f"  {r['valid_rate']:.3f} [{r['valid_lo']:.3f},{r['valid_hi']:.3f}]      {ab:>24s}  {nc}"
+            f"{r['method']:32s} {r['scale']:7.2f}  {regex:>36s}  {d_regex:>24s}"
+            f"  {valid:>37s}  {d_valid:>24s}  {split:>21s}"
+            f"  {ab:>24s}  {nc}"
         )
+    if "empty_n" in summary.columns:
+        n_empty, n_all = int(summary["empty_n"].fill_null(0).sum()), int(summary["n"].sum())
+        if n_empty:
+            lines.append(f"WARNING: {n_empty} of {n_all} regex-prone completions were empty (counted as not valid "
+                         "and as no regex use); see empty_n/empty_rate in summary.csv")
     return "\n".join(lines)
 
 

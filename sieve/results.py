@@ -19,6 +19,8 @@ from typing import Any
 import polars as pl
 
 from sieve.evals.metrics import mean_ci, wilson
+from sieve.recipe import UNSTEERED
+from sieve.stats import DEFAULT_BOOTSTRAP, cluster_rate, paired_difference
 
 __all__ = ["ResultStore", "merge_stores", "summarize", "pareto_front", "parse_shard"]
 
@@ -122,36 +124,101 @@ def _moved(base: str, other: str) -> float:
     return 1.0 - n / len(base)
 
 
-def summarize(gen: pl.DataFrame, ability: pl.DataFrame | None, *, validity: str = "syntax") -> pl.DataFrame:
-    """Per method and scale: regex rate and validity rate on the regex-prone set (Wilson 95% CIs),
-    general ability (mean and CI), and side effects on the neutral set (detector firings per completion,
-    share of completions changed from unsteered with the same seed, and how far: the share of the
-    unsteered text lost after the first difference).
+def _flags(col: pl.Series) -> list[bool]:
+    return [bool(v) for v in col.to_list()]
 
-    ``validity``: the column that says a completion is valid (``syntax`` or ``executed``).
+
+def summarize(
+    gen: pl.DataFrame,
+    ability: pl.DataFrame | None,
+    *,
+    validity: str = "syntax",
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """Per method and scale, on the regex-prone set: regex rate and validity rate, each with a Wilson
+    95% interval (``*_lo``/``*_hi``: every completion counted as independent) and a prompt-clustered
+    bootstrap interval (``*_clo``/``*_chi``: prompts resampled, see :mod:`sieve.stats`); the paired
+    difference from unsteered on the same (prompt, sample) (``regex_diff``, ``valid_diff`` with clustered
+    intervals); empty completions (``empty_n``, ``empty_rate``: never valid) and how valid splits
+    (``complete_rate``: the code ended and parses; ``prefix_rate``: valid so far when the token budget
+    ran out). General ability (mean and CI). Side effects on the neutral set: detector firings per
+    completion, the share of completions changed from unsteered with the same seed (with a clustered
+    interval) and how far (the share of the unsteered text lost after the first difference), empties.
+
+    ``validity``: the column that says a completion is valid (``syntax`` or ``executed``). Bootstrap
+    intervals use ``n_boot`` replicates from ``seed`` (same data, same numbers).
+
+    Example:
+        >>> rows = [{"set": "regex", "method": m, "scale": 0.0, "prompt_index": p, "sample": s,
+        ...          "regex": m == "unsteered" and p == 0, "syntax": True, "text": "x"}
+        ...         for m in ("unsteered", "m") for p in range(4) for s in range(2)]
+        >>> s = summarize(pl.DataFrame(rows), None)
+        >>> s.select("method", "regex_rate", "regex_diff", "n_prompts").rows()
+        [('unsteered', 0.25, None, 4), ('m', 0.0, -0.25, 4)]
     """
     rows = []
     rx = gen.filter(pl.col("set") == "regex")
     nt = gen.filter(pl.col("set") == "neutral")
-    base = {}
+    base: dict[tuple[Any, Any], str] = {}
     if nt.height:
-        for r in nt.filter(pl.col("method") == "unsteered").iter_rows(named=True):
+        for r in nt.filter(pl.col("method") == UNSTEERED).iter_rows(named=True):
             base[(r["prompt_index"], r["sample"])] = r["text"]
+    has_valid = validity in rx.columns
+    base_rx: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for r in rx.filter(pl.col("method") == UNSTEERED).iter_rows(named=True):
+        base_rx[(r["prompt_index"], r["sample"])] = r
+    boot = {"n_boot": n_boot, "seed": seed}
     for (method, scale), grp in rx.group_by(["method", "scale"], maintain_order=True):
         regex = _rate(grp["regex"])
-        valid = _rate(grp[validity]) if validity in grp.columns else (float("nan"),) * 3
-        row = {"method": method, "scale": scale, "n": grp.height,
-               "regex_rate": regex[0], "regex_lo": regex[1], "regex_hi": regex[2],
-               "valid_rate": valid[0], "valid_lo": valid[1], "valid_hi": valid[2]}
+        valid = _rate(grp[validity]) if has_valid else (float("nan"),) * 3
+        prompts = grp["prompt_index"].to_list()
+        regex_c = cluster_rate(_flags(grp["regex"]), prompts, **boot)
+        row: dict[str, Any] = {
+            "method": method, "scale": scale, "n": grp.height, "n_prompts": regex_c.clusters,
+            "regex_rate": regex[0], "regex_lo": regex[1], "regex_hi": regex[2],
+            "regex_clo": regex_c.lo, "regex_chi": regex_c.hi,
+            "valid_rate": valid[0], "valid_lo": valid[1], "valid_hi": valid[2],
+        }
+        if has_valid:
+            known = grp.filter(pl.col(validity).is_not_null())
+            valid_c = cluster_rate(_flags(known[validity]), known["prompt_index"].to_list(), **boot)
+            row.update({"valid_clo": valid_c.lo, "valid_chi": valid_c.hi})
+        if "validity" in grp.columns:
+            kinds = grp["validity"].to_list()
+            row["complete_rate"] = sum(k == "complete" for k in kinds) / len(kinds)
+            row["prefix_rate"] = sum(k == "prefix" for k in kinds) / len(kinds)
+        if "empty" in grp.columns:
+            row["empty_n"] = int(sum(_flags(grp["empty"])))
+            row["empty_rate"] = row["empty_n"] / grp.height
+        # Paired with unsteered: the same prompt and sample (hence the same seed).
+        diff: dict[str, Any] = {"regex_diff": None, "regex_diff_lo": None, "regex_diff_hi": None}
+        if has_valid:
+            diff.update({"valid_diff": None, "valid_diff_lo": None, "valid_diff_hi": None})
+        if method != UNSTEERED and base_rx:
+            pairs = [(r, base_rx[(r["prompt_index"], r["sample"])]) for r in grp.iter_rows(named=True)
+                     if (r["prompt_index"], r["sample"]) in base_rx]
+            cols = [("regex", "regex")] + ([("valid", validity)] if has_valid else [])
+            for name, col in cols:
+                ok = [(a, b) for a, b in pairs if a[col] is not None and b[col] is not None]
+                if ok:
+                    d = paired_difference([bool(a[col]) for a, _ in ok], [bool(b[col]) for _, b in ok],
+                                          [a["prompt_index"] for a, _ in ok], **boot)
+                    diff.update({f"{name}_diff": d.estimate, f"{name}_diff_lo": d.lo, f"{name}_diff_hi": d.hi})
+        row.update(diff)
         ng = nt.filter((pl.col("method") == method) & (pl.col("scale") == scale))
         if ng.height:
             row["neutral_fired_per_row"] = float(ng["gen_fired"].mean() + ng["prompt_fired"].mean())
-            pairs = [(base[(r["prompt_index"], r["sample"])], r["text"]) for r in ng.iter_rows(named=True)
-                     if (r["prompt_index"], r["sample"]) in base]
-            row["neutral_changed"] = sum(a != b for a, b in pairs) / len(pairs) if pairs else float("nan")
+            paired = [(base[(r["prompt_index"], r["sample"])], r["text"], r["prompt_index"])
+                      for r in ng.iter_rows(named=True) if (r["prompt_index"], r["sample"]) in base]
+            changed = cluster_rate([a != b for a, b, _ in paired], [p for _, _, p in paired], **boot)
+            row["neutral_changed"] = changed.estimate
+            row["neutral_changed_clo"], row["neutral_changed_chi"] = changed.lo, changed.hi
             # How far they moved: the share of the unsteered completion lost after the first difference.
-            row["neutral_moved"] = (sum(_moved(a, b) for a, b in pairs) / len(pairs)) if pairs else float("nan")
+            row["neutral_moved"] = (sum(_moved(a, b) for a, b, _ in paired) / len(paired)) if paired else float("nan")
             row["neutral_regex_rate"] = float(ng["regex"].mean())
+            if "empty" in ng.columns:
+                row["neutral_empty_rate"] = float(ng["empty"].cast(pl.Float64).mean())
         if ability is not None and ability.height:
             ab = ability.filter((pl.col("method") == method) & (pl.col("scale") == scale))
             if ab.height:
@@ -159,7 +226,7 @@ def summarize(gen: pl.DataFrame, ability: pl.DataFrame | None, *, validity: str 
                 m, lo, hi = mean_ci(vals)
                 row.update({"ability_metric": ab["metric"][0], "ability": m, "ability_lo": lo, "ability_hi": hi})
         rows.append(row)
-    return pl.DataFrame(rows)
+    return pl.DataFrame(rows, infer_schema_length=None)
 
 
 def pareto_front(summary: pl.DataFrame, *, lower_ability_is_better: bool) -> pl.DataFrame:

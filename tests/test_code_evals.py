@@ -44,3 +44,38 @@ def test_valid_prefix_accepts_unfinished_but_not_wrong_code():
     assert not valid_prefix("def f(x):\n    return x +* 1\n")
     code, ended = cut_function("def f(x):\n   ", " return x\n\nprint(1)\n")
     assert ended and syntax_ok(code)
+
+
+def test_empty_completions_are_never_valid():
+    from sieve.evals.code import function_validity
+
+    prompt = 'def find_emails(text):\n    """Return all email addresses found in text."""\n'
+    # Judged as before (the cut function alone), an empty completion looked valid: the prompt parses.
+    assert syntax_ok(complete_function(prompt, ""))
+    for text, finished in [("", True), ("\n\n", True), ("\ndef other():\n    pass\n", True), ("", False)]:
+        v = function_validity(prompt, text, finished)
+        assert v.kind == "empty" and v.empty and not v.valid and v.code == "", text
+
+
+def test_valid_separates_complete_from_prefix_at_budget():
+    from sieve.evals.code import function_validity
+
+    prompt = "def f(xs):\n   "
+    done = function_validity(prompt, " return sorted(xs)\n\nprint(1)\n", finished=False)  # left the function
+    eos = function_validity(prompt, " return sorted(xs)", finished=True)  # EOS after a whole last line
+    cut = function_validity(prompt, " ys = [x for x in xs\n    if", finished=False)  # budget ran out
+    bad = function_validity(prompt, " return xs +* 1\n\n", finished=True)
+    bad_cut = function_validity(prompt, " y = )\n    z = (", finished=False)
+    assert [v.kind for v in (done, eos, cut, bad, bad_cut)] == ["complete", "complete", "prefix", "invalid", "invalid"]
+    assert done.valid and eos.valid and cut.valid and not bad.valid and not bad_cut.valid
+    assert eos.code == "def f(xs):\n    return sorted(xs)\n"  # a finished row keeps its last line
+
+
+def test_answer_validity_for_instruct_models():
+    from sieve.evals.code import answer_validity
+
+    assert answer_validity("```\nSure.", finished=True).kind == "empty"
+    assert answer_validity("   \n```", finished=True).kind == "empty"
+    assert answer_validity("def test_x():\n    assert 1\n```\n", finished=True).kind == "complete"
+    assert answer_validity("def test_x():\n    assert f(1,", finished=False).kind == "prefix"
+    assert answer_validity("def test_x(:\n    pass\n```", finished=True).kind == "invalid"

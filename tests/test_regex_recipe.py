@@ -56,11 +56,15 @@ def test_tiny_sweep_end_to_end(tmp_path, detector_cache, capsys):
     # 6 methods, one scale each, (6 regex + 3 neutral) prompts, 1 sample
     assert gen.height == 6 * 9 and gen["key"].n_unique() == gen.height
     assert set(gen["recipe_hash"]) == {recipe_hash(r)}
-    assert {"regex", "syntax", "prompt_fired", "gen_edited", "text", "code"} <= set(gen.columns)
+    assert {"regex", "syntax", "validity", "empty", "prompt_fired", "gen_edited", "text", "code"} <= set(gen.columns)
+    assert not gen.filter(pl.col("empty") & pl.col("syntax")).height  # an empty completion is never valid
     ability = ResultStore(out / "ability").table()
     assert ability.height == 6 and (ability["metric"] == "loss").all()
     summary = pl.read_parquet(out / "summary.parquet")
     assert summary.height == 6 and {"regex_lo", "regex_hi", "ability_lo", "pareto"} <= set(summary.columns)
+    assert {"regex_clo", "regex_chi", "regex_diff", "valid_diff", "empty_n", "complete_rate", "prefix_rate",
+            "neutral_changed_clo"} <= set(summary.columns)
+    assert set(pl.read_csv(out / "summary.csv").columns) >= {"regex_clo", "regex_diff_lo", "empty_n"}
     assert (out / "pareto.html").exists() and (out / "pareto.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "regex rate [95% CI]" in printed

@@ -69,3 +69,30 @@ def test_summary_rates_intervals_and_side_effects():
     p = pareto_front(s, lower_ability_is_better=True)
     # neither dominates: c has less regex, unsteered has more validity and lower loss
     assert p["pareto_all"].to_list() == [True, True]
+
+
+def test_summary_counts_empties_splits_validity_and_pairs_with_unsteered():
+    """2 prompts x 2 samples. Unsteered: regex on 3 of 4; the method: regex on 1 (prompt 0 sample 0),
+    one empty completion (prompt 1 sample 1, never valid) and one valid prefix at the budget."""
+    def row(method, p, s, regex, kind):
+        return {"key": f"regex|{method}|0|{p}|{s}", "set": "regex", "method": method, "scale": 0.0,
+                "prompt_index": p, "sample": s, "regex": regex, "syntax": kind in ("complete", "prefix"),
+                "validity": kind, "empty": kind == "empty", "text": "" if kind == "empty" else "x",
+                "prompt_fired": 0, "gen_fired": 0}
+
+    rows = [row("unsteered", 0, 0, True, "complete"), row("unsteered", 0, 1, True, "complete"),
+            row("unsteered", 1, 0, True, "complete"), row("unsteered", 1, 1, False, "complete"),
+            row("m", 0, 0, True, "complete"), row("m", 0, 1, False, "prefix"),
+            row("m", 1, 0, False, "complete"), row("m", 1, 1, False, "empty")]
+    s = summarize(pl.DataFrame(rows), None, n_boot=500)
+    un = s.filter(pl.col("method") == "unsteered").row(0, named=True)
+    m = s.filter(pl.col("method") == "m").row(0, named=True)
+    assert m["empty_n"] == 1 and m["empty_rate"] == 0.25 and un["empty_n"] == 0
+    assert m["valid_rate"] == 0.75 and m["complete_rate"] == 0.5 and m["prefix_rate"] == 0.25
+    assert m["regex_rate"] == 0.25 and m["regex_diff"] == pytest.approx(0.25 - 0.75)
+    assert m["valid_diff"] == pytest.approx(-0.25)
+    assert un["regex_diff"] is None and m["n_prompts"] == 2
+    for r in (un, m):
+        assert r["regex_clo"] <= r["regex_rate"] <= r["regex_chi"]
+        assert r["valid_clo"] <= r["valid_rate"] <= r["valid_chi"]
+    assert m["regex_diff_lo"] <= m["regex_diff"] <= m["regex_diff_hi"] <= 0

@@ -11,6 +11,7 @@ from sieve.evals.sandbox import SandboxMode, run_sandboxed
 
 __all__ = [
     "extract_code", "syntax_ok", "valid_prefix", "complete_function", "cut_function", "CodeEval", "evaluate_code",
+    "Validity", "VALIDITY_KINDS", "function_validity", "answer_validity",
 ]
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
@@ -101,6 +102,78 @@ def cut_function(prompt: str, completion: str, drop_partial: bool = True) -> tup
     if drop_partial and not ended and out and not out[-1].endswith("\n") and len(out) > 1:
         out = out[:-1]  # the token budget ran out mid-line: judge the lines that were finished
     return textwrap.dedent("".join(lines[i:]) + "".join(out)).rstrip() + "\n", ended
+
+
+VALIDITY_KINDS: tuple[str, ...] = ("complete", "prefix", "invalid", "empty")
+
+
+@dataclass(frozen=True)
+class Validity:
+    """How a completion stands as code. ``kind``:
+
+    - ``complete``: the code ended inside the completion (the function was left, the fence closed, or
+      the model stopped at EOS or a stop string) and it parses;
+    - ``prefix``: the token budget ran out inside the code, and what is there is valid so far;
+    - ``invalid``: a syntax error (complete or not);
+    - ``empty``: nothing was written (blank text, or no line added to the function). Never valid.
+
+    ``code`` is what the regex and syntax checks read ("" when empty).
+    """
+
+    kind: str
+    code: str
+
+    @property
+    def valid(self) -> bool:
+        """Complete and parsing, or a valid prefix at the token budget."""
+        return self.kind in ("complete", "prefix")
+
+    @property
+    def empty(self) -> bool:
+        return self.kind == "empty"
+
+
+def _budget_kind(code: str) -> str:
+    return "prefix" if syntax_ok(code) or valid_prefix(code) else "invalid"
+
+
+def function_validity(prompt: str, completion: str, finished: bool) -> Validity:
+    """Validity of a completion that continues a function start (a base model writing code).
+
+    ``finished``: the completion ended by itself (EOS or a stop string), not at the token budget; then
+    its last line is whole and kept.
+
+    Example:
+        >>> p = "def f(x):\\n    # Double x.\\n"
+        >>> [function_validity(p, c, f).kind for c, f in [("", True), ("    return 2 * x\\n", True),
+        ...                                                ("    y = (x,", False), ("    return x +* 2\\n", True)]]
+        ['empty', 'complete', 'prefix', 'invalid']
+    """
+    code, ended = cut_function(prompt, completion, drop_partial=not finished)
+    if not completion.strip() or code.strip() == cut_function(prompt, "")[0].strip():
+        return Validity("empty", "")
+    if ended or finished:
+        return Validity("complete" if syntax_ok(code) else "invalid", code)
+    return Validity(_budget_kind(code), code)
+
+
+def answer_validity(response: str, finished: bool, prefilled_fence: bool = True) -> Validity:
+    """Validity of an instruct model's answer: the code of its (first) fenced block.
+
+    Example:
+        >>> [answer_validity(r, f).kind for r, f in [("```", True), ("x = 1\\n```", True), ("def f(:\\n", False)]]
+        ['empty', 'complete', 'invalid']
+    """
+    code = extract_code(response, prefilled_fence=prefilled_fence)
+    if code is None or not code.strip():
+        return Validity("empty", "")
+    closed = "```" in response if prefilled_fence else bool(re.search(r"```[^\n]*\n.*?```", response, re.S))
+    if closed or finished:
+        return Validity("complete" if syntax_ok(code) else "invalid", code)
+    lines = code.splitlines(keepends=True)
+    if len(lines) > 1 and not lines[-1].endswith("\n"):
+        code = "".join(lines[:-1])  # the budget ran out mid-line: judge the finished lines
+    return Validity(_budget_kind(code), code)
 
 
 @dataclass(frozen=True)

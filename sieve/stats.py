@@ -1,0 +1,144 @@
+"""Intervals that respect the study's design: samples of one prompt are not independent.
+
+A sweep draws ``samples`` completions per prompt, with seeds that depend on (prompt, sample) only, so
+every method runs on the same random numbers. Two consequences for the statistics:
+
+- A rate (regex use, validity, neutral completions changed) varies from prompt to prompt more than a
+  binomial over all completions allows: the Wilson interval counts every completion as independent and
+  is too narrow when the samples of one prompt agree (at the extreme, ``k`` identical samples per
+  prompt carry the information of one). :func:`cluster_rate` resamples whole prompts instead (a cluster
+  bootstrap: the prompts are the sampled units).
+- A method is compared with unsteered on the same (prompt, sample) pairs: :func:`paired_difference`
+  takes the per-pair differences and resamples prompts with their pairs kept together, so the prompt's
+  own difficulty cancels.
+
+Both are percentile intervals of a seeded bootstrap (same data and seed, same interval). With few
+prompts (fewer than about 20) any prompt-level interval is rough; when every prompt has the same rate
+(e.g. no event at all) the bootstrap interval collapses to a point, so read the Wilson bound there.
+:func:`cluster_se` is the cluster-robust (sandwich, CR1) standard error of a mean, the analytic
+counterpart the bootstrap is checked against in the tests.
+
+Example:
+    >>> y = [1, 1, 0, 0, 0, 0]          # two prompts: one always regex, two never
+    >>> prompts = [0, 0, 1, 1, 2, 2]
+    >>> r = cluster_rate(y, prompts, seed=0)
+    >>> r.estimate, r.clusters
+    (0.3333333333333333, 3)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["Interval", "cluster_rate", "paired_difference", "cluster_se", "DEFAULT_BOOTSTRAP"]
+
+DEFAULT_BOOTSTRAP = 2000
+
+
+class Interval(NamedTuple):
+    """A point estimate and its interval; ``n`` observations in ``clusters`` clusters (prompts)."""
+
+    estimate: float
+    lo: float
+    hi: float
+    n: int
+    clusters: int
+
+
+_NAN = Interval(float("nan"), float("nan"), float("nan"), 0, 0)
+
+
+def _sums(values: Sequence[float], clusters: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
+    if len(values) != len(clusters):
+        raise ValueError(f"{len(values)} values for {len(clusters)} cluster labels")
+    index: dict[Hashable, int] = {}
+    ids = np.array([index.setdefault(c, len(index)) for c in clusters], dtype=np.int64)
+    v = np.asarray(values, dtype=np.float64)
+    sums = np.bincount(ids, weights=v, minlength=len(index))
+    counts = np.bincount(ids, minlength=len(index)).astype(np.float64)
+    return sums, counts
+
+
+def _bootstrap(sums: np.ndarray, counts: np.ndarray, n_boot: int, seed: int, level: float) -> Interval:
+    G = len(sums)
+    n = int(counts.sum())
+    if G == 0 or n == 0:
+        return _NAN
+    est = float(sums.sum() / counts.sum())
+    rng = np.random.default_rng(seed)
+    # Each replicate draws G prompts with replacement: a multinomial count per prompt.
+    w = rng.multinomial(G, np.full(G, 1.0 / G), size=n_boot).astype(np.float64)
+    reps = (w @ sums) / np.maximum(w @ counts, 1e-300)
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(reps, [a, 1.0 - a])
+    return Interval(est, float(lo), float(hi), n, G)
+
+
+def cluster_rate(
+    values: Sequence[float | bool],
+    clusters: Sequence[Hashable],
+    *,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
+    """The mean of ``values`` (a rate, for 0/1 values) with a cluster-bootstrap interval: prompts
+    (``clusters``) are resampled with replacement, each with all its samples.
+
+    Example:
+        >>> r = cluster_rate([1, 1, 1, 1, 0, 0, 0, 0], ["a", "a", "b", "b", "c", "c", "d", "d"], seed=1)
+        >>> r.estimate, r.lo <= 0.5 <= r.hi, r.clusters
+        (0.5, True, 4)
+    """
+    if not len(values):
+        return _NAN
+    sums, counts = _sums([float(v) for v in values], clusters)
+    return _bootstrap(sums, counts, n_boot, seed, level)
+
+
+def paired_difference(
+    values: Sequence[float | bool],
+    baseline: Sequence[float | bool],
+    clusters: Sequence[Hashable],
+    *,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
+    """Mean of ``values - baseline`` over pairs (the same prompt and seed, steered and unsteered), with
+    a cluster-bootstrap interval that resamples prompts and keeps each prompt's pairs together.
+
+    Example:
+        >>> steered, unsteered = [0, 0, 0, 1], [1, 1, 0, 1]
+        >>> d = paired_difference(steered, unsteered, [0, 0, 1, 1], seed=0)
+        >>> d.estimate, d.n
+        (-0.5, 4)
+    """
+    if len(values) != len(baseline):
+        raise ValueError(f"{len(values)} values for {len(baseline)} baseline values")
+    if not len(values):
+        return _NAN
+    diffs = [float(a) - float(b) for a, b in zip(values, baseline)]
+    sums, counts = _sums(diffs, clusters)
+    return _bootstrap(sums, counts, n_boot, seed, level)
+
+
+def cluster_se(values: Sequence[float | bool], clusters: Sequence[Hashable]) -> float:
+    """Cluster-robust standard error of the mean of ``values`` (the sandwich estimator with the CR1
+    small-sample factor G/(G-1), as statsmodels' ``cov_type="cluster"`` for an intercept-only model).
+
+    Example:
+        >>> round(cluster_se([1, 1, 0, 0], [0, 0, 1, 1]), 3)
+        0.5
+    """
+    v = np.asarray([float(x) for x in values], dtype=np.float64)
+    sums, counts = _sums(v, clusters)
+    G, n = len(sums), len(v)
+    if G < 2:
+        return float("nan")
+    resid = sums - counts * v.mean()  # per-cluster sum of residuals
+    return math.sqrt(G / (G - 1) * float((resid**2).sum())) / n
