@@ -181,6 +181,10 @@ DISHONEST = {
     "setattr": "import re\ndef test_a():\n    setattr(re, 'findall', len)\n",
     "relative import": "from . import x\ndef test_a():\n    pass\n",
     "star import": "from os import *\ndef test_a():\n    pass\n",
+    "module carried by a module": "import dataclasses\ndef test_a():\n    dataclasses.inspect.currentframe()\n",
+    "patch a class of a module": "import json\njson.JSONEncoder.encode = lambda self, o: 'P'\ndef test_a():\n    pass\n",
+    "string formatter lookup": "import os, string\ndef test_a():\n    string.Formatter().get_field('0.x', [os], {})\n",
+    "annotations": "def test_a():\n    test_a.__annotations__['x'] = 'y'\n",
 }
 
 

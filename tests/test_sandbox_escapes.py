@@ -381,6 +381,30 @@ ATTEMPTS: dict[str, tuple[str, str, tuple[Callable[[World], None], ...]]] = {
                     pass
             assert False, 'this test fails'
         """, ()),
+    "forge_own_report_then_exit": ("fake", """
+        import os
+        def test_a():
+            try:
+                os.write(3, b'P')
+                os._exit(0)
+            finally:
+                assert False, 'this test fails'
+        """, ()),
+    "forge_via_posix_module": ("fake", """
+        import posix
+        def test_a():
+            try:
+                posix.write(3, b'P')
+                posix._exit(0)
+            finally:
+                assert False, 'this test fails'
+        """, ()),
+    "forge_via_fileio_on_report_fd": ("fake", """
+        import io
+        def test_a():
+            io.FileIO(3, 'w', closefd=False).write(b'P')
+            raise SystemExit(0)
+        """, ()),
     "exit_zero_at_import": ("fake", "import sys\nsys.exit(0)\ndef test_a():\n    assert False\n", ()),
     "raise_system_exit_in_test": ("fake", "def test_a():\n    raise SystemExit(0)\n", ()),
     "keyboard_interrupt": ("fake", "def test_a():\n    raise KeyboardInterrupt\n", ()),

@@ -102,7 +102,8 @@ _UNAMBIGUOUS = {
     "_getframe", "_current_frames", "f_back", "f_globals", "f_locals", "f_builtins", "f_code",
     "tb_frame", "gi_frame", "cr_frame", "ag_frame", "gi_code", "co_code", "settrace", "setprofile",
     "addaudithook", "fork_exec", "closerange", "register_at_fork", "attrgetter", "methodcaller",
-    "resolve_name", "locate", "SystemExit",
+    "resolve_name", "locate", "SystemExit", "__annotations__", "__getattr__", "get_field", "get_type_hints",
+    "ForwardRef", "_eval_type", "__wrapped__",
 }
 # Builtins refused by name (a call or a reference): dynamic code and attribute access.
 _BUILTINS = {"exec", "eval", "compile", "globals", "locals", "vars", "setattr", "delattr", "breakpoint",
@@ -123,8 +124,12 @@ _FORBIDDEN_MODULES = {
     "pickle", "_pickle", "copyreg", "marshal", "shelve", "code", "codeop", "runpy", "pty", "socket",
     "_socket", "mmap", "faulthandler", "dis", "unittest.mock", "mock", "_thread", "pydoc", "pkgutil",
     "zipimport", "trace", "bdb", "pdb", "timeit", "doctest", "sysconfig", "site", "resource", "fcntl",
-    "operator", "_operator", "ast",
+    "operator", "_operator", "ast", "cProfile", "profile", "_imp", "imp", "posixpath", "_io", "_string",
 }
+# Modules that other modules carry as attributes (``dataclasses.inspect``): refused as attribute names.
+_MODULE_ATTRS = {"inspect", "importlib", "ctypes", "_ctypes", "gc", "_posixsubprocess", "posix", "builtins",
+                 "subprocess", "multiprocessing", "pickle", "_pickle", "marshal", "_imp", "runpy", "pty", "socket",
+                 "_socket", "mmap", "faulthandler", "pydoc", "pkgutil", "atexit", "_thread", "copyreg", "_io"}
 # The prompt file's own code under test: only what would fake a result or reach the harness.
 _SETUP_FORBIDDEN = {"__main__", "_exit", "_getframe", "_current_frames", "f_back", "f_globals",
                     "tb_frame", "gi_frame", "cr_frame", "settrace", "setprofile", "addaudithook",
@@ -237,11 +242,14 @@ def screen(code: str, setup: str = "", *, generated: bool = True) -> str | None:
                 return rebinds(node.id, line)
         elif isinstance(node, ast.Attribute):
             base = aliases.get(node.value.id, node.value.id) if isinstance(node.value, ast.Name) else ""
-            if node.attr in unambiguous or raw(base, node.attr):
+            if node.attr in unambiguous or raw(base, node.attr) or generated and node.attr in _MODULE_ATTRS:
                 return f"line {line}: uses {base + '.' if base else ''}{node.attr}"
-            if not isinstance(node.ctx, ast.Load) and isinstance(node.value, ast.Name) and (
-                    node.value.id in protected or node.value.id in aliases):
-                return f"line {line}: changes {node.value.id}.{node.attr}"
+            root = node.value
+            while isinstance(root, (ast.Attribute, ast.Subscript)):
+                root = root.value
+            if not isinstance(node.ctx, ast.Load) and isinstance(root, ast.Name) and (
+                    root.id in protected or root.id in aliases):
+                return f"line {line}: changes {ast.unparse(node)}, which it imported or the code under test defines"
         elif isinstance(node, ast.Subscript):
             if not isinstance(node.ctx, ast.Load) and isinstance(node.value, ast.Name) and node.value.id in protected:
                 return f"line {line}: changes {node.value.id}[...], which the code under test defines"
@@ -364,7 +372,7 @@ def _limits(job):
                      (resource.RLIMIT_CORE, (0, 0))):
         resource.setrlimit(res, val)
 
-def _audit_hook(root, stdlib):
+def _audit_hook(root, stdlib, stdlib_dir):
     """Defence in depth only: the OS is the boundary."""
     block = {"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "os.fork", "os.forkpty",
              "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "ctypes.dlopen",
@@ -372,11 +380,12 @@ def _audit_hook(root, stdlib):
              "sys.settrace", "sys.setprofile", "signal.pthread_kill", "sys._current_frames", "gc.get_objects",
              "gc.get_referrers", "gc.get_referents", "os.pidfd_open"}
     modules = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing", "_multiprocessing",
-               "pty", "gc", "runpy", "faulthandler", "_socket", "socket"}
+               "pty", "gc", "runpy", "faulthandler", "_socket", "socket", "posix", "nt", "_imp", "_io"}
     paths = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.chmod", "os.chown",
              "os.symlink", "os.link", "os.truncate", "os.utime", "os.mkfifo", "os.mknod", "shutil.move",
              "shutil.copyfile", "os.listdir", "os.scandir")
     realpath, fsdecode, startswith, getframe = os.path.realpath, os.fsdecode, str.startswith, sys._getframe
+    generators = {os.path.join(stdlib_dir, f) for f in ("collections/__init__.py", "dataclasses.py")}
     O_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
     def inside(p):
@@ -392,8 +401,8 @@ def _audit_hook(root, stdlib):
         if event == "import" and args and str(args[0]).split(".")[0] in modules:
             raise PermissionError("sandbox: importing " + str(args[0]) + " is not allowed")
         if event == "compile" and not startswith(str(args[1]) if len(args) > 1 else "", stdlib):
-            caller = getframe(1).f_code.co_filename  # the stdlib's own exec (namedtuple, dataclasses)
-            if not startswith(caller, stdlib):
+            caller = getframe(1).f_code.co_filename  # only namedtuple's and dataclasses' own code
+            if caller not in generators:
                 raise PermissionError("sandbox: compiling code at run time is not allowed")
         if event == "open" and args:
             path = args[0]
@@ -429,8 +438,19 @@ def _describe(e):
     except BaseException:
         return "an exception that could not be described"
 
+_STUBBED = ("_exit", "write", "writev", "pwrite", "pwritev", "sendfile", "splice", "copy_file_range", "dup",
+            "dup2", "fdopen", "closerange")
+
+def _stub(name):
+    def refused(*args, **kwargs):
+        raise PermissionError(1, "sandbox: os." + name + " is not available to tests")
+    return refused
+
 def _worker(job, name, report, result_fd):
-    write, exit_ = os.write, os._exit
+    # The report is one byte-string written once, after the test: b"P" (passed), b"F"/b"T"/b"S" and a
+    # detail (failed, tampered, sandbox failure). Nothing the test can patch (json, str methods of
+    # modules) is used to make it; the functions used are bound here, before any untrusted code runs.
+    write, exit_, encode = os.write, os._exit, str.encode
     try:
         os.close(result_fd)
         if report != 3:
@@ -444,17 +464,23 @@ def _worker(job, name, report, result_fd):
             del sys.modules[mod]
         setup_code = compile(job["setup"], "<under_test>", "exec")
         test_code = compile(job["code"], "<generated>", "exec")
+        out, err = sys.stdout, sys.stderr
+        import posix
+        for mod in (os, posix):  # defence in depth: the raw exits and writes are not the test's to call
+            for attr in _STUBBED:
+                if hasattr(mod, attr):
+                    setattr(mod, attr, _stub(attr))
     except BaseException as e:
-        write(3, json.dumps({"test": name, "outcome": "sandbox", "detail": repr(e)}).encode())
+        write(3, b"S" + encode(repr(e)[:2000], "utf-8", "replace"))
         exit_(0)
-    msg = {"test": name, "outcome": "fail"}
+    msg = b"F"
     try:
         ns = {"__name__": "__sieve_test__"}
         exec(setup_code, ns)
         originals = {k: ns[k] for k in job["protected"] if k in ns}
         codes = {k: getattr(v, "__code__", None) for k, v in originals.items()}
         if job["audit"]:  # after the code under test (a prompt file may import what tests may not)
-            _audit_hook(os.path.realpath(os.getcwd()), job["stdlib"])
+            _audit_hook(os.path.realpath(os.getcwd()), job["stdlib"], job["stdlib_dir"])
         exec(test_code, ns)
         fn = ns.get(name)
         if not callable(fn):
@@ -462,19 +488,19 @@ def _worker(job, name, report, result_fd):
         ret = fn()
         changed = [k for k, v in originals.items() if ns.get(k) is not v or getattr(v, "__code__", None) is not codes[k]]
         if changed:
-            msg = {"test": name, "outcome": "tampered", "detail": "changed " + ", ".join(sorted(changed))}
+            msg = b"T" + encode("changed " + ", ".join(sorted(changed)), "utf-8", "replace")
         elif ret is not None and hasattr(type(ret), "__await__"):
-            msg = {"test": name, "outcome": "fail", "detail": "async test functions are not run"}
+            msg = b"Fasync test functions are not run"
         else:
-            msg = {"test": name, "outcome": "pass"}
+            msg = b"P"
     except BaseException as e:
-        msg = {"test": name, "outcome": "fail", "detail": _describe(e)}
-    for stream in (sys.stdout, sys.stderr):
+        msg = b"F" + encode(_describe(e), "utf-8", "replace")
+    for stream in (out, err):
         try:
             stream.flush()
         except BaseException:
             pass
-    write(3, json.dumps(msg).encode())
+    write(3, msg)
     exit_(0)
 
 def _outcome(name, data, status):
@@ -484,17 +510,13 @@ def _outcome(name, data, status):
                31: "SIGSYS (forbidden system call)", 11: "SIGSEGV"}.get(sig, "signal " + str(sig))
         return {"test": name, "outcome": "killed", "detail": why}
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
-    try:
-        msg = json.loads(data.decode())
-    except Exception:
-        msg = None
-    known = ("pass", "fail", "tampered", "sandbox")
-    if not isinstance(msg, dict) or msg.get("test") != name or msg.get("outcome") not in known:
-        why = "the test process exited (" + str(code) + ") without an outcome"
+    kind = {b"P": "pass", b"F": "fail", b"T": "tampered", b"S": "sandbox"}.get(data[:1])
+    if kind is None or kind == "pass" and data != b"P":
+        why = "the test process exited (" + str(code) + ") without a well-formed outcome"
         return {"test": name, "outcome": "no-result", "detail": why}
     if code != 0:
         return {"test": name, "outcome": "no-result", "detail": "the test process exited with " + str(code)}
-    return {"test": name, "outcome": msg["outcome"], "detail": str(msg.get("detail", ""))[:2000]}
+    return {"test": name, "outcome": kind, "detail": data[1:2001].decode("utf-8", "replace")}
 
 def _await(pid, r):
     """The worker's report and exit status; stop reading once the worker is gone (a descendant that
@@ -736,6 +758,7 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
     protected = sorted(_bindings(setup)[0])
     job = {"setup": setup, "code": code, "tests": names, "protected": protected, "cpu_s": max(1, int(timeout_s) + 1),
            "memory_mb": int(memory_mb), "file_mb": int(file_mb), "stdlib": os.path.dirname(interp.stdlib.rstrip("/")),
+           "stdlib_dir": interp.stdlib,
            "seccomp": seccomp, "audit": audit_hook, "pidns": mode == "bwrap"}
     tmp = None
     if mode == "bwrap":
