@@ -33,6 +33,14 @@ def test_notebook_runs(path, run_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
     client.execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    errors = [o for o in outputs if o.output_type == "error"]
     assert not errors
+    text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    assert "IProgress" not in text and "ipywidgets" not in text  # progress bars need no widgets
+    for o in outputs:  # nothing a chart needs comes from the network
+        for mime, body in o.get("data", {}).items():
+            assert "cdn.jsdelivr" not in str(body) and "https://cdn" not in str(body), mime
+    if path.name == "results.ipynb":
+        assert any("image/svg+xml" in o.get("data", {}) for o in outputs), "the Pareto chart renders inline as SVG"
     assert os.environ["SIEVE_RUN_DIR"] == str(run_dir)
