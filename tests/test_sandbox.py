@@ -274,3 +274,14 @@ def test_sandbox_is_a_recipe_key(tmp_path):
     assert load_recipe(root / "recipes/regex.toml", ['eval.sandbox="process"']).eval.sandbox == "process"
     with pytest.raises(RecipeError, match=r"\[eval.sandbox\] 'none' is not allowed"):
         load_recipe(root / "recipes/regex.toml", ['eval.sandbox="none"'])
+
+
+def test_code_nested_too_deep_for_the_parser_is_a_syntax_failure_not_a_crash():
+    """Generated code can be deeper than Python's parser allows (RecursionError, MemoryError): sieve's
+    own process must not fall over, and it counts as not valid Python."""
+    for code in ("x = " + "1+" * 100_000 + "1\ndef test_a():\n    pass\n",
+                 "x = " + "-" * 100_000 + "1\ndef test_a():\n    pass\n"):
+        e = evaluate_code(code, execute=True)
+        assert not e.syntax and e.exec_status == "syntax" and e.executed is False
+        r = run_sandboxed(code)
+        assert r.status == "error" and r.detail.startswith("does not parse")

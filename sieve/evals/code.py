@@ -42,7 +42,7 @@ def syntax_ok(code: str) -> bool:
     """
     try:
         parse_quietly(code)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # nested too deep for Python itself
         return False
     return True
 
@@ -62,7 +62,7 @@ def valid_prefix(code: str) -> bool:
         warnings.simplefilter("ignore")
         try:
             codeop.compile_command(code, "<completion>", "exec")
-        except (SyntaxError, ValueError, OverflowError):
+        except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError):
             return False
     return True
 

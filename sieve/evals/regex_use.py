@@ -180,7 +180,7 @@ def find_regex_use(code: str) -> RegexUse:
     """
     try:
         tree = parse_quietly(code)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # too deep to parse: not Python we can read
         tree = None
     if tree is not None:
         spans, kinds, names = _ast_uses(tree, code)
@@ -192,7 +192,7 @@ def find_regex_use(code: str) -> RegexUse:
         prefix = "".join(lines[:cut])
         try:
             tree = parse_quietly(prefix)
-        except (SyntaxError, ValueError):
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
             continue
         spans, kinds, names = _ast_uses(tree, prefix)
         t_spans, t_kinds = _text_uses(code[len(prefix) :], len(prefix))

@@ -137,11 +137,17 @@ _SETUP_FORBIDDEN = {"__main__", "_exit", "_getframe", "_current_frames", "f_back
 _SETUP_FORBIDDEN_MODULES = {"ctypes", "_ctypes", "gc", "__main__", "_posixsubprocess", "atexit"}
 
 
+def _parse(code: str) -> ast.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        return ast.parse(code)
+
+
 def _bindings(setup: str) -> tuple[set[str], dict[str, str]]:
     """The top-level names the code under test binds, and which of them are plain module imports."""
     try:
-        tree = ast.parse(setup)
-    except (SyntaxError, ValueError):
+        tree = _parse(setup)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return set(), {}
     names: set[str] = set()
     modules: dict[str, str] = {}
@@ -184,9 +190,9 @@ def screen(code: str, setup: str = "", *, generated: bool = True) -> str | None:
         'line 2: uses os._exit'
     """
     try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError) as e:
-        return f"does not parse: {e.msg if isinstance(e, SyntaxError) else e}"
+        tree = _parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        return f"does not parse: {e.msg if isinstance(e, SyntaxError) else type(e).__name__}"
     protected, setup_modules = _bindings(setup) if generated else (set(), {})
     unambiguous = _UNAMBIGUOUS if generated else _SETUP_FORBIDDEN
     bad_modules = _FORBIDDEN_MODULES if generated else _SETUP_FORBIDDEN_MODULES
@@ -291,8 +297,8 @@ def collect_tests(code: str) -> list[str]:
         ['test_b', 'test_a']
     """
     try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError):
+        tree = _parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return []
     names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
              and n.name.startswith("test")]
@@ -747,6 +753,13 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
     """The evaluation itself. The keyword switches turn single layers off, for the tests that show
     the OS layers hold on their own."""
     t0 = time.monotonic()
+    unparsable = None
+    try:
+        _parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        unparsable = f"does not parse: {e.msg if isinstance(e, SyntaxError) else type(e).__name__}"
+    if unparsable:
+        return SandboxResult(False, "error", unparsable, time.monotonic() - t0)
     if screen_code:
         why = screen(code, setup) or (screen(setup, generated=False) if setup else None)
         if why:
