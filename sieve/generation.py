@@ -38,6 +38,7 @@ from sieve.errors import SieveError
 from sieve.healing import Heal, TokenHealer, heal_rows, strip_healed
 from sieve.interventions import Intervention, Steerer
 from sieve.models import layer, pad_left, tokenize_prompts, underlying
+from sieve.prompt_gates import open_prompt_gates
 
 __all__ = [
     "Completion", "RowSampler", "RowTracker", "check_context", "default_batch_size", "generate", "steered_generate_batch",
@@ -51,7 +52,8 @@ class Completion:
     """One generated row: the prompt, the new text and tokens, and what the detector did.
 
     ``finished``: the row ended before the token budget, at EOS (not in ``token_ids``) or at a stop
-    string (in them). ``counts``: detector firings and edits on the prompt and on the kept tokens.
+    string (in them). ``counts``: detector firings and edits on the prompt and on the kept tokens (and
+    ``prompt_gate_opened``, 0 or 1, for a row whose intervention has a prompt gate).
     ``healed``: the prompt's last token's text when token healing backed it up (else ""): ``text``
     continues the prompt as written (without it), ``token_ids`` include the token that re-spelled it,
     and the detector counts it as generated.
@@ -277,6 +279,8 @@ def steered_generate_batch(
     if len(rows) != B:
         raise SieveError(f"{len(rows)} token rows for {B} prompts")
     check_context(model, [len(r) for r in rows], max_new_tokens)
+    # Prompt gates (the lexical baseline) read the prompt as written, before healing touches its tokens.
+    interventions, gates_opened = open_prompt_gates(interventions, prompts)
     heals: list[Heal | None] = [None] * B
     if token_healing:
         rows, heals = heal_rows(tok, rows)
@@ -326,7 +330,8 @@ def steered_generate_batch(
             text=strip_healed(tok, row, heals[i]),
             token_ids=row,
             finished=finished,
-            counts={k: v[i] for k, v in counts.items()},
+            counts={k: v[i] for k, v in counts.items()}
+            | ({} if gates_opened[i] is None else {"prompt_gate_opened": int(gates_opened[i])}),
             healed=heals[i].text if heals[i] is not None else "",
         ))
     return out

@@ -255,6 +255,19 @@ def eligible_mask(input_ids: Tensor, attention_mask: Tensor | None, bos_token_id
     return mask
 
 
+def _resolve_prompt_gates(rows: list[Intervention | None], encoding: dict[str, Tensor], tokenizer: Any) -> list:
+    """Rows whose intervention still carries a prompt gate (:mod:`sieve.prompt_gates`) decide it on
+    their decoded prompt; others are returned as they are."""
+    from sieve.prompt_gates import open_prompt_gates, prompt_gate_of
+
+    if not any(prompt_gate_of(iv) is not None for iv in rows):
+        return rows
+    ids, mask = encoding["input_ids"], encoding.get("attention_mask")
+    texts = [tokenizer.decode(r[m.bool()] if mask is not None else r, skip_special_tokens=True)
+             for r, m in zip(ids.cpu(), mask.cpu() if mask is not None else ids.cpu())]
+    return open_prompt_gates(rows, texts)[0]
+
+
 class Steerer:
     """Applies one intervention per batch row at every forward of a trace, keeping the ``input`` latch.
 
@@ -281,6 +294,8 @@ class Steerer:
             n = batch_size or (encoding["input_ids"].shape[0] if encoding is not None else 1)
             interventions = [interventions] * n
         self.interventions = list(interventions)
+        if encoding is not None and tokenizer is not None:
+            self.interventions = _resolve_prompt_gates(self.interventions, encoding, tokenizer)
         # Rows all unsteered: the width is only known at the first forward.
         has_width = any(iv is not None for iv in self.interventions)
         self.packed = pack(self.interventions) if has_width else None

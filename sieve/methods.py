@@ -24,9 +24,11 @@ from torch import Tensor
 
 from sieve.errors import SieveError
 from sieve.interventions import EDITS, GATES, Detector, Edit, Intervention
+from sieve.prompt_gates import LEXICAL_REGEX, PromptGate
 
 __all__ = [
     "Method", "Parts", "METHODS", "register_method", "get_method", "build", "STUDY_METHODS", "EXTRA_METHODS",
+    "LEXICAL_METHODS",
     "FAMILIES", "family",
 ]
 
@@ -48,6 +50,7 @@ class Method:
     detector: str | None = None
     threshold: ThresholdRule = "detector"
     description: str = ""
+    prompt_gate: PromptGate | None = None
 
     def __post_init__(self) -> None:
         if self.gate not in GATES:
@@ -142,7 +145,8 @@ def build(method: Method | str, parts: Parts, value: float) -> Intervention:
         detector=det,
         threshold=thr,
         name=m.name,
-        meta={"method": m.name, "value": float(value)},
+        meta={"method": m.name, "value": float(value),
+              **({"prompt_gate": m.prompt_gate} if m.prompt_gate is not None else {})},
     )
 
 
@@ -183,10 +187,24 @@ EXTRA_METHODS: tuple[Method, ...] = (
 for _m in EXTRA_METHODS:
     register_method(_m)
 
+# The lexical baseline: the same edits, gated by the prompt's words instead of a feature (a row whose
+# prompt says "parse", "match", "pattern", "extract", "regex", ... is steered from its first token on;
+# see sieve.prompt_gates.REGEX_WORDS). Does the SAE feature add anything a string match does not?
+LEXICAL_METHODS: tuple[Method, ...] = (
+    Method("lexical_steering_vector", "always", "add", "caa", prompt_gate=LEXICAL_REGEX,
+           description="add s·(CAA vector) everywhere in rows whose prompt has a regex-ish word"),
+    Method("lexical_sae", "always", "add", "sae", prompt_gate=LEXICAL_REGEX,
+           description="add s·(SAE decoder row) everywhere in rows whose prompt has a regex-ish word"),
+    Method("lexical_clamping", "always", "clamp", "sae", "sae", prompt_gate=LEXICAL_REGEX,
+           description="clamp the feature to s everywhere in rows whose prompt has a regex-ish word"),
+)
+for _m in LEXICAL_METHODS:
+    register_method(_m)
+
 
 # Families, for tables and charts: a method's family is where its edit is allowed to act, read off its
 # detector. One place, so every chart, table and report groups methods the same way.
-FAMILIES: tuple[str, ...] = ("baseline", "constant", "SAE-gated", "probe-gated", "CAA-gated", "other")
+FAMILIES: tuple[str, ...] = ("baseline", "constant", "SAE-gated", "probe-gated", "CAA-gated", "lexical", "other")
 _FAMILY_OF_DETECTOR = {None: "constant", "sae": "SAE-gated", "probe": "probe-gated", "caa": "CAA-gated"}
 
 
@@ -205,4 +223,6 @@ def family(method: str) -> str:
     m = METHODS.get(method)
     if m is None:
         return "other"
+    if m.prompt_gate is not None:
+        return "lexical"
     return _FAMILY_OF_DETECTOR.get(m.detector, "other")

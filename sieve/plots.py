@@ -19,10 +19,11 @@ _SHADES = {
     "SAE-gated": ["#08306b", "#08519c", "#2171b5", "#4292c6", "#6baed6", "#9ecae1", "#3f6fa8", "#17456e"],
     "probe-gated": ["#00441b", "#006d2c", "#238b45", "#41ab5d", "#74c476", "#a1d99b"],
     "CAA-gated": ["#7f2704", "#a63603", "#d94801", "#f16913", "#fd8d3c"],
+    "lexical": ["#525252", "#737373", "#969696"],
     "other": ["#3f007d", "#54278f", "#6a51a3", "#807dba", "#9e9ac8", "#756bb1"],
 }
 _SHAPES = {"baseline": "cross", "constant": "square", "SAE-gated": "circle", "probe-gated": "triangle-up",
-           "CAA-gated": "diamond", "other": "triangle-down"}
+           "CAA-gated": "diamond", "lexical": "triangle-right", "other": "triangle-down"}
 
 
 def method_colors(methods: list[str]) -> tuple[list[str], list[str]]:

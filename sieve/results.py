@@ -145,6 +145,8 @@ def summarize(
     ran out). General ability (mean and CI). Side effects on the neutral set: detector firings per
     completion, the share of completions changed from unsteered with the same seed (with a clustered
     interval) and how far (the share of the unsteered text lost after the first difference), empties.
+    Methods with a prompt gate (the lexical baseline) also get the share of prompts it opened for
+    (``gate_open_rate``, ``neutral_gate_open_rate``).
 
     ``validity``: the column that says a completion is valid (``syntax`` or ``executed``). Bootstrap
     intervals use ``n_boot`` replicates from ``seed`` (same data, same numbers).
@@ -191,6 +193,8 @@ def summarize(
         if "empty" in grp.columns:
             row["empty_n"] = int(sum(_flags(grp["empty"])))
             row["empty_rate"] = row["empty_n"] / grp.height
+        if "prompt_gate_opened" in grp.columns and grp["prompt_gate_opened"].drop_nulls().len():
+            row["gate_open_rate"] = float(grp["prompt_gate_opened"].drop_nulls().cast(pl.Float64).mean())
         # Paired with unsteered: the same prompt and sample (hence the same seed).
         diff: dict[str, Any] = {"regex_diff": None, "regex_diff_lo": None, "regex_diff_hi": None}
         if has_valid:
@@ -219,6 +223,8 @@ def summarize(
             row["neutral_regex_rate"] = float(ng["regex"].mean())
             if "empty" in ng.columns:
                 row["neutral_empty_rate"] = float(ng["empty"].cast(pl.Float64).mean())
+            if "prompt_gate_opened" in ng.columns and ng["prompt_gate_opened"].drop_nulls().len():
+                row["neutral_gate_open_rate"] = float(ng["prompt_gate_opened"].drop_nulls().cast(pl.Float64).mean())
         if ability is not None and ability.height:
             ab = ability.filter((pl.col("method") == method) & (pl.col("scale") == scale))
             if ab.height:
