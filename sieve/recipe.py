@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from sieve.errors import RecipeError
+from sieve.launch import LaunchSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -167,6 +168,7 @@ class Recipe:
     sweep: SweepSpec = field(default_factory=SweepSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
     path: Path | None = None
 
     def resolve(self, value: str) -> Path:
@@ -293,6 +295,7 @@ def _validate(r: Recipe) -> Recipe:
     for i, st in enumerate(r.sweep.stop):
         if not st:
             raise RecipeError(where, f"sweep.stop[{i}]", "must be a non-empty string")
+    r.launch.check(where)
     if r.eval.general == "lmeval" and not r.eval.lmeval_tasks:
         raise RecipeError(where, "eval.lmeval_tasks", "general = 'lmeval' needs at least one harness task name")
     if r.eval.lmeval_include and not r.resolve(r.eval.lmeval_include).is_dir():
@@ -377,7 +380,9 @@ def save_recipe(r: Recipe, path: str | Path) -> Path:
 
 def recipe_hash(r: Recipe) -> str:
     """A short hash of the validated recipe's content (independent of formatting and comments, and of
-    ``[output]``: the same study written to another folder is the same run)."""
+    ``[output]`` and ``[launch]``: the same study written to another folder, or run on other machines,
+    is the same run)."""
     d = _to_dict(r)
     d.pop("output", None)
+    d.pop("launch", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,65 @@
+"""Shards as jobs through submitit: the local executor on this machine (CPU), then the automatic merge."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+pytest.importorskip("submitit", reason="the [launch] extra is not installed")
+
+from sieve.errors import SieveError
+from sieve.launch import LaunchSpec, ShardJob, launch, make_executor, shard_argv
+from sieve.recipe import load_recipe
+from sieve.results import ResultStore
+from tests.test_regex_recipe import _overrides, detector_cache  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = '["unsteered","conditional_per_input","constant_steering_vector"]'
+
+
+def test_shard_job_requeues_itself_with_the_same_shard():
+    """On preemption or a time limit submitit calls ``checkpoint``: the same shard is submitted again,
+    into the same folder, where its stored rows are skipped."""
+    job = ShardJob("recipes.regex")
+    argv = shard_argv(["r.toml"], Path("/o"), 2, 4)
+    again = job.checkpoint(argv)
+    assert again.function is job and again.args == (argv,)
+    assert pickle.loads(pickle.dumps(job)).module == "recipes.regex"
+
+
+def test_launch_spec_errors_name_the_key(tmp_path):
+    with pytest.raises(SieveError, match=r"\[launch.shards\] must be >= 1"):
+        LaunchSpec(shards=0).check()
+    with pytest.raises(SieveError, match=r"\[launch.executor\] 'pbs' is unknown"):
+        LaunchSpec(executor="pbs").check()  # type: ignore[arg-type]
+    if shutil.which("sbatch") is None:
+        with pytest.raises(SieveError, match="needs SLURM's sbatch"):
+            make_executor(LaunchSpec(executor="slurm"), tmp_path)
+
+
+@pytest.mark.slow
+def test_local_executor_runs_shards_and_merges(tmp_path, detector_cache):  # noqa: F811
+    out = tmp_path / "run"
+    n = 2
+    for i in range(n):  # the detectors each shard would fit again: the session's, as the other tests do
+        shutil.copytree(detector_cache, out / "shards" / f"{i}of{n}" / "cache")
+    ov = _overrides(out, **{"sweep.methods": METHODS, "prompts.regex_limit": "4", "prompts.neutral_limit": "2"})
+    recipe = str(ROOT / "recipes/regex.toml")
+    spec = LaunchSpec(executor="local", shards=n, parallelism=2, gpus_per_task=0, timeout_min=20)
+    jobs = launch("recipes.regex", [recipe, *ov], out, spec, poll_s=0.5)
+    assert len(jobs) == n and all(j.state in ("DONE", "COMPLETED", "FINISHED") or j.done() for j in jobs)
+    # Each shard ran in its own process into its own folder; the merge put every planned row in `out`.
+    per_shard = [ResultStore(out / "shards" / f"{i}of{n}" / "gen").table().height for i in range(n)]
+    gen = ResultStore(out / "gen").table()
+    assert all(h > 0 for h in per_shard) and sum(per_shard) == gen.height
+    assert gen.height == 3 * (4 + 2) and gen["key"].n_unique() == gen.height
+    assert ResultStore(out / "ability").table().height == 3
+    summary = pl.read_parquet(out / "summary.parquet")
+    assert sorted(summary["method"].to_list()) == sorted(load_recipe(recipe, ov).sweep.methods)
+    assert (out / "pareto.png").exists()
+    logs = list((out / "launch").rglob("*_log.out"))
+    assert len(logs) == n
