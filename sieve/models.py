@@ -44,6 +44,8 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "qwen3": "model.layers",
 }
 _RENAME = {"transformer.h": "layers", "model.layers": "layers"}
+# accelerate's device maps that spread one model over several GPUs.
+SPLIT_DEVICE_MAPS: tuple[str, ...] = ("balanced", "balanced_low_0", "sequential")
 
 
 def _offline() -> bool:
@@ -119,8 +121,10 @@ def load_model(
     """Load a causal LM as an ``nnsight.TransformersModel`` with ``model.layers[i]`` on any architecture.
 
     ``source`` is a hub id, a local ``save_pretrained`` directory, or an already-built HF model (then
-    pass ``tokenizer``). ``device="auto"`` picks CUDA when available. ``dtype="auto"`` is bfloat16 on
-    CUDA and float32 on CPU.
+    pass ``tokenizer``). ``device="auto"`` picks CUDA when available; ``"balanced"``,
+    ``"balanced_low_0"`` or ``"sequential"`` spread the layers of a model too large for one GPU over all
+    visible GPUs (accelerate's ``device_map``; each layer's edit runs on that layer's GPU).
+    ``dtype="auto"`` is bfloat16 on CUDA and float32 on CPU.
 
     Example:
         >>> from sieve.world import world_model_dir
@@ -130,8 +134,10 @@ def load_model(
     """
     from nnsight import TransformersModel
 
-    if device == "auto":
+    device_map = device
+    if device == "auto" or device in SPLIT_DEVICE_MAPS:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        device_map = device if device_map == "auto" else device_map
     torch_dtype = _dtype(dtype, device)
     if isinstance(source, torch.nn.Module):
         config, built = source.config, source
@@ -146,6 +152,8 @@ def load_model(
     kwargs: dict[str, Any] = {}
     attn = choose_attention(model_type, device) if attn_implementation == "auto" else attn_implementation
     if built is not None:
+        if device_map in SPLIT_DEVICE_MAPS:
+            raise SieveError(f"device {device_map!r} needs a model to load (a hub id or folder), not a built one")
         model = TransformersModel(built.to(device), tokenizer=tokenizer, task="text-generation",
                                   rename=_RENAME)
     else:
@@ -156,7 +164,7 @@ def load_model(
         if tokenizer is not None:
             kwargs["tokenizer"] = tokenizer
         model = TransformersModel(
-            str(source), task="text-generation", dispatch=True, device_map=device, dtype=torch_dtype,
+            str(source), task="text-generation", dispatch=True, device_map=device_map, dtype=torch_dtype,
             rename=_RENAME, **kwargs,
         )
     model.tokenizer.padding_side = "left"

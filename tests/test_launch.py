@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("submitit", reason="the [launch] extra is not installed")
 
 from sieve.errors import SieveError
+from sieve.interventions import Edit, Intervention
 from sieve.launch import LaunchSpec, ShardJob, launch, make_executor, shard_argv
 from sieve.recipe import load_recipe
 from sieve.results import ResultStore
@@ -63,3 +64,20 @@ def test_local_executor_runs_shards_and_merges(tmp_path, detector_cache):  # noq
     assert (out / "pareto.png").exists()
     logs = list((out / "launch").rglob("*_log.out"))
     assert len(logs) == n
+
+
+def test_split_device_map_is_accepted(tmp_path):
+    """``model.device = "balanced"`` (a model spread over several GPUs) goes to accelerate's device_map.
+    Without GPUs it loads on the CPU and steers as ``device = "cpu"`` does; several GPUs are not
+    tested here."""
+    from sieve.generation import generate
+    from sieve.models import load_model
+    from sieve.world import load_world, world_model_dir
+
+    w = load_world()
+    split = load_model(world_model_dir(), device="balanced")
+    iv = Intervention("always", Edit("add", w.feature.direction, -8.0))
+    prompts = ["def add(a, b):\n", "import re\n\ndef parse(line):\n    m ="]
+    a = generate(split, prompts, iv, layer_index=w.layer, max_new_tokens=8, progress=False)
+    b = generate(w.model, prompts, iv, layer_index=w.layer, max_new_tokens=8, progress=False)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
