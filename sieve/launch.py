@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -105,7 +106,19 @@ def shard_argv(base: list[str], out: Path, i: int, n: int) -> list[str]:
 
 
 def visible_gpus() -> list[int]:
-    """GPU indices this process may use (``CUDA_VISIBLE_DEVICES`` order; empty without CUDA)."""
+    """GPU indices this process may hand to shards: those ``CUDA_VISIBLE_DEVICES`` lists (a shard's
+    own ``CUDA_VISIBLE_DEVICES`` is set from them), else every CUDA device; empty without CUDA.
+
+    Example:
+        >>> os.environ["CUDA_VISIBLE_DEVICES"] = "2,3"; visible_gpus()  # doctest: +SKIP
+        [2, 3]
+    """
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        try:
+            return [int(x) for x in env.split(",") if x.strip()]
+        except ValueError:
+            raise SieveError(f"CUDA_VISIBLE_DEVICES={env!r}: the local launcher needs GPU indices, not UUIDs") from None
     try:
         import torch
 
