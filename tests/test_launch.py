@@ -81,3 +81,52 @@ def test_split_device_map_is_accepted(tmp_path):
     a = generate(split, prompts, iv, layer_index=w.layer, max_new_tokens=8, progress=False)
     b = generate(w.model, prompts, iv, layer_index=w.layer, max_new_tokens=8, progress=False)
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
+
+
+class _FakeJob:
+    def __init__(self, polls: int) -> None:
+        self.left, self.job_id = polls, "fake"
+
+    def done(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+
+class _FakeExecutor:
+    """Records what the local scheduler asks for: each submission's GPUs and how many ran at once."""
+
+    def __init__(self) -> None:
+        self.params: dict = {}
+        self.jobs: list[_FakeJob] = []
+        self.started: list[tuple] = []
+        self.most_at_once = 0
+
+    def update_parameters(self, **kw) -> None:
+        self.params.update(kw)
+
+    def submit(self, fn, argv):
+        running = sum(1 for j in self.jobs if j.left >= 0)
+        self.most_at_once = max(self.most_at_once, running + 1)
+        self.started.append(self.params["visible_gpus"])
+        self.jobs.append(_FakeJob(polls=2))
+        return self.jobs[-1]
+
+
+def test_local_scheduler_caps_parallelism_and_gives_each_shard_its_gpus(monkeypatch):
+    from sieve.launch import _submit_local, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")
+    assert visible_gpus() == [2, 3, 5, 7]
+    ex = _FakeExecutor()
+    spec = LaunchSpec(executor="local", shards=6, gpus_per_task=2)
+    jobs = _submit_local(ex, ShardJob("recipes.regex"), [["a"]] * 6, spec, poll_s=0)
+    assert len(jobs) == 6 and ex.most_at_once == 2  # two slots of two GPUs
+    assert set(ex.started) == {(2, 3), (5, 7)} and ex.started[:2] == [(2, 3), (5, 7)]
+    ex = _FakeExecutor()
+    _submit_local(ex, ShardJob("recipes.regex"), [["a"]] * 5, LaunchSpec(shards=5, gpus_per_task=1, parallelism=3),
+                  poll_s=0)
+    assert ex.most_at_once == 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    ex = _FakeExecutor()
+    _submit_local(ex, ShardJob("recipes.regex"), [["a"]] * 3, LaunchSpec(shards=3), poll_s=0)
+    assert ex.most_at_once == 1 and set(ex.started) == {()}  # no GPU: one shard at a time, on the CPU
