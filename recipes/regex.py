@@ -18,6 +18,19 @@ What it does, in one direction:
    to ``<output>/ability``;
 4. report: a summary table with 95% intervals and the Pareto front, charts (HTML + PNG).
 
+Your own prompts: ``--regex-prompts FILE`` and ``--neutral-prompts FILE`` (or the recipe keys
+``prompts.regex_file`` / ``prompts.neutral_file``) replace the regex-prone and neutral sets with plain
+completion prompts, which the model continues as written:
+
+- ``.jsonl``: one JSON object per line, ``{"prompt": "def parse_date(s):\\n", "id": "dates"}`` (``id``
+  optional, defaults to FILE:LINE; ``reference`` optional);
+- ``.py``: blocks separated by lines starting with ``# ---`` (``# --- name`` names the next block);
+  each block is used exactly as written (less empty lines at its ends); the file is never run.
+
+A file is used whole (``prompts.*_limit`` apply to the shipped sets only). A prompt that ends where the
+tokenizer would merge (a newline before indentation) is healed at generation. A wrong file stops the
+run before any model loads, naming the file and line (exit status 2).
+
 An interrupted run started again with the same recipe resumes: finished rows are skipped, none is
 duplicated. ``--shard i/n`` runs every n-th row (for several machines, each with its own output
 folder or the same one); ``--merge DIR ...`` combines shard outputs into the recipe's output folder.
@@ -42,6 +55,7 @@ from sieve.errors import SieveError
 from sieve.evals.code import answer_validity, evaluate_code, function_validity
 from sieve.generation import default_batch_size, generate
 from sieve.methods import build
+from sieve.prompts import PromptFileError, user_prompt_files
 from sieve.recipe import UNSTEERED, Recipe, load_recipe, recipe_hash
 from sieve.results import ResultStore, merge_stores, pareto_front, parse_shard, summarize
 
@@ -278,12 +292,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only summarise and chart what is there")
     p.add_argument("--out", default=None, help="output folder (default: the recipe's output.dir)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--regex-prompts", default=None, metavar="FILE",
+                   help="your own regex-prone completion prompts (.jsonl with a 'prompt' field per line, or a .py "
+                        "file of blocks separated by '# ---' lines); replaces the recipe's regex-prone set")
+    p.add_argument("--neutral-prompts", default=None, metavar="FILE",
+                   help="your own neutral completion prompts (same formats); replaces the recipe's neutral set")
     args = p.parse_args(argv)
     if args.recipe and "=" in args.recipe and not Path(args.recipe).exists():
         args.overrides.insert(0, args.recipe)
         args.recipe = str(DEFAULT_RECIPE)
+    # Prompt files given here are relative to the working directory (in a recipe, to the recipe file).
+    for key, value in (("prompts.regex_file", args.regex_prompts), ("prompts.neutral_file", args.neutral_prompts)):
+        if value:
+            args.overrides.append(f"{key}={json.dumps(str(Path(value).resolve()))}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        user_prompt_files(recipe)  # a bad prompt file fails here, before any model is loaded
+    except PromptFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else recipe.resolve(recipe.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps({"hash": recipe_hash(recipe), "file": str(recipe.path)}))

@@ -13,6 +13,7 @@ Two sources:
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +21,25 @@ from typing import Any
 
 import torch
 
-from sieve.errors import RecipeError
+from sieve.errors import RecipeError, SieveError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Prompt", "PromptSets", "load_prompt_sets", "WORLD_PROMPTS_DIR"]
+__all__ = [
+    "Prompt", "PromptSets", "load_prompt_sets", "WORLD_PROMPTS_DIR", "PromptFileError", "load_prompt_file",
+    "user_prompt_files",
+]
+
+
+class PromptFileError(SieveError):
+    """A user's prompt file is wrong: the message names the file and (where there is one) the line."""
+
+    def __init__(self, path: object, line: int | None, message: str) -> None:
+        self.path, self.line = path, line
+        super().__init__(f"{path}{f':{line}' if line else ''}: {message}")
 
 WORLD_PROMPTS_DIR = Path(__file__).parent / "world" / "data" / "prompts"
 
@@ -167,7 +179,124 @@ def _task_sets(r: Any, tokenizer: Any) -> PromptSets:
 
 
 def load_prompt_sets(recipe: Any, tokenizer: Any) -> PromptSets:
-    """The recipe's prompt sets (see the module docstring)."""
-    if recipe.prompts.source == "world":
-        return _world_sets(recipe)
-    return _task_sets(recipe, tokenizer)
+    """The recipe's prompt sets (see the module docstring); ``prompts.regex_file`` and
+    ``prompts.neutral_file`` replace the regex-prone and neutral sets with the user's own prompts."""
+    user = user_prompt_files(recipe)  # before any model work: a bad file fails at once
+    sets = _world_sets(recipe) if recipe.prompts.source == "world" else _task_sets(recipe, tokenizer)
+    if "regex" in user:
+        sets.regex = user["regex"]
+    if "neutral" in user:
+        sets.neutral = user["neutral"]
+    return sets
+
+
+_SEPARATOR = re.compile(r"^# ?---+(.*)$")
+
+
+def load_prompt_file(path: str | Path, kind: str) -> list[Prompt]:
+    """Read plain completion prompts (the model continues each text as written).
+
+    - ``.jsonl``: one JSON object per line with a non-empty string ``prompt``; optional ``id`` (string)
+      and ``reference`` (a known completion, kept for reading). Blank lines are skipped.
+    - ``.py``: blocks separated by lines starting with ``# ---`` (text after the dashes names the block,
+      e.g. ``# --- find_emails``). A block is its lines exactly as written, less empty lines at its start
+      and end, so it ends with its last line's newline (generation heals the token boundary). The file
+      is read as text, never imported or run.
+
+    Ids default to ``<file name>:<line>``. Errors name the file and the line.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "p.py"
+        >>> _ = f.write_text("def f(s):\\n    # find dates\\n# --- g\\ndef g(xs):\\n")
+        >>> [(p.id, p.text) for p in load_prompt_file(f, "regex")]
+        [('p.py:1', 'def f(s):\\n    # find dates\\n'), ('g', 'def g(xs):\\n')]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(path, None, "file not found" if not path.exists() else "is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptFileError(path, None, f"is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix == ".jsonl":
+        prompts = _jsonl_prompts(path, text, kind)
+    elif path.suffix == ".py":
+        prompts = _block_prompts(path, text, kind)
+    else:
+        raise PromptFileError(path, None, f"unknown prompt file type {path.suffix!r}; use .jsonl (a 'prompt' field "
+                                          "per line) or .py (blocks separated by '# ---' lines)")
+    if not prompts:
+        raise PromptFileError(path, None, "has no prompts")
+    seen: dict[str, int] = {}
+    for p, line in prompts:
+        if p.id in seen:
+            raise PromptFileError(path, line, f"id {p.id!r} is used twice (first on line {seen[p.id]})")
+        seen[p.id] = line
+    return [p for p, _ in prompts]
+
+
+def _jsonl_prompts(path: Path, text: str, kind: str) -> list[tuple[Prompt, int]]:
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(path, n, f"is not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise PromptFileError(path, n, f"must be a JSON object with a 'prompt' field, got {type(obj).__name__}")
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptFileError(path, n, "needs a 'prompt' field holding a non-empty string")
+        pid = obj.get("id", f"{path.name}:{n}")
+        if not isinstance(pid, str) or not pid:
+            raise PromptFileError(path, n, f"'id' must be a non-empty string, got {pid!r}")
+        ref = obj.get("reference", "")
+        if not isinstance(ref, str):
+            raise PromptFileError(path, n, f"'reference' must be a string, got {type(ref).__name__}")
+        out.append((Prompt(pid, prompt, kind, reference=ref), n))
+    return out
+
+
+def _block_prompts(path: Path, text: str, kind: str) -> list[tuple[Prompt, int]]:
+    out = []
+    lines = text.splitlines(keepends=True)
+    start, name, block = 1, "", []
+
+    def flush() -> None:
+        body = list(block)
+        first = start
+        while body and not body[0].strip("\r\n"):
+            body.pop(0)
+            first += 1
+        while body and not body[-1].strip("\r\n"):
+            body.pop()
+        if not body:
+            if name:
+                raise PromptFileError(path, start - 1, f"block {name!r} is empty")
+            return
+        if not "".join(body).strip():
+            raise PromptFileError(path, first, "block holds only whitespace")
+        out.append((Prompt(name or f"{path.name}:{first}", "".join(body), kind), first))
+
+    for n, line in enumerate(lines, start=1):
+        m = _SEPARATOR.match(line.rstrip("\r\n"))
+        if m:
+            flush()
+            start, name, block = n + 1, m.group(1).strip(), []
+        else:
+            block.append(line)
+    flush()
+    return out
+
+
+def user_prompt_files(recipe: Any) -> dict[str, list[Prompt]]:
+    """The user's prompt files named by the recipe (``prompts.regex_file``, ``prompts.neutral_file``),
+    read and checked; relative paths resolve against the recipe file's folder."""
+    out = {}
+    for kind, value in (("regex", recipe.prompts.regex_file), ("neutral", recipe.prompts.neutral_file)):
+        if value:
+            out[kind] = load_prompt_file(recipe.resolve(value), kind)
+    return out

@@ -94,13 +94,21 @@ class ProbeSpec:
 
 @dataclass
 class PromptSpec:
-    """Prompt sets. "world" uses the embedded world's held-out sets; otherwise a prompts TOML file."""
+    """Prompt sets. "world" uses the embedded world's held-out sets; otherwise a prompts TOML file.
+
+    ``regex_file`` / ``neutral_file``: plain completion prompts that replace the regex-prone / neutral
+    set (a ``.jsonl`` file with a ``prompt`` field per line, or a ``.py`` file of blocks separated by
+    ``# ---`` lines; see :func:`sieve.prompts.load_prompt_file`). Used whole: the limits apply to the
+    shipped sets only.
+    """
 
     source: str = "world"
     regex_limit: int = 0
     neutral_limit: int = 40
     code_limit: int = 80
     system: str = ""
+    regex_file: str = ""
+    neutral_file: str = ""
 
 
 @dataclass

@@ -136,3 +136,29 @@ def test_shards_then_merge(tmp_path, detector_cache):
 def test_bad_override_names_key(tmp_path):
     with pytest.raises(Exception, match=r"sweep.methods\[0\].*unknown method 'bogus'"):
         regex.main([str(ROOT / "recipes/regex.toml"), 'sweep.methods=["bogus"]', f'output.dir="{tmp_path}"'])
+
+
+def test_user_prompt_files_run_end_to_end(tmp_path, detector_cache):
+    """Your own regex-prone (.py) and neutral (.jsonl) prompts, ending in a bare newline after the
+    docstring (healed), with the lexical baseline beside unsteered."""
+    out = tmp_path / "run"
+    _prepare(out, detector_cache)
+    rx = tmp_path / "mine.py"
+    rx.write_text('def find_emails(text):\n    """Return every email address in text."""\n'
+                  '# --- dates\ndef is_valid_date(s):\n    """Check that s matches YYYY-MM-DD."""\n')
+    nt = tmp_path / "neutral.jsonl"
+    nt.write_text('{"prompt": "def mean(xs):\\n    \\"\\"\\"The mean of xs.\\"\\"\\"\\n", "id": "mean"}\n')
+    ov = _overrides(out, **{"sweep.methods": '["unsteered","lexical_steering_vector"]', "sweep.samples": "2"})
+    assert regex.main([str(ROOT / "recipes/regex.toml"), *ov, "--regex-prompts", str(rx),
+                       "--neutral-prompts", str(nt), "--no-progress"]) == 0
+    gen = ResultStore(out / "gen").table()
+    assert gen.height == 2 * (2 + 1) * 2
+    assert set(gen.filter(pl.col("set") == "regex")["prompt_id"]) == {"mine.py:1", "dates"}
+    assert set(gen.filter(pl.col("set") == "neutral")["prompt_id"]) == {"mean"}
+    lex = gen.filter(pl.col("method") == "lexical_steering_vector")
+    # Only "dates" has a regex-ish word ("matches"): its rows are steered, the others are not.
+    opened = {(r["prompt_id"], r["prompt_gate_opened"]) for r in lex.iter_rows(named=True)}
+    assert opened == {("mine.py:1", 0), ("dates", 1), ("mean", 0)}
+    assert (gen["n_tokens"] > 0).all()  # healed: no completion is cut to nothing by a bare newline
+    summary = pl.read_parquet(out / "summary.parquet")
+    assert summary.filter(pl.col("method") == "lexical_steering_vector")["gate_open_rate"].to_list() == [0.5]
