@@ -14,8 +14,13 @@
 3. Tokens per second, and peak memory of each side of the sweep, each run alone in a fresh process
    (CUDA: ``max_memory_allocated`` above the loaded model; CPU: peak resident-set growth, polled).
 
-Configs: ``world`` (the embedded model), ``mid`` (a random 8-layer d=512 Llama), ``gemma2-2b``
-(gemma-2-2b's published config with random weights; for a GPU).
+4. ``--sae-cost CONFIG ...``: an SAE-space clamp (encode, set the feature where active, decode, error
+   kept) on a 16k-latent JumpReLU SAE, with the sparse encode (the feature's own encoder column and
+   decoder row) and with the full encode, against plain ``generate``, for several configs in one run.
+
+Configs: ``world`` (the embedded model), ``mid`` (a random 8-layer d=512 Llama), ``gemma2-2b-width``
+(gemma-2-2b's width with 4 layers and a small vocabulary; fits a CPU), ``gemma2-2b`` (gemma-2-2b's
+published config with random weights; for a GPU).
 """
 
 from __future__ import annotations
@@ -76,6 +81,15 @@ def build_model(config: str, device: str):
         m = LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                                          num_attention_heads=8, num_key_value_heads=4, **common))
         layer = 4
+    elif config == "gemma2-2b-width":
+        # gemma-2-2b's width (d=2304, MLP 9216, its attention shape) with 4 of its 26 layers and the world's
+        # vocabulary: small enough for a CPU; an SAE costs a larger share of a shallower model, so its
+        # ratio here bounds the full model's from above.
+        m = Gemma2ForCausalLM(Gemma2Config(hidden_size=2304, intermediate_size=9216, num_hidden_layers=4,
+                                           num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                           sliding_window=4096, attn_logit_softcapping=50.0,
+                                           final_logit_softcapping=30.0, query_pre_attn_scalar=256, **common))
+        layer = 2
     elif config == "gemma2-2b":
         # gemma-2-2b's published config (2.6B parameters), random weights, its 256k vocabulary included so
         # the LM head costs what it does; prompts use the world's tokenizer, whose ids are a subset.
@@ -157,6 +171,55 @@ def bench_overhead(model, layer: int, device: str, batch: int, n: int, repeats: 
                      "ratio_min": min(ratios), "ratio_max": max(ratios),
                      "sieve_tok_s": batch * n / statistics.median(sieve_t)})
     return rows
+
+
+def sae_for(d: int, latents: int = 16384):
+    """A JumpReLU SAE of ``latents`` features on width ``d`` (sae-lens, random weights, threshold 0 so
+    about half the tokens activate a feature): what an SAE-space edit costs does not depend on training."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    torch.manual_seed(0)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d, d_sae=latents, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sae.threshold.zero_()
+    return sae.eval()
+
+
+def bench_sae_cost(model, layer: int, device: str, batch: int, n: int, repeats: int, latents: int) -> dict:
+    """SAE-space clamp (the feature set to a value where it is active in the code, error term kept) with
+    the sparse encode (JumpReLU: only the feature's encoder column and decoder row) and with the full
+    encode (all ``latents``), against plain ``generate``; interleaved, ratio of medians."""
+    from sieve.interventions import Fires, LatentEdit, SAECode
+
+    prompts = world_prompts(batch)
+    enc = {k: v.to(device) for k, v in encode_prompts(model.tokenizer, prompts).items()}
+    d = underlying(model).config.hidden_size
+    sae = sae_for(d, latents).to(device)
+    f = 123
+    ivs = {enc_kind: Intervention(Fires(SAECode(sae, [f], encode=enc_kind), 0.0),
+                                  LatentEdit(sae, [f], "set", -4.0, encode=enc_kind), layers=layer)
+           for enc_kind in ("auto", "full")}
+    plain_generate(model, enc, 2)  # warm-up
+    for iv in ivs.values():
+        generate(model, prompts, iv, max_new_tokens=2, progress=False, token_healing=False)
+    t: dict[str, list[float]] = {"plain": [], "auto": [], "full": []}
+    steps: list[int] = []
+    for _ in range(repeats):
+        t["plain"].append(timed(lambda: plain_generate(model, enc, n), device))
+        for k, iv in ivs.items():
+            t[k].append(timed(lambda iv=iv: steps.append(max(len(o.token_ids) for o in generate(
+                model, prompts, iv, max_new_tokens=n, batch_size=batch, progress=False, token_healing=False))),
+                device))
+    if min(steps) < n:
+        print(f"warning: every row ended before {n} tokens in some run; the ratio is not like for like")
+    med = {k: statistics.median(v) for k, v in t.items()}
+    return {"d": d, "latents": latents, "batch": batch, "tokens": n, "plain_s": med["plain"],
+            "sparse_s": med["auto"], "full_s": med["full"], "sparse_ratio": med["auto"] / med["plain"],
+            "full_ratio": med["full"] / med["plain"],
+            "sparse_range": [min(a / p for a, p in zip(t["auto"], t["plain"])),
+                             max(a / p for a, p in zip(t["auto"], t["plain"]))],
+            "full_range": [min(a / p for a, p in zip(t["full"], t["plain"])),
+                           max(a / p for a, p in zip(t["full"], t["plain"]))]}
 
 
 def study_way(model, layer: int, cells, parts, prompts, n: int, device: str, sampled: bool = False) -> list[list[int]]:
@@ -312,7 +375,12 @@ def peak_memory(args, which: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="world", choices=["world", "mid", "gemma2-2b"])
+    ap.add_argument("--config", default="world", choices=["world", "mid", "gemma2-2b-width", "gemma2-2b"])
+    ap.add_argument("--sae-cost", nargs="+", default=None, metavar="CONFIG",
+                    choices=["world", "mid", "gemma2-2b-width", "gemma2-2b"],
+                    help="only the SAE-space edit's cost (sparse and full encode vs plain generate) on these configs, "
+                         "side by side in one run")
+    ap.add_argument("--latents", type=int, default=16384, help="SAE width for --sae-cost")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)
@@ -325,6 +393,25 @@ def main() -> None:
     if args.probe:
         print(json.dumps({"peak_mb": peak_memory_probe(args.config, args.device, args.probe, args.tokens,
                                                        args.per_cell)}))
+        return
+    if args.sae_cost:
+        rows = []
+        for config in args.sae_cost:
+            model, layer = build_model(config, args.device)
+            rows.append({"config": config, **bench_sae_cost(model, layer, args.device, args.batch, args.tokens,
+                                                            args.repeats, args.latents)})
+            del model
+        print(f"# SAE-space clamp on {args.device}, {args.latents}-latent JumpReLU SAE, batch {args.batch}, "
+              f"{args.tokens} new tokens, {args.repeats} interleaved repeats")
+        print("| config | d | plain generate | sparse encode | full encode | sparse ratio (range) | full ratio (range) |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['config']} | {r['d']} | {r['plain_s']:.3f} s | {r['sparse_s']:.3f} s | {r['full_s']:.3f} s | "
+                  f"{r['sparse_ratio']:.2f}x ({r['sparse_range'][0]:.2f}-{r['sparse_range'][1]:.2f}) | "
+                  f"{r['full_ratio']:.2f}x ({r['full_range'][0]:.2f}-{r['full_range'][1]:.2f}) |")
+        if args.out:
+            Path(args.out).write_text(json.dumps({"sae_cost": rows, "device": args.device, "torch": torch.__version__},
+                                                 indent=1))
         return
     model, layer = build_model(args.config, args.device)
     overhead = bench_overhead(model, layer, args.device, args.batch, args.tokens, args.repeats)

@@ -14,7 +14,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["RECIPES", "recipe_files"]
+__all__ = ["RECIPES", "recipe_files", "declared_methods"]
 
 HERE = Path(__file__).parent
 
@@ -32,4 +32,19 @@ def recipe_files() -> list[tuple[str, str, str]]:
     for p in sorted(HERE.glob("*.toml")):
         data = tomllib.loads(p.read_text())
         out.append((p.name, str(data.get("name", "")), str(data.get("description", ""))))
+    return out
+
+
+def declared_methods() -> list[tuple[str, str, str]]:
+    """``(file, method, description)`` of every method a shipped recipe file declares (``[methods.NAME]``),
+    each validated as loading the file does."""
+    from sieve.recipe import load_recipe
+
+    out = []
+    for p in sorted(HERE.glob("*.toml")):
+        r = load_recipe(p)
+        for name in r.methods:
+            m = r.method(name)
+            out.append((p.name, name, f"{m.gate} gate, {m.edit} edit along/at {m.direction!r}"
+                        + (f", detector {m.detector!r}" if m.detector else "") + f": {m.description}"))
     return out

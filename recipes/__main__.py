@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recipes import RECIPES, recipe_files
+from recipes import RECIPES, declared_methods, recipe_files
 
 
 def main() -> None:
@@ -12,6 +12,11 @@ def main() -> None:
     print("\nrecipe files (recipes/*.toml):")
     for fname, name, desc in recipe_files():
         print(f"  {fname:26s} {name:16s} {desc}")
+    declared = declared_methods()
+    if declared:
+        print("\nmethods declared in recipe files ([methods.NAME]):")
+        for fname, name, desc in declared:
+            print(f"  {fname:26s} {name:24s} {desc}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from recipes.regex import intervention
 from sieve.evals.metrics import wilson
 from sieve.evals.mmlu import load_mmlu, mmlu_accuracy
-from sieve.methods import get_method
 from sieve.recipe import UNSTEERED, load_recipe, recipe_hash
 
 DEFAULT_RECIPE = Path(__file__).parent / "regex.toml"
@@ -34,15 +33,15 @@ def run(recipe, progress: bool = True) -> pl.DataFrame:
     """Accuracy per (method, scale), with Wilson 95% intervals."""
     from sieve.setting import load_setting
 
-    needs_probe = any(m != UNSTEERED and get_method(m).detector == "probe" for m in recipe.sweep.methods)
+    needs_probe = any(m != UNSTEERED and recipe.method(m).detector == "probe" for m in recipe.sweep.methods)
     setting = load_setting(recipe, progress=progress, with_probe=needs_probe)
     qs = load_mmlu(recipe)
     rows = []
     cells = [(UNSTEERED, 0.0)] + [(m, float(s)) for m in recipe.sweep.methods if m != UNSTEERED
                                   for s in recipe.scales_for(m)]
     for method, scale in tqdm(cells, desc="MMLU", disable=not progress):
-        iv = intervention(setting.parts, method, scale)
-        correct = mmlu_accuracy(setting.model, qs, iv, layer_index=setting.layer, chat=recipe.model.chat,
+        iv = intervention(setting.parts, method, scale, recipe=recipe)
+        correct = mmlu_accuracy(setting.model, qs, iv, chat=recipe.model.chat,
                                 shots=recipe.eval.mmlu_shots, batch_size=recipe.sweep.batch_size or 16)
         k, n = sum(correct), len(correct)
         lo, hi = wilson(k, n)

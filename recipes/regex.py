@@ -70,9 +70,12 @@ def row_seed(base: int, *parts: Any) -> int:
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
-def intervention(parts, method: str, scale: float):
-    """The intervention of one (method, scale) cell; None for the unsteered baseline."""
-    return None if method == UNSTEERED else build(method, parts, scale)
+def intervention(parts, method: str, scale: float, recipe: Recipe | None = None):
+    """The intervention of one (method, scale) cell; None for the unsteered baseline. ``recipe``: where
+    to look the method up first (its ``[methods.NAME]`` tables), before the registry."""
+    if method == UNSTEERED:
+        return None
+    return build(recipe.method(method) if recipe is not None else method, parts, scale)
 
 
 def plan(recipe: Recipe, prompts) -> list[dict[str, Any]]:
@@ -136,7 +139,7 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, shard: tuple[int
     for r in todo:
         cell = (r["method"], r["scale"])
         if cell not in ivs:
-            ivs[cell] = intervention(setting.parts, *cell)
+            ivs[cell] = intervention(setting.parts, *cell, recipe=recipe)
     sets = {"regex": setting.prompts.regex, "neutral": setting.prompts.neutral}
     bs = recipe.sweep.batch_size or None
     chunk = (bs or default_batch_size(setting.model)) * 4  # rows generated, then stored, at a time
@@ -150,7 +153,7 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, shard: tuple[int
         prompts = [sets[r["set"]][r["prompt_index"]] for r in part]
         outs = generate(
             setting.model, [p.text for p in prompts], [ivs[(r["method"], r["scale"])] for r in part],
-            layer_index=setting.layer, max_new_tokens=recipe.sweep.max_new_tokens,
+            max_new_tokens=recipe.sweep.max_new_tokens,
             temperature=recipe.sweep.temperature, top_p=recipe.sweep.top_p,
             seeds=[r["seed"] for r in part], stop=recipe.sweep.stop, batch_size=bs, progress=False,
         )
@@ -176,13 +179,12 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, i
 
         questions = load_mmlu(recipe)  # once, not per cell
     for method, scale in tqdm(todo, desc="general ability", disable=not progress):
-        iv = intervention(setting.parts, method, scale)
+        iv = intervention(setting.parts, method, scale, recipe=recipe)
         extra: dict[str, Any] = {}
         if recipe.eval.general == "loss":
             from sieve.evals.ability import steered_logprobs
 
-            lps = steered_logprobs(setting.model, setting.prompts.code, iv, layer_index=setting.layer,
-                                   batch_size=recipe.sweep.batch_size or 16)
+            lps = steered_logprobs(setting.model, setting.prompts.code, iv, batch_size=recipe.sweep.batch_size or 16)
             values = [float(-lp.mean()) for lp in lps if lp.numel()]
             metric = "loss"
         elif recipe.eval.general == "lmeval":
@@ -191,7 +193,7 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, i
         else:
             from sieve.evals.mmlu import mmlu_accuracy
 
-            correct = mmlu_accuracy(setting.model, questions, iv, layer_index=setting.layer, chat=recipe.model.chat,
+            correct = mmlu_accuracy(setting.model, questions, iv, chat=recipe.model.chat,
                                     shots=recipe.eval.mmlu_shots)
             values = [float(c) for c in correct]
             metric = "mmlu"

@@ -36,12 +36,12 @@ from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in
 
 from sieve.errors import SieveError
 from sieve.healing import Heal, TokenHealer, heal_rows, strip_healed
-from sieve.interventions import Intervention, Steerer
-from sieve.models import layer, pad_left, tokenize_prompts, underlying
-from sieve.prompt_gates import open_prompt_gates
+from sieve.interventions import Row, Steerer, as_rows, resolve_prompt_gates
+from sieve.models import encode_prompts, hidden_size, num_layers, pad_id, pad_left, tokenize_prompts, underlying
 
 __all__ = [
-    "Completion", "RowSampler", "RowTracker", "check_context", "default_batch_size", "generate", "steered_generate_batch",
+    "Completion", "RowSampler", "RowTracker", "check_context", "check_prompts", "default_batch_size", "generate",
+    "steered_logits",
 ]
 
 log = logging.getLogger(__name__)
@@ -244,64 +244,44 @@ def check_context(model, prompt_lengths: Sequence[int], max_new_tokens: int) -> 
             )
 
 
-def steered_generate_batch(
+def _generate_batch(
     model,
     prompts: list[str],
-    interventions: list[Intervention | None],
+    rows: list[Row],
+    token_ids: list[list[int]],
     *,
-    layer_index: int,
     max_new_tokens: int,
-    temperatures: Sequence[float] | float = 0.0,
-    seeds: Sequence[int] | int = 0,
-    top_p: float = 1.0,
-    stop: Sequence[str] = (),
-    token_ids: list[list[int]] | None = None,
-    token_healing: bool = True,
+    temperatures: list[float],
+    seeds: list[int],
+    top_p: float,
+    stop: Any,
+    heals: list[Heal | None],
+    gates_opened: list[bool | None],
 ) -> list[Completion]:
-    """One batch: every row its own prompt, intervention, temperature and seed. ``token_ids``: the
-    prompts already tokenized (:func:`sieve.models.tokenize_prompts`), so they are not tokenized again.
-    ``token_healing``: see :func:`generate`.
-
-    Example:
-        >>> outs = steered_generate_batch(model, ["def f("], [None], layer_index=1, max_new_tokens=4)  # doctest: +SKIP
-    """
-    B = len(prompts)
-    if len(interventions) != B:
-        raise SieveError(f"{len(interventions)} interventions for {B} prompts: give one per row (None: unsteered)")
-    if max_new_tokens < 1:
-        raise SieveError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    temps = [float(temperatures)] * B if isinstance(temperatures, (int, float)) else list(temperatures)
-    seed_list = [int(seeds) + i for i in range(B)] if isinstance(seeds, int) else list(seeds)
+    """One batch, everything already checked, listed and healed by :func:`generate`: every row its own
+    prompt (tokenized, as fed), interventions, temperature, seed and heal."""
     tok = model.tokenizer
     hf = underlying(model)
     device = next(hf.parameters()).device
-    rows = token_ids if token_ids is not None else tokenize_prompts(tok, prompts)
-    if len(rows) != B:
-        raise SieveError(f"{len(rows)} token rows for {B} prompts")
-    check_context(model, [len(r) for r in rows], max_new_tokens)
-    # Prompt gates (the lexical baseline) read the prompt as written, before healing touches its tokens.
-    interventions, gates_opened = open_prompt_gates(interventions, prompts)
-    heals: list[Heal | None] = [None] * B
-    if token_healing:
-        rows, heals = heal_rows(tok, rows)
     healing = any(h is not None for h in heals)
     # A healed row re-spells its prompt's last token first: it gets one step more, so every row keeps
     # max_new_tokens after the prompt as written.
     steps = max_new_tokens + 1 if healing else max_new_tokens
-    enc = pad_left(rows, tok.pad_token_id)
+    enc = pad_left(token_ids, pad_id(tok))
     enc = {k: v.to(device) for k, v in enc.items()}
-    steer = Steerer(interventions, enc, tok)
+    steer = Steerer(rows, enc, tok)
     width = enc["input_ids"].shape[1]
-    tracker = RowTracker(width, _eos_ids(model), _stop_criterion(tok, stop),
+    tracker = RowTracker(width, _eos_ids(model), stop,
                          budgets=[max_new_tokens + (h is not None) for h in heals] if healing else None)
     processors: list[Any] = [TokenHealer(heals, width)] if healing else []
-    if any(t > 0 for t in temps):
-        processors.append(RowSampler(temps, seed_list, top_p))
+    # Greedy rows are left to HF's own argmax: a sampler only when some row samples.
+    if any(t > 0 for t in temperatures):
+        processors.append(RowSampler(temperatures, seeds, top_p))
     gc = copy.deepcopy(hf.generation_config)
     # HF must not end rows itself: RowTracker finds each row's end and stops the batch once all have.
     # min_new_tokens is not used: it would forbid EOS and change what rows generate.
     gc.eos_token_id = None
-    gc.pad_token_id = tok.pad_token_id
+    gc.pad_token_id = pad_id(tok)
     gc.do_sample = False
     gc.max_new_tokens = steps
     gc.min_new_tokens = None
@@ -309,7 +289,6 @@ def steered_generate_batch(
     gc.temperature = None
     gc.top_p = None
     gc.top_k = None
-    target = layer(model, layer_index)
     from transformers import StoppingCriteriaList
 
     with torch.inference_mode(), warnings.catch_warnings():
@@ -320,8 +299,9 @@ def steered_generate_batch(
         with model.generate(enc, generation_config=gc, logits_processor=processors,
                             stopping_criteria=StoppingCriteriaList([tracker])) as tracer:
             for step in tracer.iter[:steps]:
-                # Decode step k reads generated token k-1: count firings only while it is kept.
-                target.output = steer(target.output, counted=None if step == 0 else tracker.keeps(step - 1))
+                # Decode step k reads generated token k-1: count firings only while it is kept. Read
+                # once the layers ran: the trace body runs ahead of HF's stopping check.
+                steer.forward(model, counted=None if step == 0 else (lambda k=step: tracker.keeps(k - 1)))
     counts = steer.counts()
     out = []
     for i, (row, finished) in enumerate(tracker.completions()):
@@ -334,6 +314,50 @@ def steered_generate_batch(
             | ({} if gates_opened[i] is None else {"prompt_gate_opened": int(gates_opened[i])}),
             healed=heals[i].text if heals[i] is not None else "",
         ))
+    return out
+
+
+def check_prompts(prompts: Any) -> list[str]:
+    """The prompts as a list of strings, or a :class:`SieveError` saying what is wrong (a lone ``str``
+    would otherwise be read as one prompt per character).
+
+    Example:
+        >>> check_prompts("def f(")
+        Traceback (most recent call last):
+        ...
+        sieve.errors.SieveError: prompts must be a list of strings, got one str ('def f('); wrap it in a list
+    """
+    if isinstance(prompts, str):
+        short = prompts if len(prompts) <= 40 else prompts[:37] + "..."
+        raise SieveError(f"prompts must be a list of strings, got one str ({short!r}); wrap it in a list")
+    try:
+        out = list(prompts)
+    except TypeError as e:
+        raise SieveError(f"prompts must be a list of strings, got {type(prompts).__name__}") from e
+    for i, p in enumerate(out):
+        if not isinstance(p, str):
+            raise SieveError(f"prompt {i} is a {type(p).__name__}, not a str")
+    return out
+
+
+def check_layers(model, rows: list[Row]) -> None:
+    """Every layer an intervention reads or edits exists in ``model`` (a clear range error otherwise)."""
+    n = num_layers(model)
+    for i, row in enumerate(rows):
+        for iv in row:
+            for L in {*iv.layers, iv.reads_at}:  # type: ignore[misc]
+                if L >= n:
+                    raise SieveError(f"row {i}: {iv!r} uses layer {L}, but the model has {n} decoder layers "
+                                     f"(0..{n - 1})")
+
+
+def per_row(value: Any, n: int, what: str, cast) -> list:
+    """One value for all ``n`` rows (a scalar) or one per row, checked."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [cast(value)] * n
+    out = [cast(v) for v in value]
+    if len(out) != n:
+        raise SieveError(f"{what} needs one value per prompt ({n}), got {len(out)}")
     return out
 
 
@@ -357,9 +381,9 @@ def default_batch_size(model_or_device: Any) -> int:
 def generate(
     model,
     prompts: list[str],
-    interventions: list[Intervention | None] | Intervention | None = None,
+    interventions: Any = None,
     *,
-    layer_index: int,
+    layer_index: int | None = None,
     max_new_tokens: int = 64,
     temperature: float | Sequence[float] = 0.0,
     seeds: Sequence[int] | int = 0,
@@ -370,14 +394,16 @@ def generate(
     on_batch: Callable[[int], None] | None = None,
     token_healing: bool = True,
 ) -> list[Completion]:
-    """Generate for every prompt with its own intervention, in batches, edited at every step.
+    """Generate for every prompt with its own interventions, in batches, edited at every step.
 
-    ``interventions`` is one per prompt (None: unsteered), or one for all. ``seeds`` is one per prompt
+    ``interventions`` is one per prompt (an :class:`~sieve.interventions.Intervention`, a list of them
+    composed on that row, or None: unsteered), or one for all. Each intervention carries its layers;
+    ``layer_index`` binds those that carry none. ``seeds`` is one per prompt
     (or a base seed: row i gets base + i). A row ends at EOS or once its text ends with one of ``stop``
     (kept in the text; e.g. ``["```"]`` ends a fenced code block). ``batch_size=None`` takes
     :func:`default_batch_size` and halves it when CUDA runs out of memory. Rows are grouped by prompt
     length to limit padding; results come back in the input order. ``on_batch(n)`` is called after each
-batch with its number of rows (e.g. a caller's own progress bar's ``update``).
+    batch with its number of rows (e.g. a caller's own progress bar's ``update``).
 
     ``token_healing`` (on by default): a prompt ending where the tokenizer would merge with the next
     text (``"\\n"`` before indentation, a trailing space, half a word) is fed without its last token,
@@ -388,40 +414,46 @@ batch with its number of rows (e.g. a caller's own progress bar's ``update``).
     Example:
         >>> from sieve.world import load_world
         >>> w = load_world()
-        >>> outs = generate(w.model, ["def add(a, b):\\n"], layer_index=w.layer, max_new_tokens=8,
-        ...                 progress=False)
+        >>> outs = generate(w.model, ["def add(a, b):\\n"], max_new_tokens=8, progress=False)
         >>> outs[0].healed, len(outs[0].token_ids) <= 8 + 1  # "\\n" re-spelled, then 8 tokens at most
         ('\\n', True)
     """
+    prompts = check_prompts(prompts)
     n = len(prompts)
-    if interventions is None or isinstance(interventions, Intervention):
-        interventions = [interventions] * n
-    if len(interventions) != n:
-        raise SieveError(f"{len(interventions)} interventions for {n} prompts")
-    temps = [float(temperature)] * n if isinstance(temperature, (int, float)) else list(temperature)
-    seed_list = [int(seeds) + i for i in range(n)] if isinstance(seeds, int) else list(seeds)
-    if len(temps) != n or len(seed_list) != n:
-        raise SieveError(f"temperature and seeds need one value per prompt ({n})")
+    if max_new_tokens < 1:
+        raise SieveError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    # Every list is made and every check run once, here, before any batch: rows (layers bound, widths
+    # checked), temperatures, seeds, stop strings, and the tokens of every prompt (over-long rows are
+    # refused before any batch runs, rows of similar length share a batch, each batch takes its ids).
+    rows = as_rows(interventions, n, layer_index, width=hidden_size(model))
+    check_layers(model, rows)
+    # Prompt gates (the lexical baseline) read the prompt as written, before healing touches its tokens.
+    rows, gates_opened = resolve_prompt_gates(rows, prompts)
+    temps = per_row(temperature, n, "temperature", float)
+    if any(t < 0 for t in temps):
+        raise SieveError(f"temperature must be >= 0, got {min(temps)}")
+    seed_list = [int(seeds) + i for i in range(n)] if isinstance(seeds, int) else per_row(seeds, n, "seeds", int)
+    stop_criterion = _stop_criterion(model.tokenizer, stop)
     bs = batch_size or default_batch_size(model)
-    # Every prompt is tokenized once, here: over-long rows are refused before any batch runs (nothing
-    # generated is lost to one long prompt near the end), rows of similar length share a batch (less
-    # padding), and each batch takes its rows' ids as they are.
     if n == 0:
         return []
-    rows = tokenize_prompts(model.tokenizer, list(prompts))
-    check_context(model, [len(r) for r in rows], max_new_tokens)
-    order = sorted(range(n), key=lambda i: len(rows[i]))
+    ids = tokenize_prompts(model.tokenizer, prompts)
+    check_context(model, [len(r) for r in ids], max_new_tokens)
+    heals: list[Heal | None] = [None] * n
+    if token_healing:
+        ids, heals = heal_rows(model.tokenizer, ids)
+    order = sorted(range(n), key=lambda i: len(ids[i]))
     results: list[Completion | None] = [None] * n
     bar = tqdm(total=n, desc="generate", unit="row", disable=not progress)
     i = 0
     while i < n:
         idx = order[i : i + bs]
         try:
-            outs = steered_generate_batch(
-                model, [prompts[j] for j in idx], [interventions[j] for j in idx],
-                layer_index=layer_index, max_new_tokens=max_new_tokens,
-                temperatures=[temps[j] for j in idx], seeds=[seed_list[j] for j in idx], top_p=top_p, stop=stop,
-                token_ids=[rows[j] for j in idx], token_healing=token_healing,
+            outs = _generate_batch(
+                model, [prompts[j] for j in idx], [rows[j] for j in idx], [ids[j] for j in idx],
+                max_new_tokens=max_new_tokens, temperatures=[temps[j] for j in idx],
+                seeds=[seed_list[j] for j in idx], top_p=top_p, stop=stop_criterion,
+                heals=[heals[j] for j in idx], gates_opened=[gates_opened[j] for j in idx],
             )
         except torch.cuda.OutOfMemoryError:
             if bs == 1 or batch_size is not None:
@@ -438,3 +470,37 @@ batch with its number of rows (e.g. a caller's own progress bar's ``update``).
         i += len(idx)
     bar.close()
     return [r for r in results if r is not None]
+
+
+def steered_logits(
+    model,
+    texts: Sequence[str],
+    interventions: Any = None,
+    *,
+    layer_index: int | None = None,
+    batch_size: int = 16,
+    last_only: bool = False,
+    progress: bool = False,
+):
+    """The one teacher-forced steered forward: yields ``(start, encoding, logits)`` per batch of
+    ``texts`` (left-padded, BOS added as generation adds it), each row under its interventions, edited
+    exactly as in :func:`generate`. ``last_only`` keeps only the last position's logits ``[B, V]``.
+
+    Example:
+        >>> from sieve.world import load_world
+        >>> w = load_world()
+        >>> [tuple(x.shape) for _, _, x in steered_logits(w.model, ["def f(", "x ="], last_only=True)]
+        [(2, 4096)]
+    """
+    texts = check_prompts(texts)
+    rows = as_rows(interventions, len(texts), layer_index, width=hidden_size(model))
+    check_layers(model, rows)
+    device = next(underlying(model).parameters()).device
+    for i in tqdm(range(0, len(texts), batch_size), desc="steered forward", disable=not progress):
+        enc = {k: v.to(device) for k, v in encode_prompts(model.tokenizer, texts[i : i + batch_size]).items()}
+        steer = Steerer(rows[i : i + batch_size], enc, model.tokenizer)
+        with torch.inference_mode():
+            with model.trace(enc):
+                steer.forward(model)
+                logits = (model.output.logits[:, -1] if last_only else model.output.logits).save()
+        yield i, enc, logits

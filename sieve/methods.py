@@ -17,13 +17,13 @@ tested ``w·h > b``); clamps move along the direction so the detector reads exac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch  # noqa: F401 - the doctests use it
 from torch import Tensor
 
 from sieve.errors import SieveError
-from sieve.interventions import EDITS, GATES, Detector, Edit, Intervention
+from sieve.interventions import EDITS, GATES, LATENT_OPS, Detector, Edit, Intervention, LatentEdit, SAECode
 from sieve.prompt_gates import LEXICAL_REGEX, PromptGate
 
 __all__ = [
@@ -33,14 +33,21 @@ __all__ = [
 ]
 
 ThresholdRule = Literal["detector", "zero", "max0"]
+# Edits along a direction, and edits of SAE latents (encode, edit, decode, add the error back).
+LATENT_EDITS: tuple[str, ...] = tuple(f"latent_{op}" for op in LATENT_OPS)
+METHOD_EDITS: tuple[str, ...] = (*EDITS, *LATENT_EDITS)
 
 
 @dataclass(frozen=True)
 class Method:
     """A named composition: ``detector`` and ``direction`` are keys into :class:`Parts`.
 
-    ``threshold``: ``detector`` uses the detector's own threshold; ``zero`` uses 0; ``max0`` uses
-    ``max(threshold, 0)`` (clamps only act where the feature is positive, as in the study).
+    ``edit``: ``add`` / ``clamp`` along the direction ``direction``, or ``latent_set`` / ``latent_scale``
+    / ``latent_add`` / ``latent_ablate``: an SAE-space edit of the latents ``direction`` names in
+    :attr:`Parts.latents` (``features`` overrides which features of that SAE). ``threshold``:
+    ``detector`` uses the detector's own threshold; ``zero`` uses 0; ``max0`` uses ``max(threshold, 0)``
+    (clamps only act where the feature is positive, as in the study). ``layers``: where the edit acts
+    (default: the parts' layer, where the detectors were read).
     """
 
     name: str
@@ -51,16 +58,34 @@ class Method:
     threshold: ThresholdRule = "detector"
     description: str = ""
     prompt_gate: PromptGate | None = None
+    features: tuple[int, ...] = ()
+    layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.gate not in GATES:
             raise SieveError(f"method {self.name!r}: gate {self.gate!r} unknown; allowed {list(GATES)}")
-        if self.edit not in EDITS:
-            raise SieveError(f"method {self.name!r}: edit {self.edit!r} unknown; allowed {list(EDITS)}")
+        if self.edit not in METHOD_EDITS:
+            raise SieveError(f"method {self.name!r}: edit {self.edit!r} unknown; allowed {list(METHOD_EDITS)}")
+        if self.features and not self.latent and self.detector != "sae_code":
+            raise SieveError(f"method {self.name!r}: features apply to latent edits and the sae_code detector")
+        object.__setattr__(self, "features", tuple(self.features))
+        object.__setattr__(self, "layers", tuple(self.layers))
         if (self.gate != "always" or self.edit == "clamp") and self.detector is None:
             raise SieveError(f"method {self.name!r}: gate {self.gate!r} / edit {self.edit!r} needs a detector")
         if self.threshold not in ("detector", "zero", "max0"):
-            raise SieveError(f"method {self.name!r}: threshold rule {self.threshold!r} unknown")
+            raise SieveError(f"method {self.name!r}: threshold rule {self.threshold!r} unknown; "
+                             "allowed ['detector', 'zero', 'max0']")
+
+    @property
+    def latent(self) -> bool:
+        """Whether the edit acts on SAE latents."""
+        return self.edit in LATENT_EDITS
+
+    @property
+    def scale_key(self) -> str | None:
+        """The ``sweep.scales`` entry its values come from when it has none of its own (None: only its
+        own; ``latent_ablate`` takes no value and sweeps ``[0.0]``)."""
+        return {"add": "add", "latent_add": "add", "clamp": "clamp", "latent_set": "clamp"}.get(self.edit)
 
 
 @dataclass
@@ -74,11 +99,26 @@ class Parts:
         tensor([0.6000, 0.8000])
     """
 
-    detectors: dict[str, tuple[Detector, float]] = field(default_factory=dict)
+    detectors: dict[str, tuple[Detector | SAECode, float]] = field(default_factory=dict)
     directions: dict[str, Tensor] = field(default_factory=dict)
+    latents: dict[str, tuple[Any, tuple[int, ...]]] = field(default_factory=dict)
+    layer: int | None = None  # where the detectors were read: methods built from them act there
 
-    def add_detector(self, name: str, detector: Detector, threshold: float) -> None:
+    def __repr__(self) -> str:
+        return (f"Parts(detectors {sorted(self.detectors)}, directions {sorted(self.directions)}, "
+                f"latents {sorted(self.latents)}, layer {self.layer})")
+
+    def add_detector(self, name: str, detector: Detector | SAECode, threshold: float) -> None:
         self.detectors[name] = (detector, float(threshold))
+
+    def add_latents(self, name: str, sae: Any, features: list[int] | tuple[int, ...]) -> None:
+        """SAE latents that latent edits act on (and the SAE whose code ``sae_code`` detectors read)."""
+        self.latents[name] = (sae, tuple(features))
+
+    def latent(self, name: str) -> tuple[Any, tuple[int, ...]]:
+        if name not in self.latents:
+            raise SieveError(f"no SAE latents {name!r} in this setting; available: {sorted(self.latents)}")
+        return self.latents[name]
 
     def add_direction(self, name: str, v: Tensor) -> None:
         v = v.detach().float().flatten()
@@ -120,33 +160,46 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def build(method: Method | str, parts: Parts, value: float) -> Intervention:
-    """The intervention of ``method`` at ``value`` (a scale for add, a target for clamp).
+def build(method: Method | str, parts: Parts, value: float, *, layer: int | None = None) -> Intervention:
+    """The intervention of ``method`` at ``value`` (a scale for add, a target for clamp), bound to
+    ``layer`` (default: the parts' own layer; None leaves it unbound).
 
     Example:
         >>> parts = Parts()
         >>> parts.add_direction("sae", torch.tensor([0.0, 1.0]))
         >>> parts.add_detector("sae", Detector(torch.tensor([0.0, 2.0]), kind="sae"), 1.5)
-        >>> iv = build("conditional_per_token", parts, -4.0)
-        >>> (iv.gate, iv.edit.kind, iv.threshold)
-        ('token', 'add', 1.5)
+        >>> iv = build("conditional_per_token", parts, -4.0, layer=2)
+        >>> (iv.gate, iv.edit.kind, iv.threshold, iv.layers)
+        ('token', 'add', 1.5, (2,))
     """
     m = get_method(method) if isinstance(method, str) else method
     det, thr = (None, 0.0)
     if m.detector is not None:
         det, thr = parts.detector(m.detector)
+        if m.features and isinstance(det, SAECode):
+            det = SAECode(det.sae, m.features, det.reduce, encode=det.encode, name=det.name)
     if m.threshold == "zero":
         thr = 0.0
     elif m.threshold == "max0":
         thr = max(thr, 0.0)
+    edit: Edit | LatentEdit
+    if m.latent:
+        sae, feats = parts.latent(m.direction)
+        edit = LatentEdit(sae, m.features or feats, m.edit.removeprefix("latent_"),  # type: ignore[arg-type]
+                          () if m.edit == "latent_ablate" else float(value))
+    else:
+        edit = Edit(m.edit, parts.direction(m.direction), float(value))  # type: ignore[arg-type]
+    where = m.layers or (layer if layer is not None else parts.layer)
     return Intervention(
         gate=m.gate,  # type: ignore[arg-type]
-        edit=Edit(m.edit, parts.direction(m.direction), float(value)),  # type: ignore[arg-type]
+        edit=edit,
         detector=det,
         threshold=thr,
         name=m.name,
         meta={"method": m.name, "value": float(value),
               **({"prompt_gate": m.prompt_gate} if m.prompt_gate is not None else {})},
+        layers=where,
+        read_layer=parts.layer if m.layers and parts.layer is not None else None,
     )
 
 
@@ -184,7 +237,15 @@ EXTRA_METHODS: tuple[Method, ...] = (
     Method("input_clamping", "input", "clamp", "sae", "sae", threshold="detector",
            description="clamp the feature to s everywhere once it has fired in the row (latched)"),
 )
-for _m in EXTRA_METHODS:
+# SAE-space edits: the feature edited in the SAE's code, the reconstruction error added back, so tokens
+# where the feature is not active are exactly unchanged.
+SAE_SPACE_METHODS: tuple[Method, ...] = (
+    Method("sae_code_clamping", "token", "latent_set", "sae", "sae_code", threshold="zero",
+           description="clamp the feature to s in the SAE code where it is active (encode/decode, error kept)"),
+    Method("sae_code_ablation", "always", "latent_ablate", "sae",
+           description="ablate the feature in the SAE code (set to 0 where active; error kept)"),
+)
+for _m in (*EXTRA_METHODS, *SAE_SPACE_METHODS):
     register_method(_m)
 
 # The lexical baseline: the same edits, gated by the prompt's words instead of a feature (a row whose
@@ -205,7 +266,8 @@ for _m in LEXICAL_METHODS:
 # Families, for tables and charts: a method's family is where its edit is allowed to act, read off its
 # detector. One place, so every chart, table and report groups methods the same way.
 FAMILIES: tuple[str, ...] = ("baseline", "constant", "SAE-gated", "probe-gated", "CAA-gated", "lexical", "other")
-_FAMILY_OF_DETECTOR = {None: "constant", "sae": "SAE-gated", "probe": "probe-gated", "caa": "CAA-gated"}
+_FAMILY_OF_DETECTOR = {None: "constant", "sae": "SAE-gated", "sae_code": "SAE-gated", "probe": "probe-gated",
+                       "caa": "CAA-gated"}
 
 
 def family(method: str) -> str:
@@ -225,4 +287,6 @@ def family(method: str) -> str:
         return "other"
     if m.prompt_gate is not None:
         return "lexical"
+    if m.latent and m.detector is None:
+        return "SAE-gated"  # an edit of SAE latents acts only where they are active
     return _FAMILY_OF_DETECTOR.get(m.detector, "other")

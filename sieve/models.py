@@ -31,6 +31,8 @@ __all__ = [
     "max_context",
     "pad_left",
     "tokenize_prompts",
+    "decoder_layers",
+    "pad_id",
 ]
 
 # model_type -> where the decoder layers live. nnsight's ``rename`` maps each to ``layers``.
@@ -178,9 +180,36 @@ def underlying(model) -> torch.nn.Module:
     return getattr(model, "_module", model)
 
 
+def decoder_layers(model):
+    """The decoder layers of an nnsight model: ``model.layers`` on models sieve loaded, found by
+    architecture (``transformer.h``, ``model.layers``) on a plain ``nnsight.TransformersModel``.
+
+    Example:
+        >>> from sieve.world import world_model_dir
+        >>> from nnsight import TransformersModel
+        >>> plain = TransformersModel(str(world_model_dir()), task="text-generation", dispatch=True)
+        >>> len(decoder_layers(plain))
+        4
+    """
+    for path in ("layers", *sorted(set(SUPPORTED_ARCHITECTURES.values()))):
+        node = model
+        try:
+            for part in path.split("."):
+                node = getattr(node, part)
+        except AttributeError:
+            continue
+        try:
+            len(node)
+        except TypeError:
+            continue
+        return node
+    raise SieveError(f"cannot find the decoder layers of {type(underlying(model)).__name__}: expected one of "
+                     f"model.layers, {', '.join(sorted(set(SUPPORTED_ARCHITECTURES.values())))}")
+
+
 def num_layers(model) -> int:
     """Number of decoder layers."""
-    return len(model.layers)
+    return len(decoder_layers(model))
 
 
 def hidden_size(model) -> int:
@@ -196,10 +225,11 @@ def layer(model, index: int):
         >>> layer(model, 99)  # doctest: +SKIP
         SieveError: layer 99 is out of range: this model has 4 decoder layers (0..3)
     """
-    n = num_layers(model)
-    if not isinstance(index, int) or not -n <= index < n:
+    layers = decoder_layers(model)
+    n = len(layers)
+    if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
         raise SieveError(f"layer {index!r} is out of range: this model has {n} decoder layers (0..{n - 1})")
-    return model.layers[index]
+    return layers[index]
 
 
 def chat_prompt(tokenizer, user: str, *, system: str | None = None, prefill: str = "") -> str:
@@ -272,6 +302,15 @@ def tokenize_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
             for t in texts]
 
 
+def pad_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS (GPT-2 has no pad token), else 0.
+    Padding is masked out, so any id does."""
+    for v in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(v, int):
+            return v
+    return 0
+
+
 def pad_left(rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-pad token rows into ``input_ids`` and ``attention_mask``.
 
@@ -297,4 +336,4 @@ def encode_prompts(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
         >>> enc = encode_prompts(tok, ["def f(", "import re"])  # doctest: +SKIP
         >>> enc["input_ids"].shape, enc["attention_mask"].shape  # doctest: +SKIP
     """
-    return pad_left(tokenize_prompts(tokenizer, texts), tokenizer.pad_token_id)
+    return pad_left(tokenize_prompts(tokenizer, texts), pad_id(tokenizer))

@@ -83,7 +83,7 @@ class PromptSets:
         texts, labels = [], []
         for polarity, prompts in ((True, pos), (False, neg)):
             rows = [p for p in prompts for _ in range(recipe.probe.samples)]
-            outs = generate(model, rows, None, layer_index=recipe.sae.layer,
+            outs = generate(model, rows, None,
                             max_new_tokens=recipe.probe.max_new_tokens, temperature=1.0,
                             seeds=[recipe.probe.seed * 100_003 + i for i in range(len(rows))], progress=False)
             for o in outs:

@@ -35,7 +35,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "Recipe", "ModelSpec", "SAESpec", "CAASpec", "ProbeSpec", "PromptSpec", "SweepSpec", "EvalSpec",
-    "OutputSpec", "load_recipe", "save_recipe", "recipe_hash", "apply_overrides", "recipe_from_dict",
+    "OutputSpec", "MethodSpec", "load_recipe", "save_recipe", "recipe_hash", "apply_overrides", "recipe_from_dict",
     "UNSTEERED",
 ]
 
@@ -129,6 +129,29 @@ class SweepSpec:
 
 
 @dataclass
+class MethodSpec:
+    """A method declared in the recipe file (``[methods.NAME]``), so a shared recipe carries its own
+    compositions: the same fields as :class:`sieve.methods.Method`.
+
+    ``detector``: ``sae`` (the feature's pre-activation), ``sae_code`` (its activation in the SAE's
+    code), ``caa``, ``probe`` or "" (none). ``direction``: ``sae`` (decoder row), ``caa`` or ``probe``
+    for ``add``/``clamp``; for ``latent_*`` edits, ``sae`` (the recipe's SAE). ``features``: which
+    features of the recipe's SAE a latent edit or an ``sae_code`` detector uses (default: ``sae.feature``).
+    ``layers``: where the edit acts (default: ``sae.layer``; detectors are read at ``sae.layer``, so
+    later layers only, and latent edits only there).
+    """
+
+    gate: Literal["always", "token", "input"] = "always"
+    edit: Literal["add", "clamp", "latent_set", "latent_scale", "latent_add", "latent_ablate"] = "add"
+    direction: Literal["sae", "caa", "probe"] = "sae"
+    detector: Literal["", "sae", "sae_code", "caa", "probe"] = ""
+    threshold: Literal["detector", "zero", "max0"] = "detector"
+    features: list[int] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    description: str = ""
+
+
+@dataclass
 class EvalSpec:
     """Evaluations. ``execute``: run generated tests in the sandbox; ``sandbox``: "bwrap" (OS-level
     isolation, the default; refused where bubblewrap is missing) or "process" (the weaker mode, without
@@ -177,6 +200,7 @@ class Recipe:
     eval: EvalSpec = field(default_factory=EvalSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
     launch: LaunchSpec = field(default_factory=LaunchSpec)
+    methods: dict[str, MethodSpec] = field(default_factory=dict)
     path: Path | None = None
 
     def resolve(self, value: str) -> Path:
@@ -186,19 +210,38 @@ class Recipe:
             return p
         return (self.path.parent / p).resolve()
 
-    def scales_for(self, method: str) -> list[float]:
-        """The values swept for ``method`` (its own entry, else its edit kind's)."""
-        from sieve.methods import get_method
+    def method(self, name: str):
+        """The :class:`~sieve.methods.Method` ``name``: declared in this recipe (``[methods.NAME]``), else
+        registered in :mod:`sieve.methods`.
 
+        Example:
+            >>> load_recipe("recipes/regex.toml").method("conditional_clamping").edit
+            'clamp'
+        """
+        from sieve.methods import METHODS
+
+        if name in self.methods:
+            return _method_of(name, self.methods[name], self)
+        if name not in METHODS:
+            raise RecipeError(self.path or "<recipe>", "sweep.methods",
+                              f"unknown method {name!r}; allowed: {[UNSTEERED, *sorted(METHODS), *self.methods]}")
+        return METHODS[name]
+
+    def scales_for(self, method: str) -> list[float]:
+        """The values swept for ``method`` (its own entry, else its edit kind's: ``add`` for add edits,
+        ``clamp`` for clamps and latent sets; a latent ablation sweeps ``[0.0]``)."""
         if method == UNSTEERED:
             return [0.0]
         if method in self.sweep.scales:
             return list(self.sweep.scales[method])
-        kind = get_method(method).edit
-        if kind in self.sweep.scales:
+        m = self.method(method)
+        if m.edit == "latent_ablate":
+            return [0.0]
+        kind = m.scale_key
+        if kind is not None and kind in self.sweep.scales:
             return list(self.sweep.scales[kind])
         raise RecipeError(self.path or "<recipe>", "sweep.scales",
-                          f"no scales for method {method!r}: add '{method}' or '{kind}'")
+                          f"no scales for method {method!r}: add '{method}'" + (f" or '{kind}'" if kind else ""))
 
 
 def _type_name(tp: Any) -> str:
@@ -278,16 +321,57 @@ def _from_dict(cls: type, data: dict[str, Any], where: Path | str, prefix: str =
     return cls(**kwargs)
 
 
+def _method_of(name: str, spec: MethodSpec, r: Recipe):
+    """The Method a ``[methods.NAME]`` table declares, or a RecipeError naming the table and key."""
+    from sieve.errors import SieveError
+    from sieve.methods import Method
+
+    where = r.path or "<recipe>"
+    key = f"methods.{name}"
+    needs_detector = spec.gate != "always" or spec.edit == "clamp"
+    if needs_detector and not spec.detector:
+        raise RecipeError(where, f"{key}.detector", f"gate {spec.gate!r} / edit {spec.edit!r} needs a detector: "
+                          "'sae', 'sae_code', 'caa' or 'probe'")
+    if spec.edit == "clamp" and spec.detector == "sae_code":
+        raise RecipeError(where, f"{key}.edit", "a clamp along a direction needs a linear detector ('sae', 'caa', "
+                          "'probe'); to clamp the feature in the SAE code use edit = 'latent_set'")
+    latent = spec.edit.startswith("latent_")
+    if latent and spec.direction != "sae":
+        raise RecipeError(where, f"{key}.direction", f"latent edits act on the recipe's SAE: use 'sae', not "
+                          f"{spec.direction!r}")
+    if spec.features and not (latent or spec.detector == "sae_code"):
+        raise RecipeError(where, f"{key}.features", "features apply to latent_* edits and the sae_code detector")
+    for i, f in enumerate(spec.features):
+        if f < 0:
+            raise RecipeError(where, f"{key}.features[{i}]", f"must be >= 0, got {f}")
+    for i, L in enumerate(spec.layers):
+        if L < r.sae.layer:
+            raise RecipeError(where, f"{key}.layers[{i}]", f"layer {L} is before sae.layer = {r.sae.layer}, where "
+                              "the detectors are read; a gate is read at or before the layers it edits")
+    if latent and spec.layers and set(spec.layers) != {r.sae.layer}:
+        raise RecipeError(where, f"{key}.layers", f"latent edits act at the SAE's layer ({r.sae.layer}) only")
+    try:
+        return Method(name, spec.gate, spec.edit, spec.direction, spec.detector or None,
+                      threshold=spec.threshold, description=spec.description or "declared in the recipe",
+                      features=tuple(spec.features), layers=tuple(spec.layers))
+    except SieveError as e:
+        raise RecipeError(where, key, str(e)) from e
+
+
 def _validate(r: Recipe) -> Recipe:
     from sieve.methods import METHODS
 
     where = r.path or "<recipe>"
+    for name, spec in r.methods.items():
+        if name in METHODS or name == UNSTEERED:
+            raise RecipeError(where, f"methods.{name}", "a registered method has this name; choose another name")
+        _method_of(name, spec, r)
+    known = [UNSTEERED, *sorted(METHODS), *r.methods]
     for i, m in enumerate(r.sweep.methods):
-        if m != UNSTEERED and m not in METHODS:
-            raise RecipeError(where, f"sweep.methods[{i}]",
-                              f"unknown method {m!r}; allowed: {[UNSTEERED, *sorted(METHODS)]}")
+        if m not in known:
+            raise RecipeError(where, f"sweep.methods[{i}]", f"unknown method {m!r}; allowed: {known}")
     for k in r.sweep.scales:
-        if k not in ("add", "clamp") and k not in METHODS:
+        if k not in ("add", "clamp") and k not in known:
             raise RecipeError(where, f"sweep.scales.{k}", "must be a method name, 'add' or 'clamp'")
     for m in r.sweep.methods:
         r.scales_for(m)  # every method has scales

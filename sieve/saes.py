@@ -417,6 +417,10 @@ class Feature:
     sae: Any
     index: int
 
+    def __repr__(self) -> str:
+        cfg = self.sae.cfg
+        return f"Feature({self.index} of {cfg.architecture()} SAE, d_in={cfg.d_in}, {cfg.d_sae} latents)"
+
     @property
     def encoder(self) -> Tensor:
         return self.sae.W_enc[:, self.index].detach()

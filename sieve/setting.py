@@ -20,8 +20,8 @@ from sieve.detectors import (
     token_activations,
     train_probe,
 )
-from sieve.errors import RecipeError
-from sieve.interventions import Detector
+from sieve.errors import RecipeError, SieveError
+from sieve.interventions import Detector, SAECode
 from sieve.methods import Parts
 from sieve.prompts import PromptSets, load_prompt_sets
 from sieve.recipe import Recipe
@@ -44,6 +44,9 @@ class Setting:
     parts: Parts
     prompts: PromptSets
     info: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Setting({self.recipe.name!r}, layer {self.layer}, {self.feature!r}, {self.parts!r})"
 
 
 def _model_source(r: Recipe) -> str | Path:
@@ -99,10 +102,15 @@ def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = Tr
     feat = feature(sae, r.sae.feature)
     threshold = r.sae.threshold if r.sae.threshold is not None else (feat.threshold or 0.0)
     prompts = load_prompt_sets(r, model.tokenizer)
-    parts = Parts()
+    parts = Parts(layer=r.sae.layer)
     w, b = feat.linear()
     parts.add_detector("sae", Detector(w, b, kind="sae", name=f"feature {r.sae.feature}"), threshold)
     parts.add_direction("sae", feat.direction)
+    try:  # the SAE's code: SAE-space edits and code detectors (JumpReLU, ReLU, TopK SAEs)
+        parts.add_detector("sae_code", SAECode(sae, [r.sae.feature], name=f"feature {r.sae.feature} code"), 0.0)
+        parts.add_latents("sae", sae, [r.sae.feature])
+    except SieveError as e:
+        log.warning("SAE-space methods are not available with this SAE: %s", e)
     cache_dir = r.resolve(r.output.dir) / "cache"
     sae_src = r.resolve(r.sae.source) if r.sae.source != "world" else None
     key_base = [_weights_fingerprint(_model_source(r)), _weights_fingerprint(sae_src or "world-sae"),

@@ -7,12 +7,14 @@ a left-padded batch mixing all methods must be token-identical (greedy).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from sieve.errors import SieveError
 from sieve.generation import generate
-from sieve.interventions import Detector, Edit, Intervention, Steerer, apply_edit, eligible_mask, pack
+from sieve.interventions import Detector, Edit, Intervention, Steerer, eligible_mask
 from sieve.methods import STUDY_METHODS, Parts, build
 from sieve.models import encode_prompts, underlying
 from tests.conftest import ARCHS, PROMPTS
@@ -164,6 +166,9 @@ def test_never_firing_detector_is_unsteered(tiny_models):
         assert all(o.counts["gen_edited"] == 0 and o.counts["prompt_edited"] == 0 for o in steered)
 
 
+BOS0 = SimpleNamespace(bos_token_id=0)
+
+
 def test_padding_and_bos_never_trigger():
     # A detector that fires everywhere: only real, non-BOS tokens may count.
     ids = torch.tensor([[7, 7, 0, 5, 6], [0, 4, 5, 6, 8]])
@@ -171,20 +176,26 @@ def test_padding_and_bos_never_trigger():
     elig = eligible_mask(ids, mask, bos_token_id=0)
     assert elig.tolist() == [[False, False, False, True, True], [False, True, True, True, True]]
     iv = Intervention("input", Edit("add", torch.ones(2), 1.0), Detector(torch.zeros(2), 1.0), threshold=0.0)
+    steer = Steerer([iv, iv], {"input_ids": ids, "attention_mask": mask}, BOS0, layer=0)
+    out = steer(torch.zeros(2, 5, 2))
+    assert (out[..., 0] != 0).tolist() == elig.tolist()
+    assert steer.counts()["prompt_fired"] == [2, 4] and steer.counts()["prompt_edited"] == [2, 4]
+    # BOS (and padding) alone firing does not latch: a detector that fires only there never edits.
+    bos_only = Detector(torch.tensor([1.0, 0.0]), 0.0)
+    iv2 = Intervention("input", Edit("add", torch.tensor([0.0, 1.0]), 1.0), bos_only, threshold=0.5)
+    steer = Steerer([iv2, iv2], {"input_ids": ids, "attention_mask": mask}, BOS0, layer=0)
     h = torch.zeros(2, 5, 2)
-    _, latched, fired, edited = apply_edit(h, pack([iv, iv]), elig, torch.zeros(2, dtype=torch.bool))
-    assert fired.tolist() == elig.tolist() and edited.tolist() == elig.tolist()
-    # BOS alone firing does not latch.
-    only_bos = torch.tensor([[True, False, False, False, False]] * 2)
-    _, latched, _, _ = apply_edit(h, pack([iv, iv]), only_bos & elig, torch.zeros(2, dtype=torch.bool))
-    assert latched.tolist() == [False, False]
+    h[0, :3, 0] = 1.0  # row 0: padding and BOS
+    h[1, 0, 0] = 1.0  # row 1: BOS
+    assert steer(h)[..., 1].abs().sum() == 0
+    assert steer(torch.zeros(2, 1, 2))[..., 1].abs().sum() == 0  # not latched either
 
 
 def test_input_latch_persists_across_decode_steps():
     d = 2
     det = Detector(torch.tensor([1.0, 0.0]))
     iv = Intervention("input", Edit("add", torch.tensor([0.0, 1.0]), 5.0), det, threshold=0.5)
-    steer = Steerer([iv, iv], {"input_ids": torch.tensor([[1, 2], [1, 2]])})
+    steer = Steerer([iv, iv], {"input_ids": torch.tensor([[1, 2], [1, 2]])}, layer=0)
     prefill = torch.zeros(2, 2, d)
     prefill[0, 1, 0] = 1.0  # row 0 fires at its second prompt token
     prefill[1, 0, 0] = 1.0  # row 1 fires at its first prompt token, BOS-free here
@@ -196,7 +207,7 @@ def test_input_latch_persists_across_decode_steps():
         step = steer(torch.zeros(2, 1, d))
         assert step[0, 0, 1] == 5.0 and step[1, 0, 1] == 5.0
     assert steer.counts()["gen_edited"] == [3, 3]
-    fresh = Steerer([iv])
+    fresh = Steerer([iv], layer=0)
     for _ in range(3):
         assert fresh(torch.zeros(1, 1, d))[0, 0, 1] == 0.0  # never fired: never edited
 
@@ -207,8 +218,9 @@ def test_clamp_reads_back_clamp_value():
     u = torch.randn(16, generator=g)
     iv = Intervention("token", Edit("clamp", u, 2.5), Detector(w, 0.3), threshold=-1e9)
     h = torch.randn(3, 4, 16, generator=g)
-    out, _, _, edited = apply_edit(h, pack([iv] * 3), torch.ones(3, 4, dtype=torch.bool), torch.zeros(3, dtype=torch.bool))
-    assert edited.all()
+    steer = Steerer([iv] * 3, layer=0)
+    out = steer(h)
+    assert steer.counts()["prompt_edited"] == [4, 4, 4]
     torch.testing.assert_close(iv.detector.score(out), torch.full((3, 4), 2.5), atol=1e-4, rtol=0)
 
 
@@ -218,7 +230,7 @@ def test_steerer_in_users_own_trace(tiny_models):
     d = underlying(model).config.hidden_size
     iv = Intervention("always", Edit("add", torch.ones(d), -3.0))
     enc = encode_prompts(model.tokenizer, PROMPTS[:2])
-    steer = Steerer(iv, enc, model.tokenizer)
+    steer = Steerer(iv, enc, model.tokenizer, layer=2)
     with torch.inference_mode():
         with model.generate(enc, max_new_tokens=4, min_new_tokens=4, do_sample=False) as tracer:
             for _ in tracer.iter[:4]:

@@ -79,6 +79,6 @@ def test_detect_recipe_scores_each_detector(tmp_path):
     ov = ["prompts.regex_limit=8", "prompts.neutral_limit=6", "prompts.code_limit=6", f'output.dir="{tmp_path}"']
     assert detect.main([*ov, "--no-progress"]) == 0
     t = pl.read_parquet(tmp_path / "detect.parquet")
-    assert set(t["detector"]) == {"sae", "caa", "probe"} and set(t["level"]) == {"token", "text"}
+    assert set(t["detector"]) == {"sae", "sae_code", "caa", "probe"} and set(t["level"]) == {"token", "text"}
     assert ((t["auroc"] >= 0) & (t["auroc"] <= 1)).all()
     assert (tmp_path / "detect_pr.png").exists()

@@ -18,7 +18,7 @@ SHIPPED = sorted((ROOT / "recipes").glob("*.toml"))
 def test_shipped_recipes_validate(path):
     r = load_recipe(path)
     for m in r.sweep.methods:
-        assert m == UNSTEERED or m in METHODS
+        assert m == UNSTEERED or m in METHODS or m in r.methods
         assert r.scales_for(m)
     assert r.output.dir
 
@@ -103,3 +103,100 @@ def test_recipe_registry_lists_scripts_and_files(capsys):
     main()
     out = capsys.readouterr().out
     assert "regex_gemma2_2b.toml" in out and "detect" in out
+
+
+# ------------------------------------------------------------------------------- [methods.NAME] tables
+
+MIRRORS = """
+name = "declared"
+[sae]
+layer = 2
+feature = 978
+[methods.my_conditional_clamping]
+gate = "token"
+edit = "clamp"
+direction = "sae"
+detector = "sae"
+threshold = "max0"
+[methods.my_code_clamping]
+gate = "token"
+edit = "latent_set"
+detector = "sae_code"
+threshold = "zero"
+[sweep]
+methods = ["unsteered", "my_conditional_clamping", "my_code_clamping", "conditional_clamping"]
+[sweep.scales]
+clamp = [-6.0]
+"""
+
+
+def _world_parts():
+    from sieve.interventions import Detector, SAECode
+    from sieve.methods import Parts
+    from sieve.world import load_world
+
+    w = load_world()
+    parts = Parts(layer=w.layer)
+    wv, b = w.feature.linear()
+    parts.add_detector("sae", Detector(wv, b, kind="sae"), w.threshold)
+    parts.add_direction("sae", w.feature.direction)
+    parts.add_detector("sae_code", SAECode(w.sae, [w.feature.index]), 0.0)
+    parts.add_latents("sae", w.sae, [w.feature.index])
+    return w, parts
+
+
+def test_declared_methods_reproduce_the_registered_ones(tmp_path):
+    from sieve.generation import generate
+    from sieve.methods import build
+    from sieve.prompts import WORLD_PROMPTS_DIR
+    from sieve.world.prompts import load_prompts
+
+    path = tmp_path / "r.toml"
+    path.write_text(MIRRORS)
+    r = load_recipe(path)
+    assert r.scales_for("my_code_clamping") == [-6.0] and r.scales_for("sae_code_ablation") == [0.0]
+    w, parts = _world_parts()
+    prompts = [p.prompt for p in load_prompts(WORLD_PROMPTS_DIR / "regex.jsonl")[:6]]
+    for declared, registered in (("my_conditional_clamping", "conditional_clamping"),
+                                 ("my_code_clamping", "sae_code_clamping")):
+        a = build(r.method(declared), parts, -6.0)
+        b = build(registered, parts, -6.0)
+        ga = generate(w.model, prompts, a, max_new_tokens=16, progress=False)
+        gb = generate(w.model, prompts, b, max_new_tokens=16, progress=False)
+        assert [o.token_ids for o in ga] == [o.token_ids for o in gb]
+        assert [o.counts for o in ga] == [o.counts for o in gb]
+        assert sum(o.counts["prompt_edited"] + o.counts["gen_edited"] for o in ga) > 0  # they act
+
+
+@pytest.mark.parametrize("table, key, message", [
+    ('gate = "sometimes"', "methods.m.gate", "'sometimes' is not allowed"),
+    ('gate = "token"', "methods.m.detector", "needs a detector"),
+    ('edit = "latent_set"\ndirection = "caa"', "methods.m.direction", "latent edits act on the recipe's SAE"),
+    ('edit = "clamp"\ndetector = "sae_code"', "methods.m.edit", "needs a linear detector"),
+    ('layers = [1]', r"methods.m.layers\[0\]", "before sae.layer = 2"),
+    ('edit = "latent_ablate"\nlayers = [3]', "methods.m.layers", "latent edits act at the SAE's layer"),
+    ('features = [3]', "methods.m.features", "apply to latent_"),
+    ('colour = "red"', "methods.m.colour", "unknown key"),
+])
+def test_declared_method_errors_name_the_key(tmp_path, table, key, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'name = "bad"\n[sae]\nlayer = 2\n[methods.m]\n{table}\n')
+    with pytest.raises(RecipeError, match=rf"\[{key}\] .*{message}"):
+        load_recipe(path)
+
+
+def test_declared_method_names_and_references_are_checked(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "bad"\n[methods.clamping]\ngate = "always"\n')
+    with pytest.raises(RecipeError, match=r"\[methods.clamping\] a registered method has this name"):
+        load_recipe(path)
+    path.write_text('name = "bad"\n[methods.mine]\ngate = "always"\n[sweep]\nmethods = ["minee"]\n')
+    with pytest.raises(RecipeError, match=r"\[sweep.methods\[0\]\] unknown method 'minee'; allowed: .*'mine'"):
+        load_recipe(path)
+
+
+def test_recipe_listing_shows_declared_methods(capsys):
+    from recipes.__main__ import main
+
+    main()
+    assert "sae_code_input_clamping" in capsys.readouterr().out

@@ -8,59 +8,52 @@ axis (held-out loss on regex-free code) and for the probability of ``re`` at rea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in notebooks
 
-from sieve.interventions import Intervention, Steerer
-from sieve.models import encode_prompts, layer, underlying
+from sieve.generation import steered_logits
 
 __all__ = ["steered_logprobs", "steered_loss", "char_spans_to_tokens"]
 
 
-@torch.inference_mode()
 def steered_logprobs(
     model,
     texts: Sequence[str],
-    interventions: Sequence[Intervention | None] | Intervention | None,
+    interventions: Any,
     *,
-    layer_index: int,
+    layer_index: int | None = None,
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[Tensor]:
-    """Per text, ``[T_i - 1]``: log P(token t+1 | tokens ≤ t) under that row's intervention.
+    """Per text, ``[T_i - 1]``: log P(token t+1 | tokens ≤ t) under that row's interventions.
 
-    Token positions are those of ``tokenizer(text)`` (BOS included as position 0).
+    Token positions are those of ``tokenizer(text)`` (BOS included as position 0). The forward is
+    :func:`sieve.generation.steered_logits`, the one generation uses.
 
     Example:
-        >>> lp = steered_logprobs(model, ["def f(x):\\n    return x\\n"], None, layer_index=1)  # doctest: +SKIP
-        >>> float(-lp[0].mean())  # the loss in nats  # doctest: +SKIP
+        >>> from sieve.world import load_world
+        >>> w = load_world()
+        >>> lp = steered_logprobs(w.model, ["def f(x):\\n    return x\\n"], None)
+        >>> lp[0].shape[0] > 3 and bool((lp[0] <= 0).all())
+        True
     """
-    texts = list(texts)
-    ivs = [interventions] * len(texts) if interventions is None or isinstance(interventions, Intervention) \
-        else list(interventions)
-    target = layer(model, layer_index)
-    device = next(underlying(model).parameters()).device
     out: list[Tensor] = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="steered forward", disable=not progress):
-        batch = texts[i : i + batch_size]
-        enc = {k: v.to(device) for k, v in encode_prompts(model.tokenizer, batch).items()}
-        steer = Steerer(ivs[i : i + batch_size], enc, model.tokenizer)
-        with model.trace(enc):
-            target.output = steer(target.output)
-            logits = model.output.logits.save()
+    for _, enc, logits in steered_logits(model, texts, interventions, layer_index=layer_index,
+                                          batch_size=batch_size, progress=progress):
         lp = torch.log_softmax(logits.float(), dim=-1)
         ids = enc["input_ids"]
         tok_lp = lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].cpu()
         mask = enc["attention_mask"].cpu()
-        for j in range(len(batch)):
+        for j in range(ids.shape[0]):
             n = int(mask[j].sum())
             out.append(tok_lp[j, -(n - 1):] if n > 1 else tok_lp[j, :0])
     return out
 
 
-def steered_loss(model, texts: Sequence[str], interventions, *, layer_index: int, batch_size: int = 16) -> float:
+def steered_loss(model, texts: Sequence[str], interventions: Any, *, layer_index: int | None = None,
+                 batch_size: int = 16) -> float:
     """Mean next-token loss (nats per token) over all texts under the interventions."""
     lps = steered_logprobs(model, texts, interventions, layer_index=layer_index, batch_size=batch_size)
     total = sum(float(-lp.sum()) for lp in lps)

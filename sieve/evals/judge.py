@@ -191,7 +191,7 @@ class HFJudge:
         if not items:
             return []
         prompts = [chat_prompt(self.model.tokenizer, judge_prompt(f, t)) for f, t in items]
-        outs = generate(self.model, prompts, None, layer_index=0, max_new_tokens=self.max_new_tokens,
+        outs = generate(self.model, prompts, None, max_new_tokens=self.max_new_tokens,
                         batch_size=self.batch_size, progress=progress)
         return [parse_verdict(o.text) for o in outs]
 

@@ -164,11 +164,11 @@ class SteeredLM(HFLM):
             real = torch.arange(T, device=inps.device)[None, :] < torch.tensor(lengths, device=inps.device)[:, None]
         else:  # a forward of the harness's own (batch-size probing): every position is real
             real = torch.ones_like(inps, dtype=torch.bool)
-        steer = Steerer([self.intervention] * B, {"input_ids": inps, "attention_mask": real.long()}, self.tokenizer)
-        target = layer_of(self.steered_model, self.layer_index)
+        steer = Steerer([self.intervention] * B, {"input_ids": inps, "attention_mask": real.long()}, self.tokenizer,
+                        layer=self.layer_index)
         with torch.no_grad(), self._autocast():
             with self.steered_model.trace({"input_ids": inps}):
-                target.output = steer(target.output)
+                steer.forward(self.steered_model)
                 logits = self.steered_model.output.logits.save()
         self.gate_counts.add(steer, real)
         return logits
@@ -193,8 +193,7 @@ class SteeredLM(HFLM):
 
         criteria = StoppingCriteriaList([*stops, last])
         enc = {"input_ids": context, "attention_mask": attention_mask}
-        steer = Steerer([self.intervention] * B, enc, self.tokenizer)
-        target = layer_of(self.steered_model, self.layer_index)
+        steer = Steerer([self.intervention] * B, enc, self.tokenizer, layer=self.layer_index)
         n_new = max(1, int(max_length) - T)
 
         def running() -> Tensor:
@@ -209,7 +208,8 @@ class SteeredLM(HFLM):
                                              pad_token_id=self.tokenizer.pad_token_id, use_cache=True,
                                              **generation_kwargs) as tracer:
                 for step in tracer.iter[:n_new]:
-                    target.output = steer(target.output, counted=None if step == 0 else running())
+                    # read once the layers ran: the trace body runs ahead of the stopping criteria
+                    steer.forward(self.steered_model, counted=None if step == 0 else running)
         self.gate_counts.add(steer, attention_mask.bool())
         if last.ids is None:
             raise SieveError("generation produced no tokens")
@@ -255,16 +255,16 @@ def _recording_right_padding(lengths: list[list[int]]):
 
 
 def _from_recipe(recipe: str | Path, method: str, scale: float):
-    from sieve.methods import build, get_method
+    from sieve.methods import build
     from sieve.recipe import UNSTEERED, load_recipe
     from sieve.setting import load_setting
 
     r = load_recipe(recipe)
-    if method != UNSTEERED:
-        get_method(method)  # a clear error for an unknown name, before the model loads
-    needs_probe = method != UNSTEERED and get_method(method).detector == "probe"
+    # the recipe's own [methods.NAME] first, then the registry; a clear error before the model loads
+    m = None if method == UNSTEERED else r.method(method)
+    needs_probe = m is not None and m.detector == "probe"
     setting = load_setting(r, progress=False, with_probe=needs_probe)
-    iv = None if method == UNSTEERED else build(method, setting.parts, scale)
+    iv = None if m is None else build(m, setting.parts, scale)
     return setting.model, iv, setting.layer
 
 

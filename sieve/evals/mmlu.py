@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from sieve.errors import NotAvailableOffline, SieveError
-from sieve.interventions import Intervention, Steerer
-from sieve.models import chat_prompt, encode_prompts, layer, underlying
+from sieve.generation import steered_logits
+from sieve.models import chat_prompt
 
 __all__ = ["Question", "load_mmlu", "load_questions", "format_question", "mmlu_accuracy", "letter_token_ids"]
 
@@ -149,14 +149,15 @@ def letter_token_ids(tokenizer) -> list[list[int]]:
 def mmlu_accuracy(
     model,
     questions: list[Question],
-    intervention: Intervention | None,
+    intervention: Any,
     *,
-    layer_index: int,
+    layer_index: int | None = None,
     chat: bool = False,
     shots: int = 0,
     batch_size: int = 16,
 ) -> list[bool]:
-    """Whether each test question is answered right under the intervention (one forward each, batched).
+    """Whether each test question is answered right under the intervention (one forward each, batched;
+    ``intervention`` is one Intervention, a list composed on every row, or None).
 
     Example:
         >>> correct = mmlu_accuracy(model, qs, None, layer_index=2)  # doctest: +SKIP
@@ -176,16 +177,10 @@ def mmlu_accuracy(
             text = chat_prompt(tok, body.rstrip() + "\nAnswer with the letter only.", prefill="Answer:")
         texts.append(text)
     letters = letter_token_ids(tok)
-    target = layer(model, layer_index)
-    device = next(underlying(model).parameters()).device
     out: list[bool] = []
-    for i in range(0, len(texts), batch_size):
-        batch = texts[i : i + batch_size]
-        enc = {k: v.to(device) for k, v in encode_prompts(tok, batch).items()}
-        steer = Steerer([intervention] * len(batch), enc, tok)
-        with model.trace(enc):
-            target.output = steer(target.output)
-            last = model.output.logits[:, -1].save()
+    for i, _, last in steered_logits(model, texts, intervention if not isinstance(intervention, list)
+                                     else [intervention] * len(texts), layer_index=layer_index,
+                                     batch_size=batch_size, last_only=True):
         scores = torch.stack([last[:, ids].float().max(dim=-1).values for ids in letters], dim=-1)
         pred = scores.argmax(-1).cpu().tolist()
         out += [p == q.answer for p, q in zip(pred, test[i : i + batch_size])]

@@ -59,6 +59,11 @@ class World:
     threshold: float
     info: dict[str, Any]
 
+    def __repr__(self) -> str:
+        arch = type(getattr(self.model, "_module", self.model)).__name__
+        return (f"World({arch}, layer {self.layer}, feature {self.feature.index}, threshold {self.threshold:.3f}, "
+                f"SAE {self.sae.cfg.d_sae} latents)")
+
 
 def load_world(device: str = "cpu") -> World:
     """Load the embedded world (model, SAE, feature).

@@ -1,0 +1,109 @@
+"""Notebook ergonomics: the steering() context manager on plain nnsight models and sieve's own, sieve's
+generate on a plain nnsight model, from_feature, compact reprs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sieve.errors import SieveError
+from sieve.generation import generate
+from sieve.interventions import Detector, Edit, Fires, Intervention
+from sieve.models import encode_prompts, pad_id, underlying
+from sieve.steering import from_feature, steering
+from tests.conftest import PROMPTS
+
+N = 6
+
+
+def _plain(path):
+    from nnsight import TransformersModel
+
+    return TransformersModel(str(path), task="text-generation", dispatch=True)
+
+
+def _composed(d: int) -> list[Intervention]:
+    g = torch.Generator().manual_seed(3)
+    det = Detector(torch.randn(d, generator=g), 0.0)
+    return [Intervention(Fires(det, 0.0).latch(), Edit("add", torch.randn(d, generator=g), -6.0), layers=[1, 2],
+                         read_layer=0),
+            Intervention("always", Edit("add", torch.randn(d, generator=g), 2.0), layers=0)]
+
+
+def _own_trace(model, enc) -> list[list[int]]:
+    with torch.inference_mode():
+        with model.generate(enc, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                            pad_token_id=pad_id(model.tokenizer)) as tracer:
+            ids = tracer.result.save()
+    return ids[:, enc["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_context_manager_on_a_plain_nnsight_model_equals_generate(tiny_dirs, tiny_models, arch):
+    plain = _plain(tiny_dirs[arch])
+    d = underlying(plain).config.hidden_size
+    ivs = _composed(d)
+    enc = encode_prompts(plain.tokenizer, PROMPTS)  # left-padded, BOS as sieve adds it
+    unsteered = _own_trace(plain, enc)
+    with steering(plain, ivs) as s:
+        steered = _own_trace(plain, enc)
+        again = _own_trace(plain, enc)  # each trace starts afresh (its own prefill, latch, counts)
+    assert steered == again and steered != unsteered
+    assert s.traces == 2 and s.counts()["gen_edited"] == [N - 1] * len(PROMPTS)
+    assert _own_trace(plain, enc) == unsteered  # the edit is gone after the block
+    # sieve's generate, on the plain model and on sieve's own loaded one, gives the same tokens
+    for model in (plain, tiny_models[arch]):
+        outs = generate(model, PROMPTS, [ivs] * len(PROMPTS), max_new_tokens=N, progress=False,
+                        token_healing=False)
+        for o, ref in zip(outs, steered):
+            assert o.token_ids == ref[: len(o.token_ids)] and len(o.token_ids) >= 1
+
+
+def test_context_manager_on_sieves_model_in_a_plain_trace(tiny_models):
+    model = tiny_models["gemma2"]
+    d = underlying(model).config.hidden_size
+    iv = Intervention("always", Edit("add", torch.ones(d), -5.0), layers=1)
+    enc = encode_prompts(model.tokenizer, PROMPTS[:2])
+    with torch.inference_mode():
+        with model.trace(enc):
+            clean = model.output.logits.save()
+        with steering(model, iv):
+            with model.trace(enc):
+                edited = model.output.logits.save()
+    from sieve.generation import steered_logits
+
+    (_, _, ref), = list(steered_logits(model, PROMPTS[:2], iv))
+    torch.testing.assert_close(edited, ref)
+    assert not torch.allclose(edited, clean)
+
+
+def test_from_feature_edits_and_errors(tiny_models):
+    from tests.test_sae_edits import make_sae
+
+    sae = make_sae("jumprelu")
+    with pytest.raises(SieveError, match="does not name its layer; pass layer="):
+        from_feature(sae, 3, -4.0)
+    add = from_feature(sae, 3, -4.0, layer=1)
+    assert add.edit.kind == "add" and add.condition.threshold == pytest.approx(float(sae.threshold[3].detach()))
+    clamp = from_feature(sae, 3, -1.0, edit="clamp", gate="input", layer=1)
+    assert clamp.edit.kind == "clamp" and clamp.detector is not None
+    abl = from_feature(sae, 3, edit="ablate", gate="always", layer=1)
+    assert abl.edit.op == "ablate"
+    with pytest.raises(SieveError, match="feature 999 is out of range"):
+        from_feature(sae, 999, layer=1)
+    outs = generate(tiny_models["llama"], PROMPTS, [add, clamp, abl, None], max_new_tokens=4, progress=False)
+    assert len(outs) == 4
+
+
+def test_reprs_are_compact(tiny_models):
+    from sieve.methods import Parts
+    from sieve.world import load_world
+
+    w = load_world()
+    assert len(repr(w)) < 200 and "Linear" not in repr(w)  # the model is named, not dumped
+    assert len(repr(w.feature)) < 120
+    iv = from_feature(w.sae, w.feature.index, -8.0, layer=w.layer)
+    assert len(repr(iv)) < 160
+    p = Parts(layer=2)
+    p.add_direction("sae", torch.ones(192))
+    assert len(repr(p)) < 200
