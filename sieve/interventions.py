@@ -793,7 +793,7 @@ class Steerer:
             n = batch_size or (encoding["input_ids"].shape[0] if encoding is not None else 1)
             rows = [rows] * n
         self.rows = as_rows(rows, len(rows), layer)
-        if encoding is not None and tokenizer is not None:
+        if encoding is not None and tokenizer is not None and any("prompt_gate" in iv.meta for r in self.rows for iv in r):
             # Prompt gates left undecided (steered_logprobs, MMLU, lm-eval) read the decoded prompt.
             self.rows = resolve_prompt_gates(self.rows, _prompt_texts(encoding, tokenizer))[0]
         self.encoding = encoding
