@@ -260,7 +260,8 @@ def test_process_mode_runs_and_warns_every_time(monkeypatch, tmp_path):
 
 
 def test_invalid_limits_are_refused():
-    for kw in ({"timeout_s": 0}, {"memory_mb": -5}, {"file_mb": 0}):
+    for kw in ({"timeout_s": 0}, {"memory_mb": -5}, {"file_mb": 0}, {"timeout_s": float("inf")},
+               {"timeout_s": float("nan")}, {"memory_mb": 1 << 40}):
         with pytest.raises(ValueError, match="must be > 0"):
             run_sandboxed("def test_a():\n    pass\n", **kw)
 

@@ -14,9 +14,10 @@ under `bubblewrap <https://github.com/containers/bubblewrap>`_:
   worker closes every descriptor but its own report pipe, sets resource limits (address space, CPU
   seconds, file size, open files, no core dumps), makes itself non-dumpable and installs a seccomp
   filter that refuses process creation (``fork``/``vfork``/``clone`` without ``CLONE_THREAD``),
-  ``execve``, ``ptrace``, other processes' memory, ``mount``/``unshare``/``setns`` and non-Unix
-  sockets. No fork means no fork bomb and no process left behind, whatever the uid; the pid
-  namespace ends with the harness in any case;
+  ``execve``, ``ptrace``, other processes' memory, ``mount``/``unshare``/``setns``, io_uring,
+  keyrings, ``perf_event_open``, ``bpf``, ``userfaultfd`` and non-Unix sockets. No fork means no
+  fork bomb and no process left behind, whatever the uid; the pid namespace ends with the harness
+  in any case;
 - an audit hook in the worker is kept as defence in depth only;
 - per-test outcomes reach sieve through a pipe that only the harness holds (the worker closed its
   copy before the untrusted code was imported): no nonce, no secret in the environment;
@@ -102,7 +103,7 @@ _UNAMBIGUOUS = {
     "_getframe", "_current_frames", "f_back", "f_globals", "f_locals", "f_builtins", "f_code",
     "tb_frame", "gi_frame", "cr_frame", "ag_frame", "gi_code", "co_code", "settrace", "setprofile",
     "addaudithook", "fork_exec", "closerange", "register_at_fork", "attrgetter", "methodcaller",
-    "resolve_name", "locate", "SystemExit", "__annotations__", "__getattr__", "get_field", "get_type_hints",
+    "SystemExit", "__annotations__", "__getattr__", "get_field", "get_type_hints",
     "ForwardRef", "_eval_type", "__wrapped__",
 }
 # Builtins refused by name (a call or a reference): dynamic code and attribute access.
@@ -333,13 +334,17 @@ def _seccomp():
         nr = dict(clone=56, fork=57, vfork=58, execve=59, execveat=322, clone3=435, ptrace=101,
                   process_vm_readv=310, process_vm_writev=311, unshare=272, setns=308, mount=165,
                   socket=41, pidfd_getfd=438, open_by_handle_at=304, open_tree=428, move_mount=429,
-                  fsopen=430, fsmount=432, mount_setattr=442, kcmp=312, process_madvise=440)
+                  fsopen=430, fsmount=432, mount_setattr=442, kcmp=312, process_madvise=440,
+                  io_uring_setup=425, io_uring_enter=426, io_uring_register=427, keyctl=250, add_key=248,
+                  request_key=249, perf_event_open=298, bpf=321, userfaultfd=323)
     elif machine == "aarch64":
         arch, x32 = 0xC00000B7, False
         nr = dict(clone=220, execve=221, execveat=281, clone3=435, ptrace=117, process_vm_readv=270,
                   process_vm_writev=271, unshare=97, setns=268, mount=40, socket=198, pidfd_getfd=438,
                   open_by_handle_at=265, open_tree=428, move_mount=429, fsopen=430, fsmount=432,
-                  mount_setattr=442, kcmp=272, process_madvise=440)
+                  mount_setattr=442, kcmp=272, process_madvise=440, io_uring_setup=425, io_uring_enter=426,
+                  io_uring_register=427, keyctl=219, add_key=217, request_key=218, perf_event_open=241,
+                  bpf=280, userfaultfd=282)
     else:
         raise OSError("no seccomp filter for machine " + machine)
     ALLOW, KILL, EPERM, ENOSYS, EACCES = 0x7FFF0000, 0x80000000, 0x50001, 0x50026, 0x5000D
@@ -741,8 +746,8 @@ def run_sandboxed(
         >>> run_sandboxed("import os\\ndef test_x():\\n    os.system('true')\\n").status
         'tampered'
     """
-    if not timeout_s > 0 or not memory_mb > 0 or not file_mb > 0:
-        raise ValueError(f"timeout_s, memory_mb and file_mb must be > 0, got {timeout_s}, {memory_mb}, {file_mb}")
+    if not (0 < timeout_s < 1e6) or not (0 < memory_mb < 1 << 30) or not (0 < file_mb < 1 << 30):
+        raise ValueError(f"timeout_s, memory_mb and file_mb must be > 0 and finite, got {timeout_s}, {memory_mb}, {file_mb}")
     check_sandbox(mode, python)
     return _run(code, setup, call, timeout_s, memory_mb, file_mb, python, mode)
 
