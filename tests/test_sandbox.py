@@ -286,3 +286,18 @@ def test_code_nested_too_deep_for_the_parser_is_a_syntax_failure_not_a_crash():
         assert not e.syntax and e.exec_status == "syntax" and e.executed is False
         r = run_sandboxed(code)
         assert r.status == "error" and r.detail.startswith("does not parse")
+
+
+def test_installed_but_unusable_bwrap_says_what_to_allow(monkeypatch, tmp_path):
+    """bwrap present but unable to make its namespaces (here: a stand-in that fails as bwrap does)."""
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    sandbox._probe.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailable, match="user namespaces") as e:
+            check_sandbox("bwrap")
+        assert "No permissions to create new namespace" in str(e.value) and "eval.sandbox" in str(e.value)
+    finally:
+        sandbox._probe.cache_clear()

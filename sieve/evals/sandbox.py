@@ -711,8 +711,15 @@ def check_sandbox(mode: SandboxMode = "bwrap", python: str | None = None) -> Non
     if mode == "process":
         _warn_process()
     why = _probe(mode, python)
+    if why and mode == "bwrap":
+        raise SandboxUnavailable(
+            f"bubblewrap is installed but the sandbox does not work here ({why}). It needs user namespaces: "
+            "allow them (sysctl user.max_user_namespaces > 0; kernel.unprivileged_userns_clone=1 or an "
+            "AppArmor profile for bwrap where unprivileged; in a container, a seccomp profile that allows "
+            "clone/unshare with CLONE_NEWUSER), or choose the weaker mode explicitly with eval.sandbox = "
+            "\"process\" (generated code can then read and write what sieve can)")
     if why:
-        raise SandboxUnavailable(f"the {mode!r} sandbox does not work here ({why}); {INSTALL_HINT}")
+        raise SandboxUnavailable(f"the {mode!r} sandbox does not work here: {why}")
 
 
 def _warn_process() -> None:
