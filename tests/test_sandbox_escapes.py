@@ -530,3 +530,29 @@ def test_sandbox_kills_survivors_so_no_signal_reaches_the_host(world):
              screen_code=False, audit_hook=False)
     assert not r.ok or r.status == "ok"  # it may stop its own harness (a timeout), nothing else
     sentinel_alive(world)
+
+
+# Attempts that are safe to let succeed here (they touch only the test's own folder, print a marker or
+# read): run without bubblewrap and without the seccomp filter, each must have its effect. This shows
+# the checks above can fail, i.e. that the attempts are real.
+CONTROL = ["write_open", "write_os_open_trunc", "write_os_open_creat", "rename", "replace", "shutil_move",
+           "hard_link", "symlink_outside", "utime", "chmod", "truncate", "remove", "mkfifo", "mkdir",
+           "mkstemp_dir", "subprocess_python", "posixsubprocess_fork_exec", "os_fork", "posix_spawn", "execv",
+           "pickle_reduce_fork", "read_etc_passwd", "read_project_file", "hook_bypass_ctypes_open"]
+
+
+def _effect_seen(r: SandboxResult, w: World, checks) -> bool:
+    for check in (untouched, no_mark, *checks):
+        try:
+            check(r, w) if check is no_mark else check(w)
+        except (AssertionError, OSError):  # a changed file, or one that is gone
+            return True
+    return False
+
+
+@pytest.mark.parametrize("name", CONTROL)
+def test_control_without_the_os_layers_the_attempt_has_its_effect(name, world):
+    _, template, checks = ATTEMPTS[name]
+    code = _code(world, template)
+    r = _run(code, "", None, TIMEOUT, 256, 8, None, "process", screen_code=False, audit_hook=False, seccomp=False)
+    assert _effect_seen(r, world, checks), f"{name} had no effect even without the OS layers: {r}"
