@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import polars as pl
@@ -42,18 +47,61 @@ def test_launch_spec_errors_name_the_key(tmp_path):
             make_executor(LaunchSpec(executor="slurm"), tmp_path)
 
 
+def _task_pids(marker: str) -> list[int]:
+    """Processes running submitit's job entry point for a folder containing ``marker`` (Linux /proc)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmd and any(marker.encode() in c for c in cmd):
+            pids.append(int(p.name))
+    return pids
+
+
+def _preempt_once(shard_gen: Path, marker: str, done: threading.Event, hits: list[int]) -> None:
+    """Once shard 0 has stored its first chunk, send its job the preemption signal (SIGUSR2), as SLURM
+    does before preempting a job; submitit then checkpoints it and requeues it."""
+    while not done.is_set():
+        if list(shard_gen.glob("part-*.parquet")):
+            for pid in _task_pids(marker):
+                os.kill(pid, signal.SIGUSR2)
+                hits.append(pid)
+            if hits:
+                return
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
-def test_local_executor_runs_shards_and_merges(tmp_path, detector_cache):  # noqa: F811
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the job's process through /proc")
+def test_local_executor_runs_shards_requeues_a_preempted_one_and_merges(tmp_path, detector_cache):  # noqa: F811
     out = tmp_path / "run"
     n = 2
     for i in range(n):  # the detectors each shard would fit again: the session's, as the other tests do
         shutil.copytree(detector_cache, out / "shards" / f"{i}of{n}" / "cache")
-    ov = _overrides(out, **{"sweep.methods": METHODS, "prompts.regex_limit": "4", "prompts.neutral_limit": "2"})
+    ov = _overrides(out, **{"sweep.methods": METHODS, "prompts.regex_limit": "4", "prompts.neutral_limit": "2",
+                            "sweep.batch_size": "1"})  # chunks of 4 rows: shard 0 stores 3 parts
     recipe = str(ROOT / "recipes/regex.toml")
-    spec = LaunchSpec(executor="local", shards=n, parallelism=2, gpus_per_task=0, timeout_min=20)
-    jobs = launch("recipes.regex", [recipe, *ov], out, spec, poll_s=0.5)
-    assert len(jobs) == n and all(j.state in ("DONE", "COMPLETED", "FINISHED") or j.done() for j in jobs)
-    # Each shard ran in its own process into its own folder; the merge put every planned row in `out`.
+    # One shard at a time: the preempted one is the only job running when the signal comes.
+    spec = LaunchSpec(executor="local", shards=n, parallelism=1, gpus_per_task=0, timeout_min=20)
+    done, hits = threading.Event(), []
+    watcher = threading.Thread(target=_preempt_once, args=(out / "shards" / f"0of{n}" / "gen", str(out), done, hits))
+    watcher.start()
+    try:
+        jobs = launch("recipes.regex", [recipe, *ov], out, spec, poll_s=0.5)
+    finally:
+        done.set()
+        watcher.join()
+    assert len(jobs) == n and hits, "shard 0 was never preempted"
+    log0 = Path(jobs[0].paths.stdout).read_text() + Path(jobs[0].paths.stderr).read_text()
+    assert "this job is preempted" in log0 and "Requeued job" in log0
+    starts = [int(m) for m in re.findall(r"generation: \d+ rows in this shard, (\d+) done", log0)]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] > 0  # the requeued shard resumed, not restarted
+    # Each shard ran in its own process into its own folder; the merge put every planned row in `out`
+    # once, the preempted shard's included.
     per_shard = [ResultStore(out / "shards" / f"{i}of{n}" / "gen").table().height for i in range(n)]
     gen = ResultStore(out / "gen").table()
     assert all(h > 0 for h in per_shard) and sum(per_shard) == gen.height
@@ -62,8 +110,6 @@ def test_local_executor_runs_shards_and_merges(tmp_path, detector_cache):  # noq
     summary = pl.read_parquet(out / "summary.parquet")
     assert sorted(summary["method"].to_list()) == sorted(load_recipe(recipe, ov).sweep.methods)
     assert (out / "pareto.png").exists()
-    logs = list((out / "launch").rglob("*_log.out"))
-    assert len(logs) == n
 
 
 def test_split_device_map_is_accepted(tmp_path):
