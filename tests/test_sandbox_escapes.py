@@ -405,6 +405,16 @@ ATTEMPTS: dict[str, tuple[str, str, tuple[Callable[[World], None], ...]]] = {
             io.FileIO(3, 'w', closefd=False).write(b'P')
             raise SystemExit(0)
         """, ()),
+    "forge_via_fresh_posix_copy": ("fake", """
+        import importlib.util
+        def test_a():
+            try:
+                fresh = importlib.util.module_from_spec(importlib.util.find_spec('posix'))
+                fresh.write(3, b'P')
+                fresh._exit(0)
+            finally:
+                assert False, 'this test fails'
+        """, ()),
     "exit_zero_at_import": ("fake", "import sys\nsys.exit(0)\ndef test_a():\n    assert False\n", ()),
     "raise_system_exit_in_test": ("fake", "def test_a():\n    raise SystemExit(0)\n", ()),
     "keyboard_interrupt": ("fake", "def test_a():\n    raise KeyboardInterrupt\n", ()),

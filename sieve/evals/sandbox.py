@@ -457,6 +457,15 @@ def _stub(name):
         raise PermissionError(1, "sandbox: os." + name + " is not available to tests")
     return refused
 
+def _fresh_builtins_refused(create_builtin):
+    """A second copy of an already loaded builtin module (posix, with its real _exit and write) is not
+    for tests; builtin modules not loaded yet still load."""
+    def guarded(spec):
+        if getattr(spec, "name", None) in sys.modules:
+            raise ImportError("sandbox: a second copy of " + str(spec.name) + " is not available to tests")
+        return create_builtin(spec)
+    return guarded
+
 def _worker(job, name, report, result_fd):
     # The report is one byte-string written once, after the test: b"P" (passed), b"F"/b"T"/b"S" and a
     # detail (failed, tampered, sandbox failure). Nothing the test can patch (json, str methods of
@@ -476,11 +485,13 @@ def _worker(job, name, report, result_fd):
         setup_code = compile(job["setup"], "<under_test>", "exec")
         test_code = compile(job["code"], "<generated>", "exec")
         out, err = sys.stdout, sys.stderr
+        import _imp
         import posix
         for mod in (os, posix):  # defence in depth: the raw exits and writes are not the test's to call
             for attr in _STUBBED:
                 if hasattr(mod, attr):
                     setattr(mod, attr, _stub(attr))
+        _imp.create_builtin = _fresh_builtins_refused(_imp.create_builtin)
     except BaseException as e:
         write(3, b"S" + encode(repr(e)[:2000], "utf-8", "replace"))
         exit_(0)
