@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from sieve.errors import RecipeError, SieveError
+from sieve.world import DATA_DIR
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,7 +42,7 @@ class PromptFileError(SieveError):
         self.path, self.line = path, line
         super().__init__(f"{path}{f':{line}' if line else ''}: {message}")
 
-WORLD_PROMPTS_DIR = Path(__file__).parent / "world" / "data" / "prompts"
+WORLD_PROMPTS_DIR = DATA_DIR / "prompts"
 
 
 @dataclass(frozen=True)
@@ -110,18 +111,30 @@ def _world_sets(r: Any) -> PromptSets:
     if not d.exists():
         raise RecipeError(r.path or "<recipe>", "prompts.source",
                           f"the world's prompt files are missing ({d}); rebuild the world")
-    regex = [Prompt(p["id"], p["prompt"], "regex", reference=p["reference"]) for p in _read_jsonl(d / "regex.jsonl")]
+    # intent: function heads without a `re` token; lexical: imports (`import re`) kept, cut before the use.
+    intent = r.prompts.world_set == "intent"
+    names = (("intent_regex", "intent_neutral", "intent_contrastive") if intent
+             else ("regex", "neutral", "contrastive"))
+    missing = [n for n in names if not (d / f"{n}.jsonl").exists()]
+    if missing:
+        raise RecipeError(r.path or "<recipe>", "prompts.world_set",
+                          f"the world has no {missing[0]}.jsonl in {d}; rebuild the world")
+    regex = [Prompt(p["id"], p["prompt"], "regex", reference=p["reference"]) for p in _read_jsonl(d / f"{names[0]}.jsonl")]
     neutral = [Prompt(p["id"], p["prompt"], "neutral", reference=p["reference"])
-               for p in _read_jsonl(d / "neutral.jsonl")]
+               for p in _read_jsonl(d / f"{names[1]}.jsonl")]
     code = [p["text"] for p in _read_jsonl(d / "code.jsonl")]
-    pairs = _read_jsonl(d / "contrastive.jsonl")
+    pairs = _read_jsonl(d / f"{names[2]}.jsonl")
     probe = [p["text"] for p in _read_jsonl(d / "probe.jsonl")]
+    # The CAA threshold is calibrated on prompts of the study's shape; for the intent study on the
+    # held-out half the world build chose its feature on, never on the evaluation prompts.
+    calibration = ([p["prompt"] for p in _read_jsonl(d / "intent_select.jsonl") if p["kind"] == "regex"]
+                   if intent else [p.text for p in regex])
     return PromptSets(
         regex=_limit(regex, r.prompts.regex_limit),
         neutral=_limit(neutral, r.prompts.neutral_limit),
         code=_limit(code, r.prompts.code_limit),
         contrastive=([p["positive"] for p in pairs], [p["negative"] for p in pairs]),
-        calibration=[p.text for p in regex],
+        calibration=calibration,
         probe_texts=probe,
         probe_generation_prompts=([p["positive"] for p in pairs], [p["negative"] for p in pairs]),
     )

@@ -58,13 +58,15 @@ class SAESpec:
     """Where the SAE comes from and which feature of it detects the behaviour.
 
     ``source``: "world", a sae-lens release (with ``id``), a local dir, or a hub repo in the study's
-    format. ``threshold``: None takes the SAE's own (JumpReLU) threshold, else 0.
+    format. With ``source = "world"``, ``layer``, ``feature`` and ``threshold`` come from the world's
+    ``world.json`` (its one record of them) unless the recipe sets them; any other source must name
+    ``layer`` and ``feature``. ``threshold``: None takes the SAE's own (JumpReLU) threshold, else 0.
     """
 
     source: str = "world"
     id: str = ""
-    layer: int = 0
-    feature: int = 0
+    layer: int | None = None
+    feature: int | None = None
     threshold: float | None = None
 
 
@@ -100,9 +102,14 @@ class PromptSpec:
     set (a ``.jsonl`` file with a ``prompt`` field per line, or a ``.py`` file of blocks separated by
     ``# ---`` lines; see :func:`sieve.prompts.load_prompt_file`). Used whole: the limits apply to the
     shipped sets only.
+
+    ``world_set`` (world only): ``intent`` (function heads with no ``re`` token: does the model reach
+    for ``re`` because of what the function is for) or ``lexical`` (imports kept, ``import re`` among
+    them, cut right before the first use).
     """
 
     source: str = "world"
+    world_set: Literal["intent", "lexical"] = "intent"
     regex_limit: int = 0
     neutral_limit: int = 40
     code_limit: int = 80
@@ -358,10 +365,32 @@ def _method_of(name: str, spec: MethodSpec, r: Recipe):
         raise RecipeError(where, key, str(e)) from e
 
 
+def _resolve_sae(r: Recipe) -> None:
+    """Fill ``[sae]`` layer, feature and threshold from ``world.json`` for the world's SAE; require
+    layer and feature for any other source."""
+    where = r.path or "<recipe>"
+    if r.sae.source == "world":
+        from sieve.world import world_info
+
+        info = world_info()
+        if r.sae.layer is None:
+            r.sae.layer = int(info["layer"])
+        if r.sae.feature is None:
+            r.sae.feature = int(info["feature"])
+        if r.sae.threshold is None:
+            r.sae.threshold = float(info["threshold"])
+        return
+    for key in ("layer", "feature"):
+        if getattr(r.sae, key) is None:
+            raise RecipeError(where, f"sae.{key}", f"is required when sae.source is not \"world\" "
+                              f"(here {r.sae.source!r})")
+
+
 def _validate(r: Recipe) -> Recipe:
     from sieve.methods import METHODS
 
     where = r.path or "<recipe>"
+    _resolve_sae(r)
     for name, spec in r.methods.items():
         if name in METHODS or name == UNSTEERED:
             raise RecipeError(where, f"methods.{name}", "a registered method has this name; choose another name")

@@ -200,3 +200,22 @@ def test_recipe_listing_shows_declared_methods(capsys):
 
     main()
     assert "sae_code_input_clamping" in capsys.readouterr().out
+
+
+def test_world_sae_fields_come_from_world_json(tmp_path):
+    from sieve.world import world_info
+
+    info = world_info()
+    r = load_recipe(ROOT / "recipes/regex.toml")
+    assert (r.sae.layer, r.sae.feature, r.sae.threshold) == (info["layer"], info["feature"], info["threshold"])
+    assert "feature" not in (ROOT / "recipes/regex.toml").read_text().partition("[sae]")[2].partition("[")[0]
+    # A recipe may still override them, and the override is what the hash sees.
+    other = load_recipe(ROOT / "recipes/regex.toml", ["sae.feature=7"])
+    assert other.sae.feature == 7 and recipe_hash(other) != recipe_hash(r)
+
+
+def test_non_world_sae_needs_layer_and_feature(tmp_path):
+    f = tmp_path / "r.toml"
+    f.write_text("name = 'x'\n[sae]\nsource = 'some/folder'\nfeature = 3\n")
+    with pytest.raises(RecipeError, match=r"sae\.layer.*required when sae\.source is not \"world\""):
+        load_recipe(f)

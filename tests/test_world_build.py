@@ -70,3 +70,23 @@ def test_chunks_carry_their_imports():
     assert [c.name for c in chunks] == ["<module>", "A"]
     assert all(c.header == "import os\nimport re" for c in chunks)
     assert chunks[1].uses_regex and not chunks[0].uses_regex
+
+
+def test_intent_phase_resumes_and_shows_bare_functions(tmp_path, monkeypatch):
+    import sieve.world.train_intent as ti
+
+    chunks = _chunks()
+    tok = train_tokenizer([c.text for c in chunks if not c.held_out], 320, tmp_path / "tok")
+    start = train_lm(_cfg(4 * 64 * 2), tok, chunks, encode_chunks(tok, chunks), tmp_path / "lm")
+    cfg = ti.IntentConfig(steps=4, batch_size=2, n_ctx=64, warmup_steps=1, checkpoint_every=2, threads=1)
+    # Half of the chunks (a seeded choice) come without their import lines.
+    stream = tok.decode(ti._stream(tok, [c for c in chunks if not c.held_out], cfg, 0).flatten().tolist())
+    assert stream.count("<|endoftext|>def ") + stream.count("<|endoftext|>class ") > 0
+    assert stream.count("<|endoftext|>import ") + stream.count("<|endoftext|>from ") > 0
+    straight = ti.train_intent(cfg, start, chunks, tmp_path / "straight")
+    cut = ti.train_intent(cfg, start, chunks, tmp_path / "cut", stop_after=2)
+    assert not cut.exists()
+    resumed = ti.train_intent(cfg, start, chunks, tmp_path / "cut")
+    w1, w2 = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+    assert not all(torch.equal(w1[k], w0) for k, w0 in load_file(str(start / "model.safetensors")).items())

@@ -1,12 +1,16 @@
 """Rebuild the embedded world from scratch: ``python -m sieve.world.build [--out DIR] [--stages ...]``.
 
-Stages, each resumable and seeded:
+Stages, each resumable and seeded, each in a module named after what it does:
 
-1. ``lm``: corpus → byte-level BPE tokenizer → GPT-2 LM (checkpointed; a cut-off run resumes).
-2. ``sae``: a TopK SAE on one layer's residual stream (sae-lens format).
-3. ``feature``: label held-out tokens by regex use, pick the feature that detects it best, set its
-   threshold, and measure the world (loss, regex use of completions, SAE quality, detector quality).
-4. ``ship``: copy the final model, tokenizer, SAE and ``world.json`` into ``sieve/world/data``.
+1. ``lm`` (:mod:`~sieve.world.train_lm`): corpus → byte-level BPE tokenizer → GPT-2 LM (checkpointed;
+   a cut-off run resumes).
+2. ``intent`` (:mod:`~sieve.world.train_intent`): continue training where half the chunks come without
+   their imports, with more code that uses ``re``, so regex use follows from what a function is for.
+3. ``sae`` (:mod:`~sieve.world.train_sae`): a TopK SAE on one layer's residual stream (sae-lens format).
+4. ``feature`` (:mod:`~sieve.world.select_feature`): choose the feature whose early firing predicts
+   regex use on held-out function heads, and whose gate cuts it.
+5. ``ship`` (:mod:`~sieve.world.ship`): model, tokenizer, SAE, ``world.json`` (the one record of layer,
+   feature and threshold) and the prompt sets into ``sieve/world/data``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from sieve.world.train_lm import LMConfig, encode_chunks, train_lm, train_tokeni
 log = logging.getLogger("sieve.world.build")
 
 DEFAULT_OUT = Path("build/world")
+STAGES = ("lm", "intent", "sae", "feature", "ship")
 
 
 def stage_lm(out: Path, cfg: LMConfig) -> Path:
@@ -73,7 +78,7 @@ def stage_lm(out: Path, cfg: LMConfig) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="build directory (default build/world)")
-    p.add_argument("--stages", nargs="+", default=["lm", "sae", "feature", "ship"])
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--tokens", type=int, default=LMConfig.tokens, help="LM training tokens")
     p.add_argument("--regex-phase-steps", type=int, default=LMConfig.regex_phase_steps)
     p.add_argument("--threads", type=int, default=LMConfig.threads)
@@ -85,10 +90,25 @@ def main(argv: list[str] | None = None) -> None:
     if "lm" in args.stages:
         stage_lm(args.out, cfg)
         log.info("lm stage done after %.0fs", time.time() - t0)
-    if {"sae", "feature", "ship"} & set(args.stages):
-        from sieve.world import build_sae
+    if "intent" in args.stages:
+        from sieve.world.corpus import load_intent_corpus
+        from sieve.world.train_intent import IntentConfig, train_intent
 
-        build_sae.run_stages(args.out, args.stages, cfg)
+        chunks = load_corpus()[0] + load_intent_corpus()[0]
+        train_intent(IntentConfig(threads=args.threads), args.out / "model", chunks, args.out / "intent")
+        log.info("intent stage done after %.0fs", time.time() - t0)
+    if "sae" in args.stages:
+        from sieve.world.train_sae import stage_sae
+
+        stage_sae(args.out, cfg)
+    if "feature" in args.stages:
+        from sieve.world.select_feature import stage_feature
+
+        stage_feature(args.out, cfg)
+    if "ship" in args.stages:
+        from sieve.world.ship import stage_ship
+
+        stage_ship(args.out, cfg)
     log.info("world build finished in %.0fs", time.time() - t0)
 
 

@@ -28,7 +28,7 @@ from sieve.evals.regex_use import find_regex_use
 
 __all__ = [
     "Chunk", "SourceFile", "stdlib_files", "extra_files", "chunk_file", "load_corpus", "stdlib_root",
-    "corpus_fingerprint",
+    "corpus_fingerprint", "INTENT_PACKAGES", "load_intent_corpus",
 ]
 
 # Test suites, demos, generated tables and vendored data are noise for a code model.
@@ -234,3 +234,43 @@ def corpus_fingerprint(chunks: list[Chunk]) -> str:
         h.update(f"{c.file}:{c.name}:{int(c.held_out)}".encode())
         h.update(hashlib.sha256(c.text.encode()).digest())
     return h.hexdigest()[:16]
+
+
+# The intent phase (see :mod:`sieve.world.train_intent`) reads more code that uses ``re``: the files that
+# import it from these further packages installed with sieve (its dependencies and theirs). The model
+# never saw them in its first phase; half of their files (by a stable hash of the path) are held
+# out, and with the corpus's held-out files they give the intent prompt sets.
+INTENT_PACKAGES: tuple[tuple[str, str], ...] = (
+    ("torch", "torch"), ("transformers", "transformers"), ("pandas", "pandas"), ("pygments", "Pygments"),
+    ("pydantic", "pydantic"), ("jedi", "jedi"), ("prompt_toolkit", "prompt_toolkit"),
+    ("sklearn", "scikit-learn"), ("polars", "polars"), ("scipy", "scipy"), ("fsspec", "fsspec"),
+    ("accelerate", "accelerate"), ("rich", "rich"), ("sae_lens", "sae-lens"), ("nnsight", "nnsight"),
+    ("statsmodels", "statsmodels"), ("parso", "parso"), ("jsonschema", "jsonschema"),
+)
+INTENT_HELD_OUT = 0.5
+
+
+def load_intent_corpus() -> tuple[list[Chunk], dict[str, str]]:
+    """Chunks of the files importing ``re`` from :data:`INTENT_PACKAGES` (installed ones), and versions.
+
+    Example:
+        >>> chunks, versions = load_intent_corpus()  # doctest: +SKIP
+        >>> "torch" in versions  # doctest: +SKIP
+        True
+    """
+    files: list[SourceFile] = []
+    versions: dict[str, str] = {}
+    for pkg, dist in INTENT_PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        versions[dist] = importlib.metadata.version(dist)
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for path in sorted(root.rglob("*.py")):
+            rel = f"{pkg}/{path.relative_to(root).as_posix()}"
+            if set(rel.split("/")[:-1]) & (_EXCLUDED_PARTS | {"testing", "vendor", "_vendor"}):
+                continue
+            text = _read_source(path)
+            if text is not None and _IMPORTS_RE.search(text):
+                files.append(SourceFile(rel, text, _held_out(rel, INTENT_HELD_OUT)))
+    return [c for f in files for c in chunk_file(f)], versions

@@ -5,6 +5,11 @@
   among them) and the code before that point.
 - **neutral**: functions from files that do not import ``re``, cut after the signature and docstring.
 - **code**: held-out regex-free chunks, whole, for the general-ability loss.
+- **intent** (:func:`intent_prompts`): a function's ``def`` line and docstring alone (under its
+  ``class`` line for a method), cut before the body: no imports, no earlier use, not one ``re`` token.
+  Labelled ``regex`` when the function's body uses ``re`` in the original file, ``neutral`` when it
+  comes from a file that does not import ``re``. Whether the model reaches for ``re`` here depends on
+  what the function is for, not on a token that names the module.
 
 Each prompt keeps the rest of its function (``reference``) for evaluation, and prompts that would not
 leave room to generate in the model's context are dropped.
@@ -13,7 +18,9 @@ leave room to generate in the model's context are dropped.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +29,7 @@ from sieve.models import clip_to_tokens
 from sieve.world.corpus import Chunk
 
 __all__ = ["WorldPrompt", "clip_to_tokens", "regex_prone_prompts", "neutral_prompts", "regex_free_code", "save_prompts",
-           "load_prompts"]
+           "load_prompts", "intent_prompts", "intent_prompt_sets", "names_re"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,9 @@ class WorldPrompt:
     kind: str
     prompt: str
     reference: str
+
+
+_WORD = re.compile(r"[A-Za-z_]+")
 
 
 def _body_start(body: str) -> int | None:
@@ -158,3 +168,93 @@ def save_prompts(path: Path, prompts: list[WorldPrompt]) -> None:
 def load_prompts(path: Path) -> list[WorldPrompt]:
     """Read prompts written by :func:`save_prompts`."""
     return [WorldPrompt(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def names_re(tok, text: str) -> bool:
+    """True when ``text`` uses ``re`` (:func:`find_regex_use`), says ``re.``, or has a token ``re`` or
+    `` re`` (with no tokenizer: the word ``re``). Pieces of words such as ``Re`` of ``Remove`` pass.
+
+    Example:
+        >>> names_re(None, "def f(s):\\n    'Split on commas.'\\n"), names_re(None, "x = re.sub('a', '', s)")
+        (False, True)
+    """
+    if find_regex_use(text).used or "re." in text:
+        return True
+    if tok is None:
+        return "re" in _WORD.findall(text)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return any(tok.decode([i]) in ("re", " re") for i in ids)
+
+
+def _has_docstring(body: str) -> bool:
+    tree = ast.parse(body)
+    fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    return fn is not None and ast.get_docstring(fn) is not None
+
+
+def intent_prompts(chunks: list[Chunk], tok=None, max_prompt_tokens: int = 192, *, held_out: bool = True
+                   ) -> list[WorldPrompt]:
+    """Function heads (``def`` + docstring, no imports) of held-out (``held_out=False``: training)
+    functions, labelled by the original function: ``regex`` when its body uses ``re``, ``neutral`` when
+    its file does not import ``re``. Functions without a docstring, heads that use or name ``re``, and
+    functions of files that import ``re`` but do not use it are left out.
+
+    Example:
+        >>> from sieve.world.corpus import SourceFile, chunk_file
+        >>> src = SourceFile("m.py", "import re\\n\\ndef words(s):\\n    'Split text into words.'\\n"
+        ...                  "    return re.findall('[a-z]+', s)\\n", True)
+        >>> p = intent_prompts(list(chunk_file(src)))[0]
+        >>> p.kind, p.prompt, p.reference
+        ('regex', "def words(s):\\n    'Split text into words.'\\n   ", " return re.findall('[a-z]+', s)")
+    """
+    out = []
+    for c in chunks:
+        if c.held_out != held_out or c.name == "<module>":
+            continue
+        if c.uses_regex:
+            kind = "regex"
+        elif not find_regex_use(c.header).used:
+            kind = "neutral"
+        else:
+            continue
+        start = _body_start(c.body)
+        if start is None or not _has_docstring(c.body):
+            continue
+        lines = c.body.splitlines(keepends=True)
+        head = "".join(lines[:start])
+        if names_re(tok, head):
+            continue
+        if tok is not None and len(tok(head)["input_ids"]) > max_prompt_tokens:
+            continue
+        out.append(WorldPrompt(f"{c.file}:{c.name}", kind, *_heal(head, "".join(lines[start:]))))
+    return out
+
+
+def _half(file: str) -> str:
+    """``select`` or ``eval``: a stable hash of the file's path splits held-out files in two."""
+    return "select" if hashlib.sha256(("split:" + file).encode()).digest()[0] % 2 == 0 else "eval"
+
+
+def intent_prompt_sets(chunks: list[Chunk], tok=None, max_prompt_tokens: int = 192) -> dict[str, list[WorldPrompt]]:
+    """The intent sets, by split: ``eval_regex``/``eval_neutral`` (held-out files of one half: the
+    study's evaluation), ``select_regex``/``select_neutral`` (held-out files of the other half: the
+    world build chooses its feature there) and ``train_regex``/``train_neutral`` (training files: CAA
+    pairs). Neutral prompts come only from files that neither import nor use ``re``.
+
+    Example:
+        >>> from sieve.world.corpus import SourceFile, chunk_file
+        >>> src = SourceFile("m.py", "def f(s):\\n    'Strip s.'\\n    return s.strip()\\n", True)
+        >>> sets = intent_prompt_sets(list(chunk_file(src)))
+        >>> sum(len(v) for v in sets.values()), sets[_half("m.py") + "_neutral"][0].id
+        (1, 'm.py:f')
+    """
+    re_files = {c.file for c in chunks if c.uses_regex or find_regex_use(c.header).used}
+    out: dict[str, list[WorldPrompt]] = {f"{s}_{k}": [] for s in ("eval", "select", "train")
+                                         for k in ("regex", "neutral")}
+    for held in (True, False):
+        for p in intent_prompts(chunks, tok, max_prompt_tokens, held_out=held):
+            file = p.id.rsplit(":", 1)[0]
+            if p.kind == "neutral" and file in re_files:
+                continue
+            out[f"{_half(file) if held else 'train'}_{p.kind}"].append(p)
+    return out
