@@ -8,7 +8,8 @@ training files). Tokens are labelled by regex use (imports, ``re.*`` calls and t
 arguments); a text is positive when it uses ``re`` at all. For each detector: precision, recall and F1
 at the threshold its methods actually use, and AUROC, at token level and at text level (a text's score
 is its highest token score); precision–recall curves as a chart (HTML + PNG) with the operating points
-marked. Writes ``<output>/detect.parquet`` and ``detect_pr.{html,png}``.
+marked. Writes ``<output>/detect.parquet``, ``detect_curves.parquet`` and ``detect_pr.{html,png}``; the
+run report (``report.html`` of ``recipes.regex`` in the same folder) shows them.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     out = recipe.resolve(recipe.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics.write_parquet(out / "detect.parquet")
+    curves.write_parquet(out / "detect_curves.parquet")  # the run report draws them
     if recipe.output.charts:
         from sieve.plots import pr_chart, save_chart
 

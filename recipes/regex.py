@@ -1,6 +1,7 @@
 """The regex study: steer a code model away from regular expressions while its code stays valid.
 
-    python -m recipes.regex [RECIPE.toml] [key=value ...] [--shard i/n] [--merge DIR ...] [--report-only]
+    python -m recipes.regex [RECIPE.toml] [key=value ...] [--shard i/n] [--merge DIR ...]
+    python -m recipes.regex --report-only DIR
 
 With no recipe it runs ``recipes/regex.toml``, the embedded world (a tiny code model shipped with sieve),
 offline on a CPU in minutes. ``key=value`` overrides any recipe key (``sweep.samples=2``,
@@ -16,7 +17,9 @@ What it does, in one direction:
 3. general ability per (method, scale): held-out next-token loss on regex-free code (embedded world),
    MMLU accuracy (real models) or lm-evaluation-harness tasks (``eval.general = "lmeval"``), appended
    to ``<output>/ability``;
-4. report: a summary table with 95% intervals and the Pareto front, charts (HTML + PNG).
+4. report: a summary table with 95% intervals and the Pareto front, charts (HTML + PNG), and
+   ``report.html``, one self-contained page to open or share (:mod:`sieve.report`);
+   ``--report-only DIR`` rebuilds them from a run folder.
 
 Your own prompts: ``--regex-prompts FILE`` and ``--neutral-prompts FILE`` (or the recipe keys
 ``prompts.regex_file`` / ``prompts.neutral_file``) replace the regex-prone and neutral sets with plain
@@ -125,10 +128,34 @@ def evaluate_row(recipe: Recipe, prompt, completion, judge=None) -> dict[str, An
         "empty": validity.empty, "complete": validity.kind == "complete", "executed": ev.executed,
         "exec_status": ev.exec_status, "n_tokens": len(completion.token_ids), "finished": completion.finished,
         **{k: int(v) for k, v in completion.counts.items()},
+        **{f"{k}_at": list(v) for k, v in completion.positions.items()},
     }
 
 
+def write_prompts(setting, out: Path) -> Path:
+    """``out/prompts.parquet``: each prompt's text as the model reads it and where its tokens end (the
+    report marks detector firings on it)."""
+    from sieve.models import tokenize_prompts
+    from sieve.report import token_ends
+
+    tok = setting.model.tokenizer
+    rows = []
+    for set_name, items in (("regex", setting.prompts.regex), ("neutral", setting.prompts.neutral)):
+        if not items:
+            continue
+        ids = tokenize_prompts(tok, [p.text for p in items])
+        texts = tok.batch_decode(ids, skip_special_tokens=True)
+        for i, (p, text, ends) in enumerate(zip(items, texts, token_ends(tok, ids, texts))):
+            rows.append({"set": set_name, "prompt_index": i, "prompt_id": p.id, "text": text, "token_ends": ends})
+    path = out / "prompts.parquet"
+    pl.DataFrame(rows, schema={"set": pl.Utf8, "prompt_index": pl.Int64, "prompt_id": pl.Utf8, "text": pl.Utf8,
+                               "token_ends": pl.List(pl.Int64)}).write_parquet(path)
+    return path
+
+
 def run_generation(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, int], progress: bool) -> int:
+    from sieve.report import token_ends
+
     rows = _shard(plan(recipe, setting.prompts), shard)
     done = store.done_keys()
     todo = [r for r in rows if r["key"] not in done]
@@ -157,8 +184,11 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, shard: tuple[int
             temperature=recipe.sweep.temperature, top_p=recipe.sweep.top_p,
             seeds=[r["seed"] for r in part], stop=recipe.sweep.stop, batch_size=bs, progress=False,
         )
-        store.append([{**r, "recipe_hash": rh, **evaluate_row(recipe, p, o, judge)}
-                      for r, p, o in zip(part, prompts, outs)])
+        # Token ends in ``text``: a healed row's first token also re-spells the prompt's tail, cut from text.
+        ends = token_ends(setting.model.tokenizer, [o.token_ids for o in outs], [o.healed + o.text for o in outs])
+        ends = [[max(0, e - len(o.healed)) for e in row] for o, row in zip(outs, ends)]
+        store.append([{**r, "recipe_hash": rh, **evaluate_row(recipe, p, o, judge), "token_ends": e}
+                      for r, p, o, e in zip(part, prompts, outs, ends)])
         bar.update(len(part))
     bar.close()
     return len(todo)
@@ -218,7 +248,7 @@ def harness_values(recipe: Recipe, setting, iv) -> tuple[list[float], dict[str, 
 
 
 def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = False) -> pl.DataFrame:
-    """Summary with intervals, Pareto flags, charts; returns the summary table."""
+    """Summary with intervals, Pareto flags, charts, ``report.html``; returns the summary table."""
     gen = ResultStore(out / "gen").table()
     if not gen.height:
         raise SieveError(f"no results in {out / 'gen'} yet")
@@ -229,13 +259,17 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
     summary = pareto_front(summary, lower_ability_is_better=lower)
     summary.write_parquet(out / "summary.parquet")
     summary.write_csv(out / "summary.csv")
+    title = ("held-out loss on regex-free code (nats, lower is better)" if lower
+             else f"lm-eval {recipe.eval.lmeval_metric} ({', '.join(recipe.eval.lmeval_tasks)})"
+             if recipe.eval.general == "lmeval" else "MMLU accuracy")
     if charts and recipe.output.charts:
         from sieve.plots import pareto_chart, save_chart
 
-        title = ("held-out loss on regex-free code (nats, lower is better)" if lower
-                 else f"lm-eval {recipe.eval.lmeval_metric} ({', '.join(recipe.eval.lmeval_tasks)})"
-                 if recipe.eval.general == "lmeval" else "MMLU accuracy")
         save_chart(pareto_chart(summary, ability_title=title), out / "pareto")
+    from sieve.report import write_report
+
+    path = write_report(out, recipe, summary, validity=validity, ability_title=title)
+    log.info("report: %s (%.1f MB)", path, path.stat().st_size / 1e6)
     if not quiet:
         print(format_summary(summary, validity))
     return summary
@@ -291,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard", default=None, help="run shard i of n (i/n), e.g. 0/4")
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="merge these run folders (shards) into the recipe's output folder, then report")
-    p.add_argument("--report-only", action="store_true", help="only summarise and chart what is there")
+    p.add_argument("--report-only", nargs="?", const="", default=None, metavar="DIR",
+                   help="only summarise, chart and write report.html for what is there (in DIR, a run folder, "
+                        "with the recipe it was run with; else in the recipe's output folder)")
     p.add_argument("--out", default=None, help="output folder (default: the recipe's output.dir)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--regex-prompts", default=None, metavar="FILE",
@@ -308,6 +344,16 @@ def main(argv: list[str] | None = None) -> int:
         if value:
             args.overrides.append(f"{key}={json.dumps(str(Path(value).resolve()))}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.report_only:
+        from sieve.report import run_recipe
+
+        out = Path(args.report_only)
+        if not (out / "gen").is_dir():
+            print(f"error: --report-only {out}: not a run folder (no {out / 'gen'})", file=sys.stderr)
+            return 2
+        recipe = run_recipe(out) or load_recipe(args.recipe, args.overrides)
+        report(recipe, out)
+        return 0
     recipe = load_recipe(args.recipe, args.overrides)
     try:
         user_prompt_files(recipe)  # a bad prompt file fails here, before any model is loaded
@@ -318,11 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps({"hash": recipe_hash(recipe), "file": str(recipe.path)}))
     if args.merge:
+        from sieve.report import merge_runs
+
         for sub in ("gen", "ability"):
             merge_stores([Path(d) / sub for d in args.merge], out / sub)
+        merge_runs([Path(d) for d in args.merge], out)
         report(recipe, out)
         return 0
-    if not args.report_only:
+    if args.report_only is None:
+        from sieve.report import record_run
         from sieve.setting import load_setting
 
         shard = parse_shard(args.shard)
@@ -332,12 +382,16 @@ def main(argv: list[str] | None = None) -> int:
             check_sandbox(recipe.eval.sandbox)  # refuses before the model loads where bwrap is missing
             if recipe.eval.sandbox == "process":
                 log.warning("eval.sandbox = 'process': generated code runs WITHOUT OS-level isolation")
-        t0 = time.time()
+        t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
         setting = load_setting(recipe, progress=not args.no_progress)
         tag = f"{shard[0]}of{shard[1]}"
-        run_generation(recipe, setting, ResultStore(out / "gen", tag), shard, not args.no_progress)
+        write_prompts(setting, out)
+        n = run_generation(recipe, setting, ResultStore(out / "gen", tag), shard, not args.no_progress)
         run_ability(recipe, setting, ResultStore(out / "ability", tag), shard, not args.no_progress)
         log.info("sweep finished in %.0fs; results in %s", time.time() - t0, out)
+        record_run(out, recipe, overrides=args.overrides, started=started,
+                   finished=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), seconds=time.time() - t0,
+                   shard=f"{shard[0]}/{shard[1]}", rows=n)
         if shard[1] > 1:
             log.info("shard %s done; merge shards with --merge", args.shard)
             return 0

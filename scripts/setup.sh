@@ -19,6 +19,15 @@ if ! command -v bwrap >/dev/null 2>&1; then
       "it is (sudo apt-get install bubblewrap / sudo dnf install bubblewrap / sudo pacman -S bubblewrap)" >&2
   fi
 fi
+# A real browser for the run report's tests (they skip without one): Debian's chromium and its driver,
+# installed once where this runs as root with apt (CI's fresh machine); SIEVE_NO_BROWSER=1 skips it.
+if [ -z "${SIEVE_NO_BROWSER:-}" ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing chromium for the report's browser tests..." >&2
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; } \
+    >/dev/null 2>&1 || echo "could not install chromium: the browser tests will skip" >&2
+fi
 stamp_src="$(cat pyproject.toml ${CONSTRAINTS:+$CONSTRAINTS}) $EXTRAS"
 stamp=$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)
 if [ -x .venv/bin/python ] && [ "$(cat .venv/.sieve-stamp 2>/dev/null)" = "$stamp" ]; then

@@ -57,6 +57,7 @@ class Completion:
     ``healed``: the prompt's last token's text when token healing backed it up (else ""): ``text``
     continues the prompt as written (without it), ``token_ids`` include the token that re-spelled it,
     and the detector counts it as generated.
+    ``positions``: where (:meth:`sieve.interventions.Steerer.positions`, kept tokens only).
     """
 
     prompt: str
@@ -65,6 +66,7 @@ class Completion:
     finished: bool
     counts: dict[str, int] = field(default_factory=dict)
     healed: str = ""
+    positions: dict[str, list[int]] = field(default_factory=dict)
 
 
 class RowSampler:
@@ -302,7 +304,7 @@ def _generate_batch(
                 # Decode step k reads generated token k-1: count firings only while it is kept. Read
                 # once the layers ran: the trace body runs ahead of HF's stopping check.
                 steer.forward(model, counted=None if step == 0 else (lambda k=step: tracker.keeps(k - 1)))
-    counts = steer.counts()
+    counts, where = steer.counts(), steer.positions()
     out = []
     for i, (row, finished) in enumerate(tracker.completions()):
         out.append(Completion(
@@ -313,6 +315,7 @@ def _generate_batch(
             counts={k: v[i] for k, v in counts.items()}
             | ({} if gates_opened[i] is None else {"prompt_gate_opened": int(gates_opened[i])}),
             healed=heals[i].text if heals[i] is not None else "",
+            positions={k: [j for j in v[i] if k.startswith("prompt") or j < len(row)] for k, v in where.items()},
         ))
     return out
 

@@ -966,6 +966,10 @@ class Steerer:
                       for k in ("prompt_fired", "gen_fired", "prompt_edited", "gen_edited")}
         self._device: torch.device | None = None
         self._layer_pos = 0
+        # Where, not only how often: the prefill's firing mask and one [2, B] (fired, edited) per decode
+        # step, kept on the device and read once by positions().
+        self._prompt_fired: Tensor | None = None
+        self._gen_marks: list[Tensor] = []
 
     def _to(self, device: torch.device) -> None:
         def move(x: Any) -> Any:
@@ -1137,12 +1141,43 @@ class Steerer:
             n_fired, n_edited = n_fired * counted, n_edited * counted
         self.stats[f"{where}_fired"] += n_fired
         self.stats[f"{where}_edited"] += n_edited
+        if self.calls == 0:
+            self._prompt_fired = self._fired.any(1)
+        else:
+            self._gen_marks.append(torch.stack([n_fired > 0, n_edited > 0]))
         self.calls += 1
         self._layer_pos = 0
 
     def counts(self) -> dict[str, list[int]]:
         """Per-row counts of detector firings and edits, on prompt and generated tokens."""
         return {k: v.cpu().tolist() for k, v in self.stats.items()}
+
+    def positions(self) -> dict[str, list[list[int]]]:
+        """Per row, where the detector fired and the edit acted: ``prompt_fired`` (indices into the
+        row's prompt tokens, padding removed), ``gen_fired`` and ``gen_edited`` (indices of generated
+        tokens: decode step k reads generated token k-1, so the last generated token is never read).
+
+        Example:
+            >>> iv = Intervention("token", Edit("add", torch.tensor([1.0, 0.0]), -1.0),
+            ...                   Detector(torch.tensor([1.0, 0.0])), threshold=0.5)
+            >>> steer = Steerer([iv], layer=0)
+            >>> _ = steer(torch.tensor([[[0.0, 0.0], [2.0, 0.0]]]))   # prompt: token 1 fires
+            >>> _ = steer(torch.tensor([[[0.0, 0.0]]]))              # generated token 0: no
+            >>> _ = steer(torch.tensor([[[3.0, 0.0]]]))              # generated token 1: fires
+            >>> steer.positions()
+            {'prompt_fired': [[1]], 'gen_fired': [[1]], 'gen_edited': [[1]]}
+        """
+        B = len(self.rows)
+        out: dict[str, list[list[int]]] = {"prompt_fired": [[] for _ in range(B)]}
+        if self._prompt_fired is not None:
+            pf = self._prompt_fired.cpu()
+            am = self.encoding.get("attention_mask") if self.encoding is not None else None
+            pads = (am == 0).sum(1).tolist() if am is not None else [0] * B
+            out["prompt_fired"] = [[j - pads[i] for j in row.nonzero().flatten().tolist()] for i, row in enumerate(pf)]
+        marks = torch.stack(self._gen_marks, dim=-1).cpu() if self._gen_marks else torch.zeros(2, B, 0, dtype=torch.bool)
+        for k, name in enumerate(("gen_fired", "gen_edited")):
+            out[name] = [row.nonzero().flatten().tolist() for row in marks[k]]
+        return out
 
     def __repr__(self) -> str:
         n = sum(len(r) for r in self.rows)
