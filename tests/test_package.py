@@ -60,7 +60,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for needed in ("sieve/py.typed", "sieve/world/data/world.json", "recipes/regex.toml", "recipes/regex.py",
-                   "sieve/evals/lmeval.py"):
+                   "sieve/evals/lmeval.py", "sieve/templates/report.html"):
         assert needed in names, needed
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not any(n.startswith(("tests/", "runs/", "notebooks/", "build/")) for n in names)
