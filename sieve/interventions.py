@@ -886,7 +886,9 @@ class Steerer:
                         for f in iv.edit.features:
                             g.slot(f)
                         lat_slots.setdefault(id(iv.edit.sae), [[] for _ in range(B)])[b].append((j, iv))
-            edits[L] = {"dir": self._pack_dir(dir_slots, D), "lat": {}}
+            edits[L] = {"dir": self._pack_dir(dir_slots, D), "lat": {},
+                        "clamps": any(isinstance(iv.edit, Edit) and iv.edit.kind == "clamp"
+                                      for slots in dir_slots for _, iv in slots)}
             for sid, slots in lat_slots.items():
                 edits[L]["lat"][sid] = self._pack_lat(slots, groups[(sid, L)])
         for g in groups.values():
@@ -1080,14 +1082,17 @@ class Steerer:
             self._fired |= fired
             self._eval_gates(L)
         # 2. edits here: one delta per layer, summed over the row's interventions
-        e = t["edits"].get(L, {"dir": None, "lat": {}})
+        e = t["edits"].get(L, {"dir": None, "lat": {}, "clamps": False})
         delta = None
         if e["dir"] is not None:
             d = e["dir"]
             g = self._gate.gather(1, d["unit"][..., None].expand(-1, -1, h.shape[1])) & d["active"][..., None]
-            a = torch.einsum("btd,bmd->bmt", h.float(), d["cw"]) + d["cb"][..., None]
-            coef = torch.where(d["clamp"][..., None], (d["value"][..., None] - a) / d["wu"][..., None],
-                               d["value"][..., None])
+            if e["clamps"]:  # the clamped detectors' scores, read here
+                a = torch.einsum("btd,bmd->bmt", h.float(), d["cw"]) + d["cb"][..., None]
+                coef = torch.where(d["clamp"][..., None], (d["value"][..., None] - a) / d["wu"][..., None],
+                                   d["value"][..., None])
+            else:
+                coef = d["value"][..., None].expand(-1, -1, h.shape[1])
             coef = torch.where(g, coef, torch.zeros_like(coef))
             delta = torch.einsum("bmt,bmd->btd", coef, d["u"])
             self._edited |= g.any(1)
