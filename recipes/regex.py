@@ -1,6 +1,7 @@
 """The regex study: steer a code model away from regular expressions while its code stays valid.
 
-    python -m recipes.regex [RECIPE.toml] [key=value ...] [--shard i/n] [--merge DIR ...]
+    python -m recipes.regex [RECIPE.toml] [key=value ...] [--out DIR] [--shard i/n] [--merge DIR ...]
+                            [--report-only] [--no-progress] [--debug]
     python -m recipes.regex --report-only DIR
 
 With no recipe it runs ``recipes/regex.toml``, the embedded world (a tiny code model shipped with sieve),
@@ -9,8 +10,8 @@ offline on a CPU in minutes. ``key=value`` overrides any recipe key (``sweep.sam
 
 What it does, in one direction:
 
-1. plan: every (prompt set, method, scale, prompt, sample) row; a row's sampling seed depends on the
-   prompt and sample only, so methods are compared on the same random numbers;
+1. plan (:mod:`sieve.sweep`): every (prompt set, method, scale, prompt, sample) row; a row's sampling
+   seed depends on the prompt and sample only, so methods are compared on the same random numbers;
 2. generate: rows mixing methods and scales run as batched generation with the edit at every step;
    each finished chunk of rows is evaluated (regex use by parsing, syntax, and for instruct models the
    generated tests run in the sandbox) and appended to ``<output>/gen`` (parquet parts);
@@ -35,14 +36,15 @@ tokenizer would merge (a newline before indentation) is healed at generation. A 
 run before any model loads, naming the file and line (exit status 2).
 
 An interrupted run started again with the same recipe resumes: finished rows are skipped, none is
-duplicated. ``--shard i/n`` runs every n-th row (for several machines, each with its own output
-folder or the same one); ``--merge DIR ...`` combines shard outputs into the recipe's output folder.
+duplicated; a part file that cannot be read is quarantined and its rows generated again. A folder
+holding another recipe's results is refused (``--out`` another one), and so is a second process
+writing the same shard of one folder. ``--shard i/n`` runs every n-th row (for several machines, each
+with its own output folder or the same one); ``--merge DIR ...`` combines shard outputs into the
+recipe's output folder. The shared arguments are :mod:`recipes.cli`'s.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -54,58 +56,35 @@ from typing import Any
 import polars as pl
 from tqdm.auto import tqdm
 
+from recipes.cli import RecipeCLI, Run
 from sieve.errors import SieveError
 from sieve.evals.code import answer_validity, evaluate_code, function_validity
 from sieve.generation import default_batch_size, generate
-from sieve.methods import build
-from sieve.prompts import PromptFileError, user_prompt_files
-from sieve.recipe import UNSTEERED, Recipe, load_recipe, recipe_hash
+from sieve.prompts import user_prompt_files
+from sieve.recipe import Recipe, recipe_hash
 from sieve.results import ResultStore, merge_stores, pareto_front, parse_shard, summarize
+from sieve.rundir import check
+from sieve.sweep import AbilityRow, Cell, GenRow, cells, plan, shard
 
 log = logging.getLogger("recipes.regex")
 
-DEFAULT_RECIPE = Path(__file__).parent / "regex.toml"
-
-
-def row_seed(base: int, *parts: Any) -> int:
-    """A stable 31-bit seed from the recipe seed and the row's prompt/sample (not its method)."""
-    h = hashlib.sha256(json.dumps([base, *parts]).encode()).digest()
-    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
-
-
-def intervention(parts, method: str, scale: float, recipe: Recipe | None = None):
-    """The intervention of one (method, scale) cell; None for the unsteered baseline. ``recipe``: where
-    to look the method up first (its ``[methods.NAME]`` tables), before the registry."""
-    if method == UNSTEERED:
-        return None
-    return build(recipe.method(method) if recipe is not None else method, parts, scale)
-
-
-def plan(recipe: Recipe, prompts) -> list[dict[str, Any]]:
-    """Every generation row of the sweep, in a stable order."""
-    rows = []
-    for set_name, items in (("regex", prompts.regex), ("neutral", prompts.neutral)):
-        for method in recipe.sweep.methods:
-            for scale in recipe.scales_for(method):
-                for pi, p in enumerate(items):
-                    for s in range(recipe.sweep.samples):
-                        rows.append({
-                            "key": f"{set_name}|{method}|{scale:g}|{pi}:{p.id}|{s}",
-                            "set": set_name, "method": method, "scale": float(scale),
-                            "prompt_index": pi, "prompt_id": p.id, "sample": s,
-                            "seed": row_seed(recipe.sweep.seed, set_name, pi, p.id, s),
-                        })
-    return rows
-
-
-def _shard(rows: list[dict[str, Any]], shard: tuple[int, int]) -> list[dict[str, Any]]:
-    i, n = shard
-    return [r for k, r in enumerate(rows) if k % n == i]
+CLI = RecipeCLI("recipes.regex", __doc__, claims_folder=lambda args: args.report_only is None)
+CLI.add_argument("--shard", default=None, help="run shard i of n (i/n), e.g. 0/4")
+CLI.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                 help="merge these run folders (shards) into the output folder, then report")
+CLI.add_argument("--report-only", nargs="?", const="", default=None, metavar="DIR",
+                 help="only summarise, chart and write report.html for what is there (in DIR, a run folder, "
+                      "with the recipe it was run with; else in the recipe's output folder)")
+CLI.add_override("--regex-prompts", "prompts.regex_file", path=True, metavar="FILE",
+                 help="your own regex-prone completion prompts (.jsonl with a 'prompt' field per line, or a .py "
+                      "file of blocks separated by '# ---' lines); replaces the recipe's regex-prone set")
+CLI.add_override("--neutral-prompts", "prompts.neutral_file", path=True, metavar="FILE",
+                 help="your own neutral completion prompts (same formats); replaces the recipe's neutral set")
 
 
 def evaluate_row(recipe: Recipe, prompt, completion, judge=None) -> dict[str, Any]:
     """Evaluate one completion: code, regex use, syntax, (instruct models) task success, and the
-    optional judge's verdict."""
+    optional judge's verdict; the evaluation fields of a :class:`~sieve.sweep.GenRow`."""
     # Empty completions are counted and never valid; "valid" is complete-and-parsing or a valid prefix
     # at the token budget (the kind says which).
     if prompt.style == "instruct":
@@ -153,21 +132,17 @@ def write_prompts(setting, out: Path) -> Path:
     return path
 
 
-def run_generation(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, int], progress: bool) -> int:
+def run_generation(recipe: Recipe, setting, store: ResultStore, part: tuple[int, int], progress: bool) -> int:
+    """Generate and evaluate this shard's rows not yet in ``store``, a chunk at a time; rows generated."""
+    rows = shard(plan(recipe, setting.prompts), part)
     from sieve.report import token_ends
 
-    rows = _shard(plan(recipe, setting.prompts), shard)
     done = store.done_keys()
-    todo = [r for r in rows if r["key"] not in done]
+    todo = [r for r in rows if r.key not in done]
     log.info("generation: %d rows in this shard, %d done, %d to go", len(rows), len(rows) - len(todo), len(todo))
     if not todo:
         return 0
-    ivs: dict[tuple[str, float], Any] = {}
-    for r in todo:
-        cell = (r["method"], r["scale"])
-        if cell not in ivs:
-            ivs[cell] = intervention(setting.parts, *cell, recipe=recipe)
-    sets = {"regex": setting.prompts.regex, "neutral": setting.prompts.neutral}
+    ivs = {c: c.intervention(setting.parts, recipe) for c in dict.fromkeys(r.cell for r in todo)}
     bs = recipe.sweep.batch_size or None
     chunk = (bs or default_batch_size(setting.model)) * 4  # rows generated, then stored, at a time
     rh = recipe_hash(recipe)
@@ -176,60 +151,59 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, shard: tuple[int
     judge = make_judge(recipe.eval.judge, recipe.eval.judge_model)
     bar = tqdm(total=len(todo), desc="sweep", unit="row", disable=not progress)
     for i in range(0, len(todo), chunk):
-        part = todo[i : i + chunk]
-        prompts = [sets[r["set"]][r["prompt_index"]] for r in part]
+        batch = todo[i : i + chunk]
+        prompts = [getattr(setting.prompts, r.set)[r.prompt_index] for r in batch]
         outs = generate(
-            setting.model, [p.text for p in prompts], [ivs[(r["method"], r["scale"])] for r in part],
+            setting.model, [p.text for p in prompts], [ivs[r.cell] for r in batch],
             max_new_tokens=recipe.sweep.max_new_tokens,
             temperature=recipe.sweep.temperature, top_p=recipe.sweep.top_p,
-            seeds=[r["seed"] for r in part], stop=recipe.sweep.stop, batch_size=bs, progress=False,
+            seeds=[r.seed for r in batch], stop=recipe.sweep.stop, batch_size=bs, progress=False,
         )
         # Token ends in ``text``: a healed row's first token also re-spells the prompt's tail, cut from text.
         ends = token_ends(setting.model.tokenizer, [o.token_ids for o in outs], [o.healed + o.text for o in outs])
         ends = [[max(0, e - len(o.healed)) for e in row] for o, row in zip(outs, ends)]
-        store.append([{**r, "recipe_hash": rh, **evaluate_row(recipe, p, o, judge), "token_ends": e}
-                      for r, p, o, e in zip(part, prompts, outs, ends)])
-        bar.update(len(part))
+        store.append([GenRow.of(r, rh, **evaluate_row(recipe, p, o, judge), token_ends=e)
+                      for r, p, o, e in zip(batch, prompts, outs, ends)])
+        bar.update(len(batch))
     bar.close()
     return len(todo)
 
 
-def run_ability(recipe: Recipe, setting, store: ResultStore, shard: tuple[int, int], progress: bool) -> None:
-    """General ability per (method, scale): loss on regex-free code, or MMLU accuracy."""
+def ability_values(recipe: Recipe, setting, cell: Cell, questions=None) -> tuple[str, list[float], str | None]:
+    """General ability of one cell: the metric (``loss``: per-text held-out loss; ``lmeval:<metric>``:
+    per-document harness values; ``mmlu``: per-question correctness), its values, and details as JSON
+    (the harness's per-task scores and gate counts) or None."""
+    iv = cell.intervention(setting.parts, recipe)
+    if recipe.eval.general == "loss":
+        from sieve.evals.ability import steered_logprobs
+
+        lps = steered_logprobs(setting.model, setting.prompts.code, iv, batch_size=recipe.forward_batch_size)
+        return "loss", [float(-lp.mean()) for lp in lps if lp.numel()], None
+    if recipe.eval.general == "lmeval":
+        values, extra = harness_values(recipe, setting, iv)
+        return f"lmeval:{recipe.eval.lmeval_metric}", values, extra["detail"]
+    from sieve.evals.mmlu import mmlu_accuracy
+
+    correct = mmlu_accuracy(setting.model, questions, iv, chat=recipe.model.chat, shots=recipe.eval.mmlu_shots,
+                            batch_size=recipe.forward_batch_size)
+    return "mmlu", [float(c) for c in correct], None
+
+
+def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, int], progress: bool) -> None:
+    """General ability per cell (held-out loss on regex-free code, or MMLU accuracy), into ``store``."""
     if recipe.eval.general == "none":
         return
-    cells = [(m, float(s)) for m in recipe.sweep.methods for s in recipe.scales_for(m)]
-    cells = _shard([{"cell": c} for c in cells], shard)
     done = store.done_keys()
-    todo = [c["cell"] for c in cells if f"ability|{c['cell'][0]}|{c['cell'][1]:g}" not in done]
+    todo = [c for c in shard(cells(recipe), part) if AbilityRow.key_of(c) not in done]
     rh = recipe_hash(recipe)
     questions = None
     if recipe.eval.general == "mmlu" and todo:
         from sieve.evals.mmlu import load_mmlu
 
         questions = load_mmlu(recipe)  # once, not per cell
-    for method, scale in tqdm(todo, desc="general ability", disable=not progress):
-        iv = intervention(setting.parts, method, scale, recipe=recipe)
-        extra: dict[str, Any] = {}
-        if recipe.eval.general == "loss":
-            from sieve.evals.ability import steered_logprobs
-
-            lps = steered_logprobs(setting.model, setting.prompts.code, iv, batch_size=recipe.sweep.batch_size or 16)
-            values = [float(-lp.mean()) for lp in lps if lp.numel()]
-            metric = "loss"
-        elif recipe.eval.general == "lmeval":
-            values, extra = harness_values(recipe, setting, iv)
-            metric = f"lmeval:{recipe.eval.lmeval_metric}"
-        else:
-            from sieve.evals.mmlu import mmlu_accuracy
-
-            correct = mmlu_accuracy(setting.model, questions, iv, chat=recipe.model.chat,
-                                    shots=recipe.eval.mmlu_shots)
-            values = [float(c) for c in correct]
-            metric = "mmlu"
-        store.append([{"key": f"ability|{method}|{scale:g}", "method": method, "scale": scale,
-                       "metric": metric, "value": sum(values) / max(1, len(values)), "values": values,
-                       "recipe_hash": rh, **extra}])
+    for cell in tqdm(todo, desc="general ability", disable=not progress):
+        metric, values, detail = ability_values(recipe, setting, cell, questions)
+        store.append([AbilityRow.of(cell, metric, values, rh, detail=detail)])
 
 
 def harness_values(recipe: Recipe, setting, iv) -> tuple[list[float], dict[str, Any]]:
@@ -238,7 +212,7 @@ def harness_values(recipe: Recipe, setting, iv) -> tuple[list[float], dict[str, 
     from sieve.evals.lmeval import SteeredLM, run_harness
 
     ev = recipe.eval
-    lm = SteeredLM(model=setting.model, intervention=iv, layer=setting.layer, batch_size=recipe.sweep.batch_size or 16)
+    lm = SteeredLM(model=setting.model, intervention=iv, layer=setting.layer, batch_size=recipe.forward_batch_size)
     out = run_harness(lm, ev.lmeval_tasks, include_path=recipe.resolve(ev.lmeval_include) if ev.lmeval_include else None,
                       limit=ev.lmeval_limit or None, num_fewshot=None if ev.lmeval_fewshot < 0 else ev.lmeval_fewshot,
                       metric=ev.lmeval_metric)
@@ -317,86 +291,66 @@ def format_summary(summary: pl.DataFrame, validity: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipes.regex", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", nargs="?", default=str(DEFAULT_RECIPE), help="recipe TOML (default: the embedded world)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sweep.samples=2")
-    p.add_argument("--shard", default=None, help="run shard i of n (i/n), e.g. 0/4")
-    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
-                   help="merge these run folders (shards) into the recipe's output folder, then report")
-    p.add_argument("--report-only", nargs="?", const="", default=None, metavar="DIR",
-                   help="only summarise, chart and write report.html for what is there (in DIR, a run folder, "
-                        "with the recipe it was run with; else in the recipe's output folder)")
-    p.add_argument("--out", default=None, help="output folder (default: the recipe's output.dir)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--regex-prompts", default=None, metavar="FILE",
-                   help="your own regex-prone completion prompts (.jsonl with a 'prompt' field per line, or a .py "
-                        "file of blocks separated by '# ---' lines); replaces the recipe's regex-prone set")
-    p.add_argument("--neutral-prompts", default=None, metavar="FILE",
-                   help="your own neutral completion prompts (same formats); replaces the recipe's neutral set")
-    args = p.parse_args(argv)
-    if args.recipe and "=" in args.recipe and not Path(args.recipe).exists():
-        args.overrides.insert(0, args.recipe)
-        args.recipe = str(DEFAULT_RECIPE)
-    # Prompt files given here are relative to the working directory (in a recipe, to the recipe file).
-    for key, value in (("prompts.regex_file", args.regex_prompts), ("prompts.neutral_file", args.neutral_prompts)):
-        if value:
-            args.overrides.append(f"{key}={json.dumps(str(Path(value).resolve()))}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.report_only:
+def body(run: Run) -> int:
+    recipe, out = run.recipe, run.out
+    args = run.args
+    if args.report_only is not None:
         from sieve.report import run_recipe
 
-        out = Path(args.report_only)
+        out = Path(args.report_only) if args.report_only else out
         if not (out / "gen").is_dir():
-            print(f"error: --report-only {out}: not a run folder (no {out / 'gen'})", file=sys.stderr)
-            return 2
-        recipe = run_recipe(out) or load_recipe(args.recipe, args.overrides)
-        report(recipe, out)
+            raise SieveError(f"--report-only {out}: not a run folder (no {out / 'gen'})")
+        saved = run_recipe(out)  # the recipe the folder was run with, where it says
+        if saved is None:
+            check(out, recipe)  # refuses to report another recipe's rows as this one's
+        report(saved or recipe, out)
         return 0
-    recipe = load_recipe(args.recipe, args.overrides)
-    try:
-        user_prompt_files(recipe)  # a bad prompt file fails here, before any model is loaded
-    except PromptFileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else recipe.resolve(recipe.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps({"hash": recipe_hash(recipe), "file": str(recipe.path)}))
+    user_prompt_files(recipe)  # a bad prompt file fails here, before any model is loaded
     if args.merge:
         from sieve.report import merge_runs
 
-        for sub in ("gen", "ability"):
-            merge_stores([Path(d) / sub for d in args.merge], out / sub)
-        merge_runs([Path(d) for d in args.merge], out)
-        report(recipe, out)
+        for d in args.merge:
+            src = Path(d)
+            if not (src / "recipe.json").exists():
+                raise SieveError(f"--merge {d}: not a run folder of this recipe (no recipe.json in {src.resolve()})")
+            check(src, recipe)  # refuses a shard made by another recipe
+        with run.lock():
+            for sub in ("gen", "ability"):
+                merge_stores([Path(d) / sub for d in args.merge], out / sub)
+            merge_runs([Path(d) for d in args.merge], out)
+            report(recipe, out)
         return 0
     if args.report_only is None:
         from sieve.report import record_run
         from sieve.setting import load_setting
 
-        shard = parse_shard(args.shard)
+        part = parse_shard(args.shard)
         if recipe.eval.execute and recipe.prompts.source != "world":  # generated tests will run
             from sieve.evals.sandbox import check_sandbox
 
             check_sandbox(recipe.eval.sandbox)  # refuses before the model loads where bwrap is missing
             if recipe.eval.sandbox == "process":
                 log.warning("eval.sandbox = 'process': generated code runs WITHOUT OS-level isolation")
-        t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-        setting = load_setting(recipe, progress=not args.no_progress)
-        tag = f"{shard[0]}of{shard[1]}"
-        write_prompts(setting, out)
-        n = run_generation(recipe, setting, ResultStore(out / "gen", tag), shard, not args.no_progress)
-        run_ability(recipe, setting, ResultStore(out / "ability", tag), shard, not args.no_progress)
-        log.info("sweep finished in %.0fs; results in %s", time.time() - t0, out)
-        record_run(out, recipe, overrides=args.overrides, started=started,
-                   finished=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), seconds=time.time() - t0,
-                   shard=f"{shard[0]}/{shard[1]}", rows=n)
-        if shard[1] > 1:
+        tag = f"{part[0]}of{part[1]}"
+        with run.lock(f"shard-{tag}"):
+            t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+            setting = load_setting(recipe, progress=run.progress, cache_dir=out / "cache")
+            write_prompts(setting, out)
+            n = run_generation(recipe, setting, ResultStore(out / "gen", tag), part, run.progress)
+            run_ability(recipe, setting, ResultStore(out / "ability", tag), part, run.progress)
+            log.info("sweep finished in %.0fs; results in %s", time.time() - t0, out)
+            record_run(out, recipe, overrides=run.overrides, started=started,
+                       finished=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), seconds=time.time() - t0,
+                       shard=f"{part[0]}/{part[1]}", rows=n)
+        if part[1] > 1:
             log.info("shard %s done; merge shards with --merge", args.shard)
             return 0
     report(recipe, out)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return CLI.main(body, argv)
 
 
 if __name__ == "__main__":

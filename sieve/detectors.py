@@ -1,20 +1,27 @@
-"""Build the non-SAE detectors: CAA vectors and linear probes, from activations read in nnsight traces.
+"""Build the detectors a setting's methods use: the SAE feature, CAA vectors and linear probes, from
+activations read in nnsight traces.
 
 - :func:`last_token_activations` / :func:`token_activations`: a layer's residual stream, batched,
-  read with ``model.trace`` (no hooks), padding dropped.
-- :func:`caa_vector`: mean(positive) − mean(negative) of the last prompt token's activation over
-  contrastive prompt pairs, as the study built it (not normalised; normalised when used as a direction).
-- :func:`train_probe`: logistic regression on token activations, trained with torch, seeded.
-- :func:`calibrate_threshold`: a threshold for a detector so it fires about as often as a reference one.
+  read with ``model.trace`` (no hooks), padding and BOS dropped; :func:`token_labels`: per-token
+  labels from character spans, aligned with :func:`token_activations` (the one place that alignment
+  is made).
+- :func:`feature_detector`: an SAE feature's exact pre-activation as a detector, with its threshold.
+- :func:`caa_vector` / :func:`caa_detector`: mean(positive) − mean(negative) of the last prompt token's
+  activation over contrastive prompt pairs, as the study built it (not normalised; normalised when used
+  as a direction), as a detector whose threshold is set directly or calibrated to fire as often as a
+  reference detector (:func:`calibrate_threshold`).
+- :func:`train_probe` / :func:`probe_detector`: logistic regression on token activations, trained with
+  torch, seeded; :func:`probe_training_data`: its texts and labels (regex-use spans, or tokens
+  generated from contrastive prompts labelled by polarity).
 
-Results are cached as safetensors under a key hashed from every input (:func:`cached`).
+CAA vectors and probes are cached as safetensors under a key hashed from every input (:func:`cached`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +33,19 @@ from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in
 
 from sieve.errors import SieveError
 from sieve.interventions import Detector, eligible_mask
-from sieve.models import encode_prompts, layer
+from sieve.models import encode_prompts, layer, tokenize_prompts
 
 __all__ = [
     "last_token_activations",
     "token_activations",
+    "token_labels",
+    "feature_detector",
     "caa_vector",
+    "caa_detector",
     "Probe",
     "train_probe",
+    "probe_training_data",
+    "probe_detector",
     "calibrate_threshold",
     "cached",
     "fingerprint",
@@ -92,6 +104,51 @@ def token_activations(
         for i in range(h.shape[0]):
             out.append(h[i][keep[i]])
     return out
+
+
+def token_labels(tokenizer, text: str, spans: Sequence[tuple[int, int]], length: int | None = None) -> Tensor:
+    """``[T]`` bool, one per token of ``text`` as :func:`token_activations` returns them (BOS dropped):
+    True where the token overlaps a character span ``[start, end)``. ``length`` cuts the labels to the
+    activations actually read (a text clipped to the context).
+
+    The same positions index :func:`~sieve.evals.ability.steered_logprobs`' ``[T - 1]`` values (the
+    probability of each token after the first).
+
+    Example:
+        >>> from sieve.world import load_world
+        >>> tok = load_world().model.tokenizer
+        >>> lab = token_labels(tok, "import re\\nx = 1", [(0, 9)])
+        >>> lab.shape[0] == len(tokenize_prompts(tok, ["import re\\nx = 1"])[0]) - 1, bool(lab[0]), bool(lab[-1])
+        (True, True, False)
+    """
+    ids = tokenize_prompts(tokenizer, [text])[0]
+    bos = tokenizer.bos_token
+    enc = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
+    if list(enc["input_ids"]) != list(ids):
+        raise SieveError("token_labels: the tokenizer's offsets do not follow its own tokenization of the text")
+    lab = torch.zeros(len(ids), dtype=torch.bool)
+    for t, (a, b) in enumerate(enc["offset_mapping"]):
+        if b > a and any(a < e and s < b for s, e in spans):
+            lab[t] = True
+    if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id:
+        lab = lab[1:]
+    return lab if length is None else lab[:length]
+
+
+def feature_detector(feature: Any, threshold: float | None = None) -> tuple[Detector, float]:
+    """An SAE feature as a detector (its exact pre-activation, ``h·w + b``) and its threshold: the one
+    given, else the SAE's own (JumpReLU), else 0.
+
+    Example:
+        >>> from sieve.world import load_world
+        >>> w = load_world()
+        >>> det, thr = feature_detector(w.feature)
+        >>> det.kind, thr == (w.feature.threshold or 0.0)
+        ('sae', True)
+    """
+    w, b = feature.linear()
+    thr = threshold if threshold is not None else (feature.threshold or 0.0)
+    return Detector(w, b, kind="sae", name=f"feature {feature.index}"), float(thr)
 
 
 def caa_vector(
@@ -211,6 +268,115 @@ def calibrate_threshold(scores: Tensor, reference_fires: Tensor) -> float:
     if k >= s.numel():
         return float(s[-1]) - 1.0
     return float((s[k - 1] + s[k]) / 2)
+
+
+def caa_detector(
+    model,
+    positive: list[str],
+    negative: list[str],
+    layer_index: int,
+    *,
+    threshold: float | str = "calibrate",
+    calibration: list[str] | None = None,
+    reference: tuple[Detector, float] | None = None,
+    bias: float = 0.0,
+    cache: Path | None = None,
+    key: Any = None,
+    progress: bool = True,
+) -> tuple[Detector, float]:
+    """The CAA projection ``h·v`` as a detector, and its threshold.
+
+    ``threshold``: a number, or ``"calibrate"``: fire on as many of the ``calibration`` texts' tokens as
+    the ``reference`` detector (with its threshold) does, then add ``bias``. The vector is cached in
+    ``cache`` (a safetensors file) under ``key`` and the prompts, when given.
+
+    Example:
+        >>> det, thr = caa_detector(model, pos, neg, 2, calibration=texts, reference=(sae_det, 3.2))  # doctest: +SKIP
+    """
+    if not positive or not negative:
+        raise SieveError("caa_detector needs at least one positive and one negative contrastive prompt")
+
+    def compute() -> dict[str, Tensor]:
+        return {"v": caa_vector(model, positive, negative, layer_index, progress=progress)}
+
+    v = (cached(cache, fingerprint(key, positive, negative), compute) if cache is not None else compute())["v"]
+    det = Detector(v, 0.0, kind="caa", name="CAA projection")
+    if not isinstance(threshold, str):
+        return det, float(threshold)
+    if threshold != "calibrate" or not calibration or reference is None:
+        raise SieveError("caa_detector: threshold 'calibrate' needs calibration texts and a reference detector")
+    acts = torch.cat(token_activations(model, calibration, layer_index, progress=progress))
+    ref_det, ref_thr = reference
+    return det, calibrate_threshold(det.score(acts), ref_det.score(acts) > ref_thr) + bias
+
+
+def probe_training_data(
+    model,
+    *,
+    spans_texts: list[str] | None = None,
+    contrastive: tuple[list[str], list[str]] | None = None,
+    samples: int = 8,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+) -> tuple[list[str], list[Tensor]]:
+    """Texts and per-token labels (:func:`token_labels`' alignment) to train a probe on.
+
+    ``spans_texts``: code, tokens labelled by regex use. Otherwise ``contrastive`` (positive, negative)
+    prompts: ``samples`` completions of each (temperature 1, seeded), every generated token labelled by
+    its prompt's polarity, as the study did.
+    """
+    from sieve.evals.regex_use import find_regex_use
+
+    tok = model.tokenizer
+    if spans_texts is not None:
+        return spans_texts, [token_labels(tok, t, find_regex_use(t).spans) for t in spans_texts]
+    if contrastive is None:
+        raise SieveError("probe_training_data needs spans_texts or contrastive prompts")
+    from sieve.generation import generate
+
+    texts, labels = [], []
+    for polarity, prompts in zip((True, False), contrastive):
+        rows = [p for p in prompts for _ in range(samples)]
+        outs = generate(model, rows, None, max_new_tokens=max_new_tokens, temperature=1.0,
+                        seeds=[seed * 100_003 + i for i in range(len(rows))], progress=False)
+        for o in outs:
+            n = len(token_labels(tok, o.text, []))
+            texts.append(o.text)
+            labels.append(torch.full((n,), polarity, dtype=torch.bool))
+    return texts, labels
+
+
+def probe_detector(
+    model,
+    texts: list[str],
+    labels: list[Tensor],
+    layer_index: int,
+    *,
+    l2: float = 1e-3,
+    seed: int = 0,
+    cache: Path | None = None,
+    key: Any = None,
+    progress: bool = True,
+) -> Probe:
+    """A probe trained on ``texts``' token activations against ``labels`` (split by text), cached in
+    ``cache`` under ``key`` and the texts; its :meth:`Probe.detector` fires where it says positive.
+
+    Example:
+        >>> texts, labels = probe_training_data(model, spans_texts=code)  # doctest: +SKIP
+        >>> probe_detector(model, texts, labels, 2).test_accuracy > 0.8  # doctest: +SKIP
+        True
+    """
+
+    def fit() -> dict[str, Tensor]:
+        acts = token_activations(model, texts, layer_index, progress=progress)
+        x = torch.cat(acts)
+        y = torch.cat([lab[: a.shape[0]] for lab, a in zip(labels, acts)]).long()
+        groups = torch.cat([torch.full((a.shape[0],), i) for i, a in enumerate(acts)])
+        p = train_probe(x, y, groups=groups, l2=l2, seed=seed)
+        return {"w": p.w, "b": torch.tensor([p.b]), "acc": torch.tensor([p.train_accuracy, p.test_accuracy])}
+
+    t = cached(cache, fingerprint(key, texts, l2, seed), fit) if cache is not None else fit()
+    return Probe(t["w"], float(t["b"][0]), float(t["acc"][0]), float(t["acc"][1]))
 
 
 def fingerprint(*parts: Any) -> str:

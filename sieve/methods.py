@@ -27,8 +27,8 @@ from sieve.interventions import EDITS, GATES, LATENT_OPS, Detector, Edit, Interv
 from sieve.prompt_gates import LEXICAL_REGEX, PromptGate
 
 __all__ = [
-    "Method", "Parts", "METHODS", "register_method", "get_method", "build", "STUDY_METHODS", "EXTRA_METHODS",
-    "LEXICAL_METHODS",
+    "Method", "Parts", "METHODS", "UNSTEERED", "register_method", "get_method", "build", "STUDY_METHODS",
+    "EXTRA_METHODS", "LEXICAL_METHODS",
     "FAMILIES", "family",
 ]
 
@@ -36,6 +36,9 @@ ThresholdRule = Literal["detector", "zero", "max0"]
 # Edits along a direction, and edits of SAE latents (encode, edit, decode, add the error back).
 LATENT_EDITS: tuple[str, ...] = tuple(f"latent_{op}" for op in LATENT_OPS)
 METHOD_EDITS: tuple[str, ...] = (*EDITS, *LATENT_EDITS)
+
+# The name of no method: a sweep's baseline, generated without an intervention (see sieve.sweep).
+UNSTEERED = "unsteered"
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,10 @@ class Parts:
     def add_direction(self, name: str, v: Tensor) -> None:
         v = v.detach().float().flatten()
         self.directions[name] = v / v.norm()
+
+    def detector_names(self) -> list[str]:
+        """The names of the detectors available, sorted."""
+        return sorted(self.detectors)
 
     def detector(self, name: str) -> tuple[Detector, float]:
         if name not in self.detectors:
@@ -280,7 +287,7 @@ def family(method: str) -> str:
         ...                      "conditional_steering_vector", "no_such_method")]
         ['baseline', 'constant', 'SAE-gated', 'probe-gated', 'CAA-gated', 'other']
     """
-    if method == "unsteered":
+    if method == UNSTEERED:
         return "baseline"
     m = METHODS.get(method)
     if m is None:

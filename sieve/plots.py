@@ -7,7 +7,7 @@ from pathlib import Path
 import altair as alt
 import polars as pl
 
-from sieve.methods import FAMILIES, family
+from sieve.methods import FAMILIES, UNSTEERED, family
 
 __all__ = ["pareto_chart", "pr_chart", "save_chart", "method_colors"]
 
@@ -93,7 +93,7 @@ def pareto_chart(summary: pl.DataFrame, *, ability_title: str = "general ability
         (1 - pl.col("regex_hi")).alias("avoided_lo"),
         (1 - pl.col("regex_lo")).alias("avoided_hi"),
         pl.col("method").map_elements(family, return_dtype=pl.String).alias("family"),
-        pl.when(pl.col("method") == "unsteered").then(pl.lit(""))
+        pl.when(pl.col("method") == UNSTEERED).then(pl.lit(""))
         .otherwise(pl.col("scale").map_elements(lambda v: f"{v:g}", return_dtype=pl.String)).alias("scale_label"),
         pl.col("scale").abs().alias("scale_order"),
     )

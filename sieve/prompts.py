@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sieve.errors import RecipeError, SieveError
+from sieve.recipe import read_text
 from sieve.world import DATA_DIR
 
 if sys.version_info >= (3, 11):
@@ -60,6 +59,9 @@ class Prompt:
 
 @dataclass
 class PromptSets:
+    """A recipe's prompts: regex-prone and neutral generation sets, code for the loss measure,
+    contrastive pairs (CAA), calibration texts (the CAA threshold), and probe training texts/prompts."""
+
     regex: list[Prompt]
     neutral: list[Prompt]
     code: list[str]
@@ -67,32 +69,6 @@ class PromptSets:
     calibration: list[str]
     probe_texts: list[str] = field(default_factory=list)
     probe_generation_prompts: tuple[list[str], list[str]] = field(default_factory=lambda: ([], []))
-
-    def probe_data(self, model: Any, recipe: Any) -> tuple[list[str], list[torch.Tensor]]:
-        """Texts and per-token labels (``[T]`` bool over the text's tokens, BOS dropped) for the probe."""
-        from sieve.evals.ability import char_spans_to_tokens
-        from sieve.evals.regex_use import find_regex_use
-
-        tok = model.tokenizer
-        if recipe.probe.data == "spans":
-            labels = [char_spans_to_tokens(tok, t, find_regex_use(t).spans)[1:] for t in self.probe_texts]
-            return self.probe_texts, labels
-        # The study's way: sample from the contrastive prompts, label generated tokens by polarity.
-        from sieve.generation import generate
-
-        pos, neg = self.probe_generation_prompts
-        texts, labels = [], []
-        for polarity, prompts in ((True, pos), (False, neg)):
-            rows = [p for p in prompts for _ in range(recipe.probe.samples)]
-            outs = generate(model, rows, None,
-                            max_new_tokens=recipe.probe.max_new_tokens, temperature=1.0,
-                            seeds=[recipe.probe.seed * 100_003 + i for i in range(len(rows))], progress=False)
-            for o in outs:
-                text = o.text
-                n = len(tok(text)["input_ids"]) - 1
-                texts.append(text)
-                labels.append(torch.full((max(n, 0),), polarity, dtype=torch.bool))
-        return texts, labels
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -125,6 +101,9 @@ def _world_sets(r: Any) -> PromptSets:
     code = [p["text"] for p in _read_jsonl(d / "code.jsonl")]
     pairs = _read_jsonl(d / f"{names[2]}.jsonl")
     probe = [p["text"] for p in _read_jsonl(d / "probe.jsonl")]
+    for name, items in ((names[0], regex), (names[1], neutral), ("code", code), (names[2], pairs), ("probe", probe)):
+        if not items:
+            raise RecipeError(d / f"{name}.jsonl", "-", "has no prompts; rebuild the world")
     # The CAA threshold is calibrated on prompts of the study's shape; for the intent study on the
     # held-out half the world build chose its feature on, never on the evaluation prompts.
     calibration = ([p["prompt"] for p in _read_jsonl(d / "intent_select.jsonl") if p["kind"] == "regex"]
@@ -147,12 +126,15 @@ def _task_sets(r: Any, tokenizer: Any) -> PromptSets:
     if not path.exists():
         raise RecipeError(r.path or "<recipe>", "prompts.source", f"prompt file {path} not found")
     try:
-        spec = tomllib.loads(path.read_text())
+        spec = tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(path, "-", f"is not valid TOML: {e}") from e
     for key in ("instruction", "prefill", "function", "neutral", "contrastive"):
         if key not in spec:
             raise RecipeError(path, key, "is required in a prompts file")
+    for key in ("function", "neutral"):
+        if not isinstance(spec[key], list) or not spec[key]:
+            raise RecipeError(path, key, f"is empty: a prompts file needs at least one [[{key}]] table")
     system = r.prompts.system or spec.get("system", "")
     doc = spec.get("documentation", "")
 
@@ -175,6 +157,9 @@ def _task_sets(r: Any, tokenizer: Any) -> PromptSets:
             raise RecipeError(path, f"neutral[{i}]", "needs 'id' and 'task'")
         neutral.append(Prompt(n["id"], chat(n["task"]), "neutral", style="instruct", setup=n.get("setup", "")))
     c = spec["contrastive"]
+    for key in ("base", "positive_suffix"):
+        if not isinstance(c, dict) or key not in c:
+            raise RecipeError(path, f"contrastive.{key}", "is required in a prompts file")
     pos = [chat(c["base"] + c["positive_suffix"] + "\n\n```python\n" + f["code"] + "```", prefill="")
            for f in spec["function"]]
     neg = [chat(c["base"] + c.get("negative_suffix", "") + "\n\n```python\n" + f["code"] + "```", prefill="")

@@ -21,12 +21,14 @@ import json
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from sieve.errors import RecipeError
 from sieve.launch import LaunchSpec
+from sieve.methods import UNSTEERED
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,11 +37,9 @@ else:  # pragma: no cover
 
 __all__ = [
     "Recipe", "ModelSpec", "SAESpec", "CAASpec", "ProbeSpec", "PromptSpec", "SweepSpec", "EvalSpec",
-    "OutputSpec", "MethodSpec", "load_recipe", "save_recipe", "recipe_hash", "apply_overrides", "recipe_from_dict",
-    "UNSTEERED",
+    "OutputSpec", "MethodSpec", "load_recipe", "save_recipe", "recipe_hash", "recipe_dict", "apply_overrides",
+    "recipe_from_dict", "read_text", "UNSTEERED",
 ]
-
-UNSTEERED = "unsteered"
 
 
 @dataclass
@@ -187,6 +187,9 @@ class EvalSpec:
 
 @dataclass
 class OutputSpec:
+    """Where results go: ``dir`` is relative to the working directory and must stay inside it or the
+    recipe's folder (``--out`` on the command line may point anywhere); see :mod:`sieve.rundir`."""
+
     dir: str = "runs/regex"
     charts: bool = True
 
@@ -197,7 +200,6 @@ class Recipe:
 
     name: str
     description: str = ""
-    kind: Literal["regex", "detect", "mmlu"] = "regex"
     model: ModelSpec = field(default_factory=ModelSpec)
     sae: SAESpec = field(default_factory=SAESpec)
     caa: CAASpec = field(default_factory=CAASpec)
@@ -211,11 +213,17 @@ class Recipe:
     path: Path | None = None
 
     def resolve(self, value: str) -> Path:
-        """A path from the recipe, relative to the recipe file's folder."""
+        """An input path from the recipe (model, SAE, prompts, data), relative to the recipe file's folder."""
         p = Path(value).expanduser()
         if p.is_absolute() or self.path is None:
             return p
         return (self.path.parent / p).resolve()
+
+    @property
+    def forward_batch_size(self) -> int:
+        """Rows per teacher-forced forward (held-out loss, MMLU): ``sweep.batch_size``, or 16 when that
+        is 0 (automatic, which sizes generation batches)."""
+        return self.sweep.batch_size or 16
 
     def method(self, name: str):
         """The :class:`~sieve.methods.Method` ``name``: declared in this recipe (``[methods.NAME]``), else
@@ -391,6 +399,13 @@ def _validate(r: Recipe) -> Recipe:
 
     where = r.path or "<recipe>"
     _resolve_sae(r)
+    if not r.sweep.methods:
+        raise RecipeError(where, "sweep.methods", 'is empty: list at least one method (e.g. ["unsteered"])')
+    for k, values in r.sweep.scales.items():
+        if not values:
+            users = [m for m in r.sweep.methods if m == k or (m in METHODS and METHODS[m].edit == k)]
+            raise RecipeError(where, f"sweep.scales.{k}", "is empty: give at least one value"
+                              + (f" (or drop {users} from sweep.methods)" if users else ""))
     for name, spec in r.methods.items():
         if name in METHODS or name == UNSTEERED:
             raise RecipeError(where, f"methods.{name}", "a registered method has this name; choose another name")
@@ -406,11 +421,23 @@ def _validate(r: Recipe) -> Recipe:
         r.scales_for(m)  # every method has scales
     for key, v, lo in (("sweep.samples", r.sweep.samples, 1), ("sweep.max_new_tokens", r.sweep.max_new_tokens, 1),
                        ("sae.layer", r.sae.layer, 0), ("sae.feature", r.sae.feature, 0),
-                       ("sweep.batch_size", r.sweep.batch_size, 0)):
+                       ("sweep.batch_size", r.sweep.batch_size, 0), ("probe.samples", r.probe.samples, 1),
+                       ("probe.max_new_tokens", r.probe.max_new_tokens, 1)):
         if v < lo:
             raise RecipeError(where, key, f"must be >= {lo}, got {v}")
     if r.sweep.temperature < 0:
         raise RecipeError(where, "sweep.temperature", f"must be >= 0, got {r.sweep.temperature}")
+    if r.sweep.temperature == 0 and r.sweep.samples > 1:
+        raise RecipeError(where, "sweep.samples", f"is {r.sweep.samples} but sweep.temperature = 0 (greedy) makes "
+                          "every sample identical: set samples = 1 or a temperature > 0")
+    for key, v in (("eval.timeout_s", r.eval.timeout_s), ("eval.memory_mb", r.eval.memory_mb)):
+        if v <= 0:
+            raise RecipeError(where, key, f"must be > 0, got {v}")
+    for key, v in (("prompts.regex_limit", r.prompts.regex_limit), ("prompts.neutral_limit", r.prompts.neutral_limit),
+                   ("prompts.code_limit", r.prompts.code_limit), ("eval.mmlu_shots", r.eval.mmlu_shots),
+                   ("eval.mmlu_limit", r.eval.mmlu_limit)):
+        if v < 0:
+            raise RecipeError(where, key, f"must be >= 0, got {v}")
     if not 0 < r.sweep.top_p <= 1:
         raise RecipeError(where, "sweep.top_p", f"must be in (0, 1], got {r.sweep.top_p}")
     for i, st in enumerate(r.sweep.stop):
@@ -429,6 +456,11 @@ def _validate(r: Recipe) -> Recipe:
 def recipe_from_dict(data: dict[str, Any], path: Path | None = None) -> Recipe:
     """Validate a parsed recipe."""
     where = path or "<recipe>"
+    if "kind" in data:
+        # Recipe files once named the script that runs them; every recipe script reads any recipe file.
+        warnings.warn(f"{where}: [kind] is no longer read (any recipe script runs any recipe file); "
+                      "delete the line", UserWarning, stacklevel=2)
+        data = {k: v for k, v in data.items() if k != "kind"}
     if "name" not in data:
         raise RecipeError(where, "name", "is required")
     r = _from_dict(Recipe, data, where)
@@ -444,15 +476,34 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         2
     """
     path = Path(path).resolve()
-    if not path.exists():
-        raise RecipeError(path, "-", "file not found")
+    if not path.is_file():
+        raise RecipeError(path, "-", "file not found" if not path.exists() else "is not a file")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(path, "-", f"is not valid TOML: {e}") from e
     if overrides:
         data = apply_overrides(data, overrides, path)
     return recipe_from_dict(data, path)
+
+
+def read_text(path: Path) -> str:
+    """A recipe or prompt file's text, with an error naming the file and the byte when it is not UTF-8.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "r.toml"
+        >>> _ = p.write_bytes(b'name = "caf\\xe9"')
+        >>> read_text(p)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        sieve.errors.RecipeError: ...r.toml: [-] is not UTF-8 text: byte 0xe9 at offset 11 ...
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(path, "-", f"is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                          "(save the file as UTF-8)") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], where: Path | str = "<overrides>") -> dict:
@@ -476,7 +527,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], where: Path | st
     return data
 
 
-def _to_dict(r: Recipe) -> dict[str, Any]:
+def recipe_dict(r: Recipe) -> dict[str, Any]:
+    """The recipe as plain TOML-able data (what :func:`save_recipe` writes and :func:`recipe_hash` hashes)."""
     d = dataclasses.asdict(r)
     d.pop("path", None)
 
@@ -495,7 +547,7 @@ def save_recipe(r: Recipe, path: str | Path) -> Path:
     import tomli_w
 
     path = Path(path)
-    path.write_text(tomli_w.dumps(_to_dict(r)))
+    path.write_text(tomli_w.dumps(recipe_dict(r)))
     return path
 
 
@@ -503,7 +555,7 @@ def recipe_hash(r: Recipe) -> str:
     """A short hash of the validated recipe's content (independent of formatting and comments, and of
     ``[output]`` and ``[launch]``: the same study written to another folder, or run on other machines,
     is the same run)."""
-    d = _to_dict(r)
+    d = recipe_dict(r)
     d.pop("output", None)
     d.pop("launch", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

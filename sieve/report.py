@@ -106,11 +106,11 @@ def record_run(out: Path, recipe: Recipe, *, overrides: Sequence[str] = (), star
     Example:
         >>> record_run(out, recipe, started=t0, finished=t1, seconds=12.5, rows=96)  # doctest: +SKIP
     """
-    from sieve.recipe import _to_dict
+    from sieve.recipe import recipe_dict
 
     path = Path(out) / RUN_FILE
     run = load_run(out) or {}
-    run.update({"recipe": _to_dict(recipe), "hash": recipe_hash(recipe),
+    run.update({"recipe": recipe_dict(recipe), "hash": recipe_hash(recipe),
                 "file": str(recipe.path) if recipe.path else None})
     run.setdefault("sessions", []).append({"started": started, "finished": finished, "seconds": round(seconds, 1),
                                            "shard": shard, "rows": int(rows), "overrides": list(overrides)})
@@ -327,9 +327,9 @@ def report_data(out: Path, recipe: Recipe, summary: pl.DataFrame, *, validity: s
 def _toml(recipe: Recipe) -> str:
     import tomli_w
 
-    from sieve.recipe import _to_dict
+    from sieve.recipe import recipe_dict
 
-    return tomli_w.dumps(_to_dict(recipe))
+    return tomli_w.dumps(recipe_dict(recipe))
 
 
 # --- the page ---------------------------------------------------------------------------------------

@@ -4,23 +4,32 @@ Pareto fronts.
 A store is a folder of part files (``part-<shard>-<n>.parquet``), each written atomically when a batch
 finishes. Every row has a unique ``key``; on resume, keys already present are skipped, and reading
 the table drops duplicates, so a crash at any point loses at most the batch in flight and never
-duplicates a row. Shards write their own parts; ``merge`` combines shard folders into one.
+duplicates a row. A part that cannot be read (truncated by a full disk, a copy cut short) is named in a
+warning and moved to ``<folder>/quarantine/``; its rows count as not done and are generated again.
+Shards write their own parts; ``merge`` combines shard folders into one. Rows are typed
+(:class:`~sieve.sweep.GenRow`, :class:`~sieve.sweep.AbilityRow`): every part of a store has the same
+column types.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from sieve.errors import SieveError
 from sieve.evals.metrics import mean_ci, wilson
-from sieve.recipe import UNSTEERED
 from sieve.stats import DEFAULT_BOOTSTRAP, cluster_rate, paired_difference
+from sieve.sweep import UNSTEERED, columns, schema
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ResultStore", "merge_stores", "summarize", "pareto_front", "parse_shard"]
 
@@ -43,11 +52,31 @@ class ResultStore:
     def parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
 
-    def append(self, rows: list[dict[str, Any]]) -> Path | None:
-        """Write ``rows`` as one new part, atomically (temp file, then rename)."""
+    def _read(self, columns: list[str] | None = None) -> list[pl.DataFrame]:
+        """Every readable part; an unreadable one is quarantined (named in a warning), so its rows are
+        generated again instead of every later run failing on it."""
+        frames = []
+        for p in self.parts():
+            try:
+                frames.append(pl.read_parquet(p, columns=columns))
+            except (pl.exceptions.PolarsError, OSError) as e:
+                quarantine = self.folder / "quarantine"
+                quarantine.mkdir(exist_ok=True)
+                os.replace(p, quarantine / p.name)
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+                log.warning("%s cannot be read (%s); moved to %s, its rows will be generated again",
+                            p, reason, quarantine / p.name)
+        return frames
+
+    def append(self, rows: Sequence[Any]) -> Path | None:
+        """Write ``rows`` (typed row dataclasses, or dicts) as one new part, atomically (temp file,
+        then rename)."""
         if not rows:
             return None
-        df = pl.DataFrame(rows, infer_schema_length=None)
+        if dataclasses.is_dataclass(rows[0]):
+            df = pl.DataFrame(columns(rows), schema=schema(type(rows[0])))
+        else:
+            df = pl.DataFrame(list(rows), infer_schema_length=None)
         name = f"part-{self.shard}-{next(self._counter):06d}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = self.folder / f".{name}.tmp"
         df.write_parquet(tmp)
@@ -56,17 +85,16 @@ class ResultStore:
 
     def table(self) -> pl.DataFrame:
         """All rows, one per key (the first written wins), in key order of writing."""
-        parts = self.parts()
-        if not parts:
+        frames = self._read()
+        if not frames:
             return pl.DataFrame()
-        df = pl.concat([pl.read_parquet(p) for p in parts], how="diagonal_relaxed")
+        df = pl.concat(frames, how="diagonal_relaxed")
         return df.unique(subset="key", keep="first", maintain_order=True)
 
     def done_keys(self) -> set[str]:
-        parts = self.parts()
-        if not parts:
-            return set()
-        return set(pl.concat([pl.read_parquet(p, columns=["key"]) for p in parts])["key"].to_list())
+        """The keys of every stored row."""
+        frames = self._read(["key"])
+        return set(pl.concat(frames)["key"].to_list()) if frames else set()
 
 
 def merge_stores(folders: Iterable[str | Path], out: str | Path) -> pl.DataFrame:
@@ -99,9 +127,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+        raise SieveError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard {text}: need 0 <= i < n")
+        raise SieveError(f"--shard {text}: need 0 <= i < n")
     return (i, n)
 
 

@@ -10,23 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from sieve.detectors import (
-    caa_vector,
-    cached,
-    calibrate_threshold,
-    fingerprint,
-    token_activations,
-    train_probe,
-)
+from sieve.detectors import caa_detector, feature_detector, probe_detector, probe_training_data
 from sieve.errors import RecipeError, SieveError
-from sieve.interventions import Detector, SAECode
+from sieve.interventions import SAECode
 from sieve.methods import Parts
 from sieve.prompts import PromptSets, load_prompt_sets
 from sieve.recipe import Recipe
 
-__all__ = ["Setting", "load_setting"]
+__all__ = ["Setting", "load_setting", "preflight"]
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +40,109 @@ class Setting:
         return f"Setting({self.recipe.name!r}, layer {self.layer}, {self.feature!r}, {self.parts!r})"
 
 
+def _looks_local(r: Recipe, value: str) -> bool:
+    """Whether a source names a local folder rather than a hub id (``org/name``) or a release name."""
+    first = Path(value).parts[0] if Path(value).parts else ""
+    return (value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1
+            or (bool(first) and "/" in value and r.resolve(first).is_dir()))
+
+
+def _source(r: Recipe, value: str, key: str) -> str | Path:
+    """A local folder (relative to the recipe's folder) when it exists, else a hub id; a value that can
+    only be a path but names no folder is an error (it would otherwise be asked of the hub)."""
+    p = r.resolve(value)
+    if p.exists():
+        return p
+    if _looks_local(r, value):
+        raise RecipeError(r.path or "<recipe>", key, f"{value!r}: local folder {p} not found (relative paths are "
+                          "relative to the recipe's folder; a hub id looks like 'org/name')")
+    return value
+
+
 def _model_source(r: Recipe) -> str | Path:
     if r.model.source == "world":
         from sieve.world import world_model_dir
 
         return world_model_dir()
-    p = r.resolve(r.model.source)
-    return p if p.exists() else r.model.source
+    return _source(r, r.model.source, "model.source")
+
+
+def _sae_source(r: Recipe) -> str | Path:
+    if r.sae.source == "world":
+        from sieve.world import world_sae_dir
+
+        return world_sae_dir()
+    return _source(r, r.sae.source, "sae.source")
 
 
 def _sae(r: Recipe):
     from sieve.saes import load_sae
 
-    if r.sae.source == "world":
-        from sieve.world import world_sae_dir
+    return load_sae(_sae_source(r), r.sae.id or None, layer=r.sae.layer)
 
-        return load_sae(world_sae_dir())
-    p = r.resolve(r.sae.source)
-    src = p if p.exists() else r.sae.source
-    return load_sae(src, r.sae.id or None, layer=r.sae.layer)
+
+def preflight(recipe: Recipe) -> PromptSets:
+    """Check what can be checked before any weights load, and return the prompt sets: the model's and
+    SAE's sources and configs (layer index, SAE width against the model's, feature index), the prompt
+    files, and that every text fits a model with learned positions (prompts with ``max_new_tokens``).
+    Each problem is a :class:`~sieve.errors.RecipeError` naming the recipe key or prompt.
+
+    Example:
+        >>> from sieve.recipe import load_recipe
+        >>> len(preflight(load_recipe("recipes/regex.toml")).regex) > 0
+        True
+        >>> preflight(load_recipe("recipes/regex.toml", ["sae.layer=9"]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        sieve.errors.RecipeError: ...[sae.layer] 9 is out of range: the model has 4 layers (0..3)
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    from sieve.models import _resolve_config, tokenize_prompts
+
+    r, where = recipe, recipe.path or "<recipe>"
+    src = _model_source(r)
+    config = _resolve_config(src, r.model.revision or None)
+    text_config = getattr(config, "text_config", None) or config
+    n_layers = getattr(text_config, "num_hidden_layers", None) or getattr(text_config, "n_layer", None)
+    if isinstance(n_layers, int) and not 0 <= r.sae.layer < n_layers:
+        raise RecipeError(where, "sae.layer", f"{r.sae.layer} is out of range: the model has {n_layers} layers "
+                          f"(0..{n_layers - 1})")
+    width = getattr(text_config, "hidden_size", None) or getattr(text_config, "n_embd", None)
+    sae_src = _sae_source(r)
+    cfg_path = Path(sae_src) / "cfg.json" if isinstance(sae_src, Path) else None
+    if cfg_path is not None and cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
+        if isinstance(width, int) and isinstance(d_in, int) and d_in != width:
+            raise RecipeError(where, "sae.source", f"the SAE reads vectors of width {d_in} but the model's hidden size "
+                              f"is {width}: this SAE was trained on another model")
+        if isinstance(d_sae, int) and not 0 <= r.sae.feature < d_sae:
+            raise RecipeError(where, "sae.feature", f"{r.sae.feature} is out of range: the SAE has {d_sae} features "
+                              f"(0..{d_sae - 1})")
+    tok = AutoTokenizer.from_pretrained(str(src), revision=r.model.revision or None)
+    prompts = load_prompt_sets(r, tok)
+    limit = getattr(text_config, "n_positions", None)
+    if isinstance(limit, int):
+        gen = [(f"{name} prompt {p.id!r}", p.text) for name in ("regex", "neutral") for p in getattr(prompts, name)]
+        other = [(f"contrastive prompt {i}", t) for i, t in enumerate(prompts.contrastive[0] + prompts.contrastive[1])]
+        other += [(f"calibration text {i}", t) for i, t in enumerate(prompts.calibration)]
+        if r.probe.data == "spans":
+            other += [(f"probe text {i}", t) for i, t in enumerate(prompts.probe_texts)]
+        if r.eval.general == "loss":
+            other += [(f"code text {i}", t) for i, t in enumerate(prompts.code)]
+        for items, extra in ((gen, r.sweep.max_new_tokens), (other, 0)):
+            if not items:
+                continue
+            for (name, _), ids in zip(items, tokenize_prompts(tok, [t for _, t in items])):
+                if len(ids) + extra > limit:
+                    need = f"{len(ids)} tokens" + (f" + max_new_tokens {extra}" if extra else "")
+                    raise RecipeError(r.resolve(r.prompts.source) if r.prompts.source != "world" else where,
+                                      name, f"needs {need} = {len(ids) + extra} positions, but the model has "
+                                      f"{limit} (learned positions): shorten it (e.g. a shorter function) or lower "
+                                      "sweep.max_new_tokens")
+    return prompts
 
 
 def _weights_fingerprint(source: str | Path) -> list:
@@ -80,8 +155,11 @@ def _weights_fingerprint(source: str | Path) -> list:
     return [str(p)] + [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
 
 
-def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = True) -> Setting:
+def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = True,
+                 cache_dir: str | Path | None = None) -> Setting:
     """Load model, SAE, feature and build every detector and direction the recipe's methods use.
+
+    CAA vectors and probes are cached in ``cache_dir`` (default: ``cache`` in the recipe's output folder).
 
     Example:
         >>> from sieve.recipe import load_recipe
@@ -94,61 +172,56 @@ def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = Tr
     from sieve.saes import check_compatible, feature
 
     r = recipe
+    if cache_dir is None:
+        from sieve.rundir import output_dir
+
+        cache_dir = output_dir(r) / "cache"
+    cache_dir = Path(cache_dir)
+    preflight(r)  # bad input fails here, before the weights load
     model = load_model(_model_source(r), device=r.model.device, dtype=r.model.dtype,
                        revision=r.model.revision or None)
     layer_of(model, r.sae.layer)  # range check with a clear error
     sae = _sae(r)
     check_compatible(sae, model)
     feat = feature(sae, r.sae.feature)
-    threshold = r.sae.threshold if r.sae.threshold is not None else (feat.threshold or 0.0)
     prompts = load_prompt_sets(r, model.tokenizer)
     parts = Parts(layer=r.sae.layer)
-    w, b = feat.linear()
-    parts.add_detector("sae", Detector(w, b, kind="sae", name=f"feature {r.sae.feature}"), threshold)
+    sae_det, threshold = feature_detector(feat, r.sae.threshold)
+    parts.add_detector("sae", sae_det, threshold)
     parts.add_direction("sae", feat.direction)
     try:  # the SAE's code: SAE-space edits and code detectors (JumpReLU, ReLU, TopK SAEs)
         parts.add_detector("sae_code", SAECode(sae, [r.sae.feature], name=f"feature {r.sae.feature} code"), 0.0)
         parts.add_latents("sae", sae, [r.sae.feature])
     except SieveError as e:
         log.warning("SAE-space methods are not available with this SAE: %s", e)
-    cache_dir = r.resolve(r.output.dir) / "cache"
     sae_src = r.resolve(r.sae.source) if r.sae.source != "world" else None
     key_base = [_weights_fingerprint(_model_source(r)), _weights_fingerprint(sae_src or "world-sae"),
                 r.sae.id, r.sae.layer]
 
-    # CAA: mean difference at the last prompt token over contrastive pairs.
+    # CAA: mean difference at the last prompt token over contrastive pairs; its threshold fires as often
+    # as the SAE feature over the calibration prompts' tokens (or is set in the recipe).
     pos, neg = prompts.contrastive
-    if not pos:
-        raise RecipeError(r.path or "<recipe>", "caa.prompts", "no contrastive prompts")
-    caa = cached(cache_dir / "caa.safetensors", fingerprint(key_base, pos, neg),
-                 lambda: {"v": caa_vector(model, pos, neg, r.sae.layer, progress=progress)})["v"]
-    # Its threshold: fire as often as the SAE feature over the calibration prompts' tokens.
-    if isinstance(r.caa.threshold, str):
-        acts = torch.cat(token_activations(model, prompts.calibration, r.sae.layer, progress=progress))
-        ref = feat.pre_activation(acts) > threshold
-        caa_thr = calibrate_threshold(acts @ caa, ref) + r.caa.threshold_bias
-    else:
-        caa_thr = float(r.caa.threshold)
-    parts.add_detector("caa", Detector(caa, 0.0, kind="caa", name="CAA projection"), caa_thr)
-    parts.add_direction("caa", caa)
+    caa_det, caa_thr = caa_detector(model, pos, neg, r.sae.layer, threshold=r.caa.threshold,
+                                    calibration=prompts.calibration, reference=(sae_det, threshold),
+                                    bias=r.caa.threshold_bias, cache=cache_dir / "caa.safetensors", key=key_base,
+                                    progress=progress)
+    parts.add_detector("caa", caa_det, caa_thr)
+    parts.add_direction("caa", caa_det.w)
     info: dict[str, Any] = {"caa_threshold": caa_thr, "sae_threshold": threshold}
 
     if with_probe:
-        texts, labels = prompts.probe_data(model, r)
-        key = fingerprint(key_base, texts, r.probe.data, r.probe.l2, r.probe.seed)
-
-        def fit() -> dict[str, torch.Tensor]:
-            acts = token_activations(model, texts, r.sae.layer, progress=progress)
-            x = torch.cat(acts)
-            y = torch.cat([lab[: a.shape[0]] for lab, a in zip(labels, acts)]).long()
-            groups = torch.cat([torch.full((a.shape[0],), i) for i, a in enumerate(acts)])
-            p = train_probe(x, y, groups=groups, l2=r.probe.l2, seed=r.probe.seed)
-            return {"w": p.w, "b": torch.tensor([p.b]),
-                    "acc": torch.tensor([p.train_accuracy, p.test_accuracy])}
-
-        t = cached(cache_dir / "probe.safetensors", key, fit)
-        parts.add_detector("probe", Detector(t["w"], float(t["b"][0]), kind="probe", name="probe"), 0.0)
-        parts.add_direction("probe", t["w"])
-        info["probe_accuracy"] = {"train": float(t["acc"][0]), "test": float(t["acc"][1])}
-        log.info("probe accuracy train %.3f test %.3f", *t["acc"].tolist())
+        if r.probe.data == "spans":
+            texts, labels = probe_training_data(model, spans_texts=prompts.probe_texts)
+        else:
+            texts, labels = probe_training_data(model, contrastive=prompts.probe_generation_prompts,
+                                                samples=r.probe.samples, max_new_tokens=r.probe.max_new_tokens,
+                                                seed=r.probe.seed)
+        probe = probe_detector(model, texts, labels, r.sae.layer, l2=r.probe.l2, seed=r.probe.seed,
+                               cache=cache_dir / "probe.safetensors",
+                               key=[key_base, r.probe.data],
+                               progress=progress)
+        parts.add_detector("probe", probe.detector(), 0.0)
+        parts.add_direction("probe", probe.w)
+        info["probe_accuracy"] = {"train": probe.train_accuracy, "test": probe.test_accuracy}
+        log.info("probe accuracy train %.3f test %.3f", probe.train_accuracy, probe.test_accuracy)
     return Setting(r, model, sae, feat, r.sae.layer, float(threshold), parts, prompts, info)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sieve.evals.code import complete_function, evaluate_code, extract_code, syntax_ok
+from sieve.evals.code import cut_function, evaluate_code, extract_code, syntax_ok
 
 
 def test_extract_code_from_prefilled_and_plain_answers():
@@ -15,24 +15,28 @@ def test_extract_code_from_prefilled_and_plain_answers():
     assert not evaluate_code(None).has_code
 
 
-def test_complete_function_cuts_at_dedent_and_partial_lines():
+def _code(prompt: str, completion: str) -> str:
+    return cut_function(prompt, completion)[0]
+
+
+def test_cut_function_cuts_at_dedent_and_partial_lines():
     prompt = "import re\n\ndef f(s):\n    s = s.strip()\n    return"
-    assert complete_function(prompt, " s.lower()\n\ndef g():\n    pass\n") == \
+    assert _code(prompt, " s.lower()\n\ndef g():\n    pass\n") == \
         "def f(s):\n    s = s.strip()\n    return s.lower()\n"
     # ran out of tokens mid-line: the unfinished line is dropped
-    cut = complete_function("def f(s):\n   ", " x = 1\n    y = foo(1,")
+    cut = _code("def f(s):\n   ", " x = 1\n    y = foo(1,")
     assert cut == "def f(s):\n    x = 1\n" and syntax_ok(cut)
     # a method inside a class: the block ends at the class body's indentation
-    meth = complete_function("class A:\n    def m(self):\n       ", " return 1\n    def n(self):\n")
+    meth = _code("class A:\n    def m(self):\n       ", " return 1\n    def n(self):\n")
     assert meth == "def m(self):\n    return 1\n"
     # module-level prompt: imports dropped, the rest kept
-    assert complete_function("import re\n\nPAT =", " re.compile('x')\n") == "PAT = re.compile('x')\n"
+    assert _code("import re\n\nPAT =", " re.compile('x')\n") == "PAT = re.compile('x')\n"
 
 
 def test_regex_judged_on_the_function_not_the_header():
     prompt = "import re\n\ndef f(s):\n   "
-    clean = evaluate_code(complete_function(prompt, " return s.split(',')\n"))
-    dirty = evaluate_code(complete_function(prompt, " return re.split(',', s)\n"))
+    clean = evaluate_code(_code(prompt, " return s.split(',')\n"))
+    dirty = evaluate_code(_code(prompt, " return re.split(',', s)\n"))
     assert not clean.regex and dirty.regex and clean.syntax and dirty.syntax
 
 
@@ -51,7 +55,7 @@ def test_empty_completions_are_never_valid():
 
     prompt = 'def find_emails(text):\n    """Return all email addresses found in text."""\n'
     # Judged as before (the cut function alone), an empty completion looked valid: the prompt parses.
-    assert syntax_ok(complete_function(prompt, ""))
+    assert syntax_ok(_code(prompt, ""))
     for text, finished in [("", True), ("\n\n", True), ("\ndef other():\n    pass\n", True), ("", False)]:
         v = function_validity(prompt, text, finished)
         assert v.kind == "empty" and v.empty and not v.valid and v.code == "", text

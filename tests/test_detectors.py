@@ -91,4 +91,10 @@ def test_metrics_by_hand():
     lo, hi = wilson(0, 20)
     assert lo == 0.0 and hi == pytest.approx(0.161, abs=1e-3)
     m, lo, hi = mean_ci([1.0, 2.0, 3.0, 4.0])
-    assert m == 2.5 and hi - m == pytest.approx(1.96 * math.sqrt(5 / 3) / 2)
+    # Student's t with 3 degrees of freedom (3.182446, from tables), not z = 1.96
+    assert m == 2.5 and hi - m == pytest.approx(3.182446 * math.sqrt(5 / 3) / 2, rel=1e-6) and m - lo == hi - m
+    # at n = 8 the z interval was 17% too narrow: t(0.975, 7) = 2.364624
+    vals = [float(v) for v in range(8)]
+    m, lo, hi = mean_ci(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / 7)
+    assert hi - m == pytest.approx(2.364624 * sd / math.sqrt(8), rel=1e-6)

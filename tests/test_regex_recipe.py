@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import polars as pl
 import pytest
 
 from recipes import regex
+from sieve.errors import RecipeError
 from sieve.recipe import load_recipe, recipe_hash
 from sieve.results import ResultStore
 
@@ -38,7 +40,7 @@ def detector_cache(tmp_path_factory) -> Path:
     from sieve.setting import load_setting
 
     out = tmp_path_factory.mktemp("cache_run")
-    load_setting(load_recipe(ROOT / "recipes/regex.toml", _overrides(out)), progress=False)
+    load_setting(load_recipe(ROOT / "recipes/regex.toml", _overrides(out)), progress=False, cache_dir=out / "cache")
     return out / "cache"
 
 
@@ -50,7 +52,11 @@ def _prepare(out: Path, cache: Path) -> None:
 def test_tiny_sweep_end_to_end(tmp_path, detector_cache, capsys):
     out = tmp_path / "run"
     _prepare(out, detector_cache)
-    assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(out), "--no-progress"]) == 0
+    # --out wins over the recipe's output.dir: results and the detector cache go there, nothing elsewhere
+    elsewhere = tmp_path / "recipe_dir"
+    args = [str(ROOT / "recipes/regex.toml"), *_overrides(elsewhere), "--out", str(out), "--no-progress"]
+    assert regex.main(args) == 0
+    assert not elsewhere.exists() and (out / "cache/caa.safetensors").exists() and (out / "recipe.toml").exists()
     gen = ResultStore(out / "gen").table()
     r = load_recipe(ROOT / "recipes/regex.toml", _overrides(out))
     # 6 methods, one scale each, (6 regex + 3 neutral) prompts, 1 sample
@@ -80,6 +86,15 @@ def test_tiny_sweep_end_to_end(tmp_path, detector_cache, capsys):
     assert const.select((pl.col("gen_edited") == expected).all()).item()
     # (rows ending at EOS are checked in tests/test_healing.py: healed prompts rarely end within 8 tokens)
     assert (~const["finished"]).any()
+    # a truncated part file: named, quarantined, its rows generated again, the same as before
+    part = ResultStore(out / "gen").parts()[0]
+    lost = pl.read_parquet(part)["key"].to_list()
+    part.write_bytes(part.read_bytes()[:100])
+    assert regex.main(args) == 0
+    assert (out / "gen/quarantine" / part.name).exists()
+    again = ResultStore(out / "gen").table()
+    assert again.height == gen.height and set(lost) <= set(again["key"])
+    assert again.sort("key")["text"].to_list() == gen.sort("key")["text"].to_list()
 
 
 def test_killed_run_resumes_without_duplicates(tmp_path, detector_cache):
@@ -133,9 +148,13 @@ def test_shards_then_merge(tmp_path, detector_cache):
     assert (merged / "summary.parquet").exists()
 
 
-def test_bad_override_names_key(tmp_path):
-    with pytest.raises(Exception, match=r"sweep.methods\[0\].*unknown method 'bogus'"):
-        regex.main([str(ROOT / "recipes/regex.toml"), 'sweep.methods=["bogus"]', f'output.dir="{tmp_path}"'])
+def test_bad_override_names_key(tmp_path, capsys):
+    args = [str(ROOT / "recipes/regex.toml"), 'sweep.methods=["bogus"]', f'output.dir="{tmp_path}"']
+    assert regex.main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"sweep.methods\[0\].*unknown method 'bogus'", err) and "Traceback" not in err
+    with pytest.raises(RecipeError, match="unknown method 'bogus'"):
+        regex.main([*args, "--debug"])
 
 
 def test_user_prompt_files_run_end_to_end(tmp_path, detector_cache):

@@ -112,7 +112,8 @@ def test_escaping_prompts_file_through_the_evaluation_path(shared_recipe):
 
 def test_escaping_prompts_file_in_an_ordinary_run(shared_recipe):
     folder, markers, home_marker = shared_recipe
-    assert regex.main([str(folder / "recipe.toml"), "--no-progress"]) == 0
+    # the output folder is the user's choice (--out): a shared recipe may not write outside its folder
+    assert regex.main([str(folder / "recipe.toml"), "--out", str(folder.parent / "out"), "--no-progress"]) == 0
     _nothing_escaped(folder, markers, home_marker)
     from sieve.results import ResultStore
 
@@ -120,13 +121,16 @@ def test_escaping_prompts_file_in_an_ordinary_run(shared_recipe):
     assert gen.height == 2 * (1 + 1) and set(gen.filter(gen["set"] == "regex")["prompt_id"]) == {"shout"}
 
 
-def test_run_refuses_before_loading_anything_without_bwrap(shared_recipe, monkeypatch):
+def test_run_refuses_before_loading_anything_without_bwrap(shared_recipe, monkeypatch, capsys):
     from sieve.evals import sandbox
 
     folder, _, _ = shared_recipe
     monkeypatch.setattr(sandbox, "bwrap_available", lambda: False)
     loaded = []
     monkeypatch.setattr("sieve.setting.load_setting", lambda *a, **k: loaded.append(1))
+    args = [str(folder / "recipe.toml"), "--out", str(folder.parent / "out"), "--no-progress"]
+    assert regex.main(args) == 2  # a user error: one message, exit status 2
+    assert "apt-get install -y bubblewrap" in capsys.readouterr().err
     with pytest.raises(sandbox.SandboxUnavailable, match="apt-get install -y bubblewrap"):
-        regex.main([str(folder / "recipe.toml"), "--no-progress"])
+        regex.main([*args, "--debug"])
     assert not loaded

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sieve.evals.ability import char_spans_to_tokens, steered_logprobs
-from sieve.evals.code import complete_function, syntax_ok
+from sieve.detectors import token_labels
+from sieve.evals.ability import steered_logprobs
+from sieve.evals.code import cut_function, syntax_ok
 from sieve.evals.regex_use import find_regex_use
 from sieve.generation import generate
 from sieve.interventions import Detector
@@ -51,7 +52,7 @@ def test_completions_are_python(world):
     prompts = load_prompts(WORLD_PROMPTS_DIR / "neutral.jsonl")[:16]
     outs = generate(world.model, [p.prompt for p in prompts], None, layer_index=world.layer,
                     max_new_tokens=40, progress=False)
-    ok = [syntax_ok(complete_function(p.prompt, o.text)) or o.text.strip() == "" for p, o in zip(prompts, outs)]
+    ok = [syntax_ok(cut_function(p.prompt, o.text)[0]) or o.text.strip() == "" for p, o in zip(prompts, outs)]
     assert sum(ok) >= 4  # a 2.6M-parameter model: much of it, not all
 
 
@@ -64,7 +65,7 @@ def _call_site_probability(world, iv) -> float:
     for t, lp in zip(texts, lps):
         use = find_regex_use(t)
         calls = [(s, s + 2) for (s, _), k in zip(use.spans, use.kinds) if k == "call"]
-        mask = char_spans_to_tokens(world.model.tokenizer, t, calls)[1:][: lp.shape[0]]
+        mask = token_labels(world.model.tokenizer, t, calls, length=lp.shape[0])
         if mask.any():
             ps.append(float(lp[mask].exp().mean()))
     return sum(ps) / len(ps)

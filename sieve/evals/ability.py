@@ -1,8 +1,9 @@
-"""Teacher-forced measures under an intervention: next-token log-probabilities, loss, token labels.
+"""Teacher-forced measures under an intervention: next-token log-probabilities (the loss is their mean).
 
 One forward per batch (nnsight ``model.trace``), each row with its own intervention (or none), the
 edit applied at the layer exactly as in generation. Used for the embedded world's general-ability
-axis (held-out loss on regex-free code) and for the probability of ``re`` at real call sites.
+axis (held-out loss on regex-free code) and for the probability of ``re`` at real call sites (label
+the positions with :func:`sieve.detectors.token_labels`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from sieve.generation import steered_logits
 
-__all__ = ["steered_logprobs", "steered_loss", "char_spans_to_tokens"]
+__all__ = ["steered_logprobs"]
 
 
 def steered_logprobs(
@@ -50,30 +51,3 @@ def steered_logprobs(
             n = int(mask[j].sum())
             out.append(tok_lp[j, -(n - 1):] if n > 1 else tok_lp[j, :0])
     return out
-
-
-def steered_loss(model, texts: Sequence[str], interventions: Any, *, layer_index: int | None = None,
-                 batch_size: int = 16) -> float:
-    """Mean next-token loss (nats per token) over all texts under the interventions."""
-    lps = steered_logprobs(model, texts, interventions, layer_index=layer_index, batch_size=batch_size)
-    total = sum(float(-lp.sum()) for lp in lps)
-    return total / max(1, sum(lp.numel() for lp in lps))
-
-
-def char_spans_to_tokens(tokenizer, text: str, spans: Sequence[tuple[int, int]]) -> Tensor:
-    """``[T]`` bool over ``tokenizer(text)`` tokens (BOS included): True where a token overlaps a span.
-
-    Example:
-        >>> char_spans_to_tokens(tok, "import re\\nx = 1", [(0, 9)]).tolist()  # doctest: +SKIP
-        [False, True, True, False, False, False, False]
-    """
-    enc = tokenizer(text, return_offsets_mapping=True)
-    lab = torch.zeros(len(enc["input_ids"]), dtype=torch.bool)
-    for t, (a, b) in enumerate(enc["offset_mapping"]):
-        if b <= a:
-            continue
-        for s, e in spans:
-            if a < e and s < b:
-                lab[t] = True
-                break
-    return lab

@@ -10,7 +10,7 @@ from sieve.evals.regex_use import find_regex_use, parse_quietly
 from sieve.evals.sandbox import SandboxMode, run_sandboxed
 
 __all__ = [
-    "extract_code", "syntax_ok", "valid_prefix", "complete_function", "cut_function", "CodeEval", "evaluate_code",
+    "extract_code", "syntax_ok", "valid_prefix", "cut_function", "CodeEval", "evaluate_code",
     "Validity", "VALIDITY_KINDS", "function_validity", "answer_validity",
 ]
 
@@ -67,23 +67,20 @@ def valid_prefix(code: str) -> bool:
     return True
 
 
-def complete_function(prompt: str, completion: str, drop_partial: bool = True) -> str:
-    """The function a completion finishes: from the prompt's last ``def``/``class`` line, through the
-    completion up to the first line that leaves that block, dedented. Without a ``def`` in the prompt
-    (module-level code), the prompt after its imports and the whole completion. When the completion
-    stops mid-line inside the function (the token budget ran out), that unfinished last line is
-    dropped (``drop_partial``), so syntax is judged on what the model finished.
+def cut_function(prompt: str, completion: str, drop_partial: bool = True) -> tuple[str, bool]:
+    """The function a completion finishes, and whether its block ended inside the completion (False
+    when the completion stopped first).
+
+    The code runs from the prompt's last ``def``/``class`` line, through the completion up to the first
+    line that leaves that block, dedented. Without a ``def`` in the prompt (module-level code), it is the
+    prompt after its imports and the whole completion. When the completion stops mid-line inside the
+    function (the token budget ran out), that unfinished last line is dropped (``drop_partial``), so
+    syntax is judged on what the model finished.
 
     Example:
-        >>> complete_function("import os\\n\\n    def f(x):\\n", "        return x\\n\\n    def g():\\n")
-        'def f(x):\\n    return x\\n'
+        >>> cut_function("import os\\n\\n    def f(x):\\n", "        return x\\n\\n    def g():\\n")
+        ('def f(x):\\n    return x\\n', True)
     """
-    return cut_function(prompt, completion, drop_partial)[0]
-
-
-def cut_function(prompt: str, completion: str, drop_partial: bool = True) -> tuple[str, bool]:
-    """:func:`complete_function`'s code, and whether the block ended inside the completion (False when
-    the completion stopped first)."""
     lines = prompt.splitlines(keepends=True)
     starts = [i for i, ln in enumerate(lines) if ln.lstrip().startswith(("def ", "async def ", "class "))]
     if not starts:

@@ -255,17 +255,16 @@ def _recording_right_padding(lengths: list[list[int]]):
 
 
 def _from_recipe(recipe: str | Path, method: str, scale: float):
-    from sieve.methods import build
-    from sieve.recipe import UNSTEERED, load_recipe
+    from sieve.recipe import load_recipe
     from sieve.setting import load_setting
+    from sieve.sweep import Cell
 
     r = load_recipe(recipe)
+    cell = Cell(method, float(scale))
     # the recipe's own [methods.NAME] first, then the registry; a clear error before the model loads
-    m = None if method == UNSTEERED else r.method(method)
-    needs_probe = m is not None and m.detector == "probe"
+    needs_probe = cell.steered and r.method(method).detector == "probe"
     setting = load_setting(r, progress=False, with_probe=needs_probe)
-    iv = None if m is None else build(m, setting.parts, scale)
-    return setting.model, iv, setting.layer
+    return setting.model, cell.intervention(setting.parts, r), setting.layer
 
 
 @lru_cache(maxsize=8)

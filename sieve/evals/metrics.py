@@ -1,4 +1,4 @@
-"""Detector metrics and interval statistics: precision, recall, F1, AUROC, PR curves, Wilson intervals."""
+"""Detector metrics and interval statistics: precision, recall, F1, AUROC, PR curves, Wilson and t intervals."""
 
 from __future__ import annotations
 
@@ -91,13 +91,17 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mean_ci(values: list[float], z: float = 1.96) -> tuple[float, float, float]:
-    """Mean and normal-approximation 95% interval.
+def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its ``confidence`` interval from Student's t with n − 1 degrees of freedom (at small n
+    the normal z would be too narrow: 17% at n = 8). The values are taken as independent draws.
 
     Example:
-        >>> mean_ci([1.0, 2.0, 3.0])[0]
-        2.0
+        >>> m, lo, hi = mean_ci([1.0, 2.0, 3.0, 4.0])
+        >>> m, round(hi - m, 3)  # t(0.975, 3) = 3.182 standard errors of 0.645
+        (2.5, 2.054)
     """
+    from scipy.stats import t
+
     n = len(values)
     if n == 0:
         return (float("nan"), float("nan"), float("nan"))
@@ -105,5 +109,5 @@ def mean_ci(values: list[float], z: float = 1.96) -> tuple[float, float, float]:
     if n == 1:
         return (m, m, m)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    half = z * sd / math.sqrt(n)
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     return (m, m - half, m + half)

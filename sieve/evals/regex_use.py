@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["RegexUse", "find_regex_use", "uses_regex", "parse_quietly"]
+__all__ = ["RegexUse", "find_regex_use", "parse_quietly"]
 
 _TEXT_RULE = re.compile(
     r"\bimport\s+re\b(?!\w)|\bfrom\s+re\s+import\b|\bre\s*\.\s*[A-Za-z_]\w*"
@@ -212,13 +212,3 @@ def _result(
         parsed=parsed,
         names=frozenset(names),
     )
-
-
-def uses_regex(code: str) -> bool:
-    """True when ``code`` uses the ``re`` module (see :func:`find_regex_use`).
-
-    Example:
-        >>> uses_regex("from re import compile\\npat = compile('x+')")
-        True
-    """
-    return find_regex_use(code).used

@@ -1,0 +1,194 @@
+"""A run's output folder: where a recipe may put it, which recipe it belongs to, who is writing it.
+
+- :func:`output_dir`: ``--out`` from the command line goes anywhere. Otherwise the recipe's
+  ``output.dir``, relative to the working directory (never inside an installed package), must resolve
+  inside the working directory or the recipe file's folder: a shared recipe cannot write elsewhere.
+- :func:`claim`: a folder holds the results of one recipe (one :func:`~sieve.recipe.recipe_hash`). The
+  first run saves the resolved recipe (file + overrides) as ``recipe.toml`` and ``recipe.json``; a later
+  run with another recipe is refused, naming the keys that differ, instead of mixing its rows with the
+  old ones.
+- :func:`lock`: one writer per folder and name (e.g. per shard); a second one is refused with who holds
+  the lock (pid, host, start time, command). The lock is the OS's (``flock``): it goes with the process,
+  so a killed run leaves no stale lock.
+
+Example:
+    >>> import tempfile
+    >>> from sieve.recipe import load_recipe
+    >>> r = load_recipe("recipes/regex.toml")
+    >>> out = Path(tempfile.mkdtemp())
+    >>> claim(out, r).name
+    'recipe.toml'
+    >>> (out / "rows.parquet").write_bytes(b"PAR1")  # the folder now holds results of r
+    4
+    >>> claim(out, r).name  # the same recipe may come back
+    'recipe.toml'
+    >>> claim(out, load_recipe("recipes/regex.toml", ["sweep.samples=2"]))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    sieve.errors.SieveError: ... differs in sweep.samples (4 -> 2)...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sieve.errors import RecipeError, SieveError
+from sieve.recipe import Recipe, recipe_dict, recipe_hash
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["output_dir", "check", "claim", "lock"]
+
+
+def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool = False) -> Path:
+    """The run's output folder: ``out`` when given (the command line's ``--out``), else the recipe's
+    ``output.dir`` relative to the working directory. Unless ``trusted`` (the value came from the
+    command line), it must lie inside the working directory or the recipe file's folder.
+
+    Example:
+        >>> from sieve.recipe import load_recipe
+        >>> output_dir(load_recipe("recipes/regex.toml")) == Path.cwd() / "runs/regex-world"
+        True
+        >>> output_dir(load_recipe("recipes/regex.toml", ['output.dir="/etc/x"']))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        sieve.errors.RecipeError: ...[output.dir] '/etc/x' resolves to /etc/x, outside ...
+    """
+    if out is not None:
+        return Path(out).expanduser().resolve()
+    raw = recipe.output.dir
+    cwd = Path.cwd().resolve()
+    path = (cwd / Path(raw).expanduser()).resolve()
+    if trusted:
+        return path
+    roots = [cwd] + ([recipe.path.parent.resolve()] if recipe.path is not None else [])
+    if not any(path == root or path.is_relative_to(root) for root in roots):
+        raise RecipeError(recipe.path or "<recipe>", "output.dir",
+                          f"{raw!r} resolves to {path}, outside the working directory ({cwd}) and the recipe's "
+                          "folder: a recipe file may only write there. Pass --out DIR to write elsewhere.")
+    return path
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    a, b = _flat(old), _flat(new)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith("output."))
+    shown = ", ".join(f"{k} ({a.get(k, '-')!r} -> {b.get(k, '-')!r})".replace("'", "") for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _has_results(folder: Path) -> bool:
+    """Whether a folder holds results (parquet tables; the detector cache is keyed by its inputs)."""
+    return any(p.suffix == ".parquet" for p in folder.rglob("*.parquet"))
+
+
+def check(folder: str | Path, recipe: Recipe) -> None:
+    """Refuse (:class:`~sieve.errors.SieveError`) when ``folder`` holds results of a recipe other than
+    ``recipe``, naming the keys that differ; a folder without results passes."""
+    folder = Path(folder)
+    meta_path, toml_path = folder / "recipe.json", folder / "recipe.toml"
+    if not meta_path.exists() or not _has_results(folder):
+        return
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SieveError(f"{meta_path} is not readable JSON ({e}); it says which recipe made this folder: "
+                         "restore it or use another output folder") from None
+    h = recipe_hash(recipe)
+    if meta.get("hash") == h:
+        return
+    old = {}
+    if toml_path.exists():
+        with contextlib.suppress(tomllib.TOMLDecodeError, UnicodeDecodeError):
+            old = tomllib.loads(toml_path.read_text())
+    diff = _differences(old, recipe_dict(recipe)) if old else ""
+    raise SieveError(
+        f"{folder} holds results of another recipe (hash {meta.get('hash')}, from {meta.get('file')} "
+        f"with overrides {meta.get('overrides', [])}); this run's recipe (hash {h}) "
+        + (f"differs in {diff}" if diff else "is different")
+        + ". Its rows would mix with the old ones: write to another folder (--out DIR), or delete "
+        f"{folder} to start over."
+    )
+
+
+def claim(folder: str | Path, recipe: Recipe, overrides: list[str] | None = None) -> Path:
+    """Make ``folder`` the output of ``recipe`` after :func:`check`: writes ``recipe.toml`` (the
+    resolved recipe) and ``recipe.json`` (its hash, file and overrides); returns the path of
+    ``recipe.toml``.
+    """
+    import tomli_w
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    check(folder, recipe)
+    h = recipe_hash(recipe)
+    meta_path, toml_path = folder / "recipe.json", folder / "recipe.toml"
+    meta = {"hash": h, "file": str(recipe.path) if recipe.path else None, "overrides": list(overrides or [])}
+    header = (f"# The resolved recipe of the run in this folder (recipe hash {h}):\n"
+              f"# {meta['file']} with overrides {meta['overrides']}.\n"
+              "# Relative paths in it are relative to that file's folder.\n\n")
+    for path, text in ((toml_path, header + tomli_w.dumps(recipe_dict(recipe))), (meta_path, json.dumps(meta, indent=1))):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return toml_path
+
+
+@contextlib.contextmanager
+def lock(folder: str | Path, name: str = "run") -> Iterator[Path]:
+    """Hold ``<folder>/.lock-<name>`` for the block; refuse (:class:`~sieve.errors.SieveError`, naming the
+    holder) when another process holds it.
+
+    Example:
+        >>> import tempfile
+        >>> with lock(tempfile.mkdtemp(), "shard-0of1") as p:
+        ...     p.name
+        '.lock-shard-0of1'
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".lock-{name.replace('/', 'of').replace(' ', '-')}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except ValueError:
+                holder = {}
+            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('started', '?')} "
+                   f"({holder.get('command', '?')})")
+            raise SieveError(f"{folder} is being written by another run ({name}): {who}. Wait for it to finish, "
+                             "or write to another folder (--out DIR).") from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -1,0 +1,168 @@
+"""Bad input: every case is one clear message and exit status 2 (no traceback; --debug shows it),
+given before any weights load (the model and SAE loaders are replaced by ones that fail the test).
+The README's bad-input table lists these cases and messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from recipes import regex
+from sieve.errors import SieveError
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes/regex.toml"
+
+PROMPTS = '''
+instruction = "Test this function:\\n{code}"
+prefill = "```python\\n"
+
+[[function]]
+name = "short_one"
+code = "def f(x):\\n    return x\\n"
+{extra}
+[[neutral]]
+id = "add"
+task = "Write add(a, b)."
+
+[contrastive]
+base = "Test this function."
+positive_suffix = " Use regular expressions."
+'''
+
+
+@pytest.fixture(autouse=True)
+def no_weights(monkeypatch):
+    """Every case must be refused before a model or SAE is loaded."""
+    import sieve.models
+    import sieve.saes
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the bad input was reported")
+
+    monkeypatch.setattr(sieve.models, "load_model", refuse)
+    monkeypatch.setattr(sieve.saes, "load_sae", refuse)
+
+
+def _prompts(tmp_path: Path, text: str, name: str) -> Path:
+    p = tmp_path / "shared" / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def _recipe_in(tmp_path: Path, extra: str = "") -> Path:
+    """A copy of the shipped recipe in a shared folder, with extra TOML appended to named tables."""
+    p = tmp_path / "shared" / "r.toml"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(RECIPE.read_text() + extra)
+    return p
+
+
+def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
+    """The arguments of one bad-input case and a part of the message it must give."""
+    out = f'output.dir="{tmp_path / "out"}"'
+    long_fn = "def long_one(x):\n" + "".join(f"    y{i} = x + {i}\n" for i in range(400))
+    latin1 = _write(tmp_path / "latin1.toml", b'name = "caf\xe9"\n')
+    bad_prompts = _write(tmp_path / "p.toml", b"x = 1  # \xff")
+    long_prompts = _prompts(tmp_path, PROMPTS.replace("{extra}", _fn("long_one", long_fn)), "long.toml")
+    empty_prompts = _prompts(tmp_path, _no_functions(), "empty.toml")
+    cases: dict[str, tuple[list[str], str]] = {
+        "recipe not UTF-8": ([str(latin1), out],
+                             "latin1.toml: [-] is not UTF-8 text: byte 0xe9 at offset 11"),
+        "prompt file not UTF-8": ([str(RECIPE), f'prompts.source="{bad_prompts}"', out],
+                                  "p.toml: [-] is not UTF-8 text: byte 0xff"),
+        "missing local model folder": ([str(RECIPE), 'model.source="./models/mine"', out],
+                                       "[model.source] './models/mine': local folder"),
+        "missing local SAE folder": ([str(RECIPE), 'sae.source="../saes/mine"', out],
+                                     "[sae.source] '../saes/mine': local folder"),
+        "function longer than the context": (
+            [str(RECIPE), f'prompts.source="{long_prompts}"', out], "[regex prompt 'long_one'] needs"),
+        "empty prompt set": ([str(RECIPE), f'prompts.source="{empty_prompts}"', out],
+                             "[function] is empty"),
+        "no methods": ([str(RECIPE), "sweep.methods=[]", out], "[sweep.methods] is empty"),
+        "temperature 0 with samples > 1": ([str(RECIPE), "sweep.temperature=0", "sweep.samples=4", out],
+                                           "[sweep.samples] is 4 but sweep.temperature = 0"),
+        "empty scale list": ([str(RECIPE), "sweep.scales.add=[]", out], "[sweep.scales.add] is empty"),
+        "timeout_s <= 0": ([str(RECIPE), "eval.timeout_s=0", out], "[eval.timeout_s] must be > 0, got 0.0"),
+        "memory_mb <= 0": ([str(RECIPE), "eval.memory_mb=-5", out], "[eval.memory_mb] must be > 0, got -5"),
+        "layer out of range": ([str(RECIPE), "sae.layer=9", out], "[sae.layer] 9 is out of range: the model has 4"),
+        "feature out of range": ([str(RECIPE), "sae.feature=100000", out], "[sae.feature] 100000 is out of range"),
+        "SAE width differs from the model's": ([str(RECIPE), f'sae.source="{_wide_sae(tmp_path)}"', out],
+                                               "the SAE reads vectors of width 64 but the model's hidden size is"),
+        "bad --shard": ([str(RECIPE), out, "--shard", "3/2"], "--shard 3/2: need 0 <= i < n"),
+        "--out where nothing can be written": ([str(RECIPE), "--out", "/proc/sieve-out"],
+                                               "output folder /proc/sieve-out: cannot write there"),
+        "--merge of a folder that is not a run": ([str(RECIPE), out, "--merge", str(tmp_path)], "not a run folder"),
+    }
+    return cases[name]
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _fn(name: str, code: str) -> str:
+    return f"\n[[function]]\nname = {json.dumps(name)}\ncode = {json.dumps(code)}\n"
+
+
+def _no_functions() -> str:
+    return PROMPTS.replace('[[function]]\nname = "short_one"\ncode = "def f(x):\\n    return x\\n"\n{extra}',
+                           "function = []\n")
+
+
+def _wide_sae(tmp_path: Path) -> Path:
+    from sieve.world import world_sae_dir
+
+    d = tmp_path / "wide_sae"
+    shutil.copytree(world_sae_dir(), d)
+    cfg = json.loads((d / "cfg.json").read_text())
+    cfg["d_in"] = 64
+    (d / "cfg.json").write_text(json.dumps(cfg))
+    return d
+
+
+CASES = ["recipe not UTF-8", "prompt file not UTF-8", "missing local model folder", "missing local SAE folder",
+         "function longer than the context", "empty prompt set", "no methods", "temperature 0 with samples > 1",
+         "empty scale list", "timeout_s <= 0", "memory_mb <= 0", "layer out of range", "feature out of range",
+         "SAE width differs from the model's", "bad --shard",
+         "--out where nothing can be written", "--merge of a folder that is not a run"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_input_is_one_message_and_exit_2(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)
+    args, expected = _case(tmp_path, name)
+    assert regex.main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    with pytest.raises(SieveError):
+        regex.main([*args, "--no-progress", "--debug"])
+
+
+def test_output_dir_from_a_shared_recipe_stays_in_its_folder(tmp_path, monkeypatch, capsys):
+    """``output.dir`` in a recipe file cannot leave the recipe's folder or the working directory; the
+    same value on the command line (an override, or --out) is the user's own choice."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for bad in ('"../../x"', f'"{tmp_path / "elsewhere"}"', '"~/sieve-out"'):
+        recipe = _recipe_in(tmp_path, "")
+        recipe.write_text(recipe.read_text().replace('dir = "runs/regex-world"', f"dir = {bad}"))
+        assert regex.main([str(recipe), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "[output.dir]" in err and "outside the working directory" in err and "--out" in err
+        assert not (tmp_path / "x").exists() and not (tmp_path / "elsewhere").exists()
+    from sieve.recipe import load_recipe
+    from sieve.rundir import output_dir
+
+    r = load_recipe(recipe)
+    assert output_dir(r, tmp_path / "elsewhere") == (tmp_path / "elsewhere").resolve()  # --out goes anywhere
+    assert output_dir(r, trusted=True) == Path("~/sieve-out").expanduser().resolve()  # set on the command line
+    inside = load_recipe(recipe, ['output.dir="runs/a"'])
+    assert output_dir(inside) == work.resolve() / "runs/a"  # relative to the working directory

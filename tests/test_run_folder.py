@@ -1,0 +1,105 @@
+"""Runs that never mix or lose data: a folder belongs to one recipe, keeps the resolved recipe, has one
+writer per shard, and survives a truncated part file. (The end-to-end resume of a truncated part and
+``--out`` moving the detector cache are in test_regex_recipe.py.)"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from recipes import regex
+from recipes.cli import RecipeCLI
+from sieve.errors import SieveError
+from sieve.recipe import load_recipe, recipe_from_dict, recipe_hash
+from sieve.results import ResultStore
+from sieve.rundir import claim, lock
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes/regex.toml"
+
+
+def _writer(rows: int = 3):
+    """A recipe script whose body stores a few rows, as the regex study does."""
+
+    def body(run) -> int:
+        ResultStore(run.out / "gen").append([{"key": f"k{i}", "recipe_hash": recipe_hash(run.recipe)}
+                                             for i in range(rows)])
+        return 0
+
+    return RecipeCLI("recipes.test", None), body
+
+
+def test_a_folder_of_another_recipe_is_refused_naming_what_differs(tmp_path, capsys):
+    cli, body = _writer()
+    out = ["--out", str(tmp_path)]
+    assert cli.main(body, ["sweep.max_new_tokens=48", *out]) == 0
+    before = ResultStore(tmp_path / "gen").parts()
+    assert cli.main(body, ["sweep.max_new_tokens=32", *out]) == 2
+    err = capsys.readouterr().err
+    assert "holds results of another recipe" in err and "sweep.max_new_tokens (48 -> 32)" in err
+    assert ResultStore(tmp_path / "gen").parts() == before  # nothing added, nothing lost
+    assert cli.main(body, ["sweep.max_new_tokens=48", *out]) == 0  # the same recipe resumes
+    # output.dir is not part of the recipe's identity: the same study written elsewhere is the same run
+    assert cli.main(body, ["sweep.max_new_tokens=48", f'output.dir="{tmp_path}"']) == 0
+
+
+def test_a_folder_without_results_is_taken_over(tmp_path):
+    claim(tmp_path, load_recipe(RECIPE, ["sweep.samples=2"]))
+    claim(tmp_path, load_recipe(RECIPE, ["sweep.samples=3"]))  # e.g. a run that failed before any row
+    assert tomllib.loads((tmp_path / "recipe.toml").read_text())["sweep"]["samples"] == 3
+
+
+def test_the_resolved_recipe_is_saved_with_its_overrides(tmp_path):
+    ov = ["sweep.samples=2", 'sweep.methods=["unsteered","clamping"]']
+    cli, body = _writer()
+    assert cli.main(body, [*ov, "--out", str(tmp_path)]) == 0
+    saved = tomllib.loads((tmp_path / "recipe.toml").read_text())
+    meta = (tmp_path / "recipe.json").read_text()
+    r = load_recipe(RECIPE, ov)
+    assert saved["sweep"]["samples"] == 2 and saved["sweep"]["methods"] == ["unsteered", "clamping"]
+    # read beside the original file, it is the same recipe (same hash)
+    assert recipe_hash(recipe_from_dict(saved, RECIPE)) == recipe_hash(r)
+    assert recipe_hash(r) in meta and "sweep.samples=2" in meta and str(RECIPE) in meta
+    assert (tmp_path / "recipe.toml").read_text().startswith("# The resolved recipe")
+
+
+def test_a_second_writer_is_refused_and_told_who_holds_the_lock(tmp_path, capsys):
+    args = [str(RECIPE), "--out", str(tmp_path), "--no-progress"]
+    with lock(tmp_path, "shard-0of1"):
+        assert regex.main(args) == 2  # refused before loading anything
+        err = capsys.readouterr().err
+        assert "is being written by another run" in err and f"pid {os.getpid()}" in err
+        with pytest.raises(SieveError, match="being written"), lock(tmp_path, "shard-0of1"):
+            pass
+        with lock(tmp_path, "shard-1of2"):  # another shard of the same folder may run beside it
+            pass
+    with lock(tmp_path, "shard-0of1"):  # released when the holder is done
+        pass
+
+
+def test_a_truncated_part_is_named_quarantined_and_its_rows_redone(tmp_path, caplog):
+    store = ResultStore(tmp_path / "gen")
+    for i in range(3):
+        store.append([{"key": f"{i}-{j}", "x": j} for j in range(4)])
+    bad = store.parts()[1]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="sieve.results"):
+        done = ResultStore(tmp_path / "gen").done_keys()
+    assert done == {f"{i}-{j}" for i in (0, 2) for j in range(4)}  # its rows are to be generated again
+    assert str(bad) in caplog.text and "quarantine" in caplog.text
+    assert (tmp_path / "gen/quarantine" / bad.name).exists() and not bad.exists()
+    again = ResultStore(tmp_path / "gen")
+    again.append([{"key": f"1-{j}", "x": j} for j in range(4)])
+    table = again.table()
+    assert table.height == 12 and table["key"].n_unique() == 12
+    assert pl.read_parquet(again.parts()[-1]).height == 4
