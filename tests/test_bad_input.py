@@ -77,7 +77,7 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
                                   "p.toml: [-] is not UTF-8 text: byte 0xff"),
         "missing local model folder": ([str(RECIPE), 'model.source="./models/mine"', out],
                                        "[model.source] './models/mine': local folder"),
-        "missing local SAE folder": ([str(RECIPE), 'sae.source="../saes/mine"', out],
+        "missing local SAE folder": ([str(RECIPE), 'sae.source="../saes/mine"', "sae.layer=2", "sae.feature=5", out],
                                      "[sae.source] '../saes/mine': local folder"),
         "function longer than the context": (
             [str(RECIPE), f'prompts.source="{long_prompts}"', out], "[regex prompt 'long_one'] needs"),
@@ -91,7 +91,8 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
         "memory_mb <= 0": ([str(RECIPE), "eval.memory_mb=-5", out], "[eval.memory_mb] must be > 0, got -5"),
         "layer out of range": ([str(RECIPE), "sae.layer=9", out], "[sae.layer] 9 is out of range: the model has 4"),
         "feature out of range": ([str(RECIPE), "sae.feature=100000", out], "[sae.feature] 100000 is out of range"),
-        "SAE width differs from the model's": ([str(RECIPE), f'sae.source="{_wide_sae(tmp_path)}"', out],
+        "SAE width differs from the model's": ([str(RECIPE), f'sae.source="{_wide_sae(tmp_path)}"', "sae.layer=2",
+                                                "sae.feature=5", out],
                                                "the SAE reads vectors of width 64 but the model's hidden size is"),
         "bad --shard": ([str(RECIPE), out, "--shard", "3/2"], "--shard 3/2: need 0 <= i < n"),
         "--out where nothing can be written": ([str(RECIPE), "--out", "/proc/sieve-out"],
