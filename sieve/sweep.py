@@ -185,6 +185,10 @@ class GenRow(PlannedRow):
     judge_follows: bool | None = None
     judge_sensible: bool | None = None
     token_ends: list[int] | None = None  # where each generated token ends in ``text`` (the run report)
+    # where the detector fired / the edit acted (Steerer.positions): prompt token and generated token indices
+    prompt_fired_at: list[int] | None = None
+    gen_fired_at: list[int] | None = None
+    gen_edited_at: list[int] | None = None
 
     @classmethod
     def of(cls, planned: PlannedRow, recipe_hash: str, **evaluation: Any) -> GenRow:
