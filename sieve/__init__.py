@@ -1,9 +1,10 @@
 """sieve: feature-level control of language models at generation time.
 
-An intervention is detector × gate × edit on one layer's residual stream, applied inside nnsight
+An intervention is detector × gate × edit, bound to the layer(s) it acts on, applied inside nnsight
 traces. The most used names are importable from here::
 
     from sieve import load_model, load_sae, feature, Intervention, Detector, Edit, Steerer, generate, build
+    from sieve import steering, from_feature, SAECode, LatentEdit, Fires
 """
 
 from sieve.errors import NotAvailableOffline, RecipeError, ShapeMismatch, SieveError
@@ -22,6 +23,7 @@ from sieve.methods import METHODS, Method, Parts, build, get_method, register_me
 from sieve.models import chat_prompt, encode_prompts, load_model
 from sieve.recipe import Recipe, load_recipe, recipe_hash, save_recipe
 from sieve.saes import Feature, feature, load_sae
+from sieve.steering import from_feature, steering
 
 __version__ = "0.1.0"
 
@@ -29,5 +31,5 @@ __all__ = [
     "Always", "Completion", "Detector", "Edit", "Feature", "Fires", "Intervention", "LatentEdit", "METHODS",
     "Method", "NotAvailableOffline", "Parts", "Recipe", "RecipeError", "SAECode", "ShapeMismatch", "SieveError",
     "Steerer", "build", "chat_prompt", "encode_prompts", "feature", "generate", "get_method", "load_model",
-    "load_recipe", "load_sae", "recipe_hash", "register_method", "save_recipe",
+    "from_feature", "load_recipe", "load_sae", "recipe_hash", "register_method", "save_recipe", "steering",
 ]
