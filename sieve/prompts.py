@@ -214,7 +214,7 @@ def load_prompt_file(path: str | Path, kind: str) -> list[Prompt]:
     if not path.is_file():
         raise PromptFileError(path, None, "file not found" if not path.exists() else "is not a file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as e:
         raise PromptFileError(path, None, f"is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix == ".jsonl":

@@ -116,3 +116,13 @@ def test_help_documents_the_prompt_files(capsys):
         regex.main(["--help"])
     out = capsys.readouterr().out
     assert "--regex-prompts" in out and "--neutral-prompts" in out and "# ---" in out and ".jsonl" in out
+
+
+def test_a_byte_order_mark_and_crlf_lines_are_read_as_text(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"prompt": "def f(s):\\n"}\r\n{"prompt": "def g(s):\\n"}\r\n')
+    assert [p.text for p in load_prompt_file(f, "regex")] == ["def f(s):\n", "def g(s):\n"]
+    g = tmp_path / "crlf.py"
+    g.write_bytes(b"def f(s):\r\n# --- two\r\ndef g(s):\r\n")
+    # Windows line ends are read as newlines (a prompt never ends in "\r")
+    assert [(p.id, p.text) for p in load_prompt_file(g, "regex")] == [("crlf.py:1", "def f(s):\n"), ("two", "def g(s):\n")]
