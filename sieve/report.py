@@ -250,7 +250,7 @@ def _completions(gen: pl.DataFrame, prompts: pl.DataFrame | None, chosen: list[t
             r.get("prompt_fired_at") if "prompt_fired_at" in has else None,
             r.get("regex"), r.get(validity), r.get("finished"),
             [r.get(k) for k in ("prompt_fired", "prompt_edited", "gen_fired", "gen_edited")],
-            r.get("regex_parsed"), r.get("exec_status"),
+            r.get("regex_parsed"), r.get("exec_status"), r.get("validity"),
         ]
         groups.setdefault(f"{r['set']}|{r['prompt_index']}|{r['sample']}", []).append(rec)
     texts: dict[str, Any] = {}
