@@ -1,7 +1,7 @@
 """The regex study: steer a code model away from regular expressions while its code stays valid.
 
     python -m recipes.regex [RECIPE.toml] [key=value ...] [--out DIR] [--shard i/n] [--merge DIR ...]
-                            [--report-only] [--no-progress] [--debug]
+                            [--launch [--shards N --executor slurm|local ...]] [--no-progress] [--debug]
     python -m recipes.regex --report-only DIR
 
 With no recipe it runs ``recipes/regex.toml``, the embedded world (a tiny code model shipped with sieve),
@@ -40,7 +40,11 @@ duplicated; a part file that cannot be read is quarantined and its rows generate
 holding another recipe's results is refused (``--out`` another one), and so is a second process
 writing the same shard of one folder. ``--shard i/n`` runs every n-th row (for several machines, each
 with its own output folder or the same one); ``--merge DIR ...`` combines shard outputs into the
-recipe's output folder. The shared arguments are :mod:`recipes.cli`'s.
+recipe's output folder. ``--launch`` does both through submitit: each shard a job (a SLURM job array,
+at most ``--parallelism`` running, requeued when preempted or out of time, resuming from its stored
+rows; or processes on this machine, one per GPU slot), then the merge and the report once all have
+finished (:mod:`sieve.launch`; the recipe's ``[launch]`` table, or the flags). The shared arguments are
+:mod:`recipes.cli`'s.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from recipes.cli import RecipeCLI, Run
 from sieve.errors import SieveError
 from sieve.evals.code import answer_validity, evaluate_code, function_validity
 from sieve.generation import default_batch_size, generate
+from sieve.launch import EXECUTORS
 from sieve.prompts import user_prompt_files
 from sieve.recipe import Recipe, recipe_hash
 from sieve.results import ResultStore, merge_stores, pareto_front, parse_shard, summarize
@@ -80,6 +85,24 @@ CLI.add_override("--regex-prompts", "prompts.regex_file", path=True, metavar="FI
                       "file of blocks separated by '# ---' lines); replaces the recipe's regex-prone set")
 CLI.add_override("--neutral-prompts", "prompts.neutral_file", path=True, metavar="FILE",
                  help="your own neutral completion prompts (same formats); replaces the recipe's neutral set")
+CLI.add_argument("--launch", action="store_true",
+                 help="run every shard as a job (a SLURM job array, or processes on this machine; submitit), wait, "
+                      "then merge them into the output folder and report; settings from the recipe's [launch] "
+                      "table and the flags below")
+CLI.add_override("--executor", "launch.executor", choices=EXECUTORS,
+                 help="with --launch: slurm, local (this machine, one shard per GPU slot), debug (in this process) "
+                      "or auto (slurm where sbatch exists, else local)")
+CLI.add_override("--shards", "launch.shards", type=int, metavar="N", help="with --launch: number of shards (jobs)")
+CLI.add_override("--parallelism", "launch.parallelism", type=int, metavar="K",
+                 help="with --launch: shards running at once (SLURM's array %%K; locally one per GPU slot)")
+CLI.add_override("--partition", "launch.partition", help="with --launch: the SLURM partition")
+CLI.add_override("--gpus-per-task", "launch.gpus_per_task", type=int, metavar="G", help="with --launch: GPUs per shard")
+CLI.add_override("--cpus-per-task", "launch.cpus_per_task", type=int, metavar="C", help="with --launch: CPUs per shard")
+CLI.add_override("--mem-gb", "launch.mem_gb", type=float, metavar="GB", help="with --launch: memory per shard")
+CLI.add_override("--time-min", "launch.timeout_min", type=int, metavar="MIN",
+                 help="with --launch: time limit of one attempt of a shard, minutes")
+CLI.add_override("--max-requeue", "launch.max_requeue", type=int, metavar="R",
+                 help="with --launch: requeues of a shard after its time limit (preemptions are always requeued)")
 
 
 def evaluate_row(recipe: Recipe, prompt, completion, judge=None) -> dict[str, Any]:
@@ -291,9 +314,24 @@ def format_summary(summary: pl.DataFrame, validity: str) -> str:
     return "\n".join(lines)
 
 
+def launch_shards(run: Run) -> int:
+    """``--launch``: every shard of this run as a submitit job, then their merge (:mod:`sieve.launch`)."""
+    from sieve.launch import launch
+
+    args = run.args
+    if args.shard or args.merge or args.report_only is not None:
+        raise SieveError("--launch runs and merges every shard itself: leave out --shard, --merge and --report-only")
+    if run.recipe.path is None:
+        raise SieveError("--launch needs the recipe as a file: the jobs read it")
+    launch("recipes.regex", [str(run.recipe.path), *run.overrides], run.out, run.recipe.launch)
+    return 0
+
+
 def body(run: Run) -> int:
     recipe, out = run.recipe, run.out
     args = run.args
+    if args.launch:
+        return launch_shards(run)
     if args.report_only is not None:
         from sieve.report import run_recipe
 
