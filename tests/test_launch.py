@@ -16,9 +16,10 @@ import pytest
 
 pytest.importorskip("submitit", reason="the [launch] extra is not installed")
 
+from recipes import regex
 from sieve.errors import SieveError
 from sieve.interventions import Edit, Intervention
-from sieve.launch import LaunchSpec, ShardJob, launch, make_executor, shard_argv
+from sieve.launch import LaunchSpec, ShardJob, make_executor, shard_argv
 from sieve.recipe import load_recipe
 from sieve.results import ResultStore
 from tests.test_regex_recipe import _overrides, detector_cache  # noqa: F401 (a fixture)
@@ -35,6 +36,15 @@ def test_shard_job_requeues_itself_with_the_same_shard():
     again = job.checkpoint(argv)
     assert again.function is job and again.args == (argv,)
     assert pickle.loads(pickle.dumps(job)).module == "recipes.regex"
+
+
+def test_launch_flags_are_checked_before_anything_runs(tmp_path, capsys):
+    recipe = str(ROOT / "recipes/regex.toml")
+    assert regex.main([recipe, "--launch", "--shard", "0/2", "--out", str(tmp_path / "a")]) == 2
+    assert "leave out --shard" in capsys.readouterr().err
+    assert regex.main([recipe, "--launch", "--shards", "0", "--out", str(tmp_path / "b")]) == 2
+    assert "[launch.shards] must be >= 1" in capsys.readouterr().err
+    assert not list((tmp_path / "a").rglob("*.parquet"))
 
 
 def test_launch_spec_errors_name_the_key(tmp_path):
@@ -85,19 +95,21 @@ def test_local_executor_runs_shards_requeues_a_preempted_one_and_merges(tmp_path
     ov = _overrides(out, **{"sweep.methods": METHODS, "prompts.regex_limit": "4", "prompts.neutral_limit": "2",
                             "sweep.batch_size": "1"})  # chunks of 4 rows: shard 0 stores 3 parts
     recipe = str(ROOT / "recipes/regex.toml")
-    # One shard at a time: the preempted one is the only job running when the signal comes.
-    spec = LaunchSpec(executor="local", shards=n, parallelism=1, gpus_per_task=0, timeout_min=20)
     done, hits = threading.Event(), []
     watcher = threading.Thread(target=_preempt_once, args=(out / "shards" / f"0of{n}" / "gen", str(out), done, hits))
     watcher.start()
     try:
-        jobs = launch("recipes.regex", [recipe, *ov], out, spec, poll_s=0.5)
+        # One shard at a time: the preempted one is the only job running when the signal comes.
+        code = regex.main([recipe, *ov, "--launch", "--executor", "local", "--shards", str(n), "--parallelism", "1",
+                           "--gpus-per-task", "0", "--time-min", "20", "--no-progress"])
     finally:
         done.set()
         watcher.join()
-    assert len(jobs) == n and hits, "shard 0 was never preempted"
-    log0 = Path(jobs[0].paths.stdout).read_text() + Path(jobs[0].paths.stderr).read_text()
-    assert "this job is preempted" in log0 and "Requeued job" in log0
+    assert code == 0 and hits, "shard 0 was never preempted"
+    logs = [p.read_text() for p in sorted((out / "launch").rglob("*_log.err"))]
+    assert len(logs) == n
+    (log0,) = [t for t in logs if "Requeued job" in t]
+    assert "this job is preempted" in log0
     starts = [int(m) for m in re.findall(r"generation: \d+ rows in this shard, (\d+) done", log0)]
     assert len(starts) == 2 and starts[0] == 0 and starts[1] > 0  # the requeued shard resumed, not restarted
     # Each shard ran in its own process into its own folder; the merge put every planned row in `out`
