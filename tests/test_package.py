@@ -100,3 +100,9 @@ def test_wheel_installs_and_runs_in_a_fresh_environment(wheel, tmp_path):
     assert helped.returncode == 0 and "--shard" in helped.stdout, helped.stderr
     listed = run(str(py), "-m", "recipes")
     assert listed.returncode == 0 and "regex.toml" in listed.stdout, listed.stderr
+    # The default output folder is relative to the working directory, never inside the installed package.
+    where = run(str(py), "-c", "from recipes.cli import DEFAULT_RECIPE; from sieve.recipe import load_recipe; "
+                "from sieve.rundir import output_dir; print(output_dir(load_recipe(DEFAULT_RECIPE)))")
+    assert where.returncode == 0, where.stderr
+    out = Path(where.stdout.strip())
+    assert out.is_relative_to(work.resolve()) and not out.is_relative_to(Path(purelib).resolve()), out
