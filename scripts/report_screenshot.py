@@ -1,7 +1,7 @@
 """Screenshots of a run report, taken in headless Chromium with the network off (for the README).
 
     .venv/bin/python scripts/report_screenshot.py runs/regex-world/report.html docs/report.png \
-        [--choice "set=regex&prompt=3&sample=0"] [--scale 0.6]
+        [--choice "set=regex&prompt=3&sample=0"] [--scale 0.6] [--front-only] [--hide constant ...]
 
 Writes OUT (header, summary and charts) and OUT with ``_side_by_side`` before the suffix (the
 completions of the chosen prompt and sample). Needs chromium, chromedriver and selenium (the dev extra).
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--scale", type=float, default=0.6)
     p.add_argument("--cards", type=int, default=9, help="cards of the side by side to show")
+    p.add_argument("--front-only", action="store_true", help="the summary's Pareto-front rows only")
+    p.add_argument("--hide", nargs="*", default=[], metavar="FAMILY", help="families left out of the side by side")
     args = p.parse_args(argv)
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -59,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         d.get(args.report.resolve().as_uri() + (f"#{args.choice}" if args.choice else ""))
         WebDriverWait(d, 60).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
         WebDriverWait(d, 60).until(lambda d: d.execute_script("return !!document.querySelector('#chart-pareto svg')"))
+        d.execute_script("""
+            if (arguments[0]) document.getElementById('front-only').click();
+            for (const label of document.querySelectorAll('#family-filter label')) {
+                if (arguments[1].includes(label.textContent.trim())) label.querySelector('input').click();
+            }""", args.front_only, args.hide)
         box = d.execute_script("""
             const y = (sel, end) => { const r = document.querySelector(sel).getBoundingClientRect();
                                       return (end ? r.bottom : r.top) + window.scrollY; };
