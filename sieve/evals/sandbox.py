@@ -466,6 +466,121 @@ def _fresh_builtins_refused(create_builtin):
         return create_builtin(spec)
     return guarded
 
+# Names the standard library rebinds by itself while honest code runs (captured output, warning
+# bookkeeping, tempfile's lazily chosen folder): not watched.
+_SELF_REBOUND = {"sys": {"stdout", "stderr", "stdin", "displayhook", "excepthook", "last_type", "last_value",
+                         "last_traceback", "last_exc", "ps1", "ps2", "unraisablehook", "breakpointhook"},
+                 "builtins": {"_"}, "warnings": {"_filters_version", "filters", "defaultaction", "_onceregistry",
+                 "onceregistry"}, "tempfile": {"tempdir", "_name_sequence"}}
+
+# What importing a standard module may rename in another (``importlib`` renames its frozen bootstrap):
+# descriptions, not behaviour.
+_METADATA = {"__name__", "__qualname__", "__module__", "__doc__", "__package__", "__file__", "__cached__",
+             "__loader__", "__spec__"}
+
+def _watcher(setup_ns):
+    """A snapshot function of everything the code under test can reach by name: its own globals, the
+    builtins, every loaded module's globals (and sys.modules itself), the Python classes of those
+    modules and of the code under test (their attributes), and its functions' code, defaults and
+    closures. Two snapshots compare by identity; a test that patches any of it (through an alias, a
+    module fetched from sys.modules, a builtin shadowed at the top of its file...) has changed the code
+    under test. Everything the snapshot uses is bound here, before untrusted code runs."""
+    import builtins
+    modules = sys.modules
+    items, values, type_, isinstance_, list_, dict_, getattr_ = dict.items, dict.values, type, isinstance, list, dict, getattr
+    mappingproxy, function, module, set_, frozenset_, bytearray_ = type(type.__dict__), type(_watcher), type(sys), set, frozenset, bytearray
+    str_, tuple_, len_, id_, all_, zip_, bytes_, enumerate_ = str, tuple, len, id, all, zip, bytes, enumerate
+    scalars = {str, bytes, int, float, complex, bool, frozenset}
+    MUTABLE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE unset: a class whose attributes can be set
+
+    def fn_state(f):
+        cells = getattr_(f, "__closure__", None) or ()
+        out = [getattr_(f, "__code__", None), getattr_(f, "__defaults__", None), getattr_(f, "__kwdefaults__", None)]
+        for c in cells:
+            try:
+                out.append(c.cell_contents)
+            except ValueError:
+                out.append(None)
+        for d in (out[1] or ()):
+            if isinstance_(d, (list_, dict_, set_, bytearray_)):
+                out.append(contents(d))
+        return out
+
+    def contents(v):
+        if isinstance_(v, dict_):
+            return list_(items(v))
+        if isinstance_(v, (set_, bytearray_)):
+            return frozenset_(v) if isinstance_(v, set_) else bytes_(v)
+        return list_(v)
+
+    def snapshot():
+        snap = {}
+        seen_classes = {}
+        mods = list_(items(modules))
+        snap["sys.modules"] = dict_(mods)
+        for mname, mod in mods:
+            if not isinstance_(mod, module):
+                continue
+            md = getattr_(mod, "__dict__", None)
+            if not isinstance_(md, dict_):
+                continue
+            skip = _SELF_REBOUND.get(mname, ())
+            snap["module " + mname] = {k: v for k, v in list_(items(md)) if k not in skip and k not in _METADATA}
+            for k, v in list_(items(md)):
+                if isinstance_(v, type_) and not (v.__flags__ & MUTABLE) and id_(v) not in seen_classes:
+                    seen_classes[id_(v)] = v
+        for k, v in list_(items(setup_ns)):
+            if isinstance_(v, type_):
+                seen_classes[id_(v)] = v
+        snap["the code under test"] = dict_(items(setup_ns))
+        for k, v in list_(items(setup_ns)):
+            if isinstance_(v, function):
+                snap["function " + k] = dict_(enumerate_(fn_state(v)))
+            elif isinstance_(v, (list_, dict_, set_, bytearray_)):
+                snap["value " + k] = {0: contents(v)}
+        for c in list_(values(seen_classes)):
+            try:
+                cd = dict_(c.__dict__) if isinstance_(c.__dict__, mappingproxy) else {}
+                cd = {k: v for k, v in items(cd) if k not in _METADATA}
+            except Exception:
+                continue
+            cname = str_(getattr_(c, "__module__", "?")) + "." + str_(getattr_(c, "__qualname__", "?"))
+            if "class " + cname in snap:  # two classes of one name (a class made by a function)
+                cname += "#" + str_(id_(c))
+            snap["class " + cname] = cd
+            if getattr_(c, "__module__", None) == "__sieve_setup__":
+                for k, v in list_(items(cd)):
+                    if isinstance_(v, function):
+                        snap["function " + cname + "." + str_(k)] = dict_(enumerate_(fn_state(v)))
+        return snap
+
+    def same(a, b):
+        if isinstance_(a, list_) and isinstance_(b, list_):
+            return len_(a) == len_(b) and all_(same(x, y) for x, y in zip_(a, b))
+        if isinstance_(a, tuple_) and isinstance_(b, tuple_) and len_(a) == 2 and len_(b) == 2:
+            return a[0] is b[0] and a[1] is b[1]
+        if type_(a) in scalars and type_(a) is type_(b):  # an equal string or number made anew
+            return a is b or a == b or (a != a and b != b)  # NaN
+        return a is b
+
+    def diff(before, after):
+        """Where ``after`` differs from ``before``: names changed or removed (names added to modules are
+        allowed: imports add submodules)."""
+        out = []
+        for label, old in items(before):
+            new = after.get(label, {})
+            strict = label in ("the code under test",) or label.startswith(("function ", "value ", "class "))
+            for k, v in items(old):
+                if k not in new or not same(v, new[k]):
+                    out.append(label + ": " + str_(k))
+            if strict:
+                out += [label + ": " + str_(k) + " (added)" for k in new if k not in old]
+            if len_(out) > 5:
+                break
+        return out
+
+    return snapshot, diff
+
 def _worker(job, name, report, result_fd):
     # The report is one byte-string written once, after the test: b"P" (passed), b"F"/b"T"/b"S" and a
     # detail (failed, tampered, sandbox failure). Nothing the test can patch (json, str methods of
@@ -497,20 +612,27 @@ def _worker(job, name, report, result_fd):
         exit_(0)
     msg = b"F"
     try:
-        ns = {"__name__": "__sieve_test__"}
-        exec(setup_code, ns)
+        # The code under test keeps its own globals; the tests see its names in theirs, so a name a
+        # test binds at its top (``def len(x): ...``) never reaches the code under test.
+        setup_ns = {"__name__": "__sieve_setup__"}
+        exec(setup_code, setup_ns)
+        ns = {k: v for k, v in setup_ns.items() if k != "__builtins__"}
+        ns["__name__"] = "__sieve_test__"
         originals = {k: ns[k] for k in job["protected"] if k in ns}
         codes = {k: getattr(v, "__code__", None) for k, v in originals.items()}
+        snapshot, diff = _watcher(setup_ns)
         if job["audit"]:  # after the code under test (a prompt file may import what tests may not)
             _audit_hook(os.path.realpath(os.getcwd()), job["stdlib"], job["stdlib_dir"])
+        before = snapshot()
         exec(test_code, ns)
         fn = ns.get(name)
         if not callable(fn):
             raise NameError("test function " + repr(name) + " is not defined")
         ret = fn()
         changed = [k for k, v in originals.items() if ns.get(k) is not v or getattr(v, "__code__", None) is not codes[k]]
+        changed += diff(before, snapshot())
         if changed:
-            msg = b"T" + encode("changed " + ", ".join(sorted(changed)), "utf-8", "replace")
+            msg = b"T" + encode("changed " + ", ".join(changed[:6]), "utf-8", "replace")
         elif ret is not None and hasattr(type(ret), "__await__"):
             msg = b"Fasync test functions are not run"
         else:
