@@ -106,6 +106,12 @@ _UNAMBIGUOUS = {
     "SystemExit", "__annotations__", "__getattr__", "get_field", "get_type_hints",
     "ForwardRef", "_eval_type", "__wrapped__",
 }
+# Attribute names refused on any object (not as words in strings: "modules" is an honest word): the
+# module table (``typing.sys.modules``), and the dynamic builtins reached as attributes of the builtins
+# module (``sys.modules['builtins'].getattr``), which would make any name computable.
+_ATTRS_ANYWHERE = {"modules", "getattr", "setattr", "delattr", "vars", "globals", "locals", "exec", "eval",
+                   "breakpoint", "getattr_static", "currentframe", "f_locals", "f_back",
+                   "walk_stack", "walk_tb"}
 # Builtins refused by name (a call or a reference): dynamic code and attribute access.
 _BUILTINS = {"exec", "eval", "compile", "globals", "locals", "vars", "setattr", "delattr", "breakpoint",
              "exit", "quit", "__import__"}
@@ -249,7 +255,8 @@ def screen(code: str, setup: str = "", *, generated: bool = True) -> str | None:
                 return rebinds(node.id, line)
         elif isinstance(node, ast.Attribute):
             base = aliases.get(node.value.id, node.value.id) if isinstance(node.value, ast.Name) else ""
-            if node.attr in unambiguous or raw(base, node.attr) or generated and node.attr in _MODULE_ATTRS:
+            if node.attr in unambiguous or raw(base, node.attr) or generated and (
+                    node.attr in _MODULE_ATTRS or node.attr in _ATTRS_ANYWHERE):
                 return f"line {line}: uses {base + '.' if base else ''}{node.attr}"
             root = node.value
             while isinstance(root, (ast.Attribute, ast.Subscript)):
@@ -262,6 +269,11 @@ def screen(code: str, setup: str = "", *, generated: bool = True) -> str | None:
                 return f"line {line}: changes {node.value.id}[...], which the code under test defines"
         elif isinstance(node, ast.Call) and generated:
             f = node.func
+            if id(f) in plain_getattr:  # getattr(x, "name") is x.name: the same rules
+                const, obj = node.args[1].value, node.args[0]
+                base = aliases.get(obj.id, obj.id) if isinstance(obj, ast.Name) else ""
+                if const in _MODULE_ATTRS or const in _ATTRS_ANYWHERE or raw(base, const) or const in _BUILTINS:
+                    return f"line {line}: uses {base + '.' if base else ''}{const}"
             name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
             if name == "open" and node.args and isinstance(node.args[0], ast.Constant) and isinstance(
                     node.args[0].value, int):
@@ -460,8 +472,11 @@ def _stub(name):
 def _fresh_builtins_refused(create_builtin):
     """A second copy of an already loaded builtin module (posix, with its real _exit and write) is not
     for tests; builtin modules not loaded yet still load."""
-    def guarded(spec):
-        if getattr(spec, "name", None) in sys.modules:
+    loaded = frozenset(sys.modules) | {"posix", "_io", "_imp", "sys", "builtins", "_thread", "_signal"}
+
+    def guarded(spec, getattr_=getattr, type_=type, str_=str, modules=sys.modules):
+        name = getattr_(spec, "name", None)
+        if type_(name) is not str_ or name in loaded or name in modules:  # a str subclass could lie
             raise ImportError("sandbox: a second copy of " + str(spec.name) + " is not available to tests")
         return create_builtin(spec)
     return guarded
@@ -488,7 +503,8 @@ def _watcher(setup_ns):
     import builtins
     modules = sys.modules
     items, values, type_, isinstance_, list_, dict_, getattr_ = dict.items, dict.values, type, isinstance, list, dict, getattr
-    mappingproxy, function, module, set_, frozenset_, bytearray_ = type(type.__dict__), type(_watcher), type(sys), set, frozenset, bytearray
+    mappingproxy, function, module = type(type.__dict__), type(_watcher), type(sys)
+    set_, frozenset_, bytearray_ = set, frozenset, bytearray
     str_, tuple_, len_, id_, all_, zip_, bytes_, enumerate_ = str, tuple, len, id, all, zip, bytes, enumerate
     scalars = {str, bytes, int, float, complex, bool, frozenset}
     MUTABLE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE unset: a class whose attributes can be set
@@ -585,7 +601,7 @@ def _worker(job, name, report, result_fd):
     # The report is one byte-string written once, after the test: b"P" (passed), b"F"/b"T"/b"S" and a
     # detail (failed, tampered, sandbox failure). Nothing the test can patch (json, str methods of
     # modules) is used to make it; the functions used are bound here, before any untrusted code runs.
-    write, exit_, encode = os.write, os._exit, str.encode
+    write, exit_, encode, fstat = os.write, os._exit, str.encode, os.fstat
     try:
         os.close(result_fd)
         if report != 3:
@@ -607,6 +623,8 @@ def _worker(job, name, report, result_fd):
                 if hasattr(mod, attr):
                     setattr(mod, attr, _stub(attr))
         _imp.create_builtin = _fresh_builtins_refused(_imp.create_builtin)
+        st = fstat(3)
+        report_id = (st.st_dev, st.st_ino)
     except BaseException as e:
         write(3, b"S" + encode(repr(e)[:2000], "utf-8", "replace"))
         exit_(0)
@@ -644,6 +662,12 @@ def _worker(job, name, report, result_fd):
             stream.flush()
         except BaseException:
             pass
+    try:  # the report goes to the harness's pipe, not one the test put in its place (dup2)
+        st = fstat(3)
+        if (st.st_dev, st.st_ino) != report_id:
+            exit_(3)
+    except BaseException:
+        exit_(3)
     write(3, msg)
     exit_(0)
 

@@ -1,0 +1,182 @@
+"""Honest results: a generated test cannot make a false assertion about the code under test pass.
+
+Each attempt asserts something FALSE about the function under test and tries to make it pass anyway by
+changing what that function sees (a shadowed builtin, a patched module reached through an alias or the
+module table, a patched class, mutated data or defaults) or by forging its own report (a fresh copy of
+``posix`` with the real ``write``/``_exit``, the worker's frames, a swapped report pipe). The effect
+checked is the outcome: never ``ok``. Attempts run through :func:`evaluate_code` exactly as
+``recipes.regex`` calls it, and the runtime layers are also checked with the syntax screen off.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import textwrap
+
+import pytest
+
+from sieve.evals.code import evaluate_code
+from sieve.evals.sandbox import _run, bwrap_available, run_sandboxed
+
+pytestmark = pytest.mark.skipif(not bwrap_available() and os.environ.get("SIEVE_SANDBOX_TESTS") != "require",
+                                reason="bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
+
+SETUP = textwrap.dedent('''
+    import re
+
+    TABLE = {"a": 1}
+
+    class Checker:
+        def ok(self, digits):
+            return len(digits) >= 7
+
+    def normalize_phone(number, *, keep_plus=True):
+        """Keep the digits of a phone number. Raises ValueError if fewer than 7 digits."""
+        digits = re.sub(r"\\D", "", number)
+        if not Checker().ok(digits) or TABLE.get("a") != 1:
+            raise ValueError("too few digits")
+        return ("+" if keep_plus and number.strip().startswith("+") else "") + digits
+''')
+FALSE = "    assert normalize_phone('12') == '12'\n"  # raises ValueError on the real function
+
+ATTEMPTS = {
+    "shadow_builtin_at_top": "def len(x):\n    return 10\ndef test_fuzz():\n" + FALSE,
+    "patch_module_through_alias_at_top": "import re\nm = re\nm.sub = lambda p, r, s: '1234567'\ndef test_fuzz():\n" + FALSE,
+    "patch_module_through_alias_in_test": "import re\ndef test_fuzz():\n    m = re\n    m.sub = lambda p, r, s: '1234567'\n"
+                                          "    assert normalize_phone('12') == '1234567'\n",
+    "patch_module_from_module_table": "import sys\ndef test_fuzz():\n    getattr(sys, 'modules')['re'].sub = "
+                                      "lambda p, r, s: '1234567'\n    assert normalize_phone('12') == '1234567'\n",
+    "module_table_through_a_module": "import typing\ndef test_fuzz():\n    typing.sys.modules['re'].sub = "
+                                     "lambda p, r, s: '1234567'\n    assert normalize_phone('12') == '1234567'\n",
+    "patch_builtins_module": "import sys\ndef test_fuzz():\n    b = getattr(sys, 'modules')['builtins']\n"
+                             "    b.len = lambda x: 10\n" + FALSE,
+    "patch_class_through_alias": "def test_fuzz():\n    c = Checker\n    c.ok = lambda self, d: True\n" + FALSE,
+    "mutate_module_data": "def test_fuzz():\n    TABLE.update(a=2)\n    try:\n        normalize_phone('1234567')\n"
+                          "    except ValueError:\n        return\n    assert False, 'it should raise'\n",
+    "change_defaults_through_alias": "def test_fuzz():\n    f = normalize_phone\n    f.__kwdefaults__ = {'keep_plus': False}\n"
+                                     "    assert normalize_phone('+1234567') == '1234567'\n",
+    "fresh_posix_copy_forges_report": textwrap.dedent("""
+        import sys
+        def test_fuzz():
+            mods = getattr(sys, 'modules')
+            real = mods.pop('posix')
+            bs = mods['_frozen_importlib']
+            fresh = bs.module_from_spec(bs.BuiltinImporter.find_spec('posix'))
+            mods['posix'] = real
+            fresh.write(3, b'P')
+            r, w = fresh.pipe()
+            fresh.dup2(w, 3)  # the worker's own report then goes nowhere
+        """) + FALSE,
+    "builtins_getattr_computes_exit": textwrap.dedent("""
+        import sys
+        def test_fuzz():
+            mods = getattr(sys, 'modules')
+            real = mods.pop('posix')
+            bs = mods['_frozen_importlib']
+            fresh = bs.module_from_spec(bs.BuiltinImporter.find_spec('posix'))
+            mods['posix'] = real
+            fresh.write(3, b'P')
+            mods['builtins'].getattr(fresh, '_' + 'exit')(0)
+        """) + FALSE,
+    "worker_frames_through_builtins_getattr": textwrap.dedent("""
+        import sys
+        def test_fuzz():
+            ga = getattr(sys, 'modules')['builtins'].getattr
+            f = ga(ga(sys, 'modules')['sys'], '_get' + 'frame')(1)
+            loc = ga(f, 'f_' + 'locals')
+            loc['write'](3, b'P')
+            loc['exit_'](0)
+        """) + FALSE,
+}
+
+
+def test_the_false_assertion_fails_honestly():
+    e = evaluate_code("def test_fuzz():\n" + FALSE, setup=SETUP, execute=True)
+    assert (e.executed, e.exec_status) == (False, "error")
+    assert evaluate_code("def test_fuzz():\n    assert normalize_phone('+1 234 567') == '+1234567'\n", setup=SETUP,
+                         execute=True).exec_status == "ok"
+
+
+@pytest.mark.parametrize("name", sorted(ATTEMPTS))
+def test_a_false_assertion_never_passes(name):
+    # exactly as recipes/regex.py calls it
+    e = evaluate_code(ATTEMPTS[name], setup=SETUP, execute=True, timeout_s=3.0, memory_mb=512, sandbox="bwrap")
+    assert e.executed is False and e.exec_status in ("tampered", "error"), (name, e)
+
+
+RUNTIME = ["shadow_builtin_at_top", "patch_module_through_alias_at_top", "patch_module_through_alias_in_test",
+           "patch_module_from_module_table", "module_table_through_a_module", "patch_class_through_alias",
+           "mutate_module_data", "change_defaults_through_alias", "fresh_posix_copy_forges_report",
+           "builtins_getattr_computes_exit"]
+
+
+@pytest.mark.parametrize("name", RUNTIME)
+def test_runtime_layers_hold_with_the_screen_off(name):
+    """The worker's own checks (separate globals, the snapshot of what the code under test reaches, no
+    second posix, the report pipe's identity) hold without the syntax screen."""
+    r = _run(ATTEMPTS[name], SETUP, None, 3.0, 512, 8, None, "bwrap", screen_code=False, audit_hook=True)
+    assert not r.ok and r.status in ("tampered", "error", "no-result"), (name, r)
+
+
+def test_runtime_check_names_what_changed():
+    r = _run(ATTEMPTS["patch_module_through_alias_in_test"], SETUP, None, 3.0, 512, 8, None, "bwrap",
+             screen_code=False, audit_hook=True)
+    assert r.status == "tampered" and "module re: sub" in r.detail, r
+
+
+@pytest.mark.parametrize("code", [
+    "import random, string, warnings\ndef test_fuzz():\n    random.seed(0)\n    with warnings.catch_warnings():\n"
+    "        warnings.simplefilter('ignore')\n        warnings.warn('x')\n    for _ in range(100):\n"
+    "        s = ''.join(random.choice(string.digits + '+- ') for _ in range(12))\n        try:\n"
+    "            assert normalize_phone(s).lstrip('+').isdigit()\n        except ValueError:\n            pass\n",
+    "import io, contextlib\ndef test_fuzz():\n    buf = io.StringIO()\n    with contextlib.redirect_stdout(buf):\n"
+    "        print(normalize_phone('+1 234 567'))\n    assert buf.getvalue() == '+1234567\\n'\n",
+    "import dataclasses, enum, functools, tempfile, json, decimal, fractions, datetime, statistics, collections\n"
+    "import typing, textwrap, difflib, logging\n@dataclasses.dataclass\nclass P:\n    x: int\nclass C(enum.Enum):\n    A = 1\n"
+    "@functools.lru_cache\ndef h(n):\n    return n\nlogging.basicConfig(level=logging.INFO)\n"
+    "def test_fuzz():\n    assert C(1) is C.A and h(2) == 2 and P(1).x == 1\n    t: typing.List[int] = [1]\n"
+    "    with tempfile.TemporaryDirectory(dir='.'):\n        pass\n    json.dumps({'a': str(decimal.Decimal(1))})\n"
+    "    fractions.Fraction(1, 3)\n    datetime.datetime.now().isoformat()\n    statistics.mean([1, 2])\n"
+    "    collections.Counter('aab')\n    textwrap.dedent('  x')\n    difflib.SequenceMatcher(None, 'a', 'b').ratio()\n"
+    "    logging.getLogger('t').info('x')\n    assert normalize_phone('1234567') == '1234567'\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\ndef test_fuzz():\n    s = Stack()\n"
+    "    s.items.append(normalize_phone('7654321'))\n    assert s.items == ['7654321']\n",
+])
+def test_honest_tests_that_touch_the_standard_library_still_pass(code):
+    r = run_sandboxed(code, setup=SETUP, timeout_s=10)
+    assert r.ok, r
+
+
+OS_PROBE = textwrap.dedent('''
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    def test_a():
+        got = {}
+        for name, nr, args in [("clone3", 435, (0, 0)), ("vfork", 58, ()), ("fork", 57, ()), ("io_uring_setup", 425, (8, 0)),
+                               ("execveat", 322, (-100, 0, 0, 0, 0)), ("clone_newuser", 56, (0x10000000 | 17, 0, 0, 0, 0)),
+                               ("unshare_newuser", 272, (0x10000000,)), ("socket_inet", 41, (2, 1, 0)),
+                               ("socket_netlink", 41, (16, 3, 0)), ("chroot", 161, (b"/sandbox",)), ("setuid0", 105, (0,)),
+                               ("mknod_char_device", 133, (b"/sandbox/n", 0o20666, 0x103))]:
+            v = libc.syscall(nr, *args)
+            if v == 0 and nr in (57, 58):
+                libc.syscall(60, 0)  # a child (never expected) leaves at once
+            got[name] = -1 if v < 0 else v, ctypes.get_errno() if v < 0 else 0
+        print("GOT", got, flush=True)
+''')
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86_64 system call numbers")
+def test_process_namespace_and_device_calls_fail_under_the_os_layers_alone():
+    """Raw system calls through ctypes, with the screen and the audit hook off: only seccomp, the user
+    namespace and the missing capabilities stand in the way, and each call fails."""
+    r = _run(OS_PROBE, "", None, 5.0, 256, 8, None, "bwrap", screen_code=False, audit_hook=False)
+    assert r.ok, r
+    got = ast.literal_eval(r.output.split("GOT ", 1)[1].splitlines()[0])
+    assert got["clone3"] == (-1, 38)  # ENOSYS: the C library falls back to clone, which is checked
+    for name in ("vfork", "fork", "io_uring_setup", "execveat", "clone_newuser", "unshare_newuser", "chroot",
+                 "mknod_char_device"):
+        assert got[name] == (-1, 1), (name, got[name])  # EPERM
+    assert got["socket_inet"] == (-1, 13) and got["socket_netlink"] == (-1, 13)  # EACCES
+    assert got["setuid0"][0] == -1
