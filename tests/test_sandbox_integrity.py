@@ -42,7 +42,8 @@ FALSE = "    assert normalize_phone('12') == '12'\n"  # raises ValueError on the
 
 ATTEMPTS = {
     "shadow_builtin_at_top": "def len(x):\n    return 10\ndef test_fuzz():\n" + FALSE,
-    "patch_module_through_alias_at_top": "import re\nm = re\nm.sub = lambda p, r, s: '1234567'\ndef test_fuzz():\n" + FALSE,
+    "patch_module_through_alias_at_top": "import re\nm = re\nm.sub = lambda p, r, s: '1234567'\ndef test_fuzz():\n"
+                                         "    assert normalize_phone('12') == '1234567'\n",
     "patch_module_through_alias_in_test": "import re\ndef test_fuzz():\n    m = re\n    m.sub = lambda p, r, s: '1234567'\n"
                                           "    assert normalize_phone('12') == '1234567'\n",
     "patch_module_from_module_table": "import sys\ndef test_fuzz():\n    getattr(sys, 'modules')['re'].sub = "
