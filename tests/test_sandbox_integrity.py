@@ -80,6 +80,16 @@ ATTEMPTS = {
             fresh.write(3, b'P')
             mods['builtins'].getattr(fresh, '_' + 'exit')(0)
         """) + FALSE,
+    "frames_through_an_imported_name": textwrap.dedent("""
+        from traceback import walk_stack
+        from typing import sys as s
+        def test_fuzz():
+            for f, _ in walk_stack(None):
+                loc = s.modules['builtins'].getattr(f, 'f_' + 'locals')
+                if 'exit_' in loc:
+                    loc['write'](3, b'P')
+                    loc['exit_'](0)
+        """) + FALSE,
     "worker_frames_through_builtins_getattr": textwrap.dedent("""
         import sys
         def test_fuzz():

@@ -242,7 +242,8 @@ def screen(code: str, setup: str = "", *, generated: bool = True) -> str | None:
             for a in node.names:
                 if a.name == "*":
                     return f"line {line}: imports * from {node.module!r}"
-                if a.name in unambiguous or raw(node.module, a.name) or bad_module(f"{node.module}.{a.name}"):
+                if a.name in unambiguous or raw(node.module, a.name) or bad_module(f"{node.module}.{a.name}") or (
+                        generated and (a.name in _ATTRS_ANYWHERE or a.name in _MODULE_ATTRS)):
                     return f"line {line}: imports {a.name!r} from {node.module!r}"
                 if (a.asname or a.name) in protected:
                     return rebinds(a.asname or a.name, line)
