@@ -116,7 +116,7 @@ def test_clamp_and_ablation_match_sae_lens(tiny_models, kind, tmp_path):
     sae = make_sae(kind, tmp=tmp_path)
     h = _layer_out(model)
     f = _busy_feature(sae, h)
-    c = 4.0 * float(sae.encode(h)[..., f].max())
+    c = 4.0 * float(sae.encode(h)[..., f].max().detach())
     cases = {
         # ablate f everywhere
         "ablate": (Intervention(Always(), LatentEdit(sae, [f], "ablate"), layers=LAYER),
