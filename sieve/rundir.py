@@ -75,7 +75,23 @@ def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool =
         raise RecipeError(recipe.path or "<recipe>", "output.dir",
                           f"{raw!r} resolves to {path}, outside the working directory ({cwd}) and the recipe's "
                           "folder: a recipe file may only write there. Pass --out DIR to write elsewhere.")
+    link = _first_link(path)
+    if link is not None:  # a shared folder that ships ``out/gen -> ~/somewhere`` would write there
+        raise RecipeError(recipe.path or "<recipe>", "output.dir",
+                          f"{raw!r} holds a symbolic link, {link} -> {os.readlink(link)}: a run from a recipe file "
+                          "does not write through links. Remove it, or pass --out DIR to choose the folder yourself.")
     return path
+
+
+def _first_link(folder: Path) -> Path | None:
+    """The first symbolic link inside ``folder`` (not followed), or None."""
+    if not folder.is_dir():
+        return None
+    for top, dirs, files in os.walk(folder, followlinks=False):
+        for name in sorted(dirs + files):
+            if os.path.islink(os.path.join(top, name)):
+                return Path(top) / name
+    return None
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -134,3 +134,32 @@ def test_run_refuses_before_loading_anything_without_bwrap(shared_recipe, monkey
     with pytest.raises(sandbox.SandboxUnavailable, match="apt-get install -y bubblewrap"):
         regex.main([*args, "--debug"])
     assert not loaded
+
+
+def test_a_link_shipped_in_the_output_folder_is_refused_before_anything_is_written(tmp_path):
+    """A shared recipe folder whose output folder holds ``gen -> somewhere else``: the run (output folder
+    from the recipe file) exits 2 before loading anything, and nothing appears where the link points."""
+    import subprocess
+    import sys
+
+    folder, outside = tmp_path / "shared", tmp_path / "outside"
+    (folder / "out").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "out" / "gen").symlink_to(outside)
+    (folder / "recipe.toml").write_text(textwrap.dedent('''
+        name = "shared-recipe"
+        [prompts]
+        regex_limit = 2
+        neutral_limit = 1
+        [sweep]
+        methods = ["unsteered"]
+        samples = 1
+        [output]
+        dir = "out"
+    '''))
+    r = subprocess.run([sys.executable, "-m", "recipes.regex", "recipe.toml"], cwd=folder, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "symbolic link" in r.stderr and "Traceback" not in r.stderr
+    assert list(outside.iterdir()) == []
+    assert sorted(p.name for p in (folder / "out").iterdir()) == ["gen"]
