@@ -277,3 +277,40 @@ def test_fired_and_edited_tokens_are_marked(page, run_dir):
 def test_screenshot(page, tmp_path):
     png = tmp_path / "report.png"
     assert page.save_screenshot(str(png)) and png.stat().st_size > 10_000
+
+
+def test_detector_and_mmlu_tables_join_the_report(run_dir, tmp_path):
+    """recipes.detect and recipes.mmlu write into the run folder; --report-only then shows their tables
+    and the precision-recall chart."""
+    from recipes import regex
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    metrics = pl.DataFrame({"detector": ["sae", "sae"], "level": ["token", "text"], "threshold": [3.0, 3.0],
+                            "precision": [0.5, 0.75], "recall": [0.25, 0.6], "f1": [0.333, 0.667],
+                            "auroc": [0.8, 0.9], "positives": [40, 10], "n": [400, 20]})
+    metrics.write_parquet(copy / "detect.parquet")
+    pl.DataFrame({"detector": ["sae"] * 3, "recall": [0.0, 0.25, 1.0], "precision": [1.0, 0.5, 0.1],
+                  "threshold": [9.0, 3.0, -9.0]}).write_parquet(copy / "detect_curves.parquet")
+    pl.DataFrame({"method": ["unsteered"], "scale": [0.0], "accuracy": [0.3], "lo": [0.2], "hi": [0.4],
+                  "n": [50]}).write_parquet(copy / "mmlu.parquet")
+    assert regex.main(["--report-only", str(copy)]) == 0
+    meta = _meta((copy / REPORT_NAME).read_text())
+    assert [r["precision"] for r in meta["detect"]] == [0.5, 0.75] and meta["mmlu"][0]["accuracy"] == 0.3
+    assert "detect_pr" in meta["charts"]
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = _browser()
+    try:
+        d.get((copy / REPORT_NAME).as_uri())
+        WebDriverWait(d, 30).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
+        WebDriverWait(d, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-detect svg"))
+        assert d.find_element(By.ID, "detect-section").is_displayed()
+        assert len(d.find_elements(By.CSS_SELECTOR, "#detect tbody tr")) == 2
+        assert d.find_element(By.CSS_SELECTOR, "#mmlu tbody td.txt").text == "unsteered"
+        assert not [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        d.quit()
