@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from sieve.errors import SieveError
 
 __all__ = ["Verdict", "Judge", "judge_prompt", "parse_verdict", "OpenAIJudge", "HFJudge", "make_judge",
-           "judge_rows"]
+           "judge_rows", "attach_verdicts", "judge_rates"]
 
 log = logging.getLogger("sieve.judge")
 
@@ -246,3 +246,57 @@ def judge_rows(judge: Judge, rows: Sequence[dict[str, Any]], store: Any, *, prog
         log.warning("judge: %d of %d tests could not be judged (the endpoint kept failing); run the same "
                     "command again to retry them", failed, len(todo))
     return judged, failed
+
+
+def attach_verdicts(gen: Any, verdicts: Any) -> Any:
+    """``gen`` (the generation table) with the judge's stored verdicts (``judge_follows``,
+    ``judge_sensible``, ``judge_explanation``) joined by row key; rows not judged (yet) get nulls.
+
+    Example:
+        >>> import polars as pl
+        >>> gen = pl.DataFrame({"key": ["a", "b"], "judge_follows": [None, None]})
+        >>> v = pl.DataFrame({"key": ["b"], "judge_follows": [True], "judge_sensible": [False],
+        ...                   "judge_explanation": ["ok"]})
+        >>> attach_verdicts(gen, v)["judge_follows"].to_list()
+        [None, True]
+    """
+    import polars as pl
+
+    if verdicts is None or not verdicts.height:
+        return gen
+    cols = ["judge_follows", "judge_sensible", "judge_explanation"]
+    return gen.drop([c for c in cols if c in gen.columns]).join(
+        verdicts.select(["key", *[c for c in cols if c in verdicts.columns]]), on="key", how="left"
+    ).with_columns([pl.col(c).cast(pl.Boolean) for c in ("judge_follows", "judge_sensible")])
+
+
+def judge_rates(gen: Any) -> Any:
+    """Per (method, scale) on the regex-prone set: how many tests were judged, and the shares judged to
+    follow the prompt and to be sensible, with Wilson 95% intervals (over the judged tests). None when
+    nothing was judged.
+
+    Example:
+        >>> import polars as pl
+        >>> gen = pl.DataFrame({"set": ["regex"] * 3, "method": ["m"] * 3, "scale": [1.0] * 3,
+        ...                     "judge_follows": [True, False, None], "judge_sensible": [True, True, None]})
+        >>> judge_rates(gen).select("judged", "judge_follows_rate").row(0)
+        (2, 0.5)
+    """
+    import polars as pl
+
+    from sieve.evals.metrics import wilson
+
+    if "judge_follows" not in gen.columns or gen["judge_follows"].drop_nulls().len() == 0:
+        return None
+    rows = []
+    for (method, scale), grp in gen.filter(pl.col("set") == "regex").group_by(["method", "scale"], maintain_order=True):
+        row: dict[str, Any] = {"method": method, "scale": scale}
+        for col in ("judge_follows", "judge_sensible"):
+            vals = [bool(v) for v in grp[col].to_list() if v is not None]
+            k, n = sum(vals), len(vals)
+            lo, hi = wilson(k, n)
+            row.update({f"{col}_rate": k / n if n else None, f"{col}_lo": lo if n else None,
+                        f"{col}_hi": hi if n else None})
+            row["judged"] = n if col == "judge_follows" else row["judged"]
+        rows.append(row)
+    return pl.DataFrame(rows)
