@@ -74,8 +74,16 @@ def body(r: Run) -> int:
 
             marks = metrics.filter(pl.col("level") == "token").select("detector", "recall", "precision", "threshold")
             save_chart(pr_chart(curves, marks), r.out / "detect_pr")
-    with pl.Config(tbl_rows=50, tbl_cols=12, float_precision=3):
-        print(metrics.select("detector", "level", "threshold", "precision", "recall", "f1", "auroc", "positives", "n"))
+    from sieve.tables import format_table
+
+    print("Detectors against regex-use labels, at the threshold each method uses (token level: every token; "
+          "text level: a text's highest score):\n")
+    print(format_table(metrics.sort(["level", "detector"], descending=[True, False]),
+                       ["detector", "level", "threshold", "precision", "recall", "f1", "auroc", "positives", "n"],
+                       formats={"threshold": ".3g"}))
+    charts = [r.out / "detect_pr.html", r.out / "detect_pr.png"] if r.recipe.output.charts else []
+    print(f"\nWrote {r.out / 'detect.parquet'}" + (f"; precision-recall curves: {', '.join(map(str, charts))}"
+                                                   if charts else ""))
     return 0
 
 

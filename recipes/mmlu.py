@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 import polars as pl
-from tqdm.auto import tqdm
+from tqdm.std import tqdm
 
 from recipes.cli import RecipeCLI, Run
 from sieve.evals.metrics import wilson
@@ -50,8 +50,15 @@ def body(r: Run) -> int:
     with r.lock("mmlu"):
         table = run(r.recipe, progress=r.progress, cache_dir=r.out / "cache")
         table.write_parquet(r.out / "mmlu.parquet")
-    with pl.Config(tbl_rows=100, tbl_cols=10):
-        print(table.select("method", "scale", "accuracy", "lo", "hi", "n"))
+    from sieve.methods import family
+    from sieve.tables import format_table, interval
+
+    rows = [{"family": family(c["method"]), "method": c["method"], "scale": c["scale"],
+             "accuracy": interval(c["accuracy"], c["lo"], c["hi"]), "n": c["n"]} for c in table.to_dicts()]
+    print(f"MMLU accuracy per method and scale (95% Wilson intervals over {rows[0]['n'] if rows else 0} questions):\n")
+    print(format_table(rows, {"family": "family", "method": "method", "scale": "scale",
+                              "accuracy": "accuracy [95%]", "n": "questions"}, formats={"scale": "g"}))
+    print(f"\nWrote {r.out / 'mmlu.parquet'} (one row per method and scale)")
     return 0
 
 

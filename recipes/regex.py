@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from tqdm.auto import tqdm
+from tqdm.std import tqdm
 
 from recipes.cli import RecipeCLI, Run
 from sieve.errors import SieveError
@@ -105,7 +105,7 @@ CLI.add_override("--max-requeue", "launch.max_requeue", type=int, metavar="R",
                  help="with --launch: requeues of a shard after its time limit (preemptions are always requeued)")
 
 
-def evaluate_row(recipe: Recipe, prompt, completion, judge=None) -> dict[str, Any]:
+def evaluate_row(recipe: Recipe, prompt, completion) -> dict[str, Any]:
     """Evaluate one completion: code, regex use, syntax, (instruct models) task success, and the
     optional judge's verdict; the evaluation fields of a :class:`~sieve.sweep.GenRow`."""
     # Empty completions are counted and never valid; "valid" is complete-and-parsing or a valid prefix
@@ -121,10 +121,7 @@ def evaluate_row(recipe: Recipe, prompt, completion, judge=None) -> dict[str, An
         code = validity.code
         ev = evaluate_code(code, execute=False)
     ev = replace(ev, syntax=validity.valid)
-    verdict = judge(prompt.setup, code) if judge is not None and code and prompt.kind == "regex" else None
     return {
-        "judge_follows": verdict.follows_prompt if verdict else None,
-        "judge_sensible": verdict.sensible if verdict else None,
         "text": completion.text, "code": code or "", "has_code": ev.has_code, "regex": ev.regex,
         "regex_parsed": ev.regex_parsed, "syntax": ev.syntax, "validity": validity.kind,
         "empty": validity.empty, "complete": validity.kind == "complete", "executed": ev.executed,
@@ -169,10 +166,9 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, part: tuple[int,
     bs = recipe.sweep.batch_size or None
     chunk = (bs or default_batch_size(setting.model)) * 4  # rows generated, then stored, at a time
     rh = recipe_hash(recipe)
-    from sieve.evals.judge import make_judge
-
-    judge = make_judge(recipe.eval.judge, recipe.eval.judge_model)
-    bar = tqdm(total=len(todo), desc="sweep", unit="row", disable=not progress)
+    # Advanced per generated batch; the ETA averages over the whole sweep so far (smoothing=0), so the
+    # evaluation of each chunk (run in the sandbox for instruct models) is in it too.
+    bar = tqdm(total=len(todo), desc="sweep (generate + evaluate)", unit="row", smoothing=0, disable=not progress)
     for i in range(0, len(todo), chunk):
         batch = todo[i : i + chunk]
         prompts = [getattr(setting.prompts, r.set)[r.prompt_index] for r in batch]
@@ -181,15 +177,32 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, part: tuple[int,
             max_new_tokens=recipe.sweep.max_new_tokens,
             temperature=recipe.sweep.temperature, top_p=recipe.sweep.top_p,
             seeds=[r.seed for r in batch], stop=recipe.sweep.stop, batch_size=bs, progress=False,
+            on_batch=bar.update,
         )
         # Token ends in ``text``: a healed row's first token also re-spells the prompt's tail, cut from text.
         ends = token_ends(setting.model.tokenizer, [o.token_ids for o in outs], [o.healed + o.text for o in outs])
         ends = [[max(0, e - len(o.healed)) for e in row] for o, row in zip(outs, ends)]
-        store.append([GenRow.of(r, rh, **evaluate_row(recipe, p, o, judge), token_ends=e)
+        store.append([GenRow.of(r, rh, **evaluate_row(recipe, p, o), token_ends=e)
                       for r, p, o, e in zip(batch, prompts, outs, ends)])
-        bar.update(len(batch))
     bar.close()
     return len(todo)
+
+
+def run_judge(recipe: Recipe, setting, judge, out: Path, part: tuple[int, int], progress: bool) -> None:
+    """The optional LLM judge over this shard's generated tests, after generation: verdicts go to
+    ``<output>/judge`` (one row per judged test); tests the judge could not answer are not stored, so
+    running the same command again asks about those only."""
+    if judge is None:
+        return
+    from sieve.evals.judge import judge_rows
+
+    mine = {r.key for r in shard(plan(recipe, setting.prompts), part) if r.set == "regex"}
+    gen = ResultStore(out / "gen").table()
+    rows = [{"key": r["key"], "function": setting.prompts.regex[r["prompt_index"]].setup, "code": r["code"]}
+            for r in gen.iter_rows(named=True) if r["key"] in mine and r["code"]]
+    judged, failed = judge_rows(judge, rows, ResultStore(out / "judge", f"{part[0]}of{part[1]}"), progress=progress)
+    log.info("judge: %d tests judged now, %d could not be judged%s", judged, failed,
+             " (run the same command again to retry them)" if failed else "")
 
 
 def ability_values(recipe: Recipe, setting, cell: Cell, questions=None) -> tuple[str, list[float], str | None]:
@@ -246,14 +259,20 @@ def harness_values(recipe: Recipe, setting, iv) -> tuple[list[float], dict[str, 
 
 def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = False) -> pl.DataFrame:
     """Summary with intervals, Pareto flags, charts, ``report.html``; returns the summary table."""
+    from sieve.evals.judge import attach_verdicts, judge_rates
+
     gen = ResultStore(out / "gen").table()
     if not gen.height:
         raise SieveError(f"no results in {out / 'gen'} yet")
+    gen = attach_verdicts(gen, ResultStore(out / "judge").table() if (out / "judge").is_dir() else None)
     ability = ResultStore(out / "ability").table()
     validity = "executed" if recipe.eval.execute and gen["executed"].drop_nulls().len() else "syntax"
     summary = summarize(gen, ability if ability.height else None, validity=validity)
     lower = recipe.eval.general == "loss"
     summary = pareto_front(summary, lower_ability_is_better=lower)
+    rates = judge_rates(gen)
+    if rates is not None:
+        summary = summary.join(rates, on=["method", "scale"], how="left")
     summary.write_parquet(out / "summary.parquet")
     summary.write_csv(out / "summary.csv")
     title = ("held-out loss on regex-free code (nats, lower is better)" if lower
@@ -268,50 +287,17 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
     path = write_report(out, recipe, summary, validity=validity, ability_title=title)
     log.info("report: %s (%.1f MB)", path, path.stat().st_size / 1e6)
     if not quiet:
-        print(format_summary(summary, validity))
+        from sieve.tables import summary_table
+
+        ability_name = "held-out loss" if lower else "lm-eval" if recipe.eval.general == "lmeval" else "MMLU"
+        print(summary_table(summary, validity, out=out, ability_name=ability_name))
+        if "empty_n" in summary.columns:
+            n_empty, n_all = int(summary["empty_n"].fill_null(0).sum()), int(summary["n"].sum())
+            if n_empty:
+                print(f"WARNING: {n_empty} of {n_all} regex-prone completions were empty (counted as not valid "
+                      "and as no regex use); see empty_n/empty_rate in summary.csv")
+        print(f"One page with all of it (tables, charts, completions): {path}")
     return summary
-
-
-def _iv(r: dict[str, Any], est: str, lo: str, hi: str, signed: bool = False) -> str:
-    v, a, b = r.get(est), r.get(lo), r.get(hi)
-    if v is None or a is None or b is None:
-        return "-"
-    f = "+.3f" if signed else ".3f"
-    return f"{v:{f}} [{a:{f}},{b:{f}}]"
-
-
-def format_summary(summary: pl.DataFrame, validity: str) -> str:
-    """The printed summary: per method, its Pareto-front scales. Rates come with two 95% intervals:
-    Wilson (every completion independent), then clustered by prompt (bootstrap over prompts); Δ is the
-    paired difference from unsteered on the same prompt and seed, with a prompt-clustered interval."""
-    lines = [f"{'method':32s} {'scale':>7s}  {'regex rate [95% CI] [by prompt]':>36s}  {'Δ regex [by prompt]':>24s}  "
-             f"{validity + ' rate [95% CI] [by prompt]':>37s}  {'Δ valid':>24s}  {'complete/prefix/empty':>21s}  "
-             f"{'ability [95% CI]':>24s}  neutral changed [by prompt] / moved"]
-    for r in summary.sort(["method", "scale"]).iter_rows(named=True):
-        if not r.get("pareto", True):
-            continue
-        regex = _iv(r, "regex_rate", "regex_lo", "regex_hi") + (
-            f" [{r['regex_clo']:.3f},{r['regex_chi']:.3f}]" if r.get("regex_clo") is not None else "")
-        valid = _iv(r, "valid_rate", "valid_lo", "valid_hi") + (
-            f" [{r['valid_clo']:.3f},{r['valid_chi']:.3f}]" if r.get("valid_clo") is not None else "")
-        split = (f"{r['complete_rate']:.2f}/{r['prefix_rate']:.2f}/{r.get('empty_rate') or 0.0:.2f}"
-                 if r.get("complete_rate") is not None else "-")
-        ab = _iv(r, "ability", "ability_lo", "ability_hi")
-        nc = (_iv(r, "neutral_changed", "neutral_changed_clo", "neutral_changed_chi") + f" / {r['neutral_moved']:.2f}"
-              if r.get("neutral_changed") is not None else "-")
-        d_regex = _iv(r, "regex_diff", "regex_diff_lo", "regex_diff_hi", True)
-        d_valid = _iv(r, "valid_diff", "valid_diff_lo", "valid_diff_hi", True)
-        lines.append(
-            f"{r['method']:32s} {r['scale']:7.2f}  {regex:>36s}  {d_regex:>24s}"
-            f"  {valid:>37s}  {d_valid:>24s}  {split:>21s}"
-            f"  {ab:>24s}  {nc}"
-        )
-    if "empty_n" in summary.columns:
-        n_empty, n_all = int(summary["empty_n"].fill_null(0).sum()), int(summary["n"].sum())
-        if n_empty:
-            lines.append(f"WARNING: {n_empty} of {n_all} regex-prone completions were empty (counted as not valid "
-                         "and as no regex use); see empty_n/empty_rate in summary.csv")
-    return "\n".join(lines)
 
 
 def launch_shards(run: Run) -> int:
@@ -344,6 +330,9 @@ def body(run: Run) -> int:
         report(saved or recipe, out)
         return 0
     user_prompt_files(recipe)  # a bad prompt file fails here, before any model is loaded
+    from sieve.evals.judge import make_judge
+
+    judge = make_judge(recipe.eval.judge, recipe.eval.judge_model)  # a bad judge setting, likewise
     if args.merge:
         from sieve.report import merge_runs
 
@@ -353,8 +342,8 @@ def body(run: Run) -> int:
                 raise SieveError(f"--merge {d}: not a run folder of this recipe (no recipe.json in {src.resolve()})")
             check(src, recipe)  # refuses a shard made by another recipe
         with run.lock():
-            for sub in ("gen", "ability"):
-                merge_stores([Path(d) / sub for d in args.merge], out / sub)
+            for sub in ("gen", "ability", "judge"):
+                merge_stores([Path(d) / sub for d in args.merge if (Path(d) / sub).is_dir()], out / sub)
             merge_runs([Path(d) for d in args.merge], out)
             report(recipe, out)
         return 0
@@ -375,6 +364,7 @@ def body(run: Run) -> int:
             setting = load_setting(recipe, progress=run.progress, cache_dir=out / "cache")
             write_prompts(setting, out)
             n = run_generation(recipe, setting, ResultStore(out / "gen", tag), part, run.progress)
+            run_judge(recipe, setting, judge, out, part, run.progress)
             run_ability(recipe, setting, ResultStore(out / "ability", tag), part, run.progress)
             log.info("sweep finished in %.0fs; results in %s", time.time() - t0, out)
             record_run(out, recipe, overrides=run.overrides, started=started,

@@ -68,7 +68,8 @@ def _layer_outputs(model, texts: list[str], layer_index: int) -> tuple[Tensor, d
 
 
 def last_token_activations(
-    model, texts: list[str], layer_index: int, *, batch_size: int = 16, progress: bool = True
+    model, texts: list[str], layer_index: int, *, batch_size: int = 16, progress: bool = True,
+    desc: str = "activations",
 ) -> Tensor:
     """``[N, D]``: the layer's output at each text's last token (prompts are left-padded).
 
@@ -78,7 +79,7 @@ def last_token_activations(
         torch.Size([2, 192])
     """
     rows = []
-    for sl in tqdm(list(_batches(len(texts), batch_size)), desc="activations", disable=not progress):
+    for sl in tqdm(list(_batches(len(texts), batch_size)), desc=desc, disable=not progress):
         h, _ = _layer_outputs(model, texts[sl], layer_index)
         rows.append(h[:, -1])
     return torch.cat(rows)
@@ -91,6 +92,7 @@ def token_activations(
     *,
     batch_size: int = 16,
     progress: bool = True,
+    desc: str = "activations",
 ) -> list[Tensor]:
     """Per text, ``[T_i, D]``: the layer's output at each of its real tokens (padding and BOS dropped).
 
@@ -98,7 +100,7 @@ def token_activations(
     """
     out: list[Tensor] = []
     bos = model.tokenizer.bos_token_id
-    for sl in tqdm(list(_batches(len(texts), batch_size)), desc="activations", disable=not progress):
+    for sl in tqdm(list(_batches(len(texts), batch_size)), desc=desc, disable=not progress):
         h, enc = _layer_outputs(model, texts[sl], layer_index)
         keep = eligible_mask(enc["input_ids"], enc["attention_mask"], bos)
         for i in range(h.shape[0]):
@@ -162,8 +164,10 @@ def caa_vector(
     """
     if not positive or not negative:
         raise SieveError("caa_vector needs at least one positive and one negative prompt")
-    pos = last_token_activations(model, positive, layer_index, batch_size=batch_size, progress=progress)
-    neg = last_token_activations(model, negative, layer_index, batch_size=batch_size, progress=progress)
+    pos = last_token_activations(model, positive, layer_index, batch_size=batch_size, progress=progress,
+                                 desc="CAA vector: positive prompts")
+    neg = last_token_activations(model, negative, layer_index, batch_size=batch_size, progress=progress,
+                                 desc="CAA vector: negative prompts")
     return pos.mean(0) - neg.mean(0)
 
 
@@ -305,7 +309,8 @@ def caa_detector(
         return det, float(threshold)
     if threshold != "calibrate" or not calibration or reference is None:
         raise SieveError("caa_detector: threshold 'calibrate' needs calibration texts and a reference detector")
-    acts = torch.cat(token_activations(model, calibration, layer_index, progress=progress))
+    acts = torch.cat(token_activations(model, calibration, layer_index, progress=progress,
+                                       desc="CAA threshold: calibration texts"))
     ref_det, ref_thr = reference
     return det, calibrate_threshold(det.score(acts), ref_det.score(acts) > ref_thr) + bias
 
@@ -318,6 +323,7 @@ def probe_training_data(
     samples: int = 8,
     max_new_tokens: int = 64,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[list[str], list[Tensor]]:
     """Texts and per-token labels (:func:`token_labels`' alignment) to train a probe on.
 
@@ -335,14 +341,17 @@ def probe_training_data(
     from sieve.generation import generate
 
     texts, labels = [], []
+    bar = tqdm(total=samples * sum(len(p) for p in contrastive), desc="probe data: sampled generations",
+               unit="row", smoothing=0, disable=not progress)
     for polarity, prompts in zip((True, False), contrastive):
         rows = [p for p in prompts for _ in range(samples)]
         outs = generate(model, rows, None, max_new_tokens=max_new_tokens, temperature=1.0,
-                        seeds=[seed * 100_003 + i for i in range(len(rows))], progress=False)
+                        seeds=[seed * 100_003 + i for i in range(len(rows))], progress=False, on_batch=bar.update)
         for o in outs:
             n = len(token_labels(tok, o.text, []))
             texts.append(o.text)
             labels.append(torch.full((n,), polarity, dtype=torch.bool))
+    bar.close()
     return texts, labels
 
 
@@ -368,7 +377,7 @@ def probe_detector(
     """
 
     def fit() -> dict[str, Tensor]:
-        acts = token_activations(model, texts, layer_index, progress=progress)
+        acts = token_activations(model, texts, layer_index, progress=progress, desc="probe: training activations")
         x = torch.cat(acts)
         y = torch.cat([lab[: a.shape[0]] for lab, a in zip(labels, acts)]).long()
         groups = torch.cat([torch.full((a.shape[0],), i) for i, a in enumerate(acts)])

@@ -215,7 +215,7 @@ def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = Tr
         else:
             texts, labels = probe_training_data(model, contrastive=prompts.probe_generation_prompts,
                                                 samples=r.probe.samples, max_new_tokens=r.probe.max_new_tokens,
-                                                seed=r.probe.seed)
+                                                seed=r.probe.seed, progress=progress)
         probe = probe_detector(model, texts, labels, r.sae.layer, l2=r.probe.l2, seed=r.probe.seed,
                                cache=cache_dir / "probe.safetensors",
                                key=[key_base, r.probe.data],

@@ -71,13 +71,19 @@ def test_mmlu_recipe_on_the_fixture(tmp_path, capsys):
     t = pl.read_parquet(tmp_path / "mmlu.parquet")
     assert t.height == 2 and (t["n"] == 24).all()
     assert ((t["lo"] <= t["accuracy"]) & (t["accuracy"] <= t["hi"])).all()
+    printed = capsys.readouterr().out
+    assert "| family " in printed and "| constant " in printed and "accuracy [95%]" in printed
+    assert f"Wrote {tmp_path / 'mmlu.parquet'}" in printed and "shape:" not in printed  # no raw polars frame
 
 
-def test_detect_recipe_scores_each_detector(tmp_path):
+def test_detect_recipe_scores_each_detector(tmp_path, capsys):
     from recipes import detect
 
-    ov = ["prompts.regex_limit=8", "prompts.neutral_limit=6", "prompts.code_limit=6", f'output.dir="{tmp_path}"']
-    assert detect.main([*ov, "--no-progress"]) == 0
+    ov = ["prompts.regex_limit=8", "prompts.neutral_limit=6", "prompts.code_limit=6"]
+    assert detect.main([*ov, "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| detector " in printed and "shape:" not in printed
+    assert f"Wrote {tmp_path / 'detect.parquet'}" in printed and str(tmp_path / "detect_pr.png") in printed
     t = pl.read_parquet(tmp_path / "detect.parquet")
     assert set(t["detector"]) == {"sae", "sae_code", "caa", "probe"} and set(t["level"]) == {"token", "text"}
     assert ((t["auroc"] >= 0) & (t["auroc"] <= 1)).all()

@@ -73,7 +73,12 @@ def test_tiny_sweep_end_to_end(tmp_path, detector_cache, capsys):
     assert set(pl.read_csv(out / "summary.csv").columns) >= {"regex_clo", "regex_diff_lo", "empty_n"}
     assert (out / "pareto.html").exists() and (out / "pareto.png").stat().st_size > 1000
     printed = capsys.readouterr().out
-    assert "regex rate [95% CI]" in printed
+    # the summary says what it shows, by family, and where the rest is
+    assert "each method's Pareto-front scales only" in printed and "| family " in printed
+    assert "regex rate [95%]" in printed and "clustered by prompt" in printed
+    assert str(out / "summary.csv") in printed and str(out / "pareto.html") in printed
+    shown = [ln for ln in printed.splitlines() if ln.startswith("| ") and "method" not in ln]
+    assert len(shown) == summary["pareto"].sum() and "dtype" not in printed
     # unsteered rows are never edited; constant steering edits every generated token
     un = gen.filter(pl.col("method") == "unsteered")
     assert (un["gen_edited"] == 0).all() and (un["prompt_edited"] == 0).all()
@@ -181,3 +186,56 @@ def test_user_prompt_files_run_end_to_end(tmp_path, detector_cache):
     assert (gen["n_tokens"] > 0).all()  # healed: no completion is cut to nothing by a bare newline
     summary = pl.read_parquet(out / "summary.parquet")
     assert summary.filter(pl.col("method") == "lexical_steering_vector")["gate_open_rate"].to_list() == [0.5]
+
+
+def test_sweep_progress_moves_per_batch(tmp_path, detector_cache, monkeypatch):
+    updates: list[int] = []
+
+    class Bar:  # records what the sweep's bar is told
+        def __init__(self, *a, total=None, desc="", **kw):
+            self.desc = desc
+
+        def update(self, n=1):
+            if self.desc.startswith("sweep"):
+                updates.append(n)
+
+        def close(self):
+            pass
+
+        def __iter__(self):
+            return iter(())
+
+    out = tmp_path / "run"
+    _prepare(out, detector_cache)
+    monkeypatch.setattr(regex, "tqdm", lambda *a, **kw: Bar(*a, **kw) if "total" in kw else iter(a[0]))
+    assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(out, **{"sweep.batch_size": "4"}),
+                       "eval.general=\"none\""]) == 0
+    # 6 methods x (6 + 3) prompts = 54 rows, stored 16 at a time, but the bar moves every batch of <= 4 rows
+    assert sum(updates) == 54 and max(updates) <= 4 and len(updates) >= 54 // 4
+
+
+def test_judge_runs_after_generation_and_retries_failures_on_resume(tmp_path, detector_cache, monkeypatch, capsys):
+    from tests.test_judge import _Server
+
+    server = _Server(rate_limited=3)  # the first three requests are refused (429) and not retried here
+    try:
+        monkeypatch.setenv("SIEVE_JUDGE_BASE_URL", server.url)
+        monkeypatch.setenv("SIEVE_JUDGE_API_KEY", "k")
+        monkeypatch.setenv("SIEVE_JUDGE_MAX_RETRIES", "0")
+        monkeypatch.setenv("SIEVE_JUDGE_CONCURRENCY", "2")
+        out = tmp_path / "run"
+        _prepare(out, detector_cache)
+        args = [str(ROOT / "recipes/regex.toml"), *_overrides(out), "eval.judge=\"openai\"", "eval.general=\"none\"",
+                "--no-progress"]
+        assert regex.main(args) == 0
+        gen = ResultStore(out / "gen").table()
+        want = set(gen.filter((pl.col("set") == "regex") & (pl.col("code") != ""))["key"])
+        first = ResultStore(out / "judge").done_keys()
+        assert len(want) > 3 and first < want and len(want - first) == 3  # the three refused are not stored
+        asked = len(server.seen)
+        assert regex.main(args) == 0  # the same command again: only those three are asked
+        assert len(server.seen) - asked == 3 and ResultStore(out / "judge").done_keys() == want
+        summary = pl.read_parquet(out / "summary.parquet")
+        assert (summary["judged"].fill_null(0) > 0).any() and "judge_follows_rate" in summary.columns
+    finally:
+        server.close()
