@@ -191,3 +191,20 @@ def test_process_namespace_and_device_calls_fail_under_the_os_layers_alone():
         assert got[name] == (-1, 1), (name, got[name])  # EPERM
     assert got["socket_inet"] == (-1, 13) and got["socket_netlink"] == (-1, 13)  # EACCES
     assert got["setuid0"][0] == -1
+
+
+SETUP_FORGERIES = {
+    "inspect_stack": "import inspect\nfor fi in inspect.stack():\n    loc = fi.frame.f_locals\n    if 'exit_' in loc:\n"
+                     "        loc['write'](3, b'P')\n        loc['exit_'](0)\ndef f(x):\n    return x\n",
+    "traceback_walk_stack": "import traceback\nfor fr, _ in traceback.walk_stack(None):\n    loc = fr.f_locals\n"
+                            "    if 'exit_' in loc:\n        loc['write'](3, b'P')\n        loc['exit_'](0)\n"
+                            "def f(x):\n    return x\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SETUP_FORGERIES))
+def test_a_prompt_files_code_under_test_cannot_pass_every_test(name):
+    """A shared prompts file's code under test that walks up to the worker's frame to write the report
+    itself: the generated test's false assertion still does not pass."""
+    e = evaluate_code("def test_a():\n    assert f(1) == 2\n", setup=SETUP_FORGERIES[name], execute=True, timeout_s=3.0)
+    assert e.executed is False and e.exec_status in ("tampered", "error"), (name, e)

@@ -140,8 +140,11 @@ _MODULE_ATTRS = {"inspect", "importlib", "ctypes", "_ctypes", "gc", "_posixsubpr
 # The prompt file's own code under test: only what would fake a result or reach the harness.
 _SETUP_FORBIDDEN = {"__main__", "_exit", "_getframe", "_current_frames", "f_back", "f_globals",
                     "tb_frame", "gi_frame", "cr_frame", "settrace", "setprofile", "addaudithook",
-                    "closerange", "fork_exec", "SystemExit"}
-_SETUP_FORBIDDEN_MODULES = {"ctypes", "_ctypes", "gc", "__main__", "_posixsubprocess", "atexit"}
+                    "closerange", "fork_exec", "SystemExit", "f_locals", "currentframe", "getouterframes",
+                    "getinnerframes", "walk_stack", "walk_tb"}
+# (a prompt file's code under test that walks the stack up to the worker would reach the worker's own
+# report and exit, and pass every test of every completion)
+_SETUP_FORBIDDEN_MODULES = {"ctypes", "_ctypes", "gc", "__main__", "_posixsubprocess", "atexit", "inspect"}
 
 
 def _parse(code: str) -> ast.Module:
