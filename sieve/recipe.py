@@ -104,12 +104,12 @@ class PromptSpec:
     shipped sets only.
 
     ``world_set`` (world only): ``intent`` (function heads with no ``re`` token: does the model reach
-    for ``re`` because of what the function is for) or ``lexical`` (imports kept, ``import re`` among
-    them, cut right before the first use).
+    for ``re`` because of what the function is for) or ``lexical``, the default (imports kept,
+    ``import re`` among them, cut right before the first use).
     """
 
     source: str = "world"
-    world_set: Literal["intent", "lexical"] = "intent"
+    world_set: Literal["intent", "lexical"] = "lexical"
     regex_limit: int = 0
     neutral_limit: int = 40
     code_limit: int = 80

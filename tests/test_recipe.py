@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from sieve.errors import RecipeError
 from sieve.methods import METHODS
@@ -130,18 +131,26 @@ clamp = [-6.0]
 """
 
 
-def _world_parts():
+def _world_parts(prompts: list[str] | None = None):
+    """The world's parts; with ``prompts``, built on the latent most often active on them (threshold 0),
+    so that the methods act whatever feature the world's build chose."""
+    from sieve.detectors import token_activations
     from sieve.interventions import Detector, SAECode
     from sieve.methods import Parts
+    from sieve.saes import feature
     from sieve.world import load_world
 
     w = load_world()
+    f, threshold = w.feature, w.threshold
+    if prompts is not None:
+        acts = torch.cat(token_activations(w.model, prompts, w.layer, progress=False))
+        f, threshold = feature(w.sae, int((w.sae.encode(acts) > 0).float().mean(0).argmax())), 0.0
     parts = Parts(layer=w.layer)
-    wv, b = w.feature.linear()
-    parts.add_detector("sae", Detector(wv, b, kind="sae"), w.threshold)
-    parts.add_direction("sae", w.feature.direction)
-    parts.add_detector("sae_code", SAECode(w.sae, [w.feature.index]), 0.0)
-    parts.add_latents("sae", w.sae, [w.feature.index])
+    wv, b = f.linear()
+    parts.add_detector("sae", Detector(wv, b, kind="sae"), threshold)
+    parts.add_direction("sae", f.direction)
+    parts.add_detector("sae_code", SAECode(w.sae, [f.index]), 0.0)
+    parts.add_latents("sae", w.sae, [f.index])
     return w, parts
 
 
@@ -155,8 +164,8 @@ def test_declared_methods_reproduce_the_registered_ones(tmp_path):
     path.write_text(MIRRORS)
     r = load_recipe(path)
     assert r.scales_for("my_code_clamping") == [-6.0] and r.scales_for("sae_code_ablation") == [0.0]
-    w, parts = _world_parts()
     prompts = [p.prompt for p in load_prompts(WORLD_PROMPTS_DIR / "regex.jsonl")[:6]]
+    w, parts = _world_parts(prompts)
     for declared, registered in (("my_conditional_clamping", "conditional_clamping"),
                                  ("my_code_clamping", "sae_code_clamping")):
         a = build(r.method(declared), parts, -6.0)

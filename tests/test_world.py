@@ -88,3 +88,25 @@ def test_conditional_steering_lowers_regex_probability_not_neutral_loss(world):
     loss0 = -torch.cat(lp0).mean()
     loss1 = -torch.cat(lp1).mean()
     assert float(loss1 - loss0) < 0.05
+
+
+def test_intent_prompts_never_name_re_and_are_split_by_file(world):
+    from sieve.world.prompts import names_re
+
+    tok = world.model.tokenizer
+    sets = {n: load_prompts(WORLD_PROMPTS_DIR / f"intent_{n}.jsonl") for n in ("regex", "neutral", "select")}
+    assert len(sets["regex"]) >= 40 and len(sets["neutral"]) >= 16
+    for ps in sets.values():
+        for p in ps:
+            assert not names_re(tok, p.prompt), p.id
+            assert p.prompt.startswith(("def ", "async def ", "class ", "@")), p.id  # no import lines above
+    assert {p.kind for p in sets["regex"]} == {"regex"} and {p.kind for p in sets["neutral"]} == {"neutral"}
+
+    def files(ps):
+        return {p.id.rsplit(":", 1)[0] for p in ps}
+
+    # Evaluation prompts come from files the feature was not chosen on.
+    assert not (files(sets["regex"]) | files(sets["neutral"])) & files(sets["select"])
+    # The lexical set keeps its imports: `import re` in most of its prompts.
+    lexical = load_prompts(WORLD_PROMPTS_DIR / "regex.jsonl")
+    assert sum("import re" in p.prompt for p in lexical) > len(lexical) / 2

@@ -28,20 +28,20 @@ import torch
 
 from sieve.world.corpus import load_corpus, load_intent_corpus
 from sieve.world.train_lm import LMConfig
-from sieve.world.train_sae import activations_list, load_lm
+from sieve.world.train_sae import activations_list, load_lm, sae_quality
 
 __all__ = ["SAMPLES", "EARLY", "CANDIDATES", "feature_matrix", "best_f1", "auroc", "early_scores",
            "stage_feature"]
 
 log = logging.getLogger("sieve.world.build")
 
-SAMPLES = 6
+SAMPLES = 4
 NEUTRAL_SAMPLES = 2
-NEUTRAL_PROMPTS = 24
+NEUTRAL_PROMPTS = 16
 MAX_NEW_TOKENS = 64
 TEMPERATURE = 0.8
 EARLY = 16
-CANDIDATES = 6
+CANDIDATES = 4
 MAX_NEUTRAL_CHANGED = 0.05
 SEED = 0
 
@@ -162,8 +162,9 @@ def stage_feature(out: Path, cfg: LMConfig) -> dict:
     code = regex_free_code([c for c in chunks if c.held_out], limit=20)
     from sieve.world.prompts import clip_to_tokens
 
-    hnorm = float(torch.cat(activations_list(model, [clip_to_tokens(tok, t, cfg.n_ctx) for t in code], layer))
-                  .norm(dim=-1).mean())
+    h_code = torch.cat(activations_list(model, [clip_to_tokens(tok, t, cfg.n_ctx) for t in code], layer))
+    hnorm = float(h_code.norm(dim=-1).mean())
+    sae_on_final = sae_quality(sae, h_code)  # the SAE was trained on the first-phase model
     scale = -hnorm
     results = []
     for i in cands:
@@ -195,6 +196,7 @@ def stage_feature(out: Path, cfg: LMConfig) -> dict:
             "unsteered_neutral_regex_rate": float(used[~is_rx].float().mean()),
             "scale": scale, "residual_norm": hnorm, "candidates": results,
         },
+        "sae_on_final_model": sae_on_final,
         "seconds": round(time.time() - t0),
     }
     (out / "feature.json").write_text(json.dumps(info, indent=1))

@@ -30,7 +30,7 @@ def stage_ship(out: Path, cfg: LMConfig) -> None:
     from sieve.models import underlying
     from sieve.world.train_lm import heldout_loss
 
-    chunks, versions = load_corpus()
+    chunks, _ = load_corpus()
     intent_chunks, intent_versions = load_intent_corpus()
     model = load_lm(out)
 
@@ -59,7 +59,7 @@ def stage_ship(out: Path, cfg: LMConfig) -> None:
         "sae": sae_stats,
         **{k: v for k, v in feat.items() if k not in ("layer", "feature", "threshold", "seconds")},
         "corpus": manifest["corpus"],
-        "sources": versions,
+        "sources": manifest["sources"],
         "intent_sources": intent_versions,
         "lm": asdict(cfg),
         "intent": json.loads(intent_log.read_text())["config"] if intent_log.exists() else None,

@@ -1,9 +1,11 @@
-"""World build stage ``sae``: a TopK SAE on one layer of the world's final LM, in sae-lens format.
+"""World build stage ``sae``: a TopK SAE on one layer of the first-phase LM, in sae-lens format.
 
 Residual-stream activations of the layer over training chunks (every chunk that uses ``re`` plus a
-seeded sample of the rest, of the corpus and the intent packages; half of them without their import
-lines, as the intent phase shows them) train a TopK SAE (unit-norm decoder rows, AuxK loss for dead
-latents). Its quality (fraction of variance explained, L0, dead latents) is measured on held-out code.
+seeded sample of the rest) train a TopK SAE (unit-norm decoder rows, AuxK loss for dead latents). Its
+quality (fraction of variance explained, L0, dead latents) is measured on held-out code. The SAE is
+trained before the short intent phase and carries over to the final model: the ``feature`` stage
+measures its quality there too (on 2 shared CPU cores, retraining it after the intent phase did not
+fit the build's budget).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in notebooks
 
-from sieve.world.corpus import Chunk, load_corpus, load_intent_corpus
+from sieve.world.corpus import Chunk, load_corpus
 from sieve.world.prompts import clip_to_tokens
 from sieve.world.train_lm import LMConfig
 
@@ -28,8 +30,8 @@ log = logging.getLogger("sieve.world.build")
 LAYER = 2
 D_SAE = 2048
 K = 16
-SAE_TOKENS = 300_000
-SAE_STEPS = 600
+SAE_TOKENS = 600_000
+SAE_STEPS = 900
 SAE_BATCH = 4096
 SAE_LR = 1e-3
 SEED = 0
@@ -41,26 +43,18 @@ def final_model_dir(out: Path) -> Path:
     return d if d.exists() else out / "model"
 
 
-def load_lm(out: Path):
-    """The build's final LM, loaded for tracing."""
+def load_lm(out: Path, final: bool = True):
+    """The build's final LM (``final=False``: the first phase's), loaded for tracing."""
     from sieve.models import load_model
 
-    return load_model(final_model_dir(out))
-
-
-def _text(c: Chunk, seed: int) -> str:
-    """A chunk as the SAE sees it: bare (no import lines) for half of them, as in the intent phase."""
-    from sieve.world.train_intent import _unit, bare_text
-
-    return bare_text(c) if c.header and _unit("sae", seed, c.file, c.name) < 0.5 else c.text
+    return load_model(final_model_dir(out) if final else out / "model")
 
 
 def _train_texts(chunks: list[Chunk], tok, budget: int, seed: int) -> list[str]:
     train = [c for c in chunks if not c.held_out]
     g = torch.Generator().manual_seed(seed)
-    regex = [_text(c, seed) for c in train if c.uses_regex]
-    rest = [_text(train[i], seed) for i in torch.randperm(len(train), generator=g).tolist()
-            if not train[i].uses_regex]
+    regex = [c.text for c in train if c.uses_regex]
+    rest = [train[i].text for i in torch.randperm(len(train), generator=g).tolist() if not train[i].uses_regex]
     texts, n = [], 0
     for t in regex + rest:
         texts.append(t)
@@ -146,8 +140,8 @@ def stage_sae(out: Path, cfg: LMConfig, layer: int = LAYER) -> dict:
     from sieve.saes import save_sae
 
     t0 = time.time()
-    chunks = load_corpus()[0] + load_intent_corpus()[0]
-    model = load_lm(out)
+    chunks, _ = load_corpus()
+    model = load_lm(out, final=False)
     torch.manual_seed(SEED)
     texts = _train_texts(chunks, model.tokenizer, SAE_TOKENS, SEED)
     x = _activations(model, texts, layer, cfg.n_ctx)
