@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in notebooks
 
 from sieve.world.corpus import Chunk
+from sieve.world.train_lm import _load_ckpt, _save_ckpt
 
 __all__ = ["IntentConfig", "bare_text", "train_intent"]
 
@@ -99,38 +99,6 @@ def _lr(cfg: IntentConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
-def _save(path: Path, model, opt, step: int, cfg: IntentConfig, losses: list[float]) -> None:
-    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    names = {id(p): n for n, p in model.named_parameters()}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if st:
-                n = names[id(p)]
-                tensors[f"opt.{n}.exp_avg"] = st["exp_avg"]
-                tensors[f"opt.{n}.exp_avg_sq"] = st["exp_avg_sq"]
-                tensors[f"opt.{n}.step"] = st["step"].reshape(1).float()
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "cfg": json.dumps(asdict(cfg)),
-                                           "losses": json.dumps(losses)})
-    tmp.replace(path)
-
-
-def _load(path: Path, model, opt) -> tuple[int, list[float]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    t = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")}, strict=False)
-    model.tie_weights()
-    for n, p in model.named_parameters():
-        if f"opt.{n}.exp_avg" in t:
-            opt.state[p] = {"exp_avg": t[f"opt.{n}.exp_avg"], "exp_avg_sq": t[f"opt.{n}.exp_avg_sq"],
-                            "step": t[f"opt.{n}.step"].reshape(())}
-    return int(meta["step"]), json.loads(meta["losses"])
-
-
 def train_intent(cfg: IntentConfig, start_model: Path, chunks: list[Chunk], out_dir: Path,
                  *, stop_after: int | None = None) -> Path:
     """Continue training the model in ``start_model`` on the training chunks (see the module
@@ -149,7 +117,7 @@ def train_intent(cfg: IntentConfig, start_model: Path, chunks: list[Chunk], out_
     ckpt = out_dir / "ckpt.safetensors"
     step, losses = 0, []
     if ckpt.exists():
-        step, losses = _load(ckpt, model, opt)
+        step, losses = _load_ckpt(ckpt, model, opt)
         log.info("intent phase: resuming from step %d", step)
     train = [c for c in chunks if not c.held_out]
     key, data = -1, None
@@ -181,7 +149,7 @@ def train_intent(cfg: IntentConfig, start_model: Path, chunks: list[Chunk], out_
             log.info("intent step %d loss %.3f (%.2fs/step)", step, sum(losses[-10:]) / 10, (time.time() - t0) / 10)
             t0 = time.time()
         if step % cfg.checkpoint_every == 0 or step == end:
-            _save(ckpt, model, opt, step, cfg, losses)
+            _save_ckpt(ckpt, model, opt, step, cfg, losses)
             snap = out_dir / "snapshots" / f"step{step:05d}"
             model.save_pretrained(snap)
             tok.save_pretrained(snap)
