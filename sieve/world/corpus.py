@@ -190,11 +190,12 @@ EXTRA_PACKAGES: tuple[tuple[str, str], ...] = (
 _IMPORTS_RE = re.compile(r"^\s*(import re\b|from re import)", re.M)
 
 
-def extra_files(held_out_fraction: float = 0.1) -> tuple[list[SourceFile], dict[str, str]]:
-    """Files importing ``re`` from :data:`EXTRA_PACKAGES` that are installed, and their versions."""
+def _package_files(packages: tuple[tuple[str, str], ...], held_out_fraction: float
+                   ) -> tuple[list[SourceFile], dict[str, str]]:
+    """Files importing ``re`` from the installed ones of ``packages`` ((import, distribution) pairs)."""
     files: list[SourceFile] = []
     versions: dict[str, str] = {}
-    for pkg, dist in EXTRA_PACKAGES:
+    for pkg, dist in packages:
         spec = importlib.util.find_spec(pkg)
         if spec is None or not spec.submodule_search_locations:
             continue
@@ -208,6 +209,11 @@ def extra_files(held_out_fraction: float = 0.1) -> tuple[list[SourceFile], dict[
             if text is not None and _IMPORTS_RE.search(text):
                 files.append(SourceFile(rel, text, _held_out(rel, held_out_fraction)))
     return files, versions
+
+
+def extra_files(held_out_fraction: float = 0.1) -> tuple[list[SourceFile], dict[str, str]]:
+    """Files importing ``re`` from :data:`EXTRA_PACKAGES` that are installed, and their versions."""
+    return _package_files(EXTRA_PACKAGES, held_out_fraction)
 
 
 def load_corpus(root: Path | None = None, extras: bool = True) -> tuple[list[Chunk], dict[str, str]]:
@@ -258,19 +264,5 @@ def load_intent_corpus() -> tuple[list[Chunk], dict[str, str]]:
         >>> "torch" in versions  # doctest: +SKIP
         True
     """
-    files: list[SourceFile] = []
-    versions: dict[str, str] = {}
-    for pkg, dist in INTENT_PACKAGES:
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            continue
-        versions[dist] = importlib.metadata.version(dist)
-        root = Path(next(iter(spec.submodule_search_locations)))
-        for path in sorted(root.rglob("*.py")):
-            rel = f"{pkg}/{path.relative_to(root).as_posix()}"
-            if set(rel.split("/")[:-1]) & (_EXCLUDED_PARTS | {"testing", "vendor", "_vendor"}):
-                continue
-            text = _read_source(path)
-            if text is not None and _IMPORTS_RE.search(text):
-                files.append(SourceFile(rel, text, _held_out(rel, INTENT_HELD_OUT)))
+    files, versions = _package_files(INTENT_PACKAGES, INTENT_HELD_OUT)
     return [c for f in files for c in chunk_file(f)], versions
