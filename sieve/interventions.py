@@ -284,35 +284,32 @@ class Fires(Gate):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class And(Gate):
+class _Combined(Gate):
+    """Two or more gates joined by one operator (``And``, ``Or``)."""
+
     parts: tuple[Gate, ...]
+    _symbol = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parts", tuple(_gate(p) for p in self.parts))
         if len(self.parts) < 2:
-            raise SieveError("And needs at least two gates")
+            raise SieveError(f"{type(self).__name__} needs at least two gates")
 
     def leaves(self) -> list[Fires]:
         return [leaf for p in self.parts for leaf in p.leaves()]
 
     def __repr__(self) -> str:
-        return "(" + " & ".join(map(repr, self.parts)) + ")"
+        return "(" + f" {self._symbol} ".join(map(repr, self.parts)) + ")"
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class Or(Gate):
-    parts: tuple[Gate, ...]
+class And(_Combined):
+    _symbol = "&"
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "parts", tuple(_gate(p) for p in self.parts))
-        if len(self.parts) < 2:
-            raise SieveError("Or needs at least two gates")
 
-    def leaves(self) -> list[Fires]:
-        return [leaf for p in self.parts for leaf in p.leaves()]
-
-    def __repr__(self) -> str:
-        return "(" + " | ".join(map(repr, self.parts)) + ")"
+@dataclass(frozen=True, eq=False, repr=False)
+class Or(_Combined):
+    _symbol = "|"
 
 
 @dataclass(frozen=True, eq=False, repr=False)
