@@ -84,12 +84,18 @@ class RowSampler:
         [1, 2]
     """
 
-    def __init__(self, temperatures: Sequence[float], seeds: Sequence[int], top_p: float = 1.0) -> None:
+    def __init__(self, temperatures: Sequence[float], seeds: Sequence[int], top_p: float = 1.0,
+                 skip: Sequence[int] | None = None) -> None:
         if len(temperatures) != len(seeds):
             raise SieveError(f"RowSampler: {len(temperatures)} temperatures for {len(seeds)} seeds")
         self.t = torch.tensor([float(t) for t in temperatures])
         self.any_greedy = bool((self.t <= 0).any())  # else no argmax is needed
         self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        # ``skip[i]``: draws row i already made (a row continued after that many tokens): its generator
+        # goes on exactly where the row's own generation would be.
+        for g, k in zip(self.gens, skip or ()):
+            for _ in range(int(k)):  # one scalar draw at a time, exactly as __call__ draws
+                torch.rand((), generator=g)
         self.top_p = float(top_p)
         self._rows: Tensor | None = None
 
@@ -246,6 +252,27 @@ def check_context(model, prompt_lengths: Sequence[int], max_new_tokens: int) -> 
             )
 
 
+@dataclass
+class _Record:
+    """The unsteered outputs of some layers at every forward of one generation batch, and what else a
+    replay of interventions over them needs (:mod:`sieve.fork`): the prompt encoding, and per decode
+    forward the rows whose token it reads is counted (:meth:`RowTracker.keeps`)."""
+
+    layers: tuple[int, ...]
+    outputs: dict[int, list[Tensor]] = field(default_factory=dict)  # per layer: [B,T,D], then [B,1,D] per step
+    encoding: dict[str, Tensor] = field(default_factory=dict)
+    keeps: list[Tensor] = field(default_factory=list)  # per decode forward k >= 1: [B] bool
+
+    def read(self, model) -> None:
+        """Inside a trace, at one forward: keep every recorded layer's output (in layer order)."""
+        from sieve.models import layer as layer_of
+
+        for L in self.layers:
+            out = layer_of(model, L).output
+            h = out[0] if isinstance(out, tuple) else out
+            self.outputs.setdefault(L, []).append(h.detach().clone())
+
+
 def _generate_batch(
     model,
     prompts: list[str],
@@ -259,26 +286,39 @@ def _generate_batch(
     stop: Any,
     heals: list[Heal | None],
     gates_opened: list[bool | None],
+    continued: list[int] | None = None,
+    record: _Record | None = None,
 ) -> list[Completion]:
     """One batch, everything already checked, listed and healed by :func:`generate`: every row its own
-    prompt (tokenized, as fed), interventions, temperature, seed and heal."""
+    prompt (tokenized, as fed), interventions, temperature, seed and heal.
+
+    ``continued[i] = c > 0``: row i's last ``c`` ids are tokens the row already generated (a row forked
+    from its unsteered trajectory, :mod:`sieve.fork`): it gets ``c`` tokens less budget, its sampler
+    skips the ``c`` draws already made, its heal (done by the first of them) is not applied again, the
+    completion's tokens start with them, and the prefill's counts and positions on them are counted as
+    generated tokens 0..c-1. ``record``: keep the layers' outputs at every forward (unsteered rows only)."""
     tok = model.tokenizer
     hf = underlying(model)
     device = next(hf.parameters()).device
-    healing = any(h is not None for h in heals)
+    cont = continued or [0] * len(rows)
+    healing = any(h is not None and c == 0 for h, c in zip(heals, cont))
     # A healed row re-spells its prompt's last token first: it gets one step more, so every row keeps
     # max_new_tokens after the prompt as written.
-    steps = max_new_tokens + 1 if healing else max_new_tokens
+    budgets = [max_new_tokens + (h is not None) - c for h, c in zip(heals, cont)]
+    per_row = healing or any(cont)
+    steps = max(budgets) if per_row else max_new_tokens
     enc = pad_left(token_ids, pad_id(tok))
     enc = {k: v.to(device) for k, v in enc.items()}
     steer = Steerer(rows, enc, tok)
+    if record is not None and steer.layers:
+        raise SieveError("recording layer outputs is for unsteered batches only")
     width = enc["input_ids"].shape[1]
-    tracker = RowTracker(width, _eos_ids(model), stop,
-                         budgets=[max_new_tokens + (h is not None) for h in heals] if healing else None)
-    processors: list[Any] = [TokenHealer(heals, width)] if healing else []
+    tracker = RowTracker(width, _eos_ids(model), stop, budgets=budgets if per_row else None)
+    processors: list[Any] = [TokenHealer([h if c == 0 else None for h, c in zip(heals, cont)], width)] \
+        if healing else []
     # Greedy rows are left to HF's own argmax: a sampler only when some row samples.
     if any(t > 0 for t in temperatures):
-        processors.append(RowSampler(temperatures, seeds, top_p))
+        processors.append(RowSampler(temperatures, seeds, top_p, skip=cont))
     gc = copy.deepcopy(hf.generation_config)
     # HF must not end rows itself: RowTracker finds each row's end and stops the batch once all have.
     # min_new_tokens is not used: it would forbid EOS and change what rows generate.
@@ -301,23 +341,53 @@ def _generate_batch(
         with model.generate(enc, generation_config=gc, logits_processor=processors,
                             stopping_criteria=StoppingCriteriaList([tracker])) as tracer:
             for step in tracer.iter[:steps]:
+                if record is not None:
+                    record.read(model)
                 # Decode step k reads generated token k-1: count firings only while it is kept. Read
                 # once the layers ran: the trace body runs ahead of HF's stopping check.
                 steer.forward(model, counted=None if step == 0 else (lambda k=step: tracker.keeps(k - 1)))
+    if record is not None:
+        record.encoding = {k: v.cpu() for k, v in enc.items()}
+        n_forwards = len(next(iter(record.outputs.values()), []))
+        record.keeps = [tracker.keeps(k - 1) for k in range(1, n_forwards)]  # type: ignore[misc]
     counts, where = steer.counts(), steer.positions()
+    marks = steer.prefill_marks() if any(cont) and steer.layers else None
     out = []
     for i, (row, finished) in enumerate(tracker.completions()):
+        c = cont[i]
+        cnt = {k: v[i] for k, v in counts.items()}
+        pos = {k: list(v[i]) for k, v in where.items()}
+        if c:
+            row = list(token_ids[i][len(token_ids[i]) - c :]) + row
+            _split_prefill(cnt, pos, c, len(token_ids[i]) - c, None if marks is None else
+                           (marks[0][i, width - c :], marks[1][i, width - c :]))
         out.append(Completion(
             prompt=prompts[i],
             text=strip_healed(tok, row, heals[i]),
             token_ids=row,
             finished=finished,
-            counts={k: v[i] for k, v in counts.items()}
-            | ({} if gates_opened[i] is None else {"prompt_gate_opened": int(gates_opened[i])}),
+            counts=cnt | ({} if gates_opened[i] is None else {"prompt_gate_opened": int(gates_opened[i])}),
             healed=heals[i].text if heals[i] is not None else "",
-            positions={k: [j for j in v[i] if k.startswith("prompt") or j < len(row)] for k, v in where.items()},
+            positions={k: [j for j in v if k.startswith("prompt") or j < len(row)] for k, v in pos.items()},
         ))
     return out
+
+
+def _split_prefill(counts: dict[str, int], positions: dict[str, list[int]], c: int, prompt_len: int,
+                   marks: tuple[Tensor, Tensor] | None) -> None:
+    """A continued row's prefill read its prompt and then its first ``c`` generated tokens: move what
+    fired and was edited on those to the generated side (positions 0..c-1), and shift the decode
+    steps' positions by ``c``."""
+    fired_at = [p - prompt_len for p in positions.get("prompt_fired", []) if p >= prompt_len]
+    positions["prompt_fired"] = [p for p in positions.get("prompt_fired", []) if p < prompt_len]
+    edited_at = [] if marks is None else marks[1].nonzero().flatten().tolist()
+    positions["gen_fired"] = fired_at + [p + c for p in positions.get("gen_fired", [])]
+    positions["gen_edited"] = edited_at + [p + c for p in positions.get("gen_edited", [])]
+    if counts:
+        counts["prompt_fired"] -= len(fired_at)
+        counts["gen_fired"] += len(fired_at)
+        counts["prompt_edited"] -= len(edited_at)
+        counts["gen_edited"] += len(edited_at)
 
 
 def check_prompts(prompts: Any) -> list[str]:
@@ -381,6 +451,106 @@ def default_batch_size(model_or_device: Any) -> int:
     return 128 if device.type == "cuda" else 32
 
 
+@dataclass
+class _Prepared:
+    """Everything :func:`generate` checks and lists once, before any batch: per row its prompt,
+    interventions (prompt gates decided), temperature, seed, token ids as fed and heal."""
+
+    prompts: list[str]
+    rows: list[Row]
+    gates_opened: list[bool | None]
+    temps: list[float]
+    seeds: list[int]
+    stop: Any
+    ids: list[list[int]]
+    heals: list[Heal | None]
+
+
+def _prepare(model, prompts: Any, interventions: Any, *, layer_index: int | None, max_new_tokens: int,
+             temperature: float | Sequence[float], seeds: Sequence[int] | int, stop: Sequence[str],
+             token_healing: bool) -> _Prepared:
+    prompts = check_prompts(prompts)
+    n = len(prompts)
+    if max_new_tokens < 1:
+        raise SieveError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    # Every list is made and every check run once, here, before any batch: rows (layers bound, widths
+    # checked), temperatures, seeds, stop strings, and the tokens of every prompt (over-long rows are
+    # refused before any batch runs, rows of similar length share a batch, each batch takes its ids).
+    rows = as_rows(interventions, n, layer_index, width=hidden_size(model))
+    check_layers(model, rows)
+    # Prompt gates (the lexical baseline) read the prompt as written, before healing touches its tokens.
+    rows, gates_opened = resolve_prompt_gates(rows, prompts)
+    temps = per_row(temperature, n, "temperature", float)
+    if any(t < 0 for t in temps):
+        raise SieveError(f"temperature must be >= 0, got {min(temps)}")
+    seed_list = [int(seeds) + i for i in range(n)] if isinstance(seeds, int) else per_row(seeds, n, "seeds", int)
+    stop_criterion = _stop_criterion(model.tokenizer, stop)
+    if n == 0:
+        return _Prepared([], [], [], [], [], stop_criterion, [], [])
+    ids = tokenize_prompts(model.tokenizer, prompts)
+    check_context(model, [len(r) for r in ids], max_new_tokens)
+    heals: list[Heal | None] = [None] * n
+    if token_healing:
+        ids, heals = heal_rows(model.tokenizer, ids)
+    return _Prepared(prompts, rows, gates_opened, temps, seed_list, stop_criterion, ids, heals)
+
+
+def _run_batches(
+    model,
+    prep: _Prepared,
+    idx: Sequence[int],
+    *,
+    max_new_tokens: int,
+    top_p: float,
+    batch_size: int | None,
+    fed: dict[int, list[int]] | None = None,
+    continued: dict[int, int] | None = None,
+    rows: dict[int, Row] | None = None,
+    record_layers: Callable[[list[int]], tuple[int, ...]] | None = None,
+    on_outs: Callable[[list[int], _Record | None, list[Completion]], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[int, Completion]:
+    """Generate rows ``idx`` of ``prep`` in batches of similar fed length (``fed`` overrides a row's
+    ids, ``continued`` says how many of them it already generated, ``rows`` its interventions);
+    ``batch_size=None`` takes :func:`default_batch_size` and halves it when CUDA runs out of memory.
+    ``record_layers(batch)`` names layers whose outputs to record for a batch; ``on_outs(batch, record,
+    completions)`` gets them (record None where none was asked for) once the batch is done."""
+    fed = fed or {}
+    continued = continued or {}
+    rows = rows or {}
+    order = sorted(idx, key=lambda j: len(fed.get(j, prep.ids[j])))
+    bs = batch_size or default_batch_size(model)
+    results: dict[int, Completion] = {}
+    i = 0
+    while i < len(order):
+        batch = order[i : i + bs]
+        layers = record_layers(batch) if record_layers is not None else ()
+        record = _Record(tuple(layers)) if layers else None
+        try:
+            outs = _generate_batch(
+                model, [prep.prompts[j] for j in batch], [rows.get(j, prep.rows[j]) for j in batch],
+                [fed.get(j, prep.ids[j]) for j in batch],
+                max_new_tokens=max_new_tokens, temperatures=[prep.temps[j] for j in batch],
+                seeds=[prep.seeds[j] for j in batch], top_p=top_p, stop=prep.stop,
+                heals=[prep.heals[j] for j in batch], gates_opened=[prep.gates_opened[j] for j in batch],
+                continued=[continued.get(j, 0) for j in batch] if continued else None, record=record,
+            )
+        except torch.cuda.OutOfMemoryError:
+            if bs == 1 or batch_size is not None:
+                raise
+            bs //= 2
+            torch.cuda.empty_cache()
+            log.warning("out of memory: batch size now %d", bs)
+            continue
+        results.update(zip(batch, outs))
+        if on_outs is not None:
+            on_outs(batch, record, outs)
+        if on_batch is not None:
+            on_batch(len(batch))
+        i += len(batch)
+    return results
+
+
 def generate(
     model,
     prompts: list[str],
@@ -414,6 +584,8 @@ def generate(
     completion's ``text`` continues the prompt as written, ``healed`` says what was re-spelled.
     ``False`` feeds the prompts' tokens as they are.
 
+    :func:`sieve.fork.generate_forked` gives the same completions doing only the work gates cause.
+
     Example:
         >>> from sieve.world import load_world
         >>> w = load_world()
@@ -421,58 +593,22 @@ def generate(
         >>> outs[0].healed, len(outs[0].token_ids) <= 8 + 1  # "\\n" re-spelled, then 8 tokens at most
         ('\\n', True)
     """
-    prompts = check_prompts(prompts)
-    n = len(prompts)
-    if max_new_tokens < 1:
-        raise SieveError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    # Every list is made and every check run once, here, before any batch: rows (layers bound, widths
-    # checked), temperatures, seeds, stop strings, and the tokens of every prompt (over-long rows are
-    # refused before any batch runs, rows of similar length share a batch, each batch takes its ids).
-    rows = as_rows(interventions, n, layer_index, width=hidden_size(model))
-    check_layers(model, rows)
-    # Prompt gates (the lexical baseline) read the prompt as written, before healing touches its tokens.
-    rows, gates_opened = resolve_prompt_gates(rows, prompts)
-    temps = per_row(temperature, n, "temperature", float)
-    if any(t < 0 for t in temps):
-        raise SieveError(f"temperature must be >= 0, got {min(temps)}")
-    seed_list = [int(seeds) + i for i in range(n)] if isinstance(seeds, int) else per_row(seeds, n, "seeds", int)
-    stop_criterion = _stop_criterion(model.tokenizer, stop)
-    bs = batch_size or default_batch_size(model)
+    prep = _prepare(model, prompts, interventions, layer_index=layer_index, max_new_tokens=max_new_tokens,
+                    temperature=temperature, seeds=seeds, stop=stop, token_healing=token_healing)
+    n = len(prep.prompts)
     if n == 0:
         return []
-    ids = tokenize_prompts(model.tokenizer, prompts)
-    check_context(model, [len(r) for r in ids], max_new_tokens)
-    heals: list[Heal | None] = [None] * n
-    if token_healing:
-        ids, heals = heal_rows(model.tokenizer, ids)
-    order = sorted(range(n), key=lambda i: len(ids[i]))
-    results: list[Completion | None] = [None] * n
     bar = tqdm(total=n, desc="generate", unit="row", disable=not progress)
-    i = 0
-    while i < n:
-        idx = order[i : i + bs]
-        try:
-            outs = _generate_batch(
-                model, [prompts[j] for j in idx], [rows[j] for j in idx], [ids[j] for j in idx],
-                max_new_tokens=max_new_tokens, temperatures=[temps[j] for j in idx],
-                seeds=[seed_list[j] for j in idx], top_p=top_p, stop=stop_criterion,
-                heals=[heals[j] for j in idx], gates_opened=[gates_opened[j] for j in idx],
-            )
-        except torch.cuda.OutOfMemoryError:
-            if bs == 1 or batch_size is not None:
-                raise
-            bs //= 2
-            torch.cuda.empty_cache()
-            log.warning("out of memory: batch size now %d", bs)
-            continue
-        for j, o in zip(idx, outs):
-            results[j] = o
-        bar.update(len(idx))
+
+    def done(k: int) -> None:
+        bar.update(k)
         if on_batch is not None:
-            on_batch(len(idx))
-        i += len(idx)
+            on_batch(k)
+
+    results = _run_batches(model, prep, range(n), max_new_tokens=max_new_tokens, top_p=top_p,
+                           batch_size=batch_size, on_batch=done)
     bar.close()
-    return [r for r in results if r is not None]
+    return [results[j] for j in range(n)]
 
 
 def steered_logits(

@@ -968,6 +968,7 @@ class Steerer:
         # Where, not only how often: the prefill's firing mask and one [2, B] (fired, edited) per decode
         # step, kept on the device and read once by positions().
         self._prompt_fired: Tensor | None = None
+        self._prompt_edited: Tensor | None = None
         self._gen_marks: list[Tensor] = []
 
     def _to(self, device: torch.device) -> None:
@@ -1144,7 +1145,7 @@ class Steerer:
         self.stats[f"{where}_fired"] += n_fired
         self.stats[f"{where}_edited"] += n_edited
         if self.calls == 0:
-            self._prompt_fired = self._fired.any(1)
+            self._prompt_fired, self._prompt_edited = self._fired.any(1), self._edited.clone()
         else:
             self._gen_marks.append(torch.stack([n_fired > 0, n_edited > 0]))
         self.calls += 1
@@ -1180,6 +1181,23 @@ class Steerer:
         for k, name in enumerate(("gen_fired", "gen_edited")):
             out[name] = [row.nonzero().flatten().tolist() for row in marks[k]]
         return out
+
+    def prefill_marks(self) -> tuple[Tensor, Tensor]:
+        """Where the first forward (the prefill) fired and edited: ``[B, T]`` bool each, in the padded
+        layout of that forward (padding and BOS never marked). A continued row
+        (:func:`sieve.fork.generate_forked`) splits its prefill into prompt and generated tokens with it.
+
+        Example:
+            >>> iv = Intervention("token", Edit("add", torch.tensor([1.0, 0.0]), -1.0),
+            ...                   Detector(torch.tensor([1.0, 0.0])), threshold=0.5)
+            >>> steer = Steerer([iv], layer=0)
+            >>> _ = steer(torch.tensor([[[0.0, 0.0], [2.0, 0.0]]]))
+            >>> [m.tolist() for m in steer.prefill_marks()]
+            [[[False, True]], [[False, True]]]
+        """
+        if self._prompt_fired is None or self._prompt_edited is None:
+            raise SieveError("Steerer: no forward has run yet")
+        return self._prompt_fired.cpu(), self._prompt_edited.cpu()
 
     def __repr__(self) -> str:
         n = sum(len(r) for r in self.rows)

@@ -122,7 +122,9 @@ class PromptSpec:
 class SweepSpec:
     """Methods × scales × samples. ``scales`` maps a method name or an edit kind (``add``/``clamp``) to
     its values; the method's own entry wins. ``stop``: strings that end a row (kept in its text), e.g.
-    the closing code fence when only the code block is evaluated."""
+    the closing code fence when only the code block is evaluated. ``fork``: gated rows reuse or fork
+    from their (prompt, sample)'s unsteered trajectory (:mod:`sieve.fork`; the same completions, less
+    work); ``false`` generates every row in full."""
 
     methods: list[str] = field(default_factory=lambda: [UNSTEERED])
     scales: dict[str, list[float]] = field(default_factory=dict)
@@ -133,6 +135,7 @@ class SweepSpec:
     stop: list[str] = field(default_factory=list)
     seed: int = 0
     batch_size: int = 0
+    fork: bool = True
 
 
 @dataclass
@@ -554,8 +557,9 @@ def save_recipe(r: Recipe, path: str | Path) -> Path:
 def recipe_hash(r: Recipe) -> str:
     """A short hash of the validated recipe's content (independent of formatting and comments, and of
     ``[output]`` and ``[launch]``: the same study written to another folder, or run on other machines,
-    is the same run)."""
+    is the same run; nor of ``sweep.fork``, which changes how rows are made, not what they are)."""
     d = recipe_dict(r)
     d.pop("output", None)
     d.pop("launch", None)
+    d.get("sweep", {}).pop("fork", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

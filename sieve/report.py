@@ -100,8 +100,9 @@ def _now() -> str:
 
 
 def record_run(out: Path, recipe: Recipe, *, overrides: Sequence[str] = (), started: str, finished: str,
-               seconds: float, shard: str = "0/1", rows: int = 0) -> Path:
-    """Add one session (a run or a resume of it) to ``out/run.json``, with the resolved recipe.
+               seconds: float, shard: str = "0/1", rows: int = 0, work: dict[str, Any] | None = None) -> Path:
+    """Add one session (a run or a resume of it) to ``out/run.json``, with the resolved recipe;
+    ``work``: what forked generation saved in it (:class:`sieve.fork.ForkSummary`), when it ran.
 
     Example:
         >>> record_run(out, recipe, started=t0, finished=t1, seconds=12.5, rows=96)  # doctest: +SKIP
@@ -113,7 +114,8 @@ def record_run(out: Path, recipe: Recipe, *, overrides: Sequence[str] = (), star
     run.update({"recipe": recipe_dict(recipe), "hash": recipe_hash(recipe),
                 "file": str(recipe.path) if recipe.path else None})
     run.setdefault("sessions", []).append({"started": started, "finished": finished, "seconds": round(seconds, 1),
-                                           "shard": shard, "rows": int(rows), "overrides": list(overrides)})
+                                           "shard": shard, "rows": int(rows), "overrides": list(overrides)}
+                                          | ({"work": work} if work is not None else {}))
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(run, indent=1))
     tmp.replace(path)

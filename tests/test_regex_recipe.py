@@ -210,8 +210,10 @@ def test_sweep_progress_moves_per_batch(tmp_path, detector_cache, monkeypatch):
     monkeypatch.setattr(regex, "tqdm", lambda *a, **kw: Bar(*a, **kw) if "total" in kw else iter(a[0]))
     assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(out, **{"sweep.batch_size": "4"}),
                        "eval.general=\"none\""]) == 0
-    # 6 methods x (6 + 3) prompts = 54 rows, stored 16 at a time, but the bar moves every batch of <= 4 rows
-    assert sum(updates) == 54 and max(updates) <= 4 and len(updates) >= 54 // 4
+    # 6 methods x (6 + 3) prompts = 54 rows, stored in chunks of >= 4 whole (prompt, sample) groups (forked
+    # generation), but the bar moves every batch: a batch of 4 unsteered trajectories settles at most their
+    # 4 x 6 rows, a batch of forked or full rows <= 4
+    assert sum(updates) == 54 and max(updates) <= 4 * 6 and len(updates) > 54 // 16
 
 
 def test_judge_runs_after_generation_and_retries_failures_on_resume(tmp_path, detector_cache, monkeypatch, capsys):
@@ -239,3 +241,33 @@ def test_judge_runs_after_generation_and_retries_failures_on_resume(tmp_path, de
         assert (summary["judged"].fill_null(0) > 0).any() and "judge_follows_rate" in summary.columns
     finally:
         server.close()
+
+
+def test_forked_sweep_equals_full_sweep_also_in_shards(tmp_path, detector_cache):
+    import json
+
+    cols = ["key", "text", "n_tokens", "finished", "regex", "syntax", "prompt_fired", "gen_fired", "prompt_edited",
+            "gen_edited", "prompt_fired_at", "gen_fired_at", "gen_edited_at"]
+    extra = {"sweep.samples": "2", "eval.general": '"none"'}
+    tables = {}
+    for fork in ("true", "false"):
+        out = tmp_path / fork
+        _prepare(out, detector_cache)
+        assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(out, **extra, **{"sweep.fork": fork}),
+                           "--no-progress"]) == 0
+        tables[fork] = ResultStore(out / "gen").table().sort("key").select(cols)
+    assert tables["true"].height == 6 * 9 * 2 and tables["true"].equals(tables["false"])
+    work = json.loads((tmp_path / "true/run.json").read_text())["sessions"][-1]["work"]
+    assert work["rows"] == 108 and work["unsteered"] == 18 and 0 < work["tokens"] < work["tokens_full"]
+    assert "work" not in json.loads((tmp_path / "false/run.json").read_text())["sessions"][-1]
+    # the same recipe either way (a run may resume with the other setting)
+    on, off = (load_recipe(ROOT / "recipes/regex.toml", _overrides(tmp_path, **{"sweep.fork": f})) for f in ("true", "false"))
+    assert recipe_hash(on) == recipe_hash(off)
+    # shards of one folder: a shard's gated rows whose unsteered row is in the other shard are forked from
+    # a trajectory made in memory; the rows are the same
+    out = tmp_path / "shards"
+    _prepare(out, detector_cache)
+    for i in range(2):
+        assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(out, **extra), "--shard", f"{i}/2",
+                           "--no-progress"]) == 0
+    assert ResultStore(out / "gen").table().sort("key").select(cols).equals(tables["true"])

@@ -1,0 +1,183 @@
+"""Forked generation (sieve.fork) against full steered generation: token for token, counts and positions.
+
+Every gated registered method, the latch across decode steps, composed multi-intervention rows
+(several layers, & | ~ gates, an SAE-code latch), prompt-gated (lexical) rows, greedy and sampled, token
+healing on and off, stop strings and rows ending at EOS. CPU float32 on the embedded world.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sieve.fork import ForkSummary, generate_forked
+from sieve.generation import RowSampler, generate
+from sieve.interventions import Detector, Edit, Fires, Intervention, LatentEdit, SAECode, Steerer
+from sieve.methods import EXTRA_METHODS, LEXICAL_METHODS, METHODS, STUDY_METHODS, Parts, build
+from sieve.prompts import WORLD_PROMPTS_DIR
+from sieve.world import load_world
+
+FIELDS = ("token_ids", "text", "finished", "healed", "counts", "positions")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return load_world()
+
+
+def _prompts(kind: str, n: int, max_chars: int = 120) -> list[str]:
+    rows = [json.loads(x)["prompt"] for x in (WORLD_PROMPTS_DIR / f"{kind}.jsonl").read_text().splitlines() if x.strip()]
+    return [p[-max_chars:] for p in rows[:n]]
+
+
+def _parts(w) -> Parts:
+    """The world's feature as the ``sae`` detector and direction, its code and latents; ``caa`` and
+    ``probe`` detectors and directions near the feature's. Thresholds at the 98th percentile of the
+    detectors' scores on neutral code, so that rows fire now and then: in the prompt, during generation
+    or never (the feature's own threshold rarely fires on these prompts)."""
+    from sieve.models import encode_prompts, underlying
+
+    wv, b = w.feature.linear()
+    g = torch.Generator().manual_seed(0)
+    enc = encode_prompts(w.model.tokenizer, _prompts("neutral", 12, 300))
+    with torch.inference_mode():
+        h = underlying(w.model)(**enc, output_hidden_states=True).hidden_states[w.layer + 1]
+    h = h[enc["attention_mask"].bool()].float()
+
+    def q98(d) -> float:
+        return float(d.score(h).quantile(0.98))
+
+    p = Parts(layer=w.layer)
+    sae = Detector(wv, b, kind="sae")
+    p.add_detector("sae", sae, q98(sae))
+    p.add_direction("sae", w.feature.direction)
+    code = SAECode(w.sae, [w.feature.index])
+    p.add_detector("sae_code", code, q98(code))
+    p.add_latents("sae", w.sae, [w.feature.index])
+    for name, noise in (("caa", 0.3), ("probe", 0.5)):
+        v = wv + noise * wv.norm() * torch.randn(wv.shape[0], generator=g) / wv.shape[0] ** 0.5
+        det = Detector(v, b, kind=name)
+        if name == "probe":  # a probe fires where w·h + b > 0
+            det = Detector(v, b - q98(det), kind=name)
+        p.add_detector(name, det, q98(det) if name == "caa" else 0.0)
+        p.add_direction(name, v)
+    return p
+
+
+def _value(method) -> float:
+    return -3.0 if method.edit in ("clamp", "latent_set") else -8.0
+
+
+def _same(a, b) -> list[int]:
+    """Rows where the forked completion differs from the full one in any field."""
+    return [i for i, (x, y) in enumerate(zip(a, b)) if any(getattr(x, f) != getattr(y, f) for f in FIELDS)]
+
+
+def _sweep(w, prompts, ivs, samples, **kw):
+    rows = [(p, iv, 1000 * i + s) for iv in ivs for i, p in enumerate(prompts) for s in range(samples)]
+    args = ([p for p, _, _ in rows], [iv for _, iv, _ in rows])
+    full = generate(w.model, *args, seeds=[s for _, _, s in rows], progress=False, **kw)
+    forked, summary = generate_forked(w.model, *args, seeds=[s for _, _, s in rows], progress=False, **kw)
+    return full, forked, summary
+
+
+def _composed(w, parts: Parts) -> list[Intervention]:
+    """Two interventions on one row: a token gate editing two layers, and an SAE-code latch or'ed with
+    a probe and not a CAA firing, editing in the SAE's code."""
+    L = w.layer
+    sae_det, t = parts.detector("sae")
+    layers = [L, L + 1] if L + 1 < 4 else [L - 1, L]
+    code = Fires(SAECode(w.sae, [w.feature.index]), 0.0)
+    probe = Fires(parts.detector("probe")[0], 0.0)
+    caa = Fires(*parts.detector("caa"))
+    return [Intervention("token", Edit("add", parts.direction("caa"), -6.0), sae_det, t, layers=layers,
+                         read_layer=layers[0]),
+            Intervention((code.latch() | probe) & ~caa, LatentEdit(w.sae, [w.feature.index], "set", -2.0), layers=L)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_forked_equals_full_for_every_gated_method(world, temperature):
+    parts = _parts(world)
+    gated = [m for m in (*STUDY_METHODS, *EXTRA_METHODS, *METHODS.values()) if m.gate != "always"]
+    names = list(dict.fromkeys(m.name for m in gated))
+    ivs = [None] + [build(METHODS[n], parts, _value(METHODS[n])) for n in names] + [_composed(world, parts)]
+    prompts = _prompts("intent_regex", 6) + _prompts("neutral", 2)
+    samples = 3 if temperature else 1
+    full, forked, summary = _sweep(world, prompts, ivs, samples, max_new_tokens=24, temperature=temperature,
+                                   stop=["return"])
+    assert _same(full, forked) == []
+    k = len(prompts) * samples
+    assert summary.rows == len(full) and summary.unsteered == k and summary.full_always == 0
+    assert summary.unsteered + summary.reused + summary.forked + summary.full == summary.rows
+    # every class of row occurs, so each path is checked: reused, forked mid-way, edited in the prompt
+    assert summary.reused and summary.forked and summary.full_prompt
+    assert summary.tokens < summary.tokens_full == sum(len(c.token_ids) for c in full)
+    # every gated method has rows that edit only in generation (forked) when sampling
+    methods = [iv for iv in ivs[1:-1]]
+    forks = {iv.name: sum(1 for r in forked[(m + 1) * k : (m + 2) * k]
+                          if r.positions["gen_edited"] and not r.counts["prompt_edited"]) for m, iv in enumerate(methods)}
+    if temperature:
+        assert all(forks.values()), forks
+    # the latch across decode steps: input-gated rows forked mid-generation, edited on every later token
+    latched = [r for m, iv in enumerate(methods) if iv.gate == "input" for r in forked[(m + 1) * k : (m + 2) * k]
+               if r.positions["gen_edited"] and not r.counts["prompt_edited"]]
+    for r in latched:
+        first = r.positions["gen_edited"][0]
+        assert r.positions["gen_edited"] == list(range(first, first + len(r.positions["gen_edited"])))
+    if temperature:  # some rows end at EOS (not at the budget or a stop string), forked or not
+        assert any(r.finished and not r.text.endswith("return") for r in forked)
+        assert any(r.finished and r.text.endswith("return") for r in forked)
+
+
+def test_forked_equals_full_without_healing_and_with_always_rows(world):
+    parts = _parts(world)
+    ivs = [None, build("conditional_per_input", parts, -8.0), build("constant_sae", parts, -4.0),
+           build("probe_steering_vector_clamping", parts, -3.0), _composed(world, parts)]
+    prompts = _prompts("intent_regex", 3, 200)
+    full, forked, summary = _sweep(world, prompts, ivs, 2, max_new_tokens=16, temperature=0.8, token_healing=False)
+    assert _same(full, forked) == []
+    assert summary.full_always == len(prompts) * 2 and all(r.healed == "" for r in forked)
+
+
+def test_prompt_gated_rows_are_the_unsteered_row_where_the_gate_stays_shut(world):
+    parts = _parts(world)
+    ivs = [None, *(build(m, parts, _value(m)) for m in LEXICAL_METHODS)]
+    prompts = ["def parse_header(line):\n    ", "def mean(xs):\n    ", "def extract_emails(text):\n    "]
+    full, forked, summary = _sweep(world, prompts, ivs, 2, max_new_tokens=12, temperature=1.0)
+    assert _same(full, forked) == []
+    # "mean" has no regex word: its lexical rows are its unsteered row; the others are steered in full
+    assert summary.reused == 2 * len(LEXICAL_METHODS) and summary.full_always == 2 * 2 * len(LEXICAL_METHODS)
+    assert {r.counts["prompt_gate_opened"] for r in forked[6:]} == {0, 1}
+
+
+def test_rows_alone_or_in_a_sweep_and_an_empty_call(world):
+    parts = _parts(world)
+    iv = build("conditional_per_token", parts, -8.0)
+    # a gated row with no unsteered row beside it: its trajectory is made for it, in memory
+    prompt = _prompts("intent_regex", 1, 200)
+    alone, summary = generate_forked(world.model, prompt * 2, iv, max_new_tokens=16, temperature=1.0, seeds=[3, 4],
+                                     progress=False)
+    full = generate(world.model, prompt * 2, iv, max_new_tokens=16, temperature=1.0, seeds=[3, 4], progress=False)
+    assert _same(full, alone) == [] and summary.trajectories == summary.extra_trajectories == 2
+    assert generate_forked(world.model, [], None, progress=False) == ([], ForkSummary())
+
+
+def test_row_sampler_skips_draws_already_made():
+    full = RowSampler([1.0], seeds=[5])
+    scores = torch.zeros(1, 50)
+    picks = [int(full(torch.zeros(1, 1, dtype=torch.long), scores.clone()).argmax()) for _ in range(6)]
+    later = RowSampler([1.0], seeds=[5], skip=[4])
+    assert [int(later(torch.zeros(1, 1, dtype=torch.long), scores.clone()).argmax()) for _ in range(2)] == picks[4:]
+
+
+def test_prefill_marks_split_a_continued_prefill():
+    iv = Intervention("input", Edit("add", torch.tensor([1.0, 0.0]), -1.0), Detector(torch.tensor([1.0, 0.0])), 0.5,
+                      layers=0)
+    steer = Steerer([iv, iv], {"input_ids": torch.tensor([[0, 5, 6], [5, 6, 7]]),
+                               "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}, layer=0)
+    steer(torch.tensor([[[9.0, 0.0], [0.0, 0.0], [2.0, 0.0]], [[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]]]))
+    fired, edited = steer.prefill_marks()
+    assert fired.tolist() == [[False, False, True], [False, True, False]]  # padding never fires
+    assert edited.tolist() == [[False, False, True], [False, True, True]]  # the latch holds after a firing
