@@ -41,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sieve.fork import generate_forked  # noqa: E402
 from sieve.generation import RowSampler, generate  # noqa: E402
 from sieve.interventions import Detector, Edit, Intervention, eligible_mask  # noqa: E402
 from sieve.methods import STUDY_METHODS, Parts, build  # noqa: E402
@@ -264,7 +265,7 @@ def study_way(model, layer: int, cells, parts, prompts, n: int, device: str, sam
                 with torch.inference_mode():
                     if sampled:
                         b = enc["input_ids"].shape[0]
-                        seeds = range(len(outs), len(outs) + b)
+                        seeds = range(i, i + b)  # seeded by prompt, as a sweep's rows are (sieve.sweep)
                         ids = hf.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
                                           eos_token_id=eos, logits_processor=[RowSampler([1.0] * b, list(seeds))])
                     else:
@@ -287,33 +288,131 @@ def sweep_plan(model, layer: int, per_cell: int):
     return parts, cells, prompts, rows, ivs
 
 
-def sieve_way(model, layer: int, rows, ivs, n: int, device: str, sampled: bool = False) -> list[list[int]]:
+def sieve_way(model, layer: int, rows, ivs, n: int, device: str, sampled: bool = False, fork: bool = False,
+              summary: list | None = None) -> list[list[int]]:
     """All rows of the sweep in batched generation, rows mixing methods and scales: on CUDA all in one
     batch, on a CPU in batches of sieve's default size (32). Token healing is off: the study's way feeds
-    the prompts' tokens as they are, and both must do the same work."""
+    the prompts' tokens as they are, and both must do the same work. Rows are seeded by prompt, as a
+    sweep's are. ``fork``: :func:`sieve.fork.generate_forked` (its work summary appended to ``summary``)."""
     bs = len(rows) if device == "cuda" else None
-    outs = generate(model, rows, ivs, layer_index=layer, max_new_tokens=n, batch_size=bs, progress=False,
-                    temperature=1.0 if sampled else 0.0, seeds=list(range(len(rows))), token_healing=False)
+    index = {p: i for i, p in enumerate(dict.fromkeys(rows))}
+    kw = dict(layer_index=layer, max_new_tokens=n, batch_size=bs, progress=False,
+              temperature=1.0 if sampled else 0.0, seeds=[index[p] for p in rows], token_healing=False)
+    if fork:
+        outs, work = generate_forked(model, rows, ivs, **kw)
+        if summary is not None:
+            summary.append(work)
+    else:
+        outs = generate(model, rows, ivs, **kw)
     return [o.token_ids for o in outs]
 
 
 def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: int, sampled: bool = False) -> dict:
     parts, cells, prompts, rows, ivs = sweep_plan(model, layer, per_cell)
-    sieve_t, study_t = [], []
+    sieve_t, study_t, fork_t = [], [], []
     for _ in range(repeats):
         study_t.append(timed(lambda: study_way(model, layer, cells, parts, prompts, n, device, sampled), device))
         sieve_t.append(timed(lambda: sieve_way(model, layer, rows, ivs, n, device, sampled), device))
+        fork_t.append(timed(lambda: sieve_way(model, layer, rows, ivs, n, device, sampled, fork=True), device))
     a = study_way(model, layer, cells, parts, prompts, n, device, sampled)
     b = sieve_way(model, layer, rows, ivs, n, device, sampled)
+    work: list = []
+    c = sieve_way(model, layer, rows, ivs, n, device, sampled, fork=True, summary=work)
     same = sum(x[: len(y)] == y for x, y in zip(a, b)) / len(a)  # sieve cuts rows at EOS
+    same_fork = sum(x == y for x, y in zip(b, c)) / len(b)
     kept = sum(len(y) for y in b)  # tokens of the completions (all n per row when greedy)
+    med = {k: statistics.median(v) for k, v in (("study", study_t), ("sieve", sieve_t), ("fork", fork_t))}
     return {"sampled": sampled, "cells": len(cells), "rows": len(rows), "tokens": kept,
-            "study_s": statistics.median(study_t), "sieve_s": statistics.median(sieve_t),
-            "speedup": statistics.median(study_t) / statistics.median(sieve_t),
+            "study_s": med["study"], "sieve_s": med["sieve"], "fork_s": med["fork"],
+            "speedup": med["study"] / med["sieve"],
             "speedup_min": min(s / t for s, t in zip(study_t, sieve_t)),
             "speedup_max": max(s / t for s, t in zip(study_t, sieve_t)),
-            "sieve_tok_s": kept / statistics.median(sieve_t),
-            "study_tok_s": kept / statistics.median(study_t), "same_tokens": same}
+            "fork_speedup": med["sieve"] / med["fork"], "fork_vs_study": med["study"] / med["fork"],
+            "sieve_tok_s": kept / med["sieve"],
+            "study_tok_s": kept / med["study"], "same_tokens": same, "fork_same_tokens": same_fork,
+            "fork_work": work[0].as_dict()}
+
+
+def recipe_rows(groups: int, cache: Path | None):
+    """The default recipe's real workload: ``groups`` (prompt set, prompt, sample) groups drawn at random
+    (seed 0), each with all of the recipe's method × scale cells (the unsteered one included), as
+    ``recipes.regex`` plans them; the setting's detectors come from ``cache`` (trained there if absent)."""
+    import random
+
+    from sieve.recipe import load_recipe
+    from sieve.setting import load_setting
+    from sieve.sweep import plan
+
+    r = load_recipe(ROOT / "recipes" / "regex.toml")
+    setting = load_setting(r, progress=False, cache_dir=cache)
+    by_group: dict = {}
+    for row in plan(r, setting.prompts):
+        by_group.setdefault((row.set, row.prompt_index, row.sample), []).append(row)
+    keys = list(by_group)
+    random.Random(0).shuffle(keys)
+    todo = [row for k in keys[:groups] for row in by_group[k]]
+    ivs = {c: c.intervention(setting.parts, r) for c in dict.fromkeys(row.cell for row in todo)}
+    prompts = [getattr(setting.prompts, row.set)[row.prompt_index].text for row in todo]
+    kw = dict(max_new_tokens=r.sweep.max_new_tokens, temperature=r.sweep.temperature, top_p=r.sweep.top_p,
+              stop=r.sweep.stop, progress=False)
+    return setting.model, todo, prompts, [ivs[row.cell] for row in todo], kw, r.sweep.batch_size or None
+
+
+def bench_recipe(groups: int, repeats: int, cache: Path | None) -> dict:
+    """The recipe's rows three ways, interleaved: the study's loop structure (one ``generate`` per method ×
+    scale, batch 20, here with sieve's own edit, since its hook cannot express latches or SAE-space
+    edits), the sweep in full (``sweep.fork = false``) and the sweep forked (``sweep.fork = true``)."""
+    model, todo, prompts, ivs, kw, bs = recipe_rows(groups, cache)
+    seeds = [row.seed for row in todo]
+
+    def loop():
+        out = {}
+        by_cell: dict = {}
+        for i, row in enumerate(todo):
+            by_cell.setdefault(row.cell, []).append(i)
+        for idx in by_cell.values():
+            outs = generate(model, [prompts[i] for i in idx], [ivs[i] for i in idx], seeds=[seeds[i] for i in idx],
+                            batch_size=20, **kw)
+            out.update(zip(idx, outs))
+        return [out[i] for i in range(len(todo))]
+
+    def full():
+        return generate(model, prompts, ivs, seeds=seeds, batch_size=bs, **kw)
+
+    work: list = []
+
+    def forked():
+        outs, w = generate_forked(model, prompts, ivs, seeds=seeds, batch_size=bs, **kw)
+        work.append((outs, w))
+        return outs
+
+    t: dict[str, list[float]] = {"loop": [], "full": [], "forked": []}
+    last: dict[str, list] = {}
+    for _ in range(repeats):
+        for name, fn in (("loop", loop), ("full", full), ("forked", forked)):
+            t0 = time.perf_counter()
+            last[name] = fn()
+            t[name].append(time.perf_counter() - t0)
+    outs, w = work[-1]
+    # Rows that differ between the full and the forked sweep, by how the forked run made them (read off
+    # its counts: an edit in the prompt or an always gate, generated in full; an edit in generation,
+    # forked; none, the unsteered row reused): differences in full rows can only be batch composition.
+    differ: dict[str, int] = {}
+    for iv, a, b in zip(ivs, last["full"], last["forked"]):
+        if a.token_ids != b.token_ids or a.counts != b.counts:
+            kind = ("unsteered" if iv is None else "full" if b.counts.get("prompt_edited") or iv.gate == "always"
+                    else "forked" if b.counts.get("gen_edited") else "reused")
+            differ[kind] = differ.get(kind, 0) + 1
+    med = {k: statistics.median(v) for k, v in t.items()}
+    return {"groups": groups, "rows": len(todo), "tokens": sum(len(o.token_ids) for o in last["full"]),
+            "loop_s": med["loop"], "full_s": med["full"], "forked_s": med["forked"],
+            "fork_speedup": med["full"] / med["forked"], "full_vs_loop": med["loop"] / med["full"],
+            "forked_vs_loop": med["loop"] / med["forked"],
+            "fork_speedup_range": [min(f / g for f, g in zip(t["full"], t["forked"])),
+                                   max(f / g for f, g in zip(t["full"], t["forked"]))],
+            "differ_full_vs_forked": differ,
+            "differ_loop_vs_full": sum(a.token_ids != b.token_ids for a, b in zip(last["loop"], last["full"])),
+            "work": w.as_dict()}
 
 
 class _RssPeak:
@@ -387,12 +486,33 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--per-cell", type=int, default=20)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--recipe-rows", type=int, default=None, metavar="GROUPS",
+                    help="only the default recipe's real workload: GROUPS (prompt, sample) groups with all its cells, "
+                         "the study's loop structure vs the sweep in full vs the sweep forked")
+    ap.add_argument("--cache", default=None, help="with --recipe-rows: detector cache folder (trained there if absent)")
     ap.add_argument("--probe", choices=["study", "sieve"], help=argparse.SUPPRESS)  # one memory probe (internal)
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.probe:
         print(json.dumps({"peak_mb": peak_memory_probe(args.config, args.device, args.probe, args.tokens,
                                                        args.per_cell)}))
+        return
+    if args.recipe_rows:
+        res = bench_recipe(args.recipe_rows, args.repeats, Path(args.cache) if args.cache else None)
+        res |= {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
+        print(f"# recipes/regex.toml workload: {res['groups']} (prompt, sample) groups, {res['rows']} rows, "
+              f"{res['tokens']} tokens, {args.repeats} interleaved repeats (medians)")
+        print(f"study's loop (one generate per cell, batch 20): {res['loop_s']:.1f}s; sweep in full: {res['full_s']:.1f}s "
+              f"({res['full_vs_loop']:.2f}x the loop); sweep forked: {res['forked_s']:.1f}s ({res['fork_speedup']:.2f}x "
+              f"the full sweep, range {res['fork_speedup_range'][0]:.2f}-{res['fork_speedup_range'][1]:.2f}; "
+              f"{res['forked_vs_loop']:.2f}x the loop)")
+        w = res["work"]
+        print(f"forked work: {w['unsteered']} unsteered, {w['reused']} reused, {w['forked']} forked, {w['full_prompt']} "
+              f"edit in the prompt, {w['full_always']} always-gated; {100 * w['saved']:.1f}% of tokens not generated; "
+              f"rows differing from the full sweep: {res['differ_full_vs_forked'] or 0}; loop vs full sweep: "
+              f"{res['differ_loop_vs_full']}")
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1))
         return
     if args.sae_cost:
         rows = []
@@ -439,6 +559,9 @@ def main() -> None:
               f"{s['study_s']:.1f}s ({s['study_tok_s']:.0f} tok/s), sieve {s['sieve_s']:.1f}s "
               f"({s['sieve_tok_s']:.0f} tok/s) -> {s['speedup']:.1f}x faster (range {s['speedup_min']:.1f}-"
               f"{s['speedup_max']:.1f}); identical tokens in {100 * s['same_tokens']:.0f}% of rows")
+        print(f"  forked: {s['fork_s']:.1f}s -> {s['fork_speedup']:.2f}x sieve unforked, {s['fork_vs_study']:.1f}x the "
+              f"study way; same tokens as unforked in {100 * s['fork_same_tokens']:.0f}% of rows; "
+              f"{100 * s['fork_work']['saved']:.0f}% of tokens not generated")
     print(f"peak memory above the model (greedy sweep): study way +{sweep['study_peak_mb']} MiB, "
           f"sieve +{sweep['sieve_peak_mb']} MiB")
     if args.out:

@@ -139,10 +139,8 @@ def first_edits(steer: Steerer, record: _Record, at: Sequence[int]) -> None:
     idx = torch.tensor(list(at), dtype=torch.long)
     n_forwards = len(record.outputs[steer.layers[0]]) if steer.layers else 0
     for k in range(n_forwards):
-        counted = None if k == 0 else record.keeps[k - 1].cpu()[idx]
-        for L in steer.layers:
-            h = record.outputs[L][k]
-            steer(h[idx.to(h.device)], counted, layer=L)
+        counted = None if k == 0 else record.keeps[k - 1][idx.to(record.keeps[k - 1].device)]
+        steer.replay({L: record.outputs[L][k] for L in steer.layers}, idx, counted)
 
 
 def _encoding_rows(record: _Record, at: Sequence[int]) -> dict[str, torch.Tensor]:

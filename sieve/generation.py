@@ -518,7 +518,9 @@ def _run_batches(
     fed = fed or {}
     continued = continued or {}
     rows = rows or {}
-    order = sorted(idx, key=lambda j: len(fed.get(j, prep.ids[j])))
+    # Rows of similar length share a batch; continued rows also by budget left (a batch runs until its
+    # longest row ends, so a short continuation beside a full row would save nothing).
+    order = sorted(idx, key=lambda j: (-continued.get(j, 0), len(fed.get(j, prep.ids[j]))))
     bs = batch_size or default_batch_size(model)
     results: dict[int, Completion] = {}
     i = 0

@@ -1050,10 +1050,36 @@ class Steerer:
         return (h_new, *output[1:]) if isinstance(output, tuple) else h_new
 
     def _code(self, L: int, sid: int, h: Tensor) -> Tensor:
-        """The group's code ``[B, T, U]``, encoded once per layer per forward."""
+        """The group's code ``[B, T, U]``, encoded once per layer per forward (in a :meth:`replay`, once
+        per recorded row)."""
         if sid not in self._codes:
-            self._codes[sid] = _encode(self._groups[(sid, L)].tensors, h)  # type: ignore[arg-type]
+            t = self._groups[(sid, L)].tensors
+            src = getattr(self, "_replay_src", None)
+            self._codes[sid] = _encode(t, h) if src is None else _encode(t, src[0])[src[1]]  # type: ignore[arg-type]
         return self._codes[sid]
+
+    def replay(self, outputs: dict[int, Tensor], at: Tensor, counted: Tensor | None = None) -> None:
+        """One forward over layer outputs recorded elsewhere (an unsteered generation's, say): row ``i``
+        reads row ``at[i]`` of ``outputs[L]`` at every layer ``L`` of :attr:`layers`. Rows that read the
+        same recorded row share its SAE encodes. What the edits return is dropped: the replay is for
+        :meth:`counts`, :meth:`positions` and :meth:`prefill_marks` (where the rows would fire and edit).
+
+        Example:
+            >>> iv = Intervention("token", Edit("add", torch.tensor([1.0, 0.0]), -1.0),
+            ...                   Detector(torch.tensor([1.0, 0.0])), threshold=0.5)
+            >>> steer = Steerer([iv, iv, iv], layer=0)
+            >>> steer.replay({0: torch.tensor([[[0.0, 0.0]], [[2.0, 0.0]]])}, torch.tensor([1, 0, 1]))
+            >>> steer.counts()["prompt_edited"]
+            [1, 0, 1]
+        """
+        for L in self.layers:
+            src = outputs[L]
+            idx = at.to(src.device)
+            self._replay_src = (src, idx)
+            try:
+                self(src[idx], counted, layer=L)
+            finally:
+                self._replay_src = None
 
     def _layer(self, h: Tensor, L: int) -> Tensor:
         t = self._t

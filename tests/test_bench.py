@@ -22,11 +22,16 @@ def bench():
 def test_study_way_and_sieve_way_give_the_same_tokens(bench, sampled):
     model, layer = bench.build_model("world", "cpu")
     parts, cells, prompts, rows, ivs = bench.sweep_plan(model, layer, per_cell=3)
-    cells, rows, ivs = cells[:4], rows[:12], ivs[:12]  # 4 cells × 3 prompts, in the plan's order
+    pick = [0, 6, 9, 15]  # constant_sae, conditional_per_token, conditional_steering_vector, probe_sae
+    cells = [cells[i] for i in pick]  # 4 cells × 3 prompts, in the plan's order
+    rows, ivs = ([x for i in pick for x in xs[3 * i : 3 * i + 3]] for xs in (rows, ivs))
     study = bench.study_way(model, layer, cells, parts, prompts, 6, "cpu", sampled)
     ours = bench.sieve_way(model, layer, rows, ivs, 6, "cpu", sampled)
-    assert len(study) == len(ours) == 12
+    work: list = []
+    forked = bench.sieve_way(model, layer, rows, ivs, 6, "cpu", sampled, fork=True, summary=work)
+    assert len(study) == len(ours) == len(forked) == 12
     assert all(s[: len(o)] == o for s, o in zip(study, ours))
+    assert forked == ours and work[0].rows == 12 and work[0].full_always == 3  # the constant cell's rows
     assert sum(len(o) for o in ours) > 0
     # the steering really acts: the cells' scales give different completions of the same prompt
     assert len({tuple(ours[i]) for i in range(0, 12, 3)}) > 1
