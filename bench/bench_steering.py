@@ -11,12 +11,20 @@
    batch 20, a forward hook on the layer). Greedy (every row runs the whole budget), then sampled at
    temperature 1 with rows ending at EOS as in the study (both sides use the same per-row seeds); either
    way both must give the same tokens, and the script checks.
+   A third side runs the same sweep forked (:func:`sieve.fork.generate_forked`: gated rows reuse or
+   continue their prompt's unsteered trajectory; rows are seeded by prompt, as a sweep's are) and is
+   checked to give the same tokens as the unforked sweep.
 3. Tokens per second, and peak memory of each side of the sweep, each run alone in a fresh process
    (CUDA: ``max_memory_allocated`` above the loaded model; CPU: peak resident-set growth, polled).
 
 4. ``--sae-cost CONFIG ...``: an SAE-space clamp (encode, set the feature where active, decode, error
    kept) on a 16k-latent JumpReLU SAE, with the sparse encode (the feature's own encoder column and
    decoder row) and with the full encode, against plain ``generate``, for several configs in one run.
+
+5. ``--recipe-rows GROUPS``: the default recipe's own workload (GROUPS random (prompt, sample) groups,
+   every method × scale cell of ``recipes/regex.toml``): the study's loop structure (one ``generate``
+   per cell, batch 20), the sweep in full and the sweep forked, interleaved; the work the forking saved,
+   and the rows that differ between full and forked, by how the forked run made them.
 
 Configs: ``world`` (the embedded model), ``mid`` (a random 8-layer d=512 Llama), ``gemma2-2b-width``
 (gemma-2-2b's width with 4 layers and a small vocabulary; fits a CPU), ``gemma2-2b`` (gemma-2-2b's

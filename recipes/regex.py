@@ -212,6 +212,10 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, part: tuple[int,
     return len(todo)
 
 
+# Cells whose held-out loss is computed together (and stored together) with sweep.fork.
+_ABILITY_CELLS = 16
+
+
 def run_judge(recipe: Recipe, setting, judge, out: Path, part: tuple[int, int], progress: bool) -> None:
     """The optional LLM judge over this shard's generated tests, after generation: verdicts go to
     ``<output>/judge`` (one row per judged test); tests the judge could not answer are not stored, so
@@ -249,13 +253,35 @@ def ability_values(recipe: Recipe, setting, cell: Cell, questions=None) -> tuple
     return "mmlu", [float(c) for c in correct], None
 
 
-def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, int], progress: bool) -> None:
-    """General ability per cell (held-out loss on regex-free code, or MMLU accuracy), into ``store``."""
+def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, int], progress: bool,
+                work: ForkSummary | None = None) -> None:
+    """General ability per cell (held-out loss on regex-free code, or MMLU accuracy), into ``store``.
+
+    The held-out loss with ``sweep.fork``: cells a few at a time, one unsteered forward per batch of
+    texts, and a steered forward only for the texts a cell's gate edits (:func:`sieve.fork.forked_forward`);
+    ``work`` adds up the texts reused."""
     if recipe.eval.general == "none":
         return
     done = store.done_keys()
     todo = [c for c in shard(cells(recipe), part) if AbilityRow.key_of(c) not in done]
     rh = recipe_hash(recipe)
+    if recipe.sweep.fork and recipe.eval.general == "loss":
+        from sieve.evals.ability import token_logprobs
+        from sieve.fork import forked_forward
+
+        bar = tqdm(total=len(todo), desc="general ability", disable=not progress)
+        for i in range(0, len(todo), _ABILITY_CELLS):
+            group = todo[i : i + _ABILITY_CELLS]
+            lps, saved = forked_forward(setting.model, setting.prompts.code,
+                                        [c.intervention(setting.parts, recipe) for c in group], token_logprobs,
+                                        batch_size=recipe.forward_batch_size)
+            store.append([AbilityRow.of(c, "loss", [float(-lp.mean()) for lp in v if lp.numel()], rh)
+                          for c, v in zip(group, lps)])
+            if work is not None:
+                work.add(saved)
+            bar.update(len(group))
+        bar.close()
+        return
     questions = None
     if recipe.eval.general == "mmlu" and todo:
         from sieve.evals.mmlu import load_mmlu
@@ -392,7 +418,10 @@ def body(run: Run) -> int:
             if work is not None and work.rows:
                 log.info("forked generation: %s", work)
             run_judge(recipe, setting, judge, out, part, run.progress)
-            run_ability(recipe, setting, ResultStore(out / "ability", tag), part, run.progress)
+            run_ability(recipe, setting, ResultStore(out / "ability", tag), part, run.progress, work)
+            if work is not None and work.texts:
+                log.info("forked held-out loss: %d of %d (text, cell) forwards reused the unsteered one",
+                         work.texts_reused, work.texts)
             log.info("sweep finished in %.0fs; results in %s", time.time() - t0, out)
             record_run(out, recipe, overrides=run.overrides, started=started,
                        finished=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), seconds=time.time() - t0,

@@ -63,7 +63,7 @@ from tqdm.std import tqdm
 from sieve.generation import Completion, _prepare, _Prepared, _Record, _run_batches
 from sieve.interventions import Always, Row, Steerer
 
-__all__ = ["ForkSummary", "generate_forked", "first_edits"]
+__all__ = ["ForkSummary", "generate_forked", "first_edits", "forked_forward"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class ForkSummary:
     gate: both edit from the first token). ``trajectories``: unsteered generations run
     (``extra_trajectories`` of them for gated rows only). ``tokens``: tokens generated;
     ``tokens_full``: the tokens of all completions (what generating every row in full makes).
+    ``texts`` / ``texts_reused``: teacher-forced texts under steered cells (:func:`forked_forward`),
+    and those a cell never edited, whose unsteered result was reused.
 
     Example:
         >>> s = ForkSummary(rows=4, reused=2, forked=1, full=1, full_always=1, tokens=30, tokens_full=60)
@@ -100,6 +102,8 @@ class ForkSummary:
     extra_trajectories: int = 0
     tokens: int = 0
     tokens_full: int = 0
+    texts: int = 0
+    texts_reused: int = 0
 
     @property
     def saved(self) -> float:
@@ -203,10 +207,18 @@ def generate_forked(
             summary.full_always += 1
         else:
             groups.setdefault((prep.prompts[j], prep.temps[j], prep.seeds[j]), []).append(j)
-    rep = {members[0]: members for members in groups.values()}  # a trajectory is made in its first row's place
     results: dict[int, Completion] = {}
     fed: dict[int, list[int]] = {}
     continued: dict[int, int] = {}
+    # A group with no unsteered row would have a trajectory made for it alone: read its prompt first (one
+    # unsteered forward per prompt) and send the rows that edit in the prompt to full generation at once;
+    # a group left without rows needs no trajectory. (The trajectory's own replay decides the rest.)
+    lone = [j for members in groups.values() if all(prep.rows[k] for k in members) for j in members]
+    if lone:
+        for j in _prompt_edits(model, prep, lone, batch_size):
+            fed[j] = prep.ids[j]
+        groups = {k: kept for k, v in groups.items() if (kept := [j for j in v if j not in fed])}
+    rep = {members[0]: members for members in groups.values()}  # a trajectory is made in its first row's place
 
     def record_layers(batch: list[int]) -> tuple[int, ...]:
         return tuple(sorted({L for r in batch for j in rep[r] for L in _layers(prep.rows[j])}))
@@ -255,6 +267,37 @@ def generate_forked(
     return [results[j] for j in range(n)], summary
 
 
+def _prompt_edits(model, prep: _Prepared, idx: list[int], batch_size: int | None) -> set[int]:
+    """The rows of ``idx`` whose interventions edit in their prompt: one unsteered forward per distinct
+    prompt (batched by length), each row's interventions replayed over its layer outputs."""
+    from sieve.generation import default_batch_size
+    from sieve.models import pad_id, pad_left, underlying
+
+    tok = model.tokenizer
+    by_prompt: dict[str, list[int]] = {}
+    for j in idx:
+        by_prompt.setdefault(prep.prompts[j], []).append(j)
+    texts = sorted(by_prompt, key=lambda p: len(prep.ids[by_prompt[p][0]]))
+    bs = batch_size or default_batch_size(model)
+    device = next(underlying(model).parameters()).device
+    edited: set[int] = set()
+    for i in range(0, len(texts), bs):
+        chunk = texts[i : i + bs]
+        enc = {k: v.to(device) for k, v in pad_left([prep.ids[by_prompt[p][0]] for p in chunk], pad_id(tok)).items()}
+        pairs = [(t, j) for t, p in enumerate(chunk) for j in by_prompt[p]]
+        record = _Record(tuple(sorted({L for _, j in pairs for L in _layers(prep.rows[j])})))
+        with torch.inference_mode():
+            with model.trace(enc):
+                record.read(model)
+            for s in range(0, len(pairs), _REPLAY_ROWS):
+                part = pairs[s : s + _REPLAY_ROWS]
+                at = torch.tensor([t for t, _ in part])
+                steer = Steerer([prep.rows[j] for _, j in part], {k: v[at.to(device)] for k, v in enc.items()}, tok)
+                steer.replay({L: record.outputs[L][0] for L in steer.layers}, at)
+                edited.update(j for (_, j), e in zip(part, steer.counts()["prompt_edited"]) if e)
+    return edited
+
+
 def _as_row(traj: Completion, opened: bool | None, counts: dict[str, int] | None = None,
             positions: dict[str, list[int]] | None = None) -> Completion:
     """The trajectory as a row of its own: its tokens and end, the row's counts (zero for an unsteered
@@ -290,3 +333,87 @@ def _decide(model, prep: _Prepared, gated: list[tuple[int, int]], record: _Recor
             results[j] = _as_row(traj, prep.gates_opened[j], {k: v[i] for k, v in counts.items()},
                                  {k: list(v[i]) for k, v in where.items()})
             summary.reused += 1
+
+
+def forked_forward(
+    model,
+    texts: Sequence[str],
+    cells: Sequence[Any],
+    reduce: Callable[[dict[str, torch.Tensor], torch.Tensor], list[Any]],
+    *,
+    layer_index: int | None = None,
+    batch_size: int = 16,
+    last_only: bool = False,
+    progress: bool = False,
+) -> tuple[list[list[Any]], ForkSummary]:
+    """Teacher-forced forwards of ``texts`` under each of ``cells`` (each an intervention for every text,
+    a list composed on every text, or None), doing only the work the gates cause: one unsteered forward
+    per batch, each cell's interventions replayed over its layer outputs, and a steered forward only for
+    the texts where a cell edits (rows of all cells batched together). ``reduce(encoding, logits)`` turns
+    a batch's logits (``[B, T, V]``, or ``[B, V]`` with ``last_only``) into one result per row; a text a
+    cell never edits gets the unsteered result, exactly (same batch, same forward). Returns per cell the
+    per-text results, and a summary (``texts``: text × cell pairs, ``texts_reused``: those reused).
+
+    Example:
+        >>> from sieve.interventions import Detector, Edit, Intervention
+        >>> from sieve.world import load_world
+        >>> w = load_world()
+        >>> wv, b = w.feature.linear()
+        >>> iv = Intervention("token", Edit("add", w.feature.direction, -10.0), Detector(wv, b), w.threshold,
+        ...                   layers=w.layer)
+        >>> out, summary = forked_forward(w.model, ["def f(x):\\n    return x\\n"], [None, iv],
+        ...                               lambda enc, logits: list(logits.argmax(-1)), last_only=True)
+        >>> len(out), len(out[0]), summary.texts
+        (2, 1, 1)
+    """
+    from sieve.generation import check_layers, check_prompts, steered_logits
+    from sieve.interventions import as_rows
+    from sieve.models import encode_prompts, hidden_size, underlying
+
+    texts = check_prompts(texts)
+    n = len(texts)
+    width = hidden_size(model)
+    rows = []
+    for c in cells:
+        r = as_rows([list(c) if isinstance(c, (list, tuple)) else c], 1, layer_index, width=width)[0]
+        check_layers(model, [r])
+        rows.append(r)
+    summary = ForkSummary()
+    out: list[list[Any]] = [[None] * n for _ in cells]
+    layers = tuple(sorted({L for r in rows for L in _layers(r)}))
+    todo: list[tuple[int, int]] = []  # (cell, text) pairs that a cell edits
+    device = next(underlying(model).parameters()).device
+    for i in tqdm(range(0, n, batch_size), desc="forward (forked)", disable=not progress):
+        enc = {k: v.to(device) for k, v in encode_prompts(model.tokenizer, texts[i : i + batch_size]).items()}
+        B = enc["input_ids"].shape[0]
+        record = _Record(layers)
+        with torch.inference_mode():
+            with model.trace(enc):
+                record.read(model)
+                logits = (model.output.logits[:, -1] if last_only else model.output.logits).save()
+            base = reduce(enc, logits)
+            for c, r in enumerate(rows):
+                if not r:
+                    out[c][i : i + B] = base
+                    continue
+                if not _always(r) or any("prompt_gate" in iv.meta for iv in r):
+                    steer = Steerer([r] * B, enc, model.tokenizer)
+                    steer.replay({L: record.outputs[L][0] for L in steer.layers}, torch.arange(B))
+                    edited = steer.counts()["prompt_edited"]
+                else:
+                    edited = [1] * B
+                summary.texts += B
+                for b in range(B):
+                    if edited[b]:
+                        todo.append((c, i + b))
+                    else:
+                        out[c][i + b] = base[b]
+                        summary.texts_reused += 1
+    # The edited (cell, text) pairs, rows of all cells batched together, longest texts first.
+    todo.sort(key=lambda ct: -len(texts[ct[1]]))
+    steered = [rows[c] for c, _ in todo]
+    for i, enc, logits in steered_logits(model, [texts[t] for _, t in todo], [list(r) for r in steered],
+                                         batch_size=batch_size, last_only=last_only):
+        for (c, t), res in zip(todo[i : i + batch_size], reduce(enc, logits)):
+            out[c][t] = res
+    return out, summary

@@ -28,7 +28,7 @@ def world():
 
 
 def _prompts(kind: str, n: int, max_chars: int = 120) -> list[str]:
-    rows = [json.loads(x)["prompt"] for x in (WORLD_PROMPTS_DIR / f"{kind}.jsonl").read_text().splitlines() if x.strip()]
+    rows = [json.loads(x).get("prompt") or json.loads(x)["text"] for x in (WORLD_PROMPTS_DIR / f"{kind}.jsonl").read_text().splitlines() if x.strip()]
     return [p[-max_chars:] for p in rows[:n]]
 
 
@@ -181,3 +181,39 @@ def test_prefill_marks_split_a_continued_prefill():
     fired, edited = steer.prefill_marks()
     assert fired.tolist() == [[False, False, True], [False, True, False]]  # padding never fires
     assert edited.tolist() == [[False, False, True], [False, True, True]]  # the latch holds after a firing
+
+
+def test_forked_forward_equals_a_steered_forward_per_cell(world):
+    from sieve.evals.ability import steered_logprobs, token_logprobs
+    from sieve.fork import forked_forward
+
+    parts = _parts(world)
+    cells = [None, build("conditional_per_token", parts, -8.0), build("conditional_per_input", parts, -8.0),
+             build("constant_sae", parts, -4.0), build("sae_code_clamping", parts, -3.0),
+             *(build(m, parts, -4.0) for m in LEXICAL_METHODS[:1]), _composed(world, parts)]
+    texts = _prompts("code", 10, 200) + ["def parse_header(line):\n    return line.split(':')\n"]
+    out, summary = forked_forward(world.model, texts, cells, token_logprobs, batch_size=4)
+    assert summary.texts == len(texts) * (len(cells) - 1) and 0 < summary.texts_reused < summary.texts
+    reused = 0
+    for c, iv in enumerate(cells):
+        ref = steered_logprobs(world.model, texts, [iv] * len(texts) if isinstance(iv, list) else iv, batch_size=4)
+        for t, (a, b) in enumerate(zip(out[c], ref)):
+            assert a.shape == b.shape
+            if torch.equal(a, b):
+                reused += 1
+            else:  # a text the cell edits: its own steered forward, in another batch (float noise only)
+                assert torch.allclose(a, b, atol=1e-4), (c, t, (a - b).abs().max())
+    # every text a cell does not edit is bitwise the unsteered forward's result
+    assert reused >= summary.texts_reused + len(texts)
+
+
+def test_groups_without_an_unsteered_row_read_their_prompt_first(world):
+    parts = _parts(world)
+    # clamping (threshold 0) edits in many prompts: a group whose rows all do needs no trajectory
+    ivs = [build("clamping", parts, -3.0), build("clamping", parts, -10.0)]
+    prompts = _prompts("neutral", 4) + _prompts("intent_regex", 2)
+    full, forked, summary = _sweep(world, prompts, ivs, 2, max_new_tokens=12, temperature=1.0)
+    assert _same(full, forked) == []
+    groups = len(prompts) * 2
+    assert summary.unsteered == 0 and summary.full_prompt > 0 and summary.trajectories < groups
+    assert summary.trajectories == summary.extra_trajectories

@@ -248,17 +248,23 @@ def test_forked_sweep_equals_full_sweep_also_in_shards(tmp_path, detector_cache)
 
     cols = ["key", "text", "n_tokens", "finished", "regex", "syntax", "prompt_fired", "gen_fired", "prompt_edited",
             "gen_edited", "prompt_fired_at", "gen_fired_at", "gen_edited_at"]
-    extra = {"sweep.samples": "2", "eval.general": '"none"'}
-    tables = {}
+    extra = {"sweep.samples": "2"}
+    tables, ability = {}, {}
     for fork in ("true", "false"):
         out = tmp_path / fork
         _prepare(out, detector_cache)
         assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(out, **extra, **{"sweep.fork": fork}),
                            "--no-progress"]) == 0
         tables[fork] = ResultStore(out / "gen").table().sort("key").select(cols)
+        ability[fork] = ResultStore(out / "ability").table().sort("key")
     assert tables["true"].height == 6 * 9 * 2 and tables["true"].equals(tables["false"])
+    # held-out loss: texts a cell's gate never edits reuse the unsteered forward; the rest are float noise apart
+    assert ability["true"]["key"].to_list() == ability["false"]["key"].to_list()
+    for a, b in zip(ability["true"]["values"].to_list(), ability["false"]["values"].to_list()):
+        assert len(a) == len(b) and all(abs(x - y) < 1e-5 for x, y in zip(a, b))
     work = json.loads((tmp_path / "true/run.json").read_text())["sessions"][-1]["work"]
     assert work["rows"] == 108 and work["unsteered"] == 18 and 0 < work["tokens"] < work["tokens_full"]
+    assert work["texts"] == 5 * 4 and 0 <= work["texts_reused"] <= work["texts"]  # 5 steered cells x 4 texts
     assert "work" not in json.loads((tmp_path / "false/run.json").read_text())["sessions"][-1]
     # the same recipe either way (a run may resume with the other setting)
     on, off = (load_recipe(ROOT / "recipes/regex.toml", _overrides(tmp_path, **{"sweep.fork": f})) for f in ("true", "false"))
@@ -268,6 +274,6 @@ def test_forked_sweep_equals_full_sweep_also_in_shards(tmp_path, detector_cache)
     out = tmp_path / "shards"
     _prepare(out, detector_cache)
     for i in range(2):
-        assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(out, **extra), "--shard", f"{i}/2",
-                           "--no-progress"]) == 0
+        assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(out, **extra), 'eval.general="none"',
+                           "--shard", f"{i}/2", "--no-progress"]) == 0
     assert ResultStore(out / "gen").table().sort("key").select(cols).equals(tables["true"])

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from sieve.generation import steered_logits
 
-__all__ = ["steered_logprobs"]
+__all__ = ["steered_logprobs", "token_logprobs"]
 
 
 def steered_logprobs(
@@ -43,11 +43,25 @@ def steered_logprobs(
     out: list[Tensor] = []
     for _, enc, logits in steered_logits(model, texts, interventions, layer_index=layer_index,
                                           batch_size=batch_size, progress=progress):
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        ids = enc["input_ids"]
-        tok_lp = lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].cpu()
-        mask = enc["attention_mask"].cpu()
-        for j in range(ids.shape[0]):
-            n = int(mask[j].sum())
-            out.append(tok_lp[j, -(n - 1):] if n > 1 else tok_lp[j, :0])
+        out += token_logprobs(enc, logits)
+    return out
+
+
+def token_logprobs(enc: dict[str, Tensor], logits: Tensor) -> list[Tensor]:
+    """Per row of a left-padded batch, ``[T_i - 1]``: log P(token t+1 | tokens ≤ t) from its logits
+    ``[B, T, V]`` (padding dropped).
+
+    Example:
+        >>> enc = {"input_ids": torch.tensor([[0, 1, 2]]), "attention_mask": torch.tensor([[0, 1, 1]])}
+        >>> token_logprobs(enc, torch.zeros(1, 3, 4))[0]
+        tensor([-1.3863])
+    """
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    ids = enc["input_ids"]
+    tok_lp = lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].cpu()
+    mask = enc["attention_mask"].cpu()
+    out = []
+    for j in range(ids.shape[0]):
+        n = int(mask[j].sum())
+        out.append(tok_lp[j, -(n - 1):] if n > 1 else tok_lp[j, :0])
     return out
