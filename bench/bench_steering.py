@@ -341,8 +341,8 @@ def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: 
             "fork_work": work[0].as_dict()}
 
 
-def recipe_rows(groups: int, cache: Path | None):
-    """The default recipe's real workload: ``groups`` (prompt set, prompt, sample) groups drawn at random
+def recipe_rows(groups: int, cache: Path | None, recipe: Path | None = None):
+    """A recipe's real workload (default ``recipes/regex.toml``): ``groups`` (prompt set, prompt, sample) groups drawn at random
     (seed 0), each with all of the recipe's method × scale cells (the unsteered one included), as
     ``recipes.regex`` plans them; the setting's detectors come from ``cache`` (trained there if absent)."""
     import random
@@ -351,7 +351,7 @@ def recipe_rows(groups: int, cache: Path | None):
     from sieve.setting import load_setting
     from sieve.sweep import plan
 
-    r = load_recipe(ROOT / "recipes" / "regex.toml")
+    r = load_recipe(recipe or ROOT / "recipes" / "regex.toml")
     setting = load_setting(r, progress=False, cache_dir=cache)
     by_group: dict = {}
     for row in plan(r, setting.prompts):
@@ -366,11 +366,11 @@ def recipe_rows(groups: int, cache: Path | None):
     return setting.model, todo, prompts, [ivs[row.cell] for row in todo], kw, r.sweep.batch_size or None
 
 
-def bench_recipe(groups: int, repeats: int, cache: Path | None) -> dict:
+def bench_recipe(groups: int, repeats: int, cache: Path | None, recipe: Path | None = None) -> dict:
     """The recipe's rows three ways, interleaved: the study's loop structure (one ``generate`` per method ×
     scale, batch 20, here with sieve's own edit, since its hook cannot express latches or SAE-space
     edits), the sweep in full (``sweep.fork = false``) and the sweep forked (``sweep.fork = true``)."""
-    model, todo, prompts, ivs, kw, bs = recipe_rows(groups, cache)
+    model, todo, prompts, ivs, kw, bs = recipe_rows(groups, cache, recipe)
     seeds = [row.seed for row in todo]
 
     def loop():
@@ -498,6 +498,7 @@ def main() -> None:
                     help="only the default recipe's real workload: GROUPS (prompt, sample) groups with all its cells, "
                          "the study's loop structure vs the sweep in full vs the sweep forked")
     ap.add_argument("--cache", default=None, help="with --recipe-rows: detector cache folder (trained there if absent)")
+    ap.add_argument("--recipe", default=None, help="with --recipe-rows: the recipe file (default recipes/regex.toml)")
     ap.add_argument("--probe", choices=["study", "sieve"], help=argparse.SUPPRESS)  # one memory probe (internal)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -506,9 +507,10 @@ def main() -> None:
                                                        args.per_cell)}))
         return
     if args.recipe_rows:
-        res = bench_recipe(args.recipe_rows, args.repeats, Path(args.cache) if args.cache else None)
+        res = bench_recipe(args.recipe_rows, args.repeats, Path(args.cache) if args.cache else None,
+                           Path(args.recipe) if args.recipe else None)
         res |= {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
-        print(f"# recipes/regex.toml workload: {res['groups']} (prompt, sample) groups, {res['rows']} rows, "
+        print(f"# {args.recipe or 'recipes/regex.toml'} workload: {res['groups']} (prompt, sample) groups, {res['rows']} rows, "
               f"{res['tokens']} tokens, {args.repeats} interleaved repeats (medians)")
         print(f"study's loop (one generate per cell, batch 20): {res['loop_s']:.1f}s; sweep in full: {res['full_s']:.1f}s "
               f"({res['full_vs_loop']:.2f}x the loop); sweep forked: {res['forked_s']:.1f}s ({res['fork_speedup']:.2f}x "

@@ -7,7 +7,8 @@ tokens. :func:`generate_forked` gives the completions :func:`~sieve.generation.g
 only that work:
 
 1. every (prompt, temperature, seed) that has a gated or unsteered row is generated once, unsteered,
-   keeping the outputs of the layers its gated rows read and edit, at every forward;
+   keeping the outputs of the layers its gated rows read and edit, at every forward (a group with no
+   unsteered row first reads its prompt alone, and its rows that edit there skip to 5);
 2. each gated row's interventions are replayed over those outputs (a
    :class:`~sieve.interventions.Steerer` fed the recorded layer outputs, forward by forward, counting
    what the row's own generation counts);
@@ -29,6 +30,9 @@ unsteered at ``p`` and before, so the replay (fed the unsteered outputs) edits a
 replay cannot edit before ``p``, where its inputs equal the steered generation's. Latches carry only
 what earlier positions decided. Edits the replay finds after ``p`` are off the row's path and unused.
 An edit that changes nothing (a scale of 0) still counts as an edit: the row is forked, still exact.
+
+:func:`forked_forward` does the same for teacher-forced evaluations (held-out loss, any per-text
+score): one unsteered forward, each cell replayed over it, a steered forward only where a cell edits.
 
 Float noise. The replay reads the decode steps' own outputs, so a reused row is bitwise the row the
 steered generation would make (in its own batch: see :mod:`sieve.generation` on batch composition). A

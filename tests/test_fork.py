@@ -28,7 +28,8 @@ def world():
 
 
 def _prompts(kind: str, n: int, max_chars: int = 120) -> list[str]:
-    rows = [json.loads(x).get("prompt") or json.loads(x)["text"] for x in (WORLD_PROMPTS_DIR / f"{kind}.jsonl").read_text().splitlines() if x.strip()]
+    lines = (WORLD_PROMPTS_DIR / f"{kind}.jsonl").read_text().splitlines()
+    rows = [d.get("prompt") or d["text"] for d in map(json.loads, filter(str.strip, lines))]
     return [p[-max_chars:] for p in rows[:n]]
 
 
