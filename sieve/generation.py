@@ -518,14 +518,30 @@ def _run_batches(
     fed = fed or {}
     continued = continued or {}
     rows = rows or {}
-    # Rows of similar length share a batch; continued rows also by budget left (a batch runs until its
+
+    def length(j: int) -> int:
+        return len(fed.get(j, prep.ids[j]))
+
+    def budget(j: int) -> int:
+        return max_new_tokens + (prep.heals[j] is not None) - continued.get(j, 0)
+
+    # Rows of similar length share a batch; continued rows first by budget left (a batch runs until its
     # longest row ends, so a short continuation beside a full row would save nothing).
-    order = sorted(idx, key=lambda j: (-continued.get(j, 0), len(fed.get(j, prep.ids[j]))))
+    order = sorted(idx, key=(lambda j: (-budget(j), length(j))) if continued else length)
+    # A batch runs every row for its largest budget: with learned positions (GPT-2), a long continued
+    # row beside a row with more budget left would run past the model's positions, so such a row starts
+    # the next batch (each row alone fits: check_context).
+    limit = getattr(underlying(model).config, "n_positions", None)
     bs = batch_size or default_batch_size(model)
     results: dict[int, Completion] = {}
     i = 0
     while i < len(order):
         batch = order[i : i + bs]
+        if isinstance(limit, int):
+            k = 1
+            while k < len(batch) and max(map(length, batch[: k + 1])) + max(map(budget, batch[: k + 1])) <= limit:
+                k += 1
+            batch = batch[:k]
         layers = record_layers(batch) if record_layers is not None else ()
         record = _Record(tuple(layers)) if layers else None
         try:
