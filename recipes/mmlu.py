@@ -20,7 +20,7 @@ from tqdm.std import tqdm
 
 from recipes.cli import RecipeCLI, Run
 from sieve.evals.metrics import wilson
-from sieve.evals.mmlu import load_mmlu, mmlu_accuracy
+from sieve.evals.mmlu import load_mmlu, mmlu_accuracy, mmlu_accuracy_cells
 from sieve.recipe import Recipe, recipe_hash
 from sieve.sweep import cells, needs_detector
 
@@ -36,9 +36,14 @@ def run(recipe: Recipe, progress: bool = True, cache_dir=None) -> pl.DataFrame:
     setting = load_setting(recipe, progress=progress, with_probe=needs_detector(recipe, "probe"), cache_dir=cache_dir)
     qs = load_mmlu(recipe)
     rows = []
-    for cell in tqdm(cells(recipe, baseline=True), desc="MMLU", disable=not progress):
-        correct = mmlu_accuracy(setting.model, qs, cell.intervention(setting.parts, recipe), chat=recipe.model.chat,
-                                shots=recipe.eval.mmlu_shots, batch_size=recipe.forward_batch_size)
+    cs = cells(recipe, baseline=True)
+    kw = dict(chat=recipe.model.chat, shots=recipe.eval.mmlu_shots, batch_size=recipe.forward_batch_size)
+    if recipe.sweep.fork:  # one unsteered forward; a steered one only for the questions a gate edits
+        per_cell, _ = mmlu_accuracy_cells(setting.model, qs, [c.intervention(setting.parts, recipe) for c in cs], **kw)
+    else:
+        per_cell = [mmlu_accuracy(setting.model, qs, c.intervention(setting.parts, recipe), **kw)
+                    for c in tqdm(cs, desc="MMLU", disable=not progress)]
+    for cell, correct in zip(cs, per_cell):
         k, n = sum(correct), len(correct)
         lo, hi = wilson(k, n)
         rows.append({"method": cell.method, "scale": cell.scale, "accuracy": k / n, "lo": lo, "hi": hi, "n": n,

@@ -257,36 +257,43 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, in
                 work: ForkSummary | None = None) -> None:
     """General ability per cell (held-out loss on regex-free code, or MMLU accuracy), into ``store``.
 
-    The held-out loss with ``sweep.fork``: cells a few at a time, one unsteered forward per batch of
-    texts, and a steered forward only for the texts a cell's gate edits (:func:`sieve.fork.forked_forward`);
-    ``work`` adds up the texts reused."""
+    The held-out loss and MMLU with ``sweep.fork``: cells a few at a time, one unsteered forward per
+    batch of texts, and a steered forward only for the texts a cell's gate edits
+    (:func:`sieve.fork.forked_forward`); ``work`` adds up the texts reused."""
     if recipe.eval.general == "none":
         return
     done = store.done_keys()
     todo = [c for c in shard(cells(recipe), part) if AbilityRow.key_of(c) not in done]
     rh = recipe_hash(recipe)
-    if recipe.sweep.fork and recipe.eval.general == "loss":
-        from sieve.evals.ability import token_logprobs
-        from sieve.fork import forked_forward
-
-        bar = tqdm(total=len(todo), desc="general ability", disable=not progress)
-        for i in range(0, len(todo), _ABILITY_CELLS):
-            group = todo[i : i + _ABILITY_CELLS]
-            lps, saved = forked_forward(setting.model, setting.prompts.code,
-                                        [c.intervention(setting.parts, recipe) for c in group], token_logprobs,
-                                        batch_size=recipe.forward_batch_size)
-            store.append([AbilityRow.of(c, "loss", [float(-lp.mean()) for lp in v if lp.numel()], rh)
-                          for c, v in zip(group, lps)])
-            if work is not None:
-                work.add(saved)
-            bar.update(len(group))
-        bar.close()
-        return
     questions = None
     if recipe.eval.general == "mmlu" and todo:
         from sieve.evals.mmlu import load_mmlu
 
         questions = load_mmlu(recipe)  # once, not per cell
+    if recipe.sweep.fork and recipe.eval.general in ("loss", "mmlu"):
+        from sieve.evals.ability import token_logprobs
+        from sieve.evals.mmlu import mmlu_accuracy_cells
+        from sieve.fork import forked_forward
+
+        bar = tqdm(total=len(todo), desc="general ability", disable=not progress)
+        for i in range(0, len(todo), _ABILITY_CELLS):
+            group = todo[i : i + _ABILITY_CELLS]
+            ivs = [c.intervention(setting.parts, recipe) for c in group]
+            if recipe.eval.general == "loss":
+                lps, saved = forked_forward(setting.model, setting.prompts.code, ivs, token_logprobs,
+                                            batch_size=recipe.forward_batch_size)
+                rows = [AbilityRow.of(c, "loss", [float(-lp.mean()) for lp in v if lp.numel()], rh)
+                        for c, v in zip(group, lps)]
+            else:
+                correct, saved = mmlu_accuracy_cells(setting.model, questions, ivs, chat=recipe.model.chat,
+                                                     shots=recipe.eval.mmlu_shots, batch_size=recipe.forward_batch_size)
+                rows = [AbilityRow.of(c, "mmlu", [float(x) for x in v], rh) for c, v in zip(group, correct)]
+            store.append(rows)
+            if work is not None:
+                work.add(saved)
+            bar.update(len(group))
+        bar.close()
+        return
     for cell in tqdm(todo, desc="general ability", disable=not progress):
         metric, values, detail = ability_values(recipe, setting, cell, questions)
         store.append([AbilityRow.of(cell, metric, values, rh, detail=detail)])
@@ -420,7 +427,7 @@ def body(run: Run) -> int:
             run_judge(recipe, setting, judge, out, part, run.progress)
             run_ability(recipe, setting, ResultStore(out / "ability", tag), part, run.progress, work)
             if work is not None and work.texts:
-                log.info("forked held-out loss: %d of %d (text, cell) forwards reused the unsteered one",
+                log.info("forked general ability: %d of %d (text, cell) forwards reused the unsteered one",
                          work.texts_reused, work.texts)
             log.info("sweep finished in %.0fs; results in %s", time.time() - t0, out)
             record_run(out, recipe, overrides=run.overrides, started=started,

@@ -88,3 +88,21 @@ def test_detect_recipe_scores_each_detector(tmp_path, capsys):
     assert set(t["detector"]) == {"sae", "sae_code", "caa", "probe"} and set(t["level"]) == {"token", "text"}
     assert ((t["auroc"] >= 0) & (t["auroc"] <= 1)).all()
     assert (tmp_path / "detect_pr.png").exists()
+
+
+def test_mmlu_cells_forked_equal_one_cell_at_a_time():
+    from sieve.evals.mmlu import mmlu_accuracy_cells
+    from sieve.interventions import Detector, Edit, Intervention
+    from sieve.world import load_world
+
+    w = load_world()
+    wv, b = w.feature.linear()
+    qs = load_questions(ROOT / "recipes/data/mmlu_fixture.json")
+    cells = [None, Intervention("token", Edit("add", w.feature.direction, -20.0), Detector(wv, b), -5.0, layers=w.layer),
+             Intervention("token", Edit("add", w.feature.direction, -20.0), Detector(wv, b), 1e9, layers=w.layer),
+             Intervention("always", Edit("add", w.feature.direction, -20.0), layers=w.layer)]
+    per_cell, saved = mmlu_accuracy_cells(w.model, qs, cells, batch_size=4)
+    assert per_cell == [mmlu_accuracy(w.model, qs, iv, batch_size=4) for iv in cells]
+    n = len([q for q in qs if q.split != "dev"])
+    # the gate that never opens reuses every unsteered answer; the always-on edit none
+    assert saved.texts == 3 * n and n <= saved.texts_reused < 3 * n

@@ -24,7 +24,8 @@ from sieve.errors import NotAvailableOffline, SieveError
 from sieve.generation import steered_logits
 from sieve.models import chat_prompt
 
-__all__ = ["Question", "load_mmlu", "load_questions", "format_question", "mmlu_accuracy", "letter_token_ids"]
+__all__ = ["Question", "load_mmlu", "load_questions", "format_question", "mmlu_accuracy", "mmlu_accuracy_cells",
+           "letter_token_ids"]
 
 LETTERS = "ABCD"
 
@@ -145,6 +146,33 @@ def letter_token_ids(tokenizer) -> list[list[int]]:
     return out
 
 
+def _texts(tok, questions: list[Question], chat: bool, shots: int) -> tuple[list[str], list[Question]]:
+    """The test questions' texts (with ``shots`` dev examples of their subject), and those questions."""
+    test = [q for q in questions if q.split != "dev"]
+    dev: dict[str, list[Question]] = {}
+    for q in questions:
+        if q.split == "dev":
+            dev.setdefault(q.subject, []).append(q)
+    texts = []
+    for q in test:
+        text = format_question(q, dev.get(q.subject, [])[:shots])
+        if chat:
+            body, _, _ = text.rpartition("Answer:")
+            text = chat_prompt(tok, body.rstrip() + "\nAnswer with the letter only.", prefill="Answer:")
+        texts.append(text)
+    return texts, test
+
+
+def _answers(letters: list[list[int]]):
+    """A reducer from last-position logits ``[B, V]`` to each row's answer (0-3: the best letter)."""
+
+    def answer(enc, last) -> list[int]:
+        scores = torch.stack([last[:, ids].float().max(dim=-1).values for ids in letters], dim=-1)
+        return scores.argmax(-1).cpu().tolist()
+
+    return answer
+
+
 @torch.inference_mode()
 def mmlu_accuracy(
     model,
@@ -163,25 +191,38 @@ def mmlu_accuracy(
         >>> correct = mmlu_accuracy(model, qs, None, layer_index=2)  # doctest: +SKIP
         >>> sum(correct) / len(correct)  # doctest: +SKIP
     """
-    test = [q for q in questions if q.split != "dev"]
-    dev: dict[str, list[Question]] = {}
-    for q in questions:
-        if q.split == "dev":
-            dev.setdefault(q.subject, []).append(q)
-    tok = model.tokenizer
-    texts = []
-    for q in test:
-        text = format_question(q, dev.get(q.subject, [])[:shots])
-        if chat:
-            body, _, _ = text.rpartition("Answer:")
-            text = chat_prompt(tok, body.rstrip() + "\nAnswer with the letter only.", prefill="Answer:")
-        texts.append(text)
-    letters = letter_token_ids(tok)
+    texts, test = _texts(model.tokenizer, questions, chat, shots)
+    answer = _answers(letter_token_ids(model.tokenizer))
     out: list[bool] = []
-    for i, _, last in steered_logits(model, texts, intervention if not isinstance(intervention, list)
-                                     else [intervention] * len(texts), layer_index=layer_index,
-                                     batch_size=batch_size, last_only=True):
-        scores = torch.stack([last[:, ids].float().max(dim=-1).values for ids in letters], dim=-1)
-        pred = scores.argmax(-1).cpu().tolist()
-        out += [p == q.answer for p, q in zip(pred, test[i : i + batch_size])]
+    for i, enc, last in steered_logits(model, texts, intervention if not isinstance(intervention, list)
+                                       else [intervention] * len(texts), layer_index=layer_index,
+                                       batch_size=batch_size, last_only=True):
+        out += [p == q.answer for p, q in zip(answer(enc, last), test[i : i + batch_size])]
     return out
+
+
+def mmlu_accuracy_cells(
+    model,
+    questions: list[Question],
+    cells: list[Any],
+    *,
+    layer_index: int | None = None,
+    chat: bool = False,
+    shots: int = 0,
+    batch_size: int = 16,
+) -> tuple[list[list[bool]], Any]:
+    """:func:`mmlu_accuracy` for several cells (each an intervention, a list composed on every row, or
+    None) at once, forked (:func:`sieve.fork.forked_forward`): one unsteered forward per batch, and a
+    steered one only for the questions a cell's gate edits. Returns per cell the per-question
+    correctness, and the :class:`~sieve.fork.ForkSummary` (questions reused).
+
+    Example:
+        >>> per_cell, saved = mmlu_accuracy_cells(model, qs, [None, iv], layer_index=2)  # doctest: +SKIP
+        >>> saved.texts_reused  # doctest: +SKIP
+    """
+    from sieve.fork import forked_forward
+
+    texts, test = _texts(model.tokenizer, questions, chat, shots)
+    out, summary = forked_forward(model, texts, cells, _answers(letter_token_ids(model.tokenizer)),
+                                  layer_index=layer_index, batch_size=batch_size, last_only=True)
+    return [[p == q.answer for p, q in zip(preds, test)] for preds in out], summary
