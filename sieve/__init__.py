@@ -4,10 +4,12 @@ An intervention is detector × gate × edit, bound to the layer(s) it acts on, a
 traces. The most used names are importable from here::
 
     from sieve import load_model, load_sae, feature, Intervention, Detector, Edit, Steerer, generate, build
+    from sieve import generate_forked   # the same completions, only the work gates cause
     from sieve import steering, from_feature, SAECode, LatentEdit, Fires
 """
 
 from sieve.errors import NotAvailableOffline, RecipeError, ShapeMismatch, SieveError
+from sieve.fork import ForkSummary, generate_forked
 from sieve.generation import Completion, generate
 from sieve.interventions import (
     Always,
@@ -28,8 +30,9 @@ from sieve.steering import from_feature, steering
 __version__ = "0.1.0"
 
 __all__ = [
-    "Always", "Completion", "Detector", "Edit", "Feature", "Fires", "Intervention", "LatentEdit", "METHODS",
+    "Always", "Completion", "Detector", "Edit", "Feature", "Fires", "ForkSummary", "Intervention", "LatentEdit", "METHODS",
     "Method", "NotAvailableOffline", "Parts", "Recipe", "RecipeError", "SAECode", "ShapeMismatch", "SieveError",
-    "Steerer", "build", "chat_prompt", "encode_prompts", "feature", "generate", "get_method", "load_model",
+    "Steerer", "build", "chat_prompt", "encode_prompts", "feature", "generate", "generate_forked", "get_method",
+    "load_model",
     "from_feature", "load_recipe", "load_sae", "recipe_hash", "register_method", "save_recipe", "steering",
 ]
