@@ -16,7 +16,6 @@ from sieve.evals.regex_use import find_regex_use
 from sieve.generation import generate
 from sieve.interventions import Detector
 from sieve.methods import Parts, build
-from sieve.models import encode_prompts
 from sieve.prompts import WORLD_PROMPTS_DIR
 from sieve.world import load_world, world_info
 from sieve.world.prompts import clip_to_tokens, load_prompts
@@ -33,19 +32,30 @@ def test_world_loads_and_matches_its_record(world):
     assert world.sae.cfg.d_in == world.model._module.config.n_embd
     assert info["sae"]["fve"] > 0.7 and info["sae"]["l0"] <= 32
     assert info["heldout_loss_regex_free"] < 4.0
-    assert info["fires_before_first_call"] > 0.5
+    sel = info["selection"]
+    assert sel["criterion"].startswith("intent")
+    (chosen,) = [c for c in sel["candidates"] if c["feature"] == info["feature"]]
+    assert chosen["threshold"] == info["threshold"] and chosen["neutral_changed"] <= 0.05
 
 
-def test_feature_fires_on_import_re_not_on_plain_code(world):
-    texts = ["import re\nimport os\n\ndef f(s):\n    return s\n", "import os\nimport sys\n\ndef f(s):\n    return s\n"]
-    enc = encode_prompts(world.model.tokenizer, texts)
-    with torch.inference_mode():
-        with world.model.trace(enc):
-            h = world.model.layers[world.layer].output.save()
-    a = world.feature.pre_activation(h)
-    real = enc["attention_mask"].bool()
-    assert bool((a[0][real[0]] > world.threshold).any())
-    assert not bool((a[1][real[1]] > world.threshold).any())
+def _before_use(world, texts: list[str]) -> list[float]:
+    """The feature's highest pre-activation over each text's tokens before its first use of ``re``."""
+    from sieve.world.select_feature import before_use_scores
+
+    w, b = world.feature.linear()
+    return before_use_scores(world.model, world.layer, w[:, None], torch.tensor([b]), texts,
+                             [""] * len(texts))[:, 0].tolist()
+
+
+def test_feature_stays_quiet_on_heldout_neutral_heads(world):
+    """The feature's threshold was set on the select half to pass on at most 4% of neutral rows; on the
+    evaluation half (other files), teacher-forced on the original functions, it passes before the first
+    ``re`` (the whole function for a neutral one) on few neutral functions too. (Whether it passes on
+    more regex-using functions is the study's question, answered in the README, not assumed here.)"""
+    neu = load_prompts(WORLD_PROMPTS_DIR / "intent_neutral.jsonl")
+    tok = world.model.tokenizer
+    scores = _before_use(world, [clip_to_tokens(tok, p.prompt + p.reference, 256) for p in neu])
+    assert sum(s > world.threshold for s in scores) / len(neu) <= 0.15
 
 
 def test_completions_are_python(world):
@@ -57,7 +67,7 @@ def test_completions_are_python(world):
 
 
 def _call_site_probability(world, iv) -> float:
-    prompts = load_prompts(WORLD_PROMPTS_DIR / "regex.jsonl")
+    prompts = load_prompts(WORLD_PROMPTS_DIR / "intent_regex.jsonl")
     tok = world.model.tokenizer
     texts = [clip_to_tokens(tok, p.prompt + p.reference, 256) for p in prompts][:30]
     lps = steered_logprobs(world.model, texts, iv, layer_index=world.layer)
@@ -72,17 +82,23 @@ def _call_site_probability(world, iv) -> float:
 
 
 def test_conditional_steering_lowers_regex_probability_not_neutral_loss(world):
+    """The study's best composition on held-out intent functions: the feature's latch gating the CAA
+    vector of the intent pairs lowers P(`re`) at the call sites, and leaves regex-free code's loss."""
+    import json
+
+    from sieve.detectors import caa_vector
+
+    pairs = [json.loads(x) for x in (WORLD_PROMPTS_DIR / "intent_contrastive.jsonl").read_text().splitlines()]
+    v = caa_vector(world.model, [p["positive"] for p in pairs], [p["negative"] for p in pairs], world.layer,
+                   progress=False)
     w, b = world.feature.linear()
     parts = Parts()
     parts.add_detector("sae", Detector(w, b, kind="sae"), world.threshold)
-    parts.add_direction("sae", world.feature.direction)
-    iv = build("conditional_per_input", parts, -20.0)
+    parts.add_direction("caa", v)
+    iv = build("input_steering_vector", parts, -10.0)
     base, steered = _call_site_probability(world, None), _call_site_probability(world, iv)
-    assert steered < 0.6 * base
-    code = [line for line in (WORLD_PROMPTS_DIR / "code.jsonl").read_text().splitlines()][:20]
-    import json
-
-    code = [json.loads(c)["text"] for c in code]
+    assert steered < 0.9 * base, (base, steered)
+    code = [json.loads(c)["text"] for c in (WORLD_PROMPTS_DIR / "code.jsonl").read_text().splitlines()][:20]
     lp0 = steered_logprobs(world.model, code, None, layer_index=world.layer)
     lp1 = steered_logprobs(world.model, code, iv, layer_index=world.layer)
     loss0 = -torch.cat(lp0).mean()
@@ -110,3 +126,15 @@ def test_intent_prompts_never_name_re_and_are_split_by_file(world):
     # The lexical set keeps its imports: `import re` in most of its prompts.
     lexical = load_prompts(WORLD_PROMPTS_DIR / "regex.jsonl")
     assert sum("import re" in p.prompt for p in lexical) > len(lexical) / 2
+
+
+def test_intent_neutral_heads_share_the_regex_prone_heads_files():
+    """Neutral heads come from the files the regex-prone ones come from (functions there that do not
+    use ``re``), so a feature cannot separate the sets by a file's or package's style alone."""
+    rx = load_prompts(WORLD_PROMPTS_DIR / "intent_regex.jsonl")
+    neu = load_prompts(WORLD_PROMPTS_DIR / "intent_neutral.jsonl")
+    rx_files = {p.id.rsplit(":", 1)[0] for p in rx}
+    assert all(p.id.rsplit(":", 1)[0] in rx_files for p in neu)
+    assert len({p.id for p in neu}) == len(neu) and not {p.id for p in neu} & {p.id for p in rx}
+    # Both sets carry type-annotated heads (the style a feature could otherwise key on).
+    assert any("->" in p.prompt for p in neu) and any("->" in p.prompt for p in rx)

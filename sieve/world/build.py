@@ -4,11 +4,13 @@ Stages, each resumable and seeded, each in a module named after what it does:
 
 1. ``lm`` (:mod:`~sieve.world.train_lm`): corpus → byte-level BPE tokenizer → GPT-2 LM (checkpointed;
    a cut-off run resumes).
-2. ``sae`` (:mod:`~sieve.world.train_sae`): a TopK SAE on one layer's residual stream (sae-lens format).
-3. ``intent`` (:mod:`~sieve.world.train_intent`): continue training where most chunks come without
+2. ``intent`` (:mod:`~sieve.world.train_intent`): continue training where most chunks come without
    their imports, with more code that uses ``re``, so regex use follows from what a function is for.
-4. ``feature`` (:mod:`~sieve.world.select_feature`): choose the feature whose early firing predicts
-   regex use on held-out function heads, and whose gate cuts it.
+3. ``sae`` (:mod:`~sieve.world.train_sae`): a TopK SAE on one layer's residual stream of the final
+   LM (sae-lens format).
+4. ``feature`` (:mod:`~sieve.world.select_feature`): choose the feature whose firing before a
+   completion's first ``re`` predicts regex use on held-out function heads while it stays quiet on
+   neutral ones, and whose gate cuts it.
 5. ``ship`` (:mod:`~sieve.world.ship`): model, tokenizer, SAE, ``world.json`` (the one record of layer,
    feature and threshold) and the prompt sets into ``sieve/world/data``.
 """
@@ -29,7 +31,7 @@ from sieve.world.train_lm import LMConfig, encode_chunks, train_lm, train_tokeni
 log = logging.getLogger("sieve.world.build")
 
 DEFAULT_OUT = Path("build/world")
-STAGES = ("lm", "sae", "intent", "feature", "ship")
+STAGES = ("lm", "intent", "sae", "feature", "ship")
 
 
 def stage_lm(out: Path, cfg: LMConfig) -> Path:
@@ -90,10 +92,6 @@ def main(argv: list[str] | None = None) -> None:
     if "lm" in args.stages:
         stage_lm(args.out, cfg)
         log.info("lm stage done after %.0fs", time.time() - t0)
-    if "sae" in args.stages:
-        from sieve.world.train_sae import stage_sae
-
-        stage_sae(args.out, cfg)
     if "intent" in args.stages:
         from sieve.world.corpus import load_intent_corpus
         from sieve.world.train_intent import IntentConfig, train_intent
@@ -101,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
         chunks = load_corpus()[0] + load_intent_corpus()[0]
         train_intent(IntentConfig(threads=args.threads), args.out / "model", chunks, args.out / "intent")
         log.info("intent stage done after %.0fs", time.time() - t0)
+    if "sae" in args.stages:
+        from sieve.world.train_sae import stage_sae
+
+        stage_sae(args.out, cfg)
     if "feature" in args.stages:
         from sieve.world.select_feature import stage_feature
 

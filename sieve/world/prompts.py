@@ -3,12 +3,14 @@
 - **regex-prone**: functions (or module-level code) that use ``re``, cut at the decision point, right
   before the first use (``m = `` | ``re.match(...)``); the prompt is the chunk's imports (``import re``
   among them) and the code before that point.
-- **neutral**: functions from files that do not import ``re``, cut after the signature and docstring.
+- **neutral**: functions from files that do not import ``re``, cut after the signature and docstring
+  (the lexical study's set).
 - **code**: held-out regex-free chunks, whole, for the general-ability loss.
 - **intent** (:func:`intent_prompts`): a function's ``def`` line and docstring alone (under its
   ``class`` line for a method), cut before the body: no imports, no earlier use, not one ``re`` token.
   Labelled ``regex`` when the function's body uses ``re`` in the original file, ``neutral`` when it
-  comes from a file that does not import ``re``. Whether the model reaches for ``re`` here depends on
+  does not; neutral heads come from the same files as regex-prone ones, so both sets share a style.
+  Whether the model reaches for ``re`` here depends on
   what the function is for, not on a token that names the module.
 
 Each prompt keeps the rest of its function (``reference``) for evaluation, and prompts that would not
@@ -29,7 +31,7 @@ from sieve.models import clip_to_tokens
 from sieve.world.corpus import Chunk
 
 __all__ = ["WorldPrompt", "clip_to_tokens", "regex_prone_prompts", "neutral_prompts", "regex_free_code", "save_prompts",
-           "load_prompts", "intent_prompts", "intent_prompt_sets", "names_re"]
+           "load_prompts", "intent_prompts", "intent_prompt_sets", "intent_pairs", "names_re"]
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,8 @@ def intent_prompts(chunks: list[Chunk], tok=None, max_prompt_tokens: int = 192, 
                    ) -> list[WorldPrompt]:
     """Function heads (``def`` + docstring, no imports) of held-out (``held_out=False``: training)
     functions, labelled by the original function: ``regex`` when its body uses ``re``, ``neutral`` when
-    its file does not import ``re``. Functions without a docstring, heads that use or name ``re``, and
-    functions of files that import ``re`` but do not use it are left out.
+    it does not (its file may import ``re`` for other functions). Functions without a docstring and
+    heads that use or name ``re`` are left out.
 
     Example:
         >>> from sieve.world.corpus import SourceFile, chunk_file
@@ -211,12 +213,7 @@ def intent_prompts(chunks: list[Chunk], tok=None, max_prompt_tokens: int = 192, 
     for c in chunks:
         if c.held_out != held_out or c.name == "<module>":
             continue
-        if c.uses_regex:
-            kind = "regex"
-        elif not find_regex_use(c.header).used:
-            kind = "neutral"
-        else:
-            continue
+        kind = "regex" if c.uses_regex else "neutral"
         start = _body_start(c.body)
         if start is None or not _has_docstring(c.body):
             continue
@@ -235,26 +232,63 @@ def _half(file: str) -> str:
     return "select" if hashlib.sha256(("split:" + file).encode()).digest()[0] % 2 == 0 else "eval"
 
 
-def intent_prompt_sets(chunks: list[Chunk], tok=None, max_prompt_tokens: int = 192) -> dict[str, list[WorldPrompt]]:
+# Neutral heads kept per split (a seeded sample of the style-matched ones): the evaluation half's
+# neutral set is about the size of its regex-prone set; the select half's is larger, for thresholds.
+NEUTRAL_CAP = {"eval": 60, "select": 150, "train": None}
+
+
+def intent_prompt_sets(chunks: list[Chunk], tok=None, max_prompt_tokens: int = 192, seed: int = 0
+                       ) -> dict[str, list[WorldPrompt]]:
     """The intent sets, by split: ``eval_regex``/``eval_neutral`` (held-out files of one half: the
     study's evaluation), ``select_regex``/``select_neutral`` (held-out files of the other half: the
     world build chooses its feature there) and ``train_regex``/``train_neutral`` (training files: CAA
-    pairs). Neutral prompts come only from files that neither import nor use ``re``.
+    pairs).
+
+    Neutral heads come from the *same files* as the split's regex-prone ones (functions there whose
+    body does not use ``re``), so the two sets share their packages' style (type annotations,
+    docstring conventions) and differ in what the function is for; at most :data:`NEUTRAL_CAP` of
+    them per split, a seeded sample in file order.
 
     Example:
         >>> from sieve.world.corpus import SourceFile, chunk_file
-        >>> src = SourceFile("m.py", "def f(s):\\n    'Strip s.'\\n    return s.strip()\\n", True)
+        >>> src = SourceFile("m.py", "import re\\n\\ndef f(s):\\n    'Strip s.'\\n    return s.strip()\\n\\n"
+        ...                  "def g(s):\\n    'Words of s.'\\n    return re.findall('[a-z]+', s)\\n", True)
         >>> sets = intent_prompt_sets(list(chunk_file(src)))
-        >>> sum(len(v) for v in sets.values()), sets[_half("m.py") + "_neutral"][0].id
-        (1, 'm.py:f')
+        >>> [p.id for p in sets[_half("m.py") + "_neutral"]], [p.id for p in sets[_half("m.py") + "_regex"]]
+        (['m.py:f'], ['m.py:g'])
     """
-    re_files = {c.file for c in chunks if c.uses_regex or find_regex_use(c.header).used}
+    import torch
+
     out: dict[str, list[WorldPrompt]] = {f"{s}_{k}": [] for s in ("eval", "select", "train")
                                          for k in ("regex", "neutral")}
     for held in (True, False):
-        for p in intent_prompts(chunks, tok, max_prompt_tokens, held_out=held):
+        ps = intent_prompts(chunks, tok, max_prompt_tokens, held_out=held)
+        rx_files = {p.id.rsplit(":", 1)[0] for p in ps if p.kind == "regex"}
+        for p in ps:
             file = p.id.rsplit(":", 1)[0]
-            if p.kind == "neutral" and file in re_files:
+            if p.kind == "neutral" and file not in rx_files:
                 continue
             out[f"{_half(file) if held else 'train'}_{p.kind}"].append(p)
+    g = torch.Generator().manual_seed(seed)
+    for split, cap in NEUTRAL_CAP.items():
+        neu = out[f"{split}_neutral"]
+        if cap is not None and len(neu) > cap:
+            out[f"{split}_neutral"] = [neu[i] for i in sorted(torch.randperm(len(neu), generator=g)[:cap].tolist())]
     return out
+
+
+def intent_pairs(sets: dict[str, list[WorldPrompt]], seed: int = 0) -> list[tuple[WorldPrompt, WorldPrompt]]:
+    """The intent study's CAA pairs: each regex-using training head with a neutral training head drawn
+    without replacement (seeded), as ``(positive, negative)``.
+
+    Example:
+        >>> a, b, c = (WorldPrompt(i, k, "def f():\\n", "") for i, k in [("a", "regex"), ("b", "neutral"), ("c", "neutral")])
+        >>> [(p.id, n.id in "bc") for p, n in intent_pairs({"train_regex": [a], "train_neutral": [b, c]})]
+        [('a', True)]
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    neg = sets["train_neutral"]
+    neg = [neg[i] for i in torch.randperm(len(neg), generator=g)[: len(sets["train_regex"])].tolist()]
+    return list(zip(sets["train_regex"], neg))

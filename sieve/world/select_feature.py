@@ -3,16 +3,19 @@
 On the *select* half of the held-out intent prompts (function heads with no ``re`` token; the study
 evaluates on the other half, never seen here):
 
-1. the model completes every prompt, unsteered (``SAMPLES`` samples each, seeded); a
-   completion is labelled by whether its function uses ``re``;
-2. every latent is scored on each completion by its highest pre-activation over the prompt and the
-   completion's first ``EARLY`` tokens *before* its first use of ``re`` (so a latent that fires only on
-   ``re`` itself, too late to steer, scores nothing), and latents are ranked by how well that score
-   predicts use (AUROC);
-3. the best ``CANDIDATES`` latents, each at its best-F1 threshold, gate ``conditional_per_input``
-   (latched from the first firing, along the latent's decoder row, at minus the mean residual norm) on
-   the same prompts and seeds; the feature that cuts regex use most while changing at most
-   ``MAX_NEUTRAL_CHANGED`` of the neutral completions wins (none qualifying: the largest cut).
+1. the model completes every prompt, unsteered (``SAMPLES`` samples of each regex-prone prompt,
+   ``NEUTRAL_SAMPLES`` of each neutral one, seeded); a completion is labelled by whether its function
+   uses ``re``;
+2. every latent is scored on each row by its highest pre-activation over the prompt and the completion
+   *before* its first use of ``re`` (the whole completion when there is none): where a gate reading it
+   could act before the model writes ``re``. A latent that fires only on ``re`` itself scores nothing;
+3. each latent's threshold is set on the neutral rows: it passes on at most ``MAX_NEUTRAL_FIRES`` of
+   them (a gate that opens on a neutral row changes it). Latents are ranked by *recall*: the share of
+   the regex-using rows on which they pass before the use (the most a gate on them can cut);
+4. the best ``CANDIDATES`` latents each gate ``input_steering_vector`` (latched from the first firing,
+   the CAA vector of the intent pairs at ``SCALE``) on the same prompts and seeds; the one that cuts
+   regex use most while changing at most ``MAX_NEUTRAL_CHANGED`` of the neutral completions wins (none
+   qualifying: the fewest neutral changes).
 
 Pre-activations are :meth:`sieve.saes.Feature.linear`, the one definition sieve detects with.
 """
@@ -28,21 +31,21 @@ import torch
 
 from sieve.world.corpus import load_corpus, load_intent_corpus
 from sieve.world.train_lm import LMConfig
-from sieve.world.train_sae import activations_list, load_lm, sae_quality
+from sieve.world.train_sae import activations_list, load_lm
 
-__all__ = ["SAMPLES", "EARLY", "CANDIDATES", "feature_matrix", "best_f1", "auroc", "early_scores",
-           "stage_feature"]
+__all__ = ["SAMPLES", "CANDIDATES", "feature_matrix", "best_f1", "auroc", "before_use_scores",
+           "neutral_thresholds", "stage_feature"]
 
 log = logging.getLogger("sieve.world.build")
 
-SAMPLES = 4
+SAMPLES = 8
 NEUTRAL_SAMPLES = 2
-NEUTRAL_PROMPTS = 16
-MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS = 56  # as the intent recipe generates
 TEMPERATURE = 0.8
-EARLY = 16
-CANDIDATES = 4
+CANDIDATES = 5
+MAX_NEUTRAL_FIRES = 0.04
 MAX_NEUTRAL_CHANGED = 0.05
+SCALE = -10.0
 SEED = 0
 
 
@@ -97,21 +100,39 @@ def auroc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return gt + eq / 2
 
 
-def early_scores(model, layer: int, W: torch.Tensor, b: torch.Tensor, prompts: list[str], completions: list[str],
-                 early: int = EARLY) -> torch.Tensor:
-    """``[N, F]``: each latent's highest pre-activation over a prompt and the first ``early`` tokens of
-    its completion, stopping before the completion's first use of ``re``."""
+def before_use_scores(model, layer: int, W: torch.Tensor, b: torch.Tensor, prompts: list[str],
+                      completions: list[str]) -> torch.Tensor:
+    """``[N, F]``: each latent's highest pre-activation over a prompt and its completion's tokens that
+    end before the completion's first use of ``re`` (all of them when it has none).
+
+    The text is tokenized whole, so the last token kept is the one the model read before writing the
+    token that starts the use (``" ="`` before ``" re"``), never a fragment such as a trailing space.
+    """
     from sieve.evals.regex_use import find_regex_use
 
     tok = model.tokenizer
-    texts, lens = [], []
+    texts, keep = [], []
     for p, c in zip(prompts, completions):
-        use = find_regex_use(p + c)
-        cut = len(c) if not use.spans else max(0, use.spans[0][0] - len(p))
-        texts.append(p + c[:cut])
-        lens.append(len(tok(p)["input_ids"]) - 1 + early)
+        text = p + c
+        use = find_regex_use(text)
+        cut = len(text) if not use.spans else max(len(p), use.spans[0][0])
+        ends = [e for _, e in tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+        texts.append(text)
+        keep.append(max(1, sum(e <= cut for e in ends)))
     acts = activations_list(model, texts, layer)
-    return torch.stack([(a[:n] @ W + b).max(0).values for a, n in zip(acts, lens)])
+    return torch.stack([(a[:k] @ W + b).max(0).values for a, k in zip(acts, keep)])
+
+
+def neutral_thresholds(neutral_scores: torch.Tensor, max_fires: float = MAX_NEUTRAL_FIRES) -> torch.Tensor:
+    """Per column of ``neutral_scores [N, F]``: the lowest threshold that at most ``max_fires`` of the
+    rows pass (strictly above it).
+
+    Example:
+        >>> neutral_thresholds(torch.tensor([[1.0], [2.0], [3.0], [4.0]]), 0.25).tolist()
+        [3.0]
+    """
+    ranked = neutral_scores.sort(0, descending=True).values
+    return ranked[min(int(max_fires * len(ranked)), len(ranked) - 1)]
 
 
 def _complete(model, layer: int, prompts: list[str], seeds: list[int], iv=None):
@@ -127,10 +148,11 @@ def _complete(model, layer: int, prompts: list[str], seeds: list[int], iv=None):
 
 
 def stage_feature(out: Path, cfg: LMConfig) -> dict:
+    from sieve.detectors import caa_vector
     from sieve.interventions import Detector
     from sieve.methods import Parts, build
-    from sieve.saes import feature, load_sae
-    from sieve.world.prompts import intent_prompt_sets, regex_free_code
+    from sieve.saes import load_sae
+    from sieve.world.prompts import intent_pairs, intent_prompt_sets
 
     t0 = time.time()
     chunks = load_corpus()[0] + load_intent_corpus()[0]
@@ -141,9 +163,7 @@ def stage_feature(out: Path, cfg: LMConfig) -> dict:
     W, b = feature_matrix(sae)
     sets = intent_prompt_sets(chunks, tok, cfg.n_ctx - 56)
     rx = [p.prompt for p in sets["select_regex"]]
-    neu_all = sets["select_neutral"]
-    step = max(1, len(neu_all) // NEUTRAL_PROMPTS)
-    neu = [p.prompt for p in neu_all[::step][:NEUTRAL_PROMPTS]]
+    neu = [p.prompt for p in sets["select_neutral"]]
     prompts = [p for p in rx for _ in range(SAMPLES)] + [p for p in neu for _ in range(NEUTRAL_SAMPLES)]
     is_rx = torch.tensor([True] * (len(rx) * SAMPLES) + [False] * (len(neu) * NEUTRAL_SAMPLES))
     seeds = [SEED * 1_000_003 + i for i in range(len(prompts))]
@@ -151,52 +171,45 @@ def stage_feature(out: Path, cfg: LMConfig) -> dict:
     base_rate = float(used[is_rx].float().mean())
     log.info("select half: %d regex-prone prompts x %d, %d neutral x %d; unsteered regex use %.3f (neutral %.3f)",
              len(rx), SAMPLES, len(neu), NEUTRAL_SAMPLES, base_rate, float(used[~is_rx].float().mean()))
-    scores = early_scores(model, layer, W, b, prompts, texts)
+    scores = before_use_scores(model, layer, W, b, prompts, texts)
+    thr = neutral_thresholds(scores[~is_rx])
+    recall = (scores[is_rx & used] > thr).float().mean(0)
     au = auroc(scores, used)
-    f1, thr = best_f1(scores, used)
-    au_rank = torch.nan_to_num(au, nan=0.0)
-    cands = au_rank.argsort(descending=True)[:CANDIDATES].tolist()
-    log.info("top latents by AUROC of early firing vs regex use: %s",
-             [(i, round(float(au[i]), 3), round(float(thr[i]), 2)) for i in cands])
+    cands = recall.argsort(descending=True)[:CANDIDATES].tolist()
+    log.info("top latents by recall before use at <= %.0f%% neutral firing: %s", MAX_NEUTRAL_FIRES * 100,
+             [(i, round(float(recall[i]), 3), round(float(thr[i]), 2)) for i in cands])
 
-    code = regex_free_code([c for c in chunks if c.held_out], limit=20)
-    from sieve.world.prompts import clip_to_tokens
-
-    h_code = torch.cat(activations_list(model, [clip_to_tokens(tok, t, cfg.n_ctx) for t in code], layer))
-    hnorm = float(h_code.norm(dim=-1).mean())
-    sae_on_final = sae_quality(sae, h_code)  # the SAE was trained on the first-phase model
-    scale = -hnorm
+    pairs = intent_pairs(sets)
+    caa = caa_vector(model, [p.prompt for p, _ in pairs], [n.prompt for _, n in pairs], layer, progress=False)
     results = []
     for i in cands:
-        f = feature(sae, i)
-        w, bb = f.linear()
+        w, bb = W[:, i], float(b[i])
         parts = Parts()
         parts.add_detector("sae", Detector(w, bb, kind="sae"), float(thr[i]))
-        parts.add_direction("sae", f.direction)
-        s_texts, s_used = _complete(model, layer, prompts, seeds, build("conditional_per_input", parts, scale))
+        parts.add_direction("caa", caa)
+        s_texts, s_used = _complete(model, layer, prompts, seeds, build("input_steering_vector", parts, SCALE))
         rate = float(s_used[is_rx].float().mean())
         changed = sum(a != c for a, c, r in zip(texts, s_texts, is_rx.tolist()) if not r) / max(1, int((~is_rx).sum()))
-        fired = float((scores[:, i] > thr[i]).float().mean())
-        results.append({"feature": i, "auroc": float(au[i]), "f1": float(f1[i]), "threshold": float(thr[i]),
-                        "fires": fired, "regex_rate": rate, "cut": 1 - rate / max(base_rate, 1e-9),
-                        "neutral_changed": changed})
-        log.info("candidate %d: AUROC %.3f, fires on %.2f of completions, regex %.3f -> %.3f, neutral changed %.2f",
-                 i, float(au[i]), fired, base_rate, rate, changed)
-    ok = [r for r in results if r["neutral_changed"] <= MAX_NEUTRAL_CHANGED] or results
-    best = max(ok, key=lambda r: (r["cut"], r["auroc"]))
+        results.append({"feature": i, "recall": float(recall[i]), "auroc": float(au[i]), "threshold": float(thr[i]),
+                        "neutral_fires": float((scores[~is_rx, i] > thr[i]).float().mean()),
+                        "regex_rate": rate, "cut": 1 - rate / max(base_rate, 1e-9), "neutral_changed": changed})
+        log.info("candidate %d: recall %.3f, AUROC %.3f, regex %.3f -> %.3f, neutral changed %.3f",
+                 i, float(recall[i]), float(au[i]), base_rate, rate, changed)
+    ok = [r for r in results if r["neutral_changed"] <= MAX_NEUTRAL_CHANGED]
+    best = max(ok, key=lambda r: (r["cut"], r["recall"])) if ok else min(results, key=lambda r: r["neutral_changed"])
     info = {
         "layer": layer,
         "feature": best["feature"],
         "threshold": best["threshold"],
         "selection": {
-            "criterion": "intent: early firing predicts regex use (AUROC), then the gated cut on the select half",
+            "criterion": "intent: passes before the first use of re on regex-using rows (recall) at a threshold "
+                         f"passed on <= {MAX_NEUTRAL_FIRES:.0%} of neutral rows, then the gated CAA cut on the "
+                         "select half",
             "prompts_regex": len(rx), "prompts_neutral": len(neu), "samples": SAMPLES,
             "neutral_samples": NEUTRAL_SAMPLES, "max_new_tokens": MAX_NEW_TOKENS, "temperature": TEMPERATURE,
-            "early_tokens": EARLY, "unsteered_regex_rate": base_rate,
-            "unsteered_neutral_regex_rate": float(used[~is_rx].float().mean()),
-            "scale": scale, "residual_norm": hnorm, "candidates": results,
+            "unsteered_regex_rate": base_rate, "unsteered_neutral_regex_rate": float(used[~is_rx].float().mean()),
+            "scale": SCALE, "candidates": results,
         },
-        "sae_on_final_model": sae_on_final,
         "seconds": round(time.time() - t0),
     }
     (out / "feature.json").write_text(json.dumps(info, indent=1))

@@ -85,6 +85,7 @@ def write_prompt_files(chunks: list[Chunk], intent_chunks: list[Chunk], tok, n_c
 
     from sieve.evals.regex_use import find_regex_use
     from sieve.world.prompts import (
+        intent_pairs,
         intent_prompt_sets,
         neutral_prompts,
         regex_free_code,
@@ -98,11 +99,7 @@ def write_prompt_files(chunks: list[Chunk], intent_chunks: list[Chunk], tok, n_c
     save_prompts(out / "intent_regex.jsonl", sets["eval_regex"])
     save_prompts(out / "intent_neutral.jsonl", sets["eval_neutral"])
     save_prompts(out / "intent_select.jsonl", sets["select_regex"] + sets["select_neutral"])
-    g = torch.Generator().manual_seed(SEED)
-    neg = sets["train_neutral"]
-    neg = [neg[i] for i in torch.randperm(len(neg), generator=g)[: len(sets["train_regex"])].tolist()]
-    ipairs = [{"id": f"{p.id}|{n.id}", "positive": p.prompt, "negative": n.prompt}
-              for p, n in zip(sets["train_regex"], neg)]
+    ipairs = [{"id": f"{p.id}|{n.id}", "positive": p.prompt, "negative": n.prompt} for p, n in intent_pairs(sets)]
     (out / "intent_contrastive.jsonl").write_text("".join(json.dumps(p) + "\n" for p in ipairs))
     save_prompts(out / "regex.jsonl", regex_prone_prompts(chunks, tok, budget))
     save_prompts(out / "neutral.jsonl", neutral_prompts(chunks, tok, budget, limit=200))

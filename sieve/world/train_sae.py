@@ -30,7 +30,8 @@ log = logging.getLogger("sieve.world.build")
 LAYER = 2
 D_SAE = 2048
 K = 16
-SAE_TOKENS = 600_000
+SAE_TOKENS = 300_000  # of plain training chunks; bare regex-using chunks come on top
+SAE_ROWS = 700_000  # activation rows the SAE trains on (a seeded sample)
 SAE_STEPS = 900
 SAE_BATCH = 4096
 SAE_LR = 1e-3
@@ -118,7 +119,7 @@ def train_topk_sae(x: torch.Tensor, d_sae: int, k: int, steps: int, batch: int, 
         with torch.no_grad():
             W_dec /= W_dec.norm(dim=1, keepdim=True)
         if step % 50 == 0:
-            bar.set_postfix(fvu=f"{float((err ** 2).sum(1).mean()) / var:.3f}", dead=int(dead.sum()))
+            bar.set_postfix(fvu=f"{float((err.detach() ** 2).sum(1).mean()) / var:.3f}", dead=int(dead.sum()))
     sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=d_sae, k=k, apply_b_dec_to_input=True,
                                 rescale_acts_by_decoder_norm=False))
     sae.load_state_dict({"W_enc": W_enc.detach().contiguous(), "b_enc": b_enc.detach(),
@@ -136,16 +137,31 @@ def sae_quality(sae, x: torch.Tensor) -> dict[str, float]:
     return {"fve": fve, "l0": float((feats > 0).sum(1).float().mean()), "dead_fraction": 1 - float(alive.float().mean())}
 
 
+def sae_texts(chunks: list[Chunk], tok, budget: int = SAE_TOKENS, seed: int = SEED) -> list[str]:
+    """The SAE's training texts: training chunks as :func:`_train_texts` picks them (``re``-using ones
+    first), then bare versions (no import lines) of the ``re``-using training chunks, half as many, so
+    the SAE sees functions whose use of ``re`` shows only in what they are for, as the intent prompts do.
+    """
+    from sieve.world.train_intent import bare_text
+
+    texts = _train_texts(chunks, tok, budget, seed)
+    bare = [bare_text(c) for c in chunks if not c.held_out and c.uses_regex]
+    return texts + bare[: len(texts) // 2]
+
+
 def stage_sae(out: Path, cfg: LMConfig, layer: int = LAYER) -> dict:
+    """Train the world's SAE on the build's final LM (the intent phase's), at ``layer``."""
     from sieve.saes import save_sae
+    from sieve.world.corpus import load_intent_corpus
 
     t0 = time.time()
-    chunks, _ = load_corpus()
-    model = load_lm(out, final=False)
+    chunks = load_corpus()[0] + load_intent_corpus()[0]
+    model = load_lm(out)
     torch.manual_seed(SEED)
-    texts = _train_texts(chunks, model.tokenizer, SAE_TOKENS, SEED)
-    x = _activations(model, texts, layer, cfg.n_ctx)
-    log.info("SAE activations: %s from %d chunks in %.0fs", tuple(x.shape), len(texts), time.time() - t0)
+    x = _activations(model, sae_texts(chunks, model.tokenizer), layer, cfg.n_ctx)
+    g = torch.Generator().manual_seed(SEED)
+    x = x[torch.randperm(len(x), generator=g)[:SAE_ROWS]]
+    log.info("SAE activations: %s in %.0fs", tuple(x.shape), time.time() - t0)
     sae = train_topk_sae(x, D_SAE, K, SAE_STEPS, SAE_BATCH, SAE_LR, SEED)
     heldout = [c.text for c in chunks if c.held_out][:400]
     q = sae_quality(sae, _activations(model, heldout, layer, cfg.n_ctx))
