@@ -82,3 +82,35 @@ PROMPTS = [
     "class Point:\n    def __init__(self, x",
     "x = [i for i in",
 ]
+
+
+_IMPORT_RE: tuple[int, float] | None = None
+
+
+def import_re_feature() -> tuple[int, float]:
+    """``(index, threshold)`` of a latent of the shipped world's SAE that fires on ``import re``: the one
+    strongest in the SAE's code at the `` re`` token of an import, among those whose pre-activation
+    stays below the threshold (half its value there) on every token of imports without ``re``.
+
+    The world's own feature is chosen for intent (README "The intent study") and rarely fires on the
+    short contexts of the pipeline tests; tests that need a gate which opens on some rows and not on
+    others take this one (``sae.feature=...`` / ``sae.threshold=...`` in a recipe)."""
+    global _IMPORT_RE
+    if _IMPORT_RE is None:
+        from sieve.detectors import token_activations
+        from sieve.saes import feature
+        from sieve.world import load_world
+
+        w = load_world()
+        h_re = token_activations(w.model, ["import re\n"], w.layer, progress=False)[0][1]
+        h_other = torch.cat(token_activations(w.model, ["import os\nimport sys\n", "def add(a, b):\n    return a + b\n"],
+                                              w.layer, progress=False))
+        for k in w.sae.encode(h_re).argsort(descending=True).tolist()[:16]:
+            wv, b = feature(w.sae, k).linear()
+            thr = float(h_re @ wv + b) / 2
+            if thr > 0 and bool(((h_other @ wv + b) < thr).all()):
+                _IMPORT_RE = (k, thr)
+                break
+        else:
+            raise AssertionError("no latent of the world's SAE fires on `import re` alone")
+    return _IMPORT_RE

@@ -25,7 +25,9 @@ from sieve.interventions import Detector, Edit, Intervention
 from sieve.models import underlying
 from sieve.recipe import load_recipe
 from sieve.results import ResultStore
+from sieve.saes import feature
 from sieve.world import load_world
+from tests.conftest import import_re_feature
 from tests.test_regex_recipe import _overrides, _prepare, detector_cache  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,21 +123,23 @@ def test_unsteered_adapter_scores_exactly_as_plain_hflm(world, tasks):
 
 
 def _fires(world, token_ids: list[int]) -> bool:
-    """Whether the feature passes its threshold on any real token of one unpadded row (BOS excluded),
-    read from a plain trace: independent of the adapter's batching and padding."""
+    """Whether the import-re latent passes its threshold on any real token of one unpadded row (BOS
+    excluded), read from a plain trace: independent of the adapter's batching and padding."""
     enc = {"input_ids": torch.tensor([token_ids]), "attention_mask": torch.ones(1, len(token_ids), dtype=torch.long)}
     with torch.inference_mode(), world.model.trace(enc):
         h = world.model.layers[world.layer].output.save()
-    w, b = world.feature.linear()
+    k, thr = import_re_feature()
+    w, b = feature(world.sae, k).linear()
     score = h[0].float() @ w + b
     start = 1 if token_ids[0] == world.model.tokenizer.bos_token_id else 0
-    return bool((score[start:] > world.threshold).any())
+    return bool((score[start:] > thr).any())
 
 
 def test_gated_intervention_changes_exactly_the_rows_where_it_fires(world, tasks):
-    w, b = world.feature.linear()
-    iv = Intervention("token", Edit("add", world.feature.direction, -20.0), Detector(w, b, kind="sae"),
-                      threshold=world.threshold)
+    k, thr = import_re_feature()
+    f = feature(world.sae, k)
+    w, b = f.linear()
+    iv = Intervention("token", Edit("add", f.direction, -20.0), Detector(w, b, kind="sae"), threshold=thr)
     base = _evaluate(SteeredLM(model=world.model, intervention=None, layer=world.layer, batch_size=4), tasks,
                      ["world_mc"])
     lm = SteeredLM(model=world.model, intervention=iv, layer=world.layer, batch_size=4)
@@ -218,8 +222,10 @@ def test_regex_recipe_takes_its_general_ability_from_the_harness(tmp_path, detec
     into the same results table, summary and Pareto charts."""
     out = tmp_path / "run"
     _prepare(out, detector_cache)
+    k, thr = import_re_feature()  # a gate that opens on the `import re` contexts of the task
     ov = _overrides(out, **{"sweep.methods": '["unsteered","conditional_per_input"]', "eval.general": '"lmeval"',
-                            "eval.lmeval_tasks": '["world_mc"]', "eval.lmeval_include": f'"{tasks}"'})
+                            "eval.lmeval_tasks": '["world_mc"]', "eval.lmeval_include": f'"{tasks}"',
+                            "sae.feature": str(k), "sae.threshold": repr(thr)})
     assert regex.main([str(ROOT / "recipes/regex.toml"), *ov, "--no-progress"]) == 0
     ability = ResultStore(out / "ability").table().sort("method")
     assert ability["method"].to_list() == ["conditional_per_input", "unsteered"]
@@ -228,7 +234,7 @@ def test_regex_recipe_takes_its_general_ability_from_the_harness(tmp_path, detec
     detail = [json.loads(d) for d in ability["detail"]]
     assert all("acc" in d["tasks"]["world_mc"] and d["gate"]["rows"] > 0 for d in detail)
     assert detail[1]["gate"]["rows_edited"] == 0  # unsteered
-    assert detail[0]["gate"]["rows_fired"] > 0  # the regex feature fires on the `import re` contexts
+    assert detail[0]["gate"]["rows_fired"] > 0  # the import-re latent fires on the `import re` contexts
     summary = pl.read_parquet(out / "summary.parquet")
     assert summary["ability_metric"].to_list() == ["lmeval:acc"] * 2 and summary["ability"].is_not_null().all()
     assert (out / "pareto.png").stat().st_size > 1000

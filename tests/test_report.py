@@ -14,16 +14,21 @@ import polars as pl
 import pytest
 
 from sieve.report import REPORT_NAME, load_run, token_ends
+from tests.conftest import import_re_feature
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = '</script><script>document.title="owned"</script> & <b>bold</b>'
 METHODS = '["unsteered","constant_sae","conditional_per_token","conditional_per_input"]'
 
 
+RECIPE = ROOT / "recipes/regex_lexical.toml"  # imports kept in the prompts; 4 add scales
+
+
 def _overrides(out: Path) -> list[str]:
+    k, thr = import_re_feature()  # a gate that opens on the `import re` of the lexical prompts
     return [f"sweep.methods={METHODS}", "sweep.samples=2", "sweep.max_new_tokens=12", "prompts.regex_limit=4",
             "prompts.neutral_limit=2", "prompts.code_limit=4", f'output.dir="{out}"', "output.charts=false",
-            f"description={json.dumps(HOSTILE)}"]
+            f"description={json.dumps(HOSTILE)}", f"sae.feature={k}", f"sae.threshold={thr!r}"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,7 @@ def run_dir(tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("reportrun")
     out = base / "merged"
-    recipe = str(ROOT / "recipes/regex.toml")
+    recipe = str(RECIPE)
     for i in range(2):
         assert regex.main([recipe, *_overrides(out), f"--shard={i}/2", f"--out={base / f's{i}'}", "--no-progress"]) == 0
         assert not (base / f"s{i}" / REPORT_NAME).exists()  # a shard alone is not the run
@@ -73,7 +78,7 @@ def test_positions_agree_with_counts(run_dir):
             assert r["gen_edited_at"] == list(range(k)) and k in (r["n_tokens"], r["n_tokens"] - 1)
         if r["method"] == "unsteered":
             assert not (r["gen_fired_at"] or r["gen_edited_at"] or r["prompt_fired_at"])
-    # The feature fires on the regex-prone prompts (they import re): the positions are not all empty.
+    # The latent fires on the regex-prone prompts (they import re): the positions are not all empty.
     assert gen.filter(pl.col("method") == "conditional_per_token")["prompt_fired"].sum() > 0
 
 
@@ -147,7 +152,7 @@ def test_budget_keeps_whole_prompts(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     summary = pl.read_parquet(copy / "summary.parquet")
-    recipe = load_recipe(ROOT / "recipes/regex.toml", _overrides(copy))
+    recipe = load_recipe(RECIPE, _overrides(copy))
     full = (run_dir / REPORT_NAME).read_text()
     budget = len(full.encode()) - len(_packed(full)) // 2  # room for about half the completions
     path = write_report(copy, recipe, summary, budget_bytes=budget)

@@ -17,7 +17,7 @@ from sieve.results import ResultStore
 from sieve.sweep import AbilityRow, Cell, GenRow, PlannedRow, cells, columns, needs_detector, plan, row_seed, schema, shard
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes/regex.toml"
+RECIPE = ROOT / "recipes/regex_lexical.toml"  # its scales: add [-5, -10, -20, -40], clamp [-3, -10]
 
 
 def _sets(n_regex: int = 2, n_neutral: int = 1) -> PromptSets:
