@@ -38,13 +38,14 @@ def test_world_loads_and_matches_its_record(world):
     assert chosen["threshold"] == info["threshold"] and chosen["neutral_changed"] <= 0.05
 
 
-def _before_use(world, texts: list[str]) -> list[float]:
-    """The feature's highest pre-activation over each text's tokens before its first use of ``re``."""
+def _before_use(world, prompts: list[str], completions: list[str] | None = None) -> list[float]:
+    """The feature's highest pre-activation over each prompt and its completion's tokens before the
+    completion's first use of ``re`` (:func:`sieve.world.select_feature.before_use_scores`)."""
     from sieve.world.select_feature import before_use_scores
 
     w, b = world.feature.linear()
-    return before_use_scores(world.model, world.layer, w[:, None], torch.tensor([b]), texts,
-                             [""] * len(texts))[:, 0].tolist()
+    comps = completions if completions is not None else [""] * len(prompts)
+    return before_use_scores(world.model, world.layer, w[:, None], torch.tensor([b]), prompts, comps)[:, 0].tolist()
 
 
 def test_feature_stays_quiet_on_heldout_neutral_heads(world):
@@ -54,7 +55,8 @@ def test_feature_stays_quiet_on_heldout_neutral_heads(world):
     more regex-using functions is the study's question, answered in the README, not assumed here.)"""
     neu = load_prompts(WORLD_PROMPTS_DIR / "intent_neutral.jsonl")
     tok = world.model.tokenizer
-    scores = _before_use(world, [clip_to_tokens(tok, p.prompt + p.reference, 256) for p in neu])
+    texts = [clip_to_tokens(tok, p.prompt + p.reference, 256) for p in neu]
+    scores = _before_use(world, [p.prompt for p in neu], [t[len(p.prompt):] for p, t in zip(neu, texts)])
     assert sum(s > world.threshold for s in scores) / len(neu) <= 0.15
 
 
