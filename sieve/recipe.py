@@ -9,7 +9,7 @@ into every result row.
 
 Example:
     >>> r = load_recipe(Path("recipes/regex.toml"))
-    >>> r.sae.layer >= 0 and "conditional_per_token" in r.sweep.methods
+    >>> r.sae.layer >= 0 and "input_steering_vector" in r.sweep.methods
     True
 """
 

@@ -24,7 +24,7 @@ Example:
     'recipe.toml'
     >>> claim(out, load_recipe("recipes/regex.toml", ["sweep.samples=2"]))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    sieve.errors.SieveError: ... differs in sweep.samples (4 -> 2)...
+    sieve.errors.SieveError: ... differs in sweep.samples (16 -> 2)...
 """
 
 from __future__ import annotations

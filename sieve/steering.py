@@ -151,8 +151,8 @@ def from_feature(
     Example:
         >>> from sieve.world import load_world
         >>> w = load_world()
-        >>> from_feature(w.sae, 978, -8.0, layer=w.layer)
-        Intervention('feature 978 add', fires(Detector(sae 'feature 978', d=192, b=-1.18) > 0), Edit(add -8, d=192), layers [2])
+        >>> from_feature(w.sae, 978, -8.0, layer=w.layer)  # doctest: +ELLIPSIS
+        Intervention('feature 978 add', fires(Detector(sae 'feature 978', d=192, b=...) > 0), Edit(add -8, d=192), layers [2])
         >>> from_feature(w.sae, 978, -3.0, edit="set", layer=w.layer).edit
         LatentEdit(set [978] to [-3.0], topk 2048 latents)
     """

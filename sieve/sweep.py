@@ -15,7 +15,7 @@ methods are compared on the same random numbers.
 
 Example:
     >>> from sieve.recipe import load_recipe
-    >>> r = load_recipe("recipes/regex.toml", ['sweep.methods=["unsteered","clamping"]'])
+    >>> r = load_recipe("recipes/regex_lexical.toml", ['sweep.methods=["unsteered","clamping"]'])
     >>> [c.key for c in cells(r)]
     ['unsteered|0', 'clamping|-3', 'clamping|-10']
 """
