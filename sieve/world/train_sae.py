@@ -1,11 +1,10 @@
-"""World build stage ``sae``: a TopK SAE on one layer of the first-phase LM, in sae-lens format.
+"""World build stage ``sae``: a TopK SAE on one layer of the world's final LM (the intent phase's), in
+sae-lens format.
 
 Residual-stream activations of the layer over training chunks (every chunk that uses ``re`` plus a
-seeded sample of the rest) train a TopK SAE (unit-norm decoder rows, AuxK loss for dead latents). Its
-quality (fraction of variance explained, L0, dead latents) is measured on held-out code. The SAE is
-trained before the short intent phase and carries over to the final model: the ``feature`` stage
-measures its quality there too (on 2 shared CPU cores, retraining it after the intent phase did not
-fit the build's budget).
+seeded sample of the rest, of the corpus and the intent packages, then bare versions of the
+``re``-using ones: :func:`sae_texts`) train a TopK SAE (unit-norm decoder rows, AuxK loss for dead
+latents). Its quality (fraction of variance explained, L0, dead latents) is measured on held-out code.
 """
 
 from __future__ import annotations
@@ -44,11 +43,11 @@ def final_model_dir(out: Path) -> Path:
     return d if d.exists() else out / "model"
 
 
-def load_lm(out: Path, final: bool = True):
-    """The build's final LM (``final=False``: the first phase's), loaded for tracing."""
+def load_lm(out: Path):
+    """The build's final LM, loaded for tracing."""
     from sieve.models import load_model
 
-    return load_model(final_model_dir(out) if final else out / "model")
+    return load_model(final_model_dir(out))
 
 
 def _train_texts(chunks: list[Chunk], tok, budget: int, seed: int) -> list[str]:
