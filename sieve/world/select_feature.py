@@ -33,7 +33,7 @@ from sieve.world.corpus import load_corpus, load_intent_corpus
 from sieve.world.train_lm import LMConfig
 from sieve.world.train_sae import activations_list, load_lm
 
-__all__ = ["SAMPLES", "CANDIDATES", "feature_matrix", "best_f1", "auroc", "before_use_scores",
+__all__ = ["SAMPLES", "CANDIDATES", "feature_matrix", "auroc", "before_use_scores",
            "neutral_thresholds", "stage_feature"]
 
 log = logging.getLogger("sieve.world.build")
@@ -60,28 +60,6 @@ def feature_matrix(sae) -> tuple[torch.Tensor, torch.Tensor]:
 
     lin = [feature(sae, i).linear() for i in range(int(sae.cfg.d_sae))]
     return torch.stack([w for w, _ in lin], 1), torch.tensor([b for _, b in lin])
-
-
-def best_f1(scores: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per column of ``scores [N, F]``: the best F1 over thresholds, and that threshold.
-
-    Example:
-        >>> f1, thr = best_f1(torch.tensor([[0.1], [0.9], [0.8]]), torch.tensor([0, 1, 1]))
-        >>> float(f1[0]), round(float(thr[0]), 2)
-        (1.0, 0.45)
-    """
-    order = scores.argsort(dim=0, descending=True)
-    ys = y.float()[order]
-    tp = ys.cumsum(0)
-    k = torch.arange(1, scores.shape[0] + 1, dtype=torch.float)[:, None]
-    prec, rec = tp / k, tp / y.float().sum().clamp_min(1)
-    f1 = 2 * prec * rec / (prec + rec).clamp_min(1e-9)
-    best = f1.argmax(0)
-    cols = torch.arange(scores.shape[1])
-    s_sorted = scores.gather(0, order)
-    nxt = (best + 1).clamp_max(scores.shape[0] - 1)
-    thr = (s_sorted[best, cols] + s_sorted[nxt, cols]) / 2
-    return f1[best, cols], thr
 
 
 def auroc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
