@@ -21,10 +21,11 @@
    kept) on a 16k-latent JumpReLU SAE, with the sparse encode (the feature's own encoder column and
    decoder row) and with the full encode, against plain ``generate``, for several configs in one run.
 
-5. ``--recipe-rows GROUPS``: the default recipe's own workload (GROUPS random (prompt, sample) groups,
-   every method × scale cell of ``recipes/regex.toml``): the study's loop structure (one ``generate``
-   per cell, batch 20), the sweep in full and the sweep forked, interleaved; the work the forking saved,
-   and the rows that differ between full and forked, by how the forked run made them.
+5. ``--recipe-prompts N``: the default recipe's own workload (N random prompts, each with all its
+   samples and every method × scale cell of ``recipes/regex.toml``, as the run's chunks hold them): the
+   study's loop structure (one ``generate`` per cell, batch 20), the sweep as it was (every row in
+   full, nothing shared), forking alone, the engine alone (shared prefill, growing KV cache) and both
+   (the default), interleaved; the work saved, and the rows that differ from the sweep as it was.
 
 Configs: ``world`` (the embedded model), ``mid`` (a random 8-layer d=512 Llama), ``gemma2-2b-width``
 (gemma-2-2b's width with 4 layers and a small vocabulary; fits a CPU), ``gemma2-2b`` (gemma-2-2b's
@@ -43,6 +44,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -341,10 +343,12 @@ def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: 
             "fork_work": work[0].as_dict()}
 
 
-def recipe_rows(groups: int, cache: Path | None, recipe: Path | None = None):
-    """A recipe's real workload (default ``recipes/regex.toml``): ``groups`` (prompt set, prompt, sample) groups drawn at random
-    (seed 0), each with all of the recipe's method × scale cells (the unsteered one included), as
-    ``recipes.regex`` plans them; the setting's detectors come from ``cache`` (trained there if absent)."""
+def recipe_rows(prompts: int, cache: Path | None, recipe: Path | None = None):
+    """A recipe's real workload (default ``recipes/regex.toml``): ``prompts`` prompts drawn at random
+    (seed 0) from its prompt sets, each with all of its samples and all of the recipe's method × scale
+    cells (the unsteered one included), as ``recipes.regex`` plans them and as its chunks hold them
+    (whole prompts: the samples of a prompt share its prefill); the setting's detectors come from
+    ``cache`` (trained there if absent)."""
     import random
 
     from sieve.recipe import load_recipe
@@ -353,24 +357,31 @@ def recipe_rows(groups: int, cache: Path | None, recipe: Path | None = None):
 
     r = load_recipe(recipe or ROOT / "recipes" / "regex.toml")
     setting = load_setting(r, progress=False, cache_dir=cache)
-    by_group: dict = {}
+    by_prompt: dict = {}
     for row in plan(r, setting.prompts):
-        by_group.setdefault((row.set, row.prompt_index, row.sample), []).append(row)
-    keys = list(by_group)
+        by_prompt.setdefault((row.set, row.prompt_index), []).append(row)
+    keys = list(by_prompt)
     random.Random(0).shuffle(keys)
-    todo = [row for k in keys[:groups] for row in by_group[k]]
+    todo = [row for k in keys[:prompts] for row in sorted(by_prompt[k], key=lambda x: x.sample)]
     ivs = {c: c.intervention(setting.parts, r) for c in dict.fromkeys(row.cell for row in todo)}
-    prompts = [getattr(setting.prompts, row.set)[row.prompt_index].text for row in todo]
+    texts = [getattr(setting.prompts, row.set)[row.prompt_index].text for row in todo]
     kw = dict(max_new_tokens=r.sweep.max_new_tokens, temperature=r.sweep.temperature, top_p=r.sweep.top_p,
               stop=r.sweep.stop, progress=False)
-    return setting.model, todo, prompts, [ivs[row.cell] for row in todo], kw, r.sweep.batch_size or None
+    return setting.model, todo, texts, [ivs[row.cell] for row in todo], kw, r.sweep.batch_size or None
 
 
-def bench_recipe(groups: int, repeats: int, cache: Path | None, recipe: Path | None = None) -> dict:
-    """The recipe's rows three ways, interleaved: the study's loop structure (one ``generate`` per method ×
-    scale, batch 20, here with sieve's own edit, since its hook cannot express latches or SAE-space
-    edits), the sweep in full (``sweep.fork = false``) and the sweep forked (``sweep.fork = true``)."""
-    model, todo, prompts, ivs, kw, bs = recipe_rows(groups, cache, recipe)
+# The engine before and after: each saving can be switched off (the same completions either way).
+BEFORE = dict(share_prefill=False, kv_cache="hf")
+AFTER = dict(share_prefill=True, kv_cache="grow")
+
+
+def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | None = None) -> dict:
+    """The recipe's rows five ways, interleaved: the study's loop structure (one ``generate`` per method
+    × scale, batch 20, every row's prefill its own, HF's cache; here with sieve's own edit, since its
+    hook cannot express latches or SAE-space edits); the sweep as it was (all rows batched, nothing
+    shared: ``sweep.fork = false``, ``share_prefill = false``, ``kv_cache = "hf"``); forking alone; the
+    engine alone (prefill shared, growing cache, no forking); and all of it (the default)."""
+    model, todo, prompts_, ivs, kw, bs = recipe_rows(prompts, cache, recipe)
     seeds = [row.seed for row in todo]
 
     def loop():
@@ -379,47 +390,57 @@ def bench_recipe(groups: int, repeats: int, cache: Path | None, recipe: Path | N
         for i, row in enumerate(todo):
             by_cell.setdefault(row.cell, []).append(i)
         for idx in by_cell.values():
-            outs = generate(model, [prompts[i] for i in idx], [ivs[i] for i in idx], seeds=[seeds[i] for i in idx],
-                            batch_size=20, **kw)
+            outs = generate(model, [prompts_[i] for i in idx], [ivs[i] for i in idx], seeds=[seeds[i] for i in idx],
+                            batch_size=20, **BEFORE, **kw)
             out.update(zip(idx, outs))
         return [out[i] for i in range(len(todo))]
 
     def full():
-        return generate(model, prompts, ivs, seeds=seeds, batch_size=bs, **kw)
+        return generate(model, prompts_, ivs, seeds=seeds, batch_size=bs, **BEFORE, **kw)
 
-    work: list = []
+    def engine():
+        return generate(model, prompts_, ivs, seeds=seeds, batch_size=bs, **AFTER, **kw)
 
-    def forked():
-        outs, w = generate_forked(model, prompts, ivs, seeds=seeds, batch_size=bs, **kw)
-        work.append((outs, w))
-        return outs
+    work: dict[str, Any] = {}
 
-    t: dict[str, list[float]] = {"loop": [], "full": [], "forked": []}
+    def forked(engine_kw):
+        def run():
+            outs, w = generate_forked(model, prompts_, ivs, seeds=seeds, batch_size=bs, **engine_kw, **kw)
+            work["forked" if engine_kw is BEFORE else "all"] = w
+            return outs
+        return run
+
+    sides = (("loop", loop), ("full", full), ("forked", forked(BEFORE)), ("engine", engine), ("all", forked(AFTER)))
+    t: dict[str, list[float]] = {name: [] for name, _ in sides}
     last: dict[str, list] = {}
     for _ in range(repeats):
-        for name, fn in (("loop", loop), ("full", full), ("forked", forked)):
+        for name, fn in sides:
             t0 = time.perf_counter()
             last[name] = fn()
             t[name].append(time.perf_counter() - t0)
-    outs, w = work[-1]
-    # Rows that differ between the full and the forked sweep, by how the forked run made them (read off
-    # its counts: an edit in the prompt or an always gate, generated in full; an edit in generation,
-    # forked; none, the unsteered row reused): differences in full rows can only be batch composition.
-    differ: dict[str, int] = {}
-    for iv, a, b in zip(ivs, last["full"], last["forked"]):
-        if a.token_ids != b.token_ids or a.counts != b.counts:
-            kind = ("unsteered" if iv is None else "full" if b.counts.get("prompt_edited") or iv.gate == "always"
-                    else "forked" if b.counts.get("gen_edited") else "reused")
-            differ[kind] = differ.get(kind, 0) + 1
+    w = work["all"]
+
+    # Rows that differ from the sweep as it was, by how the default run made them (read off its
+    # counts: an edit in the prompt or an always gate, generated in full; an edit in generation,
+    # forked; none, the unsteered row reused): differences can only be float noise.
+    def differ(other: list) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for iv, a, b in zip(ivs, last["full"], other):
+            if a.token_ids != b.token_ids or a.counts != b.counts or a.positions != b.positions:
+                kind = ("unsteered" if iv is None else "full" if b.counts.get("prompt_edited") or iv.gate == "always"
+                        else "forked" if b.counts.get("gen_edited") else "reused")
+                out[kind] = out.get(kind, 0) + 1
+        return out
+
     med = {k: statistics.median(v) for k, v in t.items()}
-    return {"groups": groups, "rows": len(todo), "tokens": sum(len(o.token_ids) for o in last["full"]),
-            "loop_s": med["loop"], "full_s": med["full"], "forked_s": med["forked"],
-            "fork_speedup": med["full"] / med["forked"], "full_vs_loop": med["loop"] / med["full"],
-            "forked_vs_loop": med["loop"] / med["forked"],
-            "fork_speedup_range": [min(f / g for f, g in zip(t["full"], t["forked"])),
-                                   max(f / g for f, g in zip(t["full"], t["forked"]))],
-            "differ_full_vs_forked": differ,
-            "differ_loop_vs_full": sum(a.token_ids != b.token_ids for a, b in zip(last["loop"], last["full"])),
+    return {"prompts": prompts, "rows": len(todo), "tokens": sum(len(o.token_ids) for o in last["full"]),
+            "seconds": med, "runs": t,
+            "all_vs_full": med["full"] / med["all"], "all_vs_loop": med["loop"] / med["all"],
+            "all_vs_full_range": [min(f / g for f, g in zip(t["full"], t["all"])),
+                                  max(f / g for f, g in zip(t["full"], t["all"]))],
+            "forked_vs_full": med["full"] / med["forked"], "engine_vs_full": med["full"] / med["engine"],
+            "full_vs_loop": med["loop"] / med["full"],
+            "differ_from_full": {k: differ(last[k]) for k in ("loop", "forked", "engine", "all")},
             "work": w.as_dict()}
 
 
@@ -494,11 +515,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--per-cell", type=int, default=20)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--recipe-rows", type=int, default=None, metavar="GROUPS",
-                    help="only the default recipe's real workload: GROUPS (prompt, sample) groups with all its cells, "
-                         "the study's loop structure vs the sweep in full vs the sweep forked")
-    ap.add_argument("--cache", default=None, help="with --recipe-rows: detector cache folder (trained there if absent)")
-    ap.add_argument("--recipe", default=None, help="with --recipe-rows: the recipe file (default recipes/regex.toml)")
+    ap.add_argument("--recipe-prompts", type=int, default=None, metavar="N",
+                    help="only the default recipe's real workload: N prompts with all their samples and cells; the "
+                         "study's loop, the sweep as it was, forking alone, the engine alone, and both")
+    ap.add_argument("--cache", default=None, help="with --recipe-prompts: detector cache folder (trained there if absent)")
+    ap.add_argument("--recipe", default=None, help="with --recipe-prompts: the recipe file (default recipes/regex.toml)")
     ap.add_argument("--probe", choices=["study", "sieve"], help=argparse.SUPPRESS)  # one memory probe (internal)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -506,21 +527,23 @@ def main() -> None:
         print(json.dumps({"peak_mb": peak_memory_probe(args.config, args.device, args.probe, args.tokens,
                                                        args.per_cell)}))
         return
-    if args.recipe_rows:
-        res = bench_recipe(args.recipe_rows, args.repeats, Path(args.cache) if args.cache else None,
+    if args.recipe_prompts:
+        res = bench_recipe(args.recipe_prompts, args.repeats, Path(args.cache) if args.cache else None,
                            Path(args.recipe) if args.recipe else None)
         res |= {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
-        print(f"# {args.recipe or 'recipes/regex.toml'} workload: {res['groups']} (prompt, sample) groups, {res['rows']} rows, "
-              f"{res['tokens']} tokens, {args.repeats} interleaved repeats (medians)")
-        print(f"study's loop (one generate per cell, batch 20): {res['loop_s']:.1f}s; sweep in full: {res['full_s']:.1f}s "
-              f"({res['full_vs_loop']:.2f}x the loop); sweep forked: {res['forked_s']:.1f}s ({res['fork_speedup']:.2f}x "
-              f"the full sweep, range {res['fork_speedup_range'][0]:.2f}-{res['fork_speedup_range'][1]:.2f}; "
-              f"{res['forked_vs_loop']:.2f}x the loop)")
+        sec = res["seconds"]
+        print(f"# {args.recipe or 'recipes/regex.toml'} workload: {res['prompts']} prompts, {res['rows']} rows, "
+              f"{res['tokens']} tokens, {args.repeats} interleaved repeats (medians), {res['threads']} torch threads")
+        print(f"study's loop (one generate per cell, batch 20): {sec['loop']:.1f}s; the sweep as it was (all rows "
+              f"batched, nothing shared): {sec['full']:.1f}s ({res['full_vs_loop']:.2f}x the loop)")
+        print(f"forking alone: {sec['forked']:.1f}s ({res['forked_vs_full']:.2f}x); shared prefill + growing cache "
+              f"alone: {sec['engine']:.1f}s ({res['engine_vs_full']:.2f}x); both (the default): {sec['all']:.1f}s -> "
+              f"{res['all_vs_full']:.2f}x the sweep as it was (range {res['all_vs_full_range'][0]:.2f}-"
+              f"{res['all_vs_full_range'][1]:.2f}), {res['all_vs_loop']:.2f}x the study's loop")
         w = res["work"]
         print(f"forked work: {w['unsteered']} unsteered, {w['reused']} reused, {w['forked']} forked, {w['full_prompt']} "
-              f"edit in the prompt, {w['full_always']} always-gated; {100 * w['saved']:.1f}% of tokens not generated; "
-              f"rows differing from the full sweep: {res['differ_full_vs_forked'] or 0}; loop vs full sweep: "
-              f"{res['differ_loop_vs_full']}")
+              f"edit in the prompt, {w['full_always']} always-gated; {100 * w['saved']:.1f}% of tokens not generated")
+        print(f"rows differing from the sweep as it was: {res['differ_from_full']}")
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=1))
         return

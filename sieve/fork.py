@@ -171,6 +171,8 @@ def generate_forked(
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
     token_healing: bool = True,
+    share_prefill: bool = True,
+    kv_cache: str = "grow",
 ) -> tuple[list[Completion], ForkSummary]:
     """:func:`~sieve.generation.generate` (same arguments, same completions), doing only the work the
     gates cause: rows that share a prompt, temperature and seed share their unsteered trajectory until
@@ -251,7 +253,8 @@ def generate_forked(
     # layers their gated rows use recorded; each batch's gated rows are replayed and decided at once
     trajectories = _run_batches(model, prep, list(rep), max_new_tokens=max_new_tokens, top_p=top_p,
                                 batch_size=batch_size, rows={r: () for r in rep}, record_layers=record_layers,
-                                on_outs=on_outs)
+                                on_outs=on_outs, share_prefill=share_prefill,
+                                kv_cache=kv_cache)
     summary.trajectories = len(trajectories)
     # 2. the rest, forked or in full, batched together by fed length
     rest = full + list(fed)
@@ -261,7 +264,7 @@ def generate_forked(
     if rest:
         outs = _run_batches(model, prep, rest, max_new_tokens=max_new_tokens, top_p=top_p, batch_size=batch_size,
                             fed={j: f for j, f in fed.items() if continued.get(j)}, continued=continued,
-                            on_batch=done)
+                            on_batch=done, share_prefill=share_prefill, kv_cache=kv_cache)
         for j, o in outs.items():
             results[j] = o
             summary.tokens += len(o.token_ids) - continued.get(j, 0)

@@ -23,6 +23,7 @@ first generated token must start with its text. Each row keeps its full token bu
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import warnings
 import weakref
@@ -288,6 +289,8 @@ def _generate_batch(
     gates_opened: list[bool | None],
     continued: list[int] | None = None,
     record: _Record | None = None,
+    share_prefill: bool = True,
+    kv_cache: str = "grow",
 ) -> list[Completion]:
     """One batch, everything already checked, listed and healed by :func:`generate`: every row its own
     prompt (tokenized, as fed), interventions, temperature, seed and heal.
@@ -296,7 +299,9 @@ def _generate_batch(
     from its unsteered trajectory, :mod:`sieve.fork`): it gets ``c`` tokens less budget, its sampler
     skips the ``c`` draws already made, its heal (done by the first of them) is not applied again, the
     completion's tokens start with them, and the prefill's counts and positions on them are counted as
-    generated tokens 0..c-1. ``record``: keep the layers' outputs at every forward (unsteered rows only)."""
+    generated tokens 0..c-1. ``record``: keep the layers' outputs at every forward (unsteered rows only).
+    ``share_prefill``: rows with the same ids and interventions read their prompt once (:func:`_shared_prefix`).
+    ``kv_cache``: ``"grow"`` (:func:`sieve.kvcache.growing_cache`) or ``"hf"`` (HF's own)."""
     tok = model.tokenizer
     hf = underlying(model)
     device = next(hf.parameters()).device
@@ -309,10 +314,16 @@ def _generate_batch(
     steps = max(budgets) if per_row else max_new_tokens
     enc = pad_left(token_ids, pad_id(tok))
     enc = {k: v.to(device) for k, v in enc.items()}
-    steer = Steerer(rows, enc, tok)
-    if record is not None and steer.layers:
+    if record is not None and any(rows):
         raise SieveError("recording layer outputs is for unsteered batches only")
     width = enc["input_ids"].shape[1]
+    if kv_cache not in ("grow", "hf"):
+        raise SieveError(f"kv_cache must be 'grow' or 'hf', got {kv_cache!r}")
+    grow = kv_cache == "grow"
+    shared = _shared_prefix(model, enc, rows, token_ids, record, steps + 1, grow) if share_prefill else None
+    steer = Steerer(rows, enc, tok) if shared is None else shared[1]
+    cache = shared[0] if shared is not None else _growing(model, steps + 1) if grow else None
+    extra: dict[str, Any] = {} if cache is None else {"past_key_values": cache}
     tracker = RowTracker(width, _eos_ids(model), stop, budgets=budgets if per_row else None)
     processors: list[Any] = [TokenHealer([h if c == 0 else None for h, c in zip(heals, cont)], width)] \
         if healing else []
@@ -331,6 +342,8 @@ def _generate_batch(
     gc.temperature = None
     gc.top_p = None
     gc.top_k = None
+    if cache is not None:  # HF refuses a cache passed beside a cache_implementation (Gemma-2 names one)
+        gc.cache_implementation = None
     from transformers import StoppingCriteriaList
 
     with torch.inference_mode(), warnings.catch_warnings():
@@ -339,7 +352,7 @@ def _generate_batch(
         # read from the tracker, so the warning says nothing here.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         with model.generate(enc, generation_config=gc, logits_processor=processors,
-                            stopping_criteria=StoppingCriteriaList([tracker])) as tracer:
+                            stopping_criteria=StoppingCriteriaList([tracker]), **extra) as tracer:
             for step in tracer.iter[:steps]:
                 if record is not None:
                     record.read(model)
@@ -347,6 +360,9 @@ def _generate_batch(
                 # once the layers ran: the trace body runs ahead of HF's stopping check.
                 steer.forward(model, counted=None if step == 0 else (lambda k=step: tracker.keeps(k - 1)))
     if record is not None:
+        if shared is not None:  # the prompt's first forward: the shared prefix's outputs, then its last position
+            for L, prefix in shared[2].items():
+                record.outputs[L][0] = torch.cat([prefix, record.outputs[L][0]], 1)
         record.encoding = {k: v.cpu() for k, v in enc.items()}
         n_forwards = len(next(iter(record.outputs.values()), []))
         record.keeps = [tracker.keeps(k - 1) for k in range(1, n_forwards)]  # type: ignore[misc]
@@ -371,6 +387,81 @@ def _generate_batch(
             positions={k: [j for j in v if k.startswith("prompt") or j < len(row)] for k, v in pos.items()},
         ))
     return out
+
+
+def _row_key(ids: Sequence[int], row: Row) -> tuple:
+    """Rows with equal keys compute the same prefill: the same token ids, the same intervention objects."""
+    return tuple(ids), tuple(id(iv) for iv in row)
+
+
+def _growing(model, extra: int):
+    from sieve.kvcache import growing_cache
+
+    return growing_cache(model, extra)
+
+
+def _plain_cache(model):
+    """HF's own :class:`~transformers.DynamicCache` for ``model`` (None where it cannot be built ahead)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=underlying(model).config)
+    except Exception:  # pragma: no cover
+        return None
+
+
+def _shared_prefix(model, enc: dict[str, Tensor], rows: list[Row], token_ids: list[list[int]],
+                   record: _Record | None, extra: int, grow: bool) -> tuple[Any, Steerer, dict[int, Tensor]] | None:
+    """Read each distinct prompt prefix of a batch once. Rows with the same ids and the same interventions
+    (the samples of one prompt in a sweep, under one cell) compute the same prefill: the prompt's
+    positions but the last are run once per distinct row, under a :class:`Steerer` of those rows, into
+    a KV cache; the cache and the Steerer's state (latches, counts, prompt marks) are then copied to
+    every row sharing them, and generation starts from the cache, reading the prompt's last position
+    for every row. Returns (cache, the batch's Steerer, per recorded layer the prefix outputs ``[B,
+    W-1, D]``), or None where nothing is shared (every row distinct, a one-token prompt, or a model
+    whose cache is not a :class:`~transformers.DynamicCache`). ``grow``: the cache is
+    :func:`sieve.kvcache.growing_cache` (room for ``extra`` more positions), else HF's own.
+
+    The result is the same computation split in two; floating-point sums over a smaller batch and a
+    shorter sequence can differ in their last bits, as a different batch composition's do."""
+    width = enc["input_ids"].shape[1]
+    if width < 2:
+        return None
+    keys = [_row_key(ids, row) for ids, row in zip(token_ids, rows)]
+    first: dict[tuple, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    if len(first) == len(keys):
+        return None
+    hf = underlying(model)
+    from sieve.kvcache import growing_cache
+
+    cache = growing_cache(model, extra) if grow else _plain_cache(model)
+    if cache is None:
+        return None
+    uniq = list(first.values())
+    slot = {k: n for n, k in enumerate(first)}
+    index = [slot[k] for k in keys]
+    u = torch.tensor(uniq, device=enc["input_ids"].device)
+    enc_u = {k: v[u] for k, v in enc.items()}
+    mask = enc_u["attention_mask"]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate numbers left-padded rows
+    steer_u = Steerer([rows[i] for i in uniq], enc_u, model.tokenizer, split_prompt=True)
+    prefix = _Record(record.layers) if record is not None else None
+    kw: dict[str, Any] = {"past_key_values": cache, "use_cache": True}
+    if "position_ids" in inspect.signature(hf.forward).parameters:
+        kw["position_ids"] = positions[:, :-1]
+    with torch.inference_mode():
+        with model.trace({"input_ids": enc_u["input_ids"][:, :-1], "attention_mask": mask[:, :-1]}, **kw):
+            if prefix is not None:
+                prefix.read(model)
+            steer_u.forward(model)
+    if cache.get_seq_length() != width - 1:  # pragma: no cover - the model did not fill the cache
+        return None
+    idx = torch.tensor(index, device=enc["input_ids"].device)
+    cache.batch_select_indices(idx)
+    outputs = {L: v[0][idx.to(v[0].device)] for L, v in prefix.outputs.items()} if prefix is not None else {}
+    return cache, steer_u.take(index, enc), outputs
 
 
 def _split_prefill(counts: dict[str, int], positions: dict[str, list[int]], c: int, prompt_len: int,
@@ -509,6 +600,8 @@ def _run_batches(
     record_layers: Callable[[list[int]], tuple[int, ...]] | None = None,
     on_outs: Callable[[list[int], _Record | None, list[Completion]], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    share_prefill: bool = True,
+    kv_cache: str = "grow",
 ) -> dict[int, Completion]:
     """Generate rows ``idx`` of ``prep`` in batches of similar fed length (``fed`` overrides a row's
     ids, ``continued`` says how many of them it already generated, ``rows`` its interventions);
@@ -527,7 +620,12 @@ def _run_batches(
 
     # Rows of similar length share a batch; continued rows first by budget left (a batch runs until its
     # longest row ends, so a short continuation beside a full row would save nothing).
-    order = sorted(idx, key=(lambda j: (-budget(j), length(j))) if continued else length)
+    # Rows that can share their prefill (same ids, same interventions) next to each other.
+    def same(j: int) -> tuple:
+        ids = fed.get(j, prep.ids[j])
+        return len(ids), _row_key(ids, rows.get(j, prep.rows[j]))
+
+    order = sorted(idx, key=(lambda j: (-budget(j), same(j))) if continued else same)
     # A batch runs every row for its largest budget: with learned positions (GPT-2), a long continued
     # row beside a row with more budget left would run past the model's positions, so such a row starts
     # the next batch (each row alone fits: check_context).
@@ -552,6 +650,7 @@ def _run_batches(
                 seeds=[prep.seeds[j] for j in batch], top_p=top_p, stop=prep.stop,
                 heals=[prep.heals[j] for j in batch], gates_opened=[prep.gates_opened[j] for j in batch],
                 continued=[continued.get(j, 0) for j in batch] if continued else None, record=record,
+                share_prefill=share_prefill, kv_cache=kv_cache,
             )
         except torch.cuda.OutOfMemoryError:
             if bs == 1 or batch_size is not None:
@@ -584,6 +683,8 @@ def generate(
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
     token_healing: bool = True,
+    share_prefill: bool = True,
+    kv_cache: str = "grow",
 ) -> list[Completion]:
     """Generate for every prompt with its own interventions, in batches, edited at every step.
 
@@ -601,6 +702,13 @@ def generate(
     and the first generated token must start with that token's text (:mod:`sieve.healing`); the
     completion's ``text`` continues the prompt as written, ``healed`` says what was re-spelled.
     ``False`` feeds the prompts' tokens as they are.
+
+    ``share_prefill`` (on by default): rows of a batch with the same prompt and the same interventions
+    (the samples of one prompt) read the prompt once: its positions but the last run once into a KV
+    cache, which every such row then starts from. ``False`` runs every row's prefill by itself.
+    ``kv_cache``: ``"grow"`` (default) writes each step's keys and values into room kept ahead
+    (:mod:`sieve.kvcache`); ``"hf"`` is HF's own cache, which copies itself at every step. Both give
+    the same completions.
 
     :func:`sieve.fork.generate_forked` gives the same completions doing only the work gates cause.
 
@@ -624,7 +732,7 @@ def generate(
             on_batch(k)
 
     results = _run_batches(model, prep, range(n), max_new_tokens=max_new_tokens, top_p=top_p,
-                           batch_size=batch_size, on_batch=done)
+                           batch_size=batch_size, on_batch=done, share_prefill=share_prefill, kv_cache=kv_cache)
     bar.close()
     return [results[j] for j in range(n)]
 

@@ -785,6 +785,7 @@ class Steerer:
         *,
         layer: int | None = None,
         batch_size: int | None = None,
+        split_prompt: bool = False,
     ) -> None:
         if rows is None or isinstance(rows, Intervention):
             n = batch_size or (encoding["input_ids"].shape[0] if encoding is not None else 1)
@@ -794,6 +795,9 @@ class Steerer:
             # Prompt gates left undecided (steered_logprobs, MMLU, lm-eval) read the decoded prompt.
             self.rows = resolve_prompt_gates(self.rows, _prompt_texts(encoding, tokenizer))[0]
         self.encoding = encoding
+        # The prompt may come in more than one forward (a prefix, then the rest over its KV cache): every
+        # forward is a prompt forward until the encoding's width is read (:meth:`take`).
+        self.split_prompt = bool(split_prompt)
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
         self._pack()
         self.reset()
@@ -960,6 +964,8 @@ class Steerer:
         """Forget the latches and counts: ready for a new generation."""
         B = len(self.rows)
         self.calls = 0
+        self._pos = 0  # prompt positions read so far (the encoding's width once the prompt is read)
+        self._in_prompt = False  # whether the forward under way reads prompt positions
         self._latch = torch.zeros(B, self._J, self._N, dtype=torch.bool)
         self.stats = {k: torch.zeros(B, dtype=torch.long)
                       for k in ("prompt_fired", "gen_fired", "prompt_edited", "gen_edited")}
@@ -986,16 +992,61 @@ class Steerer:
         self.stats = {k: v.to(device) for k, v in self.stats.items()}
         self._device = device
 
+    def _prompt_forward(self, B: int, T: int) -> bool:
+        """Whether a forward of ``T`` positions reads the prompt: the first does; with ``split_prompt``,
+        every forward does until the encoding's width has been read."""
+        if self.calls == 0:
+            return True
+        return self.split_prompt and self.encoding is not None and self._pos < self.encoding["input_ids"].shape[1]
+
     def _prompt_eligible(self, B: int, T: int, device: torch.device) -> Tensor:
         if self.encoding is None:
             return torch.ones(B, T, dtype=torch.bool, device=device)
         ids = self.encoding["input_ids"]
-        if tuple(ids.shape) != (B, T):
+        W = ids.shape[1]
+        fits = ids.shape[0] == B and (self._pos + T <= W if self.split_prompt else T == W)
+        if not fits:
             raise SieveError(
-                f"Steerer: the prompt encoding is {tuple(ids.shape)} but the first forward is {(B, T)}; "
-                "pass the same encoding to the trace and to the Steerer"
+                f"Steerer: the prompt encoding is {tuple(ids.shape)} but the first forward is {(B, T)}"
+                + (f" after {self._pos} prompt positions" if self._pos else "")
+                + "; pass the same encoding to the trace and to the Steerer"
             )
-        return eligible_mask(ids, self.encoding.get("attention_mask"), self.bos_token_id).to(device)
+        mask = eligible_mask(ids, self.encoding.get("attention_mask"), self.bos_token_id)
+        return mask[:, self._pos : self._pos + T].to(device)
+
+    def take(self, index: Sequence[int], encoding: dict[str, Tensor]) -> Steerer:
+        """A Steerer for the rows ``index`` of this one (repeats allowed), carrying their state: the
+        latches, counts and prompt marks so far, and how much of the prompt was read. ``encoding`` is the
+        new rows' full prompt encoding, of which this Steerer read the first positions (it was made with
+        ``split_prompt=True`` and the same width). A prompt prefix shared by many rows (the samples of a
+        prompt in a sweep) is read once, then each row goes on from its own copy (:mod:`sieve.generation`).
+
+        Example:
+            >>> iv = Intervention("input", Edit("add", torch.tensor([1.0, 0.0]), -1.0),
+            ...                   Detector(torch.tensor([1.0, 0.0])), threshold=0.5)
+            >>> enc = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+            >>> one = Steerer([iv], enc, layer=0, split_prompt=True)
+            >>> _ = one(torch.tensor([[[2.0, 0.0], [0.0, 0.0]]]))      # prompt positions 0, 1: fires at 0, edits 0, 1
+            >>> enc3 = {k: v.expand(3, -1) for k, v in enc.items()}
+            >>> three = one.take([0, 0, 0], enc3)
+            >>> _ = three(torch.zeros(3, 1, 2))                         # prompt position 2: latched, edits
+            >>> three.counts()["prompt_edited"], three.positions()["prompt_fired"]
+            ([3, 3, 3], [[0], [0], [0]])
+        """
+        if self._gen_marks or self._layer_pos:
+            raise SieveError("Steerer.take: only between prompt forwards")
+        new = Steerer([self.rows[i] for i in index], encoding, split_prompt=True)
+        new.bos_token_id = self.bos_token_id
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        # A row's interventions and gate nodes sit first in the [J, N] layout; rows taken may need less.
+        J, N = new._latch.shape[1:]
+        new._latch = self._latch[idx.to(self._latch.device)][:, :J, :N].clone()
+        new.stats = {k: v[idx.to(v.device)].clone() for k, v in self.stats.items()}
+        if self._prompt_fired is not None and self._prompt_edited is not None:
+            new._prompt_fired = self._prompt_fired[idx.to(self._prompt_fired.device)]
+            new._prompt_edited = self._prompt_edited[idx.to(self._prompt_edited.device)]
+        new.calls, new._pos = self.calls, self._pos
+        return new
 
     # -------------------------------------------------------------------------------------- the edit
     def forward(self, model: Any, counted: Tensor | Callable[[], Tensor | None] | None = None) -> None:
@@ -1017,6 +1068,8 @@ class Steerer:
         bool, optional): the rows whose tokens of this forward go into the counts."""
         h = output[0] if isinstance(output, tuple) else output
         if not self.layers:  # every row unsteered
+            if self._prompt_forward(h.shape[0], h.shape[1]):
+                self._pos += h.shape[1]
             self.calls += 1
             return output
         if layer is None:
@@ -1036,8 +1089,8 @@ class Steerer:
             # Everything stays on the model's device: no host sync per step.
             self._to(h.device)
         if self._layer_pos == 0:  # a new forward
-            first = self.calls == 0
-            self._eligible = self._prompt_eligible(B, T, h.device) if first else \
+            self._in_prompt = self._prompt_forward(B, T)
+            self._eligible = self._prompt_eligible(B, T, h.device) if self._in_prompt else \
                 torch.ones(B, T, dtype=torch.bool, device=h.device)
             self._fired = torch.zeros(B, self._K, T, dtype=torch.bool, device=h.device)
             self._gate = torch.zeros(B, self._J, T, dtype=torch.bool, device=h.device)
@@ -1161,7 +1214,7 @@ class Steerer:
         self._gate = torch.where(mine[..., None], out, self._gate)
 
     def _end_forward(self, counted: Tensor | Callable[[], Tensor | None] | None) -> None:
-        where = "prompt" if self.calls == 0 else "gen"
+        where = "prompt" if self._in_prompt else "gen"
         if callable(counted):
             counted = counted()
         n_fired, n_edited = self._fired.any(1).sum(1), self._edited.sum(1)
@@ -1170,8 +1223,14 @@ class Steerer:
             n_fired, n_edited = n_fired * counted, n_edited * counted
         self.stats[f"{where}_fired"] += n_fired
         self.stats[f"{where}_edited"] += n_edited
-        if self.calls == 0:
-            self._prompt_fired, self._prompt_edited = self._fired.any(1), self._edited.clone()
+        if self._in_prompt:
+            fired, edited = self._fired.any(1), self._edited.clone()
+            if self._prompt_fired is None or self._prompt_edited is None:
+                self._prompt_fired, self._prompt_edited = fired, edited
+            else:  # the rest of a prompt read in parts
+                self._prompt_fired = torch.cat([self._prompt_fired, fired], 1)
+                self._prompt_edited = torch.cat([self._prompt_edited, edited], 1)
+            self._pos += fired.shape[1]
         else:
             self._gen_marks.append(torch.stack([n_fired > 0, n_edited > 0]))
         self.calls += 1

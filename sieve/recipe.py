@@ -124,7 +124,11 @@ class SweepSpec:
     its values; the method's own entry wins. ``stop``: strings that end a row (kept in its text), e.g.
     the closing code fence when only the code block is evaluated. ``fork``: gated rows reuse or fork
     from their (prompt, sample)'s unsteered trajectory (:mod:`sieve.fork`; the same completions, less
-    work); ``false`` generates every row in full."""
+    work); ``false`` generates every row in full. ``share_prefill``: the rows of a batch with the same
+    prompt and interventions (the samples of a prompt) read the prompt once; ``kv_cache``: ``grow``
+    (keys and values written into room kept ahead, :mod:`sieve.kvcache`) or ``hf`` (HF's own cache,
+    copied at every step). Neither changes what rows are, only the work (``false``/``hf``: the engine
+    before them, for side-by-side timing)."""
 
     methods: list[str] = field(default_factory=lambda: [UNSTEERED])
     scales: dict[str, list[float]] = field(default_factory=dict)
@@ -136,6 +140,8 @@ class SweepSpec:
     seed: int = 0
     batch_size: int = 0
     fork: bool = True
+    share_prefill: bool = True
+    kv_cache: Literal["grow", "hf"] = "grow"
 
 
 @dataclass
@@ -557,9 +563,11 @@ def save_recipe(r: Recipe, path: str | Path) -> Path:
 def recipe_hash(r: Recipe) -> str:
     """A short hash of the validated recipe's content (independent of formatting and comments, and of
     ``[output]`` and ``[launch]``: the same study written to another folder, or run on other machines,
-    is the same run; nor of ``sweep.fork``, which changes how rows are made, not what they are)."""
+    is the same run; nor of ``sweep.fork``, ``sweep.share_prefill`` and ``sweep.kv_cache``, which change
+    how rows are made, not what they are)."""
     d = recipe_dict(r)
     d.pop("output", None)
     d.pop("launch", None)
-    d.get("sweep", {}).pop("fork", None)
+    for key in ("fork", "share_prefill", "kv_cache"):
+        d.get("sweep", {}).pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

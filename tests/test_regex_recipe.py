@@ -250,11 +250,13 @@ def test_forked_sweep_equals_full_sweep_also_in_shards(tmp_path, detector_cache)
             "gen_edited", "prompt_fired_at", "gen_fired_at", "gen_edited_at"]
     extra = {"sweep.samples": "2"}
     tables, ability = {}, {}
+    # "false": the sweep as it was before any saving (every row in full, no prefill shared, HF's cache)
+    engine = {"true": {}, "false": {"sweep.share_prefill": "false", "sweep.kv_cache": '"hf"'}}
     for fork in ("true", "false"):
         out = tmp_path / fork
         _prepare(out, detector_cache)
-        assert regex.main([str(ROOT / "recipes/regex.toml"), *_overrides(out, **extra, **{"sweep.fork": fork}),
-                           "--no-progress"]) == 0
+        assert regex.main([str(ROOT / "recipes/regex.toml"),
+                           *_overrides(out, **extra, **{"sweep.fork": fork}, **engine[fork]), "--no-progress"]) == 0
         tables[fork] = ResultStore(out / "gen").table().sort("key").select(cols)
         ability[fork] = ResultStore(out / "ability").table().sort("key")
     assert tables["true"].height == 6 * 9 * 2 and tables["true"].equals(tables["false"])
@@ -267,7 +269,9 @@ def test_forked_sweep_equals_full_sweep_also_in_shards(tmp_path, detector_cache)
     assert work["texts"] == 5 * 4 and 0 <= work["texts_reused"] <= work["texts"]  # 5 steered cells x 4 texts
     assert "work" not in json.loads((tmp_path / "false/run.json").read_text())["sessions"][-1]
     # the same recipe either way (a run may resume with the other setting)
-    on, off = (load_recipe(ROOT / "recipes/regex.toml", _overrides(tmp_path, **{"sweep.fork": f})) for f in ("true", "false"))
+    on, off = (load_recipe(ROOT / "recipes/regex.toml", _overrides(tmp_path, **{"sweep.fork": f}, **engine[f]))
+               for f in ("true", "false"))
+    assert off.sweep.kv_cache == "hf" and not off.sweep.share_prefill and on.sweep.kv_cache == "grow"
     assert recipe_hash(on) == recipe_hash(off)
     # shards of one folder: a shard's gated rows whose unsteered row is in the other shard are forked from
     # a trajectory made in memory; the rows are the same
