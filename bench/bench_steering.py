@@ -3,9 +3,10 @@
     python bench/bench_steering.py [--config world|mid|gemma2-2b] [--device cpu|cuda] [--repeats 5]
 
 1. **Overhead**: sieve's steered generation (nnsight trace, one vectorised edit per step) against plain
-   HF ``generate`` on the same batch and token count, for each gate/edit kind. Runs are interleaved
-   (plain, sieve, plain, sieve, ...) and the ratio of medians is reported with the spread of the
-   per-pair ratios.
+   HF ``generate`` on the same batch and token count, for each gate/edit kind: with HF's own KV cache
+   (like for like: what steering costs) and with sieve's default growing cache (:mod:`sieve.kvcache`:
+   what a user gets). Runs are interleaved (plain, sieve, sieve, plain, ...) and the ratio of medians
+   is reported with the spread of the per-pair ratios.
 2. **Sweep**: the same methods × scales × prompts done two ways: sieve's (all rows in batched
    generation, rows mixing methods and scales) and the study's (one ``generate`` per method × scale,
    batch 20, a forward hook on the layer). Greedy (every row runs the whole budget), then sampled at
@@ -167,19 +168,26 @@ def bench_overhead(model, layer: int, device: str, batch: int, n: int, repeats: 
     rows = []
     plain_generate(model, enc, 2)  # warm-up
     generate(model, prompts, None, layer_index=layer, max_new_tokens=2, progress=False)
+    # sieve with HF's own KV cache (what steering costs over plain generate, like for like), and with its
+    # default growing cache (sieve.kvcache: what a user gets). Prompts are distinct: nothing is shared.
     for name, iv, sample in kinds:
-        plain_t, sieve_t, steps = [], [], []
+        plain_t, sieve_t, grow_t, steps = [], [], [], []
         for _ in range(repeats):
             plain_t.append(timed(lambda s=sample: plain_generate(model, enc, n, s), device))
-            sieve_t.append(timed(lambda iv=iv, s=sample, steps=steps: steps.append(max(len(o.token_ids) for o in generate(
-                model, prompts, iv, layer_index=layer, max_new_tokens=n, batch_size=batch, progress=False,
-                temperature=1.0 if s else 0.0, seeds=len(steps)))), device))
+            for cache, ts in (("hf", sieve_t), ("grow", grow_t)):
+                ts.append(timed(lambda iv=iv, s=sample, steps=steps, cache=cache: steps.append(max(
+                    len(o.token_ids) for o in generate(
+                        model, prompts, iv, layer_index=layer, max_new_tokens=n, batch_size=batch, progress=False,
+                        temperature=1.0 if s else 0.0, seeds=len(steps) // 2, kv_cache=cache))), device))
         if min(steps) < n:
             print(f"warning: {name}: every row ended before {n} tokens in some run; the ratio is not like for like")
         ratios = [s / p for s, p in zip(sieve_t, plain_t)]
+        grow_ratios = [s / p for s, p in zip(grow_t, plain_t)]
         rows.append({"kind": name, "plain_s": statistics.median(plain_t), "sieve_s": statistics.median(sieve_t),
                      "ratio": statistics.median(sieve_t) / statistics.median(plain_t),
                      "ratio_min": min(ratios), "ratio_max": max(ratios),
+                     "grow_s": statistics.median(grow_t), "grow_ratio": statistics.median(grow_t) / statistics.median(plain_t),
+                     "grow_ratio_min": min(grow_ratios), "grow_ratio_max": max(grow_ratios),
                      "sieve_tok_s": batch * n / statistics.median(sieve_t)})
     return rows
 
@@ -219,8 +227,8 @@ def bench_sae_cost(model, layer: int, device: str, batch: int, n: int, repeats: 
         t["plain"].append(timed(lambda: plain_generate(model, enc, n), device))
         for k, iv in ivs.items():
             t[k].append(timed(lambda iv=iv: steps.append(max(len(o.token_ids) for o in generate(
-                model, prompts, iv, max_new_tokens=n, batch_size=batch, progress=False, token_healing=False))),
-                device))
+                model, prompts, iv, max_new_tokens=n, batch_size=batch, progress=False, token_healing=False,
+                kv_cache="hf"))), device))  # HF's cache on both sides: the SAE's own cost
     if min(steps) < n:
         print(f"warning: every row ended before {n} tokens in some run; the ratio is not like for like")
     med = {k: statistics.median(v) for k, v in t.items()}
@@ -581,11 +589,12 @@ def main() -> None:
               "batch": args.batch, "tokens": args.tokens, "overhead": overhead, "sweep": sweep,
               "sweep_sampled": sweep_sampled}
     print(f"# {args.config} on {args.device} ({result['machine']}), batch {args.batch}, {args.tokens} new tokens")
-    print("| edit | plain generate (s) | sieve (s) | ratio (median) | ratio range |")
-    print("|---|---|---|---|---|")
+    print("| edit | plain generate (s) | sieve, HF's cache (s) | ratio (range) | sieve, growing cache (s) | ratio (range) |")
+    print("|---|---|---|---|---|---|")
     for r in overhead:
-        print(f"| {r['kind']} | {r['plain_s']:.3f} | {r['sieve_s']:.3f} | {r['ratio']:.2f}x | "
-              f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} |")
+        print(f"| {r['kind']} | {r['plain_s']:.3f} | {r['sieve_s']:.3f} | {r['ratio']:.2f}x "
+              f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['grow_s']:.3f} | {r['grow_ratio']:.2f}x "
+              f"({r['grow_ratio_min']:.2f}-{r['grow_ratio_max']:.2f}) |")
     for s in (sweep, sweep_sampled):
         kind = "sampled (T=1, rows end at EOS)" if s["sampled"] else "greedy"
         print(f"\nsweep, {kind}: {s['cells']} method×scale cells, {s['rows']} rows, {s['tokens']} tokens: study way "
