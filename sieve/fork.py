@@ -139,11 +139,13 @@ def _layers(row: Row) -> set[int]:
     return {L for iv in row for L in (*iv.layers, iv.reads_at)}  # type: ignore[misc]
 
 
-def first_edits(steer: Steerer, record: _Record, at: Sequence[int]) -> None:
+def first_edits(steer: Steerer, record: _Record, at: Sequence[int], codes: dict | None = None) -> None:
     """Replay ``steer``'s rows over the unsteered layer outputs in ``record``: row ``i`` reads batch
     row ``at[i]`` of every recorded forward, counted as that row's generation counted it. Afterwards
     ``steer.counts()`` and ``steer.positions()`` say where the rows would have fired and edited (exact
-    up to and including each row's first edit)."""
+    up to and including each row's first edit). ``codes``: one dict shared by the Steerers replaying
+    the same record, so each recorded tensor is SAE-encoded once."""
+    steer.replay_codes = codes
     idx = torch.tensor(list(at), dtype=torch.long)
     n_forwards = len(record.outputs[steer.layers[0]]) if steer.layers else 0
     for k in range(n_forwards):
@@ -245,8 +247,10 @@ def generate_forked(
         if gated:
             if record is None:  # pragma: no cover - record_layers names a layer for every gated row
                 raise RuntimeError("a batch with gated rows was not recorded")
+            codes: dict = {}  # SAE codes of the recorded outputs, shared by the replays of this batch
             for s in range(0, len(gated), _REPLAY_ROWS):
-                _decide(model, prep, gated[s : s + _REPLAY_ROWS], record, outs, results, fed, continued, summary)
+                _decide(model, prep, gated[s : s + _REPLAY_ROWS], record, outs, results, fed, continued, summary,
+                        codes)
         done(len(results) - before)
 
     # 1. the trajectories, unsteered (in a gated row's place where a group has no unsteered row), the
@@ -320,13 +324,13 @@ def _as_row(traj: Completion, opened: bool | None, counts: dict[str, int] | None
 
 def _decide(model, prep: _Prepared, gated: list[tuple[int, int]], record: _Record, outs: list[Completion],
             results: dict[int, Completion], fed: dict[int, list[int]], continued: dict[int, int],
-            summary: ForkSummary) -> None:
+            summary: ForkSummary, codes: dict | None = None) -> None:
     """Replay ``gated`` rows (row index, place in the recorded batch) and decide each: reused, forked
     at its first edit, or generated in full (edits in the prompt)."""
     at = [t for _, t in gated]
     steer = Steerer([prep.rows[j] for j, _ in gated], _encoding_rows(record, at), model.tokenizer)
     with torch.inference_mode():
-        first_edits(steer, record, at)
+        first_edits(steer, record, at, codes)
     counts, where = steer.counts(), steer.positions()
     for i, (j, t) in enumerate(gated):
         traj = outs[t]

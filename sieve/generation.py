@@ -320,9 +320,13 @@ def _generate_batch(
     if kv_cache not in ("grow", "hf"):
         raise SieveError(f"kv_cache must be 'grow' or 'hf', got {kv_cache!r}")
     grow = kv_cache == "grow"
-    shared = _shared_prefix(model, enc, rows, token_ids, record, steps + 1, grow) if share_prefill else None
+    # A cache the model's generation config asks for (static, offloaded, quantized: a user's choice) is
+    # left to HF: then nothing is shared and the cache is HF's. "hybrid" (Gemma-2's hub default) HF
+    # itself now replaces by its dynamic cache with sliding-window layers, which is what sieve builds.
+    own = getattr(hf.generation_config, "cache_implementation", None) in (None, "hybrid")
+    shared = _shared_prefix(model, enc, rows, token_ids, record, steps + 1, grow) if share_prefill and own else None
     steer = Steerer(rows, enc, tok) if shared is None else shared[1]
-    cache = shared[0] if shared is not None else _growing(model, steps + 1) if grow else None
+    cache = shared[0] if shared is not None else _growing(model, steps + 1) if grow and own else None
     extra: dict[str, Any] = {} if cache is None else {"past_key_values": cache}
     tracker = RowTracker(width, _eos_ids(model), stop, budgets=budgets if per_row else None)
     processors: list[Any] = [TokenHealer([h if c == 0 else None for h, c in zip(heals, cont)], width)] \
@@ -342,7 +346,7 @@ def _generate_batch(
     gc.temperature = None
     gc.top_p = None
     gc.top_k = None
-    if cache is not None:  # HF refuses a cache passed beside a cache_implementation (Gemma-2 names one)
+    if cache is not None:  # HF refuses a cache passed beside a cache_implementation ("hybrid" here)
         gc.cache_implementation = None
     from transformers import StoppingCriteriaList
 
@@ -458,8 +462,10 @@ def _shared_prefix(model, enc: dict[str, Tensor], rows: list[Row], token_ids: li
             steer_u.forward(model)
     if cache.get_seq_length() != width - 1:  # pragma: no cover - the model did not fill the cache
         return None
-    idx = torch.tensor(index, device=enc["input_ids"].device)
-    cache.batch_select_indices(idx)
+    idx = torch.tensor(index)
+    for layer in cache.layers:  # each on its own device (a model split over several GPUs)
+        if layer.is_initialized:
+            layer.batch_select_indices(idx.to(layer.keys.device))
     outputs = {L: v[0][idx.to(v[0].device)] for L, v in prefix.outputs.items()} if prefix is not None else {}
     return cache, steer_u.take(index, enc), outputs
 
@@ -620,12 +626,20 @@ def _run_batches(
 
     # Rows of similar length share a batch; continued rows first by budget left (a batch runs until its
     # longest row ends, so a short continuation beside a full row would save nothing).
-    # Rows that can share their prefill (same ids, same interventions) next to each other.
-    def same(j: int) -> tuple:
-        ids = fed.get(j, prep.ids[j])
-        return len(ids), _row_key(ids, rows.get(j, prep.rows[j]))
+    # With share_prefill, rows that can share their prefill (same ids, same interventions) next to each
+    # other, in the order such a group first appears (never by memory address: the same call gives the
+    # same batches in any process).
+    first: dict[tuple, int] = {}
+    if share_prefill:
+        for j in idx:
+            first.setdefault(_row_key(fed.get(j, prep.ids[j]), rows.get(j, prep.rows[j])), j)
 
-    order = sorted(idx, key=(lambda j: (-budget(j), same(j))) if continued else same)
+    def same(j: int) -> tuple:
+        if not share_prefill:
+            return (length(j),)
+        return length(j), first[_row_key(fed.get(j, prep.ids[j]), rows.get(j, prep.rows[j]))]
+
+    order = sorted(idx, key=(lambda j: (-budget(j), *same(j))) if continued else same)
     # A batch runs every row for its largest budget: with learned positions (GPT-2), a long continued
     # row beside a row with more budget left would run past the model's positions, so such a row starts
     # the next batch (each row alone fits: check_context).
@@ -705,10 +719,14 @@ def generate(
 
     ``share_prefill`` (on by default): rows of a batch with the same prompt and the same interventions
     (the samples of one prompt) read the prompt once: its positions but the last run once into a KV
-    cache, which every such row then starts from. ``False`` runs every row's prefill by itself.
+    cache, which every such row then starts from. The same completions up to float noise: the prompt's
+    last position is computed over the cache rather than inside one prefill, which moves its logits in
+    the last bits (about 1e-6 on the world), so a sampled near-tie can flip, as in another batch
+    composition. ``False`` runs every row's prefill by itself.
     ``kv_cache``: ``"grow"`` (default) writes each step's keys and values into room kept ahead
-    (:mod:`sieve.kvcache`); ``"hf"`` is HF's own cache, which copies itself at every step. Both give
-    the same completions.
+    (:mod:`sieve.kvcache`; the same keys and values, the same completions); ``"hf"`` is HF's own
+    cache, which copies itself at every step. A cache the model's generation config names (static,
+    offloaded, quantized) is left to HF, and then no prefill is shared.
 
     :func:`sieve.fork.generate_forked` gives the same completions doing only the work gates cause.
 

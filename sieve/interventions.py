@@ -642,8 +642,9 @@ def resolve_prompt_gates(rows: list[Row], texts: Sequence[str]) -> tuple[list[Ro
         return rows, [None] * len(rows)
     out: list[Row] = []
     opened: list[bool | None] = []
+    memo: dict[int, Any] = {}  # rows sharing an intervention keep sharing one once its gate opened
     for row, text in zip(rows, texts):
-        kept, flags = open_prompt_gates(list(row), [text] * len(row))
+        kept, flags = open_prompt_gates(list(row), [text] * len(row), memo)
         out.append(tuple(iv for iv in kept if iv is not None))
         decided = [f for f in flags if f is not None]
         opened.append(any(decided) if decided else None)
@@ -798,6 +799,9 @@ class Steerer:
         # The prompt may come in more than one forward (a prefix, then the rest over its KV cache): every
         # forward is a prompt forward until the encoding's width is read (:meth:`take`).
         self.split_prompt = bool(split_prompt)
+        # Set by a caller replaying one record with several Steerers: SAE codes of the recorded tensors,
+        # encoded once for all of them (:meth:`replay`).
+        self.replay_codes: dict | None = None
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
         self._pack()
         self.reset()
@@ -1108,14 +1112,23 @@ class Steerer:
         if sid not in self._codes:
             t = self._groups[(sid, L)].tensors
             src = getattr(self, "_replay_src", None)
-            self._codes[sid] = _encode(t, h) if src is None else _encode(t, src[0])[src[1]]  # type: ignore[arg-type]
+            if src is None:
+                self._codes[sid] = _encode(t, h)  # type: ignore[arg-type]
+            else:  # the recorded rows' code, shared by Steerers replaying the same record (replay_codes)
+                key = (id(src[0]), sid, t.full, tuple(t.U.tolist()))  # type: ignore[union-attr]
+                shared = self.replay_codes if self.replay_codes is not None else {}
+                if key not in shared:
+                    shared[key] = _encode(t, src[0])  # type: ignore[arg-type]
+                self._codes[sid] = shared[key][src[1]]
         return self._codes[sid]
 
     def replay(self, outputs: dict[int, Tensor], at: Tensor, counted: Tensor | None = None) -> None:
         """One forward over layer outputs recorded elsewhere (an unsteered generation's, say): row ``i``
         reads row ``at[i]`` of ``outputs[L]`` at every layer ``L`` of :attr:`layers`. Rows that read the
-        same recorded row share its SAE encodes. What the edits return is dropped: the replay is for
-        :meth:`counts`, :meth:`positions` and :meth:`prefill_marks` (where the rows would fire and edit).
+        same recorded row share its SAE encodes (and Steerers replaying the same recorded tensors share
+        them too when given one dict as :attr:`replay_codes`). Edits are marked, not computed: the replay
+        is for :meth:`counts`, :meth:`positions` and :meth:`prefill_marks` (where the rows would fire and
+        edit), and it returns nothing.
 
         Example:
             >>> iv = Intervention("token", Edit("add", torch.tensor([1.0, 0.0]), -1.0),
@@ -1161,6 +1174,15 @@ class Steerer:
         # 2. edits here: one delta per layer, summed over the row's interventions
         e = t["edits"].get(L, {"dir": None, "lat": {}, "clamps": False})
         delta = None
+        if getattr(self, "_replay_src", None) is not None:  # a replay marks where the edits act, no more
+            if e["dir"] is not None:
+                d = e["dir"]
+                self._edited |= (self._gate.gather(1, d["unit"][..., None].expand(-1, -1, h.shape[1]))
+                                 & d["active"][..., None]).any(1)
+            for lt in e["lat"].values():
+                self._edited |= (self._gate.gather(1, lt["unit"][..., None].expand(-1, -1, h.shape[1]))
+                                 & lt["active"][..., None]).any(1)
+            return h
         if e["dir"] is not None:
             d = e["dir"]
             g = self._gate.gather(1, d["unit"][..., None].expand(-1, -1, h.shape[1])) & d["active"][..., None]

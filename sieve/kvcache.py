@@ -46,8 +46,11 @@ class GrowingLayer(DynamicLayer):
         n = self.get_seq_length()
         m = n + key_states.shape[-2]
         buf = self._buf
-        ours = (buf is not None and self.keys is not None and n > 0 and self.keys.data_ptr() == buf[0].data_ptr()
-                and self.keys.shape[:2] == key_states.shape[:2] and m <= buf[0].shape[-2])
+        # Still exactly the view handed out last (not a copy, a slice or a strided selection of it)?
+        ours = (buf is not None and self.keys is not None and self.values is not None and n > 0
+                and self.keys.data_ptr() == buf[0].data_ptr() and self.keys.stride() == buf[0].stride()
+                and self.values.data_ptr() == buf[1].data_ptr() and self.values.stride() == buf[1].stride()
+                and self.keys.shape[:2] == buf[0].shape[:2] == key_states.shape[:2] and m <= buf[0].shape[-2])
         if not ours:
             kshape = (*key_states.shape[:2], m + self.extra, key_states.shape[-1])
             vshape = (*value_states.shape[:2], m + self.extra, value_states.shape[-1])
@@ -65,6 +68,10 @@ class GrowingLayer(DynamicLayer):
     def reset(self) -> None:
         self._buf = None
         super().reset()
+
+    def offload(self) -> None:
+        self._buf = None  # the views move; keeping the buffers would keep the device memory
+        super().offload()
 
 
 def growing_cache(model: Any, extra: int) -> DynamicCache | None:

@@ -91,7 +91,8 @@ def prompt_gate_of(intervention: Any) -> PromptGate | None:
     return gate if isinstance(gate, PromptGate) else None
 
 
-def open_prompt_gates(interventions: Sequence[Any], texts: Sequence[str]) -> tuple[list[Any], list[bool | None]]:
+def open_prompt_gates(interventions: Sequence[Any], texts: Sequence[str],
+                      memo: dict[int, Any] | None = None) -> tuple[list[Any], list[bool | None]]:
     """Resolve prompt gates row by row: a row whose gate opens keeps its intervention (without the gate,
     so it is not decided again), a row whose gate stays closed gets None (unsteered). Also returns, per
     row, whether its gate opened (None: no prompt gate).
@@ -108,6 +109,9 @@ def open_prompt_gates(interventions: Sequence[Any], texts: Sequence[str]) -> tup
         raise ValueError(f"{len(interventions)} interventions for {len(texts)} prompts")
     out: list[Any] = []
     opened: list[bool | None] = []
+    # One opened intervention per gated one (``memo`` carries them across calls): rows that share an
+    # intervention still share one, and so their prefill (sieve.generation).
+    resolved: dict[int, Any] = memo if memo is not None else {}
     for iv, text in zip(interventions, texts):
         gate = prompt_gate_of(iv)
         if gate is None:
@@ -115,7 +119,9 @@ def open_prompt_gates(interventions: Sequence[Any], texts: Sequence[str]) -> tup
             opened.append(None)
             continue
         ok = gate.opens(text)
-        meta = {k: v for k, v in iv.meta.items() if k != "prompt_gate"}
-        out.append(dataclasses.replace(iv, meta={**meta, "prompt_gate_opened": gate.name}) if ok else None)
+        if ok and id(iv) not in resolved:
+            meta = {k: v for k, v in iv.meta.items() if k != "prompt_gate"}
+            resolved[id(iv)] = dataclasses.replace(iv, meta={**meta, "prompt_gate_opened": gate.name})
+        out.append(resolved[id(iv)] if ok else None)
         opened.append(ok)
     return out, opened

@@ -127,8 +127,9 @@ class SweepSpec:
     work); ``false`` generates every row in full. ``share_prefill``: the rows of a batch with the same
     prompt and interventions (the samples of a prompt) read the prompt once; ``kv_cache``: ``grow``
     (keys and values written into room kept ahead, :mod:`sieve.kvcache`) or ``hf`` (HF's own cache,
-    copied at every step). Neither changes what rows are, only the work (``false``/``hf``: the engine
-    before them, for side-by-side timing)."""
+    copied at every step). None of the three changes what rows are, only the work (the shared prefill
+    up to float noise, :func:`sieve.generation.generate`; ``false``/``hf``: the engine before them, for
+    side-by-side timing)."""
 
     methods: list[str] = field(default_factory=lambda: [UNSTEERED])
     scales: dict[str, list[float]] = field(default_factory=dict)

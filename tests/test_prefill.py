@@ -75,7 +75,11 @@ def test_shared_prefill_and_growing_cache_change_no_completion(world, temperatur
     assert shared_batches == []
     for name, engine in ENGINES.items():
         after = generate(world.model, texts, rows, **engine, **kw)
-        assert _differ(before, after) == [], name
+        # The growing cache is exact, and so is every greedy row. A shared prefill computes the prompt's
+        # last position over the cache (logits ~1e-6 apart), so a sampled near-tie may flip: at most one
+        # row in 50 (none on these rows today; a real fault, such as a lost latch or count, moves many).
+        allowed = 0 if name == "own+grow" or not temperature else len(rows) // 50
+        assert len(_differ(before, after)) <= allowed, (name, _differ(before, after))
     # the prefill really was shared: batches of 32 rows read far fewer distinct prompts
     assert shared_batches and all(u < b for b, u in shared_batches)
     assert sum(b for b, _ in shared_batches) >= 2 * sum(u for _, u in shared_batches)
@@ -86,6 +90,20 @@ def test_shared_prefill_and_growing_cache_change_no_completion(world, temperatur
     if temperature:
         assert any(o.finished and o.text.endswith("return") for o in before)
         assert any(o.finished and not o.text.endswith("return") for o in before)
+
+
+def test_rows_whose_prompt_gate_opened_share_one_intervention():
+    """The lexical rows of one cell whose gate opens get one intervention object, so their prefill is
+    shared like any cell's (rows are grouped by the objects they carry)."""
+    from sieve.interventions import resolve_prompt_gates
+    from sieve.prompt_gates import LEXICAL_REGEX
+
+    iv = Intervention("always", Edit("add", torch.ones(2), -1.0), meta={"prompt_gate": LEXICAL_REGEX})
+    other = Intervention("always", Edit("add", torch.ones(2), -2.0), meta={"prompt_gate": LEXICAL_REGEX})
+    rows, opened = resolve_prompt_gates([(iv,), (iv,), (other,), (iv,)],
+                                        ["def match(s):", "def match(s):", "def match(s):", "def mean(xs):"])
+    assert opened == [True, True, True, False] and rows[0][0] is rows[1][0] and rows[2][0] is not rows[0][0]
+    assert rows[3] == () and "prompt_gate" not in rows[0][0].meta
 
 
 def test_without_healing_and_with_mixed_prompt_lengths(world, shared_batches):
@@ -135,8 +153,11 @@ def test_growing_layer_matches_hf_dynamic_layer_through_selects_and_crops():
         layer.crop(-2)
     step(2, 4)
     assert ours.get_seq_length() == theirs.get_seq_length() == 12
+    for layer in (ours, theirs):  # a strided view of the buffer (same first address): must not be written into
+        layer.keys, layer.values = layer.keys[::2], layer.values[::2]
+    step(1, 2)
     ours.reset()
-    assert ours.get_seq_length() == 0
+    assert ours.get_seq_length() == 0 and ours._buf is None
     step_fresh = torch.ones(1, 2, 2, 4)
     assert torch.equal(ours.update(step_fresh, step_fresh)[0], step_fresh)
 
