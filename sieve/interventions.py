@@ -29,6 +29,7 @@ at a layer are computed from that same output and summed::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -1039,17 +1040,29 @@ class Steerer:
         """
         if self._gen_marks or self._layer_pos:
             raise SieveError("Steerer.take: only between prompt forwards")
-        new = Steerer([self.rows[i] for i in index], encoding, split_prompt=True)
-        new.bos_token_id = self.bos_token_id
         idx = torch.as_tensor(list(index), dtype=torch.long)
-        # A row's interventions and gate nodes sit first in the [J, N] layout; rows taken may need less.
-        J, N = new._latch.shape[1:]
-        new._latch = self._latch[idx.to(self._latch.device)][:, :J, :N].clone()
-        new.stats = {k: v[idx.to(v.device)].clone() for k, v in self.stats.items()}
-        if self._prompt_fired is not None and self._prompt_edited is not None:
-            new._prompt_fired = self._prompt_fired[idx.to(self._prompt_fired.device)]
-            new._prompt_edited = self._prompt_edited[idx.to(self._prompt_edited.device)]
-        new.calls, new._pos = self.calls, self._pos
+
+        def rows_of(x: Any) -> Any:  # every packed per-row tensor has the rows first
+            if isinstance(x, Tensor):
+                return x[idx.to(x.device)]
+            if isinstance(x, dict):
+                return {k: rows_of(v) for k, v in x.items()}
+            return x
+
+        # The packed rows are indexed, not packed again: the SAE tensors (groups) are shared as they are,
+        # on their device (no copy of an SAE per batch).
+        new = copy.copy(self)
+        new.rows = [self.rows[i] for i in index]
+        new.encoding = encoding
+        new.split_prompt = True
+        new.replay_codes = None
+        new._t = rows_of(self._t)
+        new._latch = rows_of(self._latch).clone()
+        new.stats = {k: rows_of(v).clone() for k, v in self.stats.items()}
+        new._prompt_fired = rows_of(self._prompt_fired)
+        new._prompt_edited = rows_of(self._prompt_edited)
+        new._gen_marks = []
+        new._codes = {}
         return new
 
     # -------------------------------------------------------------------------------------- the edit
