@@ -114,3 +114,14 @@ def import_re_feature() -> tuple[int, float]:
         else:
             raise AssertionError("no latent of the world's SAE fires on `import re` alone")
     return _IMPORT_RE
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread while a test runs, as exactness is checked (tests/test_fork.py, test_prefill.py):
+    with two, float sums differ more often between a re-read prefix and the decode steps that made it,
+    and a sampled near-tie can flip (the noise sieve.generation documents)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

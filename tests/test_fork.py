@@ -22,15 +22,10 @@ from sieve.world import load_world
 FIELDS = ("token_ids", "text", "finished", "healed", "counts", "positions")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Exactness is checked on CPU float32 with one thread, as the README's measurements ran: with two,
-    the float sums of a re-prefilled prefix and of the decode steps that made it differ more often,
-    and a sampled near-tie in a continued row can flip (the noise sieve.generation documents)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Exactness is checked on CPU float32 with one thread, as the README's measurements ran: with two, the
+# float sums of a re-prefilled prefix and of the decode steps that made it differ more often, and a
+# sampled near-tie in a continued row can flip (the noise sieve.generation documents).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,12 @@ from sieve.interventions import Detector, Edit, Fires, Intervention, Steerer
 from sieve.methods import EXTRA_METHODS, LEXICAL_METHODS, METHODS, STUDY_METHODS, build
 from tests.test_fork import FIELDS, _composed, _parts, _prompts, _value
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ENGINES = {"shared+grow": dict(share_prefill=True, kv_cache="grow"),
            "shared+hf": dict(share_prefill=True, kv_cache="hf"),
            "own+grow": dict(share_prefill=False, kv_cache="grow")}
 BEFORE = dict(share_prefill=False, kv_cache="hf")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
