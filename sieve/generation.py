@@ -721,7 +721,7 @@ def generate(
     (the samples of one prompt) read the prompt once: its positions but the last run once into a KV
     cache, which every such row then starts from. The same completions up to float noise: the prompt's
     last position is computed over the cache rather than inside one prefill, which moves its logits in
-    the last bits (about 1e-6 on the world), so a sampled near-tie can flip, as in another batch
+    the last bits (up to 6e-6 on the world's prompts), so a sampled near-tie can flip, as in another batch
     composition. ``False`` runs every row's prefill by itself.
     ``kv_cache``: ``"grow"`` (default) writes each step's keys and values into room kept ahead
     (:mod:`sieve.kvcache`; the same keys and values, the same completions); ``"hf"`` is HF's own

@@ -1,8 +1,9 @@
 """A KV cache that grows in place: :func:`growing_cache`.
 
 HF's :class:`~transformers.DynamicCache` concatenates each decode step's keys and values onto the whole
-cache, copying all of it at every step: with the embedded world on a CPU at batch 64, ``aten::cat`` was
-43% of plain ``generate``'s time (torch profiler, 56 new tokens after 200-token prompts). Its
+cache, copying all of it at every step: with the embedded world on a CPU at batch 64 (one thread, 56
+new tokens after 172-token prompts), ``aten::cat`` was 28% of plain ``generate``'s profiled time
+(``bench/profile_chunk.py --plain-profile``). Its
 full-attention layers here write into buffers with room kept ahead and hand out views of the filled
 part: the same keys and values, the same attention, no copy. Imported only where generation runs
 (importing transformers is slow).
