@@ -42,3 +42,15 @@ def test_world_prompts_are_distinct_and_bounded(bench):
     assert len(set(ps)) == 20
     with pytest.raises(SystemExit, match="at most"):
         bench.world_prompts(10**6)
+
+
+def test_profile_chunk_measures_the_shared_prefill_noise():
+    """The README's float-noise figure comes from profile_chunk.split_logit_gap: reading a prompt's last
+    position over a cache of the rest moves its logits by float noise only."""
+    spec = importlib.util.spec_from_file_location("profile_chunk", ROOT / "bench" / "profile_chunk.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from sieve.world import load_world
+
+    gap = mod.split_logit_gap(load_world().model, ["def add(a, b):\n", "import os\n\ndef main():\n", "x"])
+    assert 0.0 <= gap < 1e-4
