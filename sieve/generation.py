@@ -326,7 +326,7 @@ def _generate_batch(
     own = getattr(hf.generation_config, "cache_implementation", None) in (None, "hybrid")
     shared = _shared_prefix(model, enc, rows, token_ids, record, steps + 1, grow) if share_prefill and own else None
     steer = Steerer(rows, enc, tok) if shared is None else shared[1]
-    cache = shared[0] if shared is not None else _growing(model, steps + 1) if grow and own else None
+    cache = shared[0] if shared is not None else _new_cache(model, steps + 1, True) if grow and own else None
     extra: dict[str, Any] = {} if cache is None else {"past_key_values": cache}
     tracker = RowTracker(width, _eos_ids(model), stop, budgets=budgets if per_row else None)
     processors: list[Any] = [TokenHealer([h if c == 0 else None for h, c in zip(heals, cont)], width)] \
@@ -398,14 +398,13 @@ def _row_key(ids: Sequence[int], row: Row) -> tuple:
     return tuple(ids), tuple(id(iv) for iv in row)
 
 
-def _growing(model, extra: int):
+def _new_cache(model, extra: int, grow: bool):
+    """An empty KV cache for ``model``: :func:`sieve.kvcache.growing_cache` (room for ``extra`` more
+    positions) or HF's own :class:`~transformers.DynamicCache`; None where it cannot be built ahead."""
     from sieve.kvcache import growing_cache
 
-    return growing_cache(model, extra)
-
-
-def _plain_cache(model):
-    """HF's own :class:`~transformers.DynamicCache` for ``model`` (None where it cannot be built ahead)."""
+    if grow:
+        return growing_cache(model, extra)
     from transformers import DynamicCache
 
     try:
@@ -438,9 +437,7 @@ def _shared_prefix(model, enc: dict[str, Tensor], rows: list[Row], token_ids: li
     if len(first) == len(keys):
         return None
     hf = underlying(model)
-    from sieve.kvcache import growing_cache
-
-    cache = growing_cache(model, extra) if grow else _plain_cache(model)
+    cache = _new_cache(model, extra, grow)
     if cache is None:
         return None
     uniq = list(first.values())

@@ -1187,37 +1187,32 @@ class Steerer:
         # 2. edits here: one delta per layer, summed over the row's interventions
         e = t["edits"].get(L, {"dir": None, "lat": {}, "clamps": False})
         delta = None
-        if getattr(self, "_replay_src", None) is not None:  # a replay marks where the edits act, no more
-            if e["dir"] is not None:
-                d = e["dir"]
-                self._edited |= (self._gate.gather(1, d["unit"][..., None].expand(-1, -1, h.shape[1]))
-                                 & d["active"][..., None]).any(1)
-            for lt in e["lat"].values():
-                self._edited |= (self._gate.gather(1, lt["unit"][..., None].expand(-1, -1, h.shape[1]))
-                                 & lt["active"][..., None]).any(1)
-            return h
+        replaying = getattr(self, "_replay_src", None) is not None  # a replay marks where edits act, no more
         if e["dir"] is not None:
             d = e["dir"]
             g = self._gate.gather(1, d["unit"][..., None].expand(-1, -1, h.shape[1])) & d["active"][..., None]
-            if e["clamps"]:  # the clamped detectors' scores, read here
-                a = torch.einsum("btd,bmd->bmt", h.float(), d["cw"]) + d["cb"][..., None]
-                coef = torch.where(d["clamp"][..., None], (d["value"][..., None] - a) / d["wu"][..., None],
-                                   d["value"][..., None])
-            else:
-                coef = d["value"][..., None].expand(-1, -1, h.shape[1])
-            coef = torch.where(g, coef, torch.zeros_like(coef))
-            delta = torch.einsum("bmt,bmd->btd", coef, d["u"])
             self._edited |= g.any(1)
+            if not replaying:
+                if e["clamps"]:  # the clamped detectors' scores, read here
+                    a = torch.einsum("btd,bmd->bmt", h.float(), d["cw"]) + d["cb"][..., None]
+                    coef = torch.where(d["clamp"][..., None], (d["value"][..., None] - a) / d["wu"][..., None],
+                                       d["value"][..., None])
+                else:
+                    coef = d["value"][..., None].expand(-1, -1, h.shape[1])
+                coef = torch.where(g, coef, torch.zeros_like(coef))
+                delta = torch.einsum("bmt,bmd->btd", coef, d["u"])
         for sid, lt in e["lat"].items():
+            g = self._gate.gather(1, lt["unit"][..., None].expand(-1, -1, h.shape[1])) & lt["active"][..., None]
+            self._edited |= g.any(1)
+            if replaying:
+                continue
             gt = self._groups[(sid, L)].tensors
             f = self._code(L, sid, h)  # [B, T, U]
-            g = self._gate.gather(1, lt["unit"][..., None].expand(-1, -1, h.shape[1])) & lt["active"][..., None]
             # f' − f = (α − 1)·f + β per slot, where the gate is on; slots of a row add up
             df = torch.einsum("btu,bmu->bmtu", f, lt["alpha"] - 1) + lt["beta"][:, :, None, :]
             df = (df * g[..., None]).sum(1)  # [B, T, U]
             dl = df @ gt.W_dec  # type: ignore[union-attr]
             delta = dl if delta is None else delta + dl
-            self._edited |= g.any(1)
         if delta is None:
             return h
         return h + delta.to(h.dtype)
