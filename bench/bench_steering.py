@@ -379,8 +379,8 @@ def recipe_rows(prompts: int, cache: Path | None, recipe: Path | None = None):
 
 
 # The engine before and after: each saving can be switched off (the same completions either way).
-BEFORE = dict(share_prefill=False, kv_cache="hf")
-AFTER = dict(share_prefill=True, kv_cache="grow")
+BEFORE = dict(share_prefill=False, kv_cache="hf", drop_ended=False)
+AFTER = dict(share_prefill=True, kv_cache="grow", drop_ended=True)
 
 
 def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | None = None) -> dict:

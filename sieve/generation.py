@@ -10,10 +10,12 @@ composition changes padding and so the floating-point sums of attention and matm
 greedy output was identical across batchings in our tests, but bf16 on GPU can flip near-ties.
 
 Each row ends at its EOS (cut) or when its text ends with a stop string (kept): ``RowTracker``, a
-stopping criterion, finds both on the device; HF's own EOS handling is off, so no row is padded or
-dropped mid-batch. Generation ends early once every row has ended (the trace's bounded loop is then
-cut short, which is harmless: nothing follows it). An all-greedy batch adds no logits processor: HF's
-own argmax picks the tokens.
+stopping criterion, finds both on the device; HF's own EOS handling is off, so no row is padded.
+Rows that have ended leave the batch while the others go on (``_DropEnded``, HF's decoding loop with
+that one change: the KV cache, masks, sampler, tracker and Steerer keep the running rows only), and
+generation ends once every row has ended (the trace's bounded loop is then cut short, which is
+harmless: nothing follows it). An all-greedy batch adds no logits processor: HF's own argmax picks
+the tokens.
 
 Prompts are healed by default (:mod:`sieve.healing`): a prompt whose last token could merge with what
 follows (a trailing ``"\\n"`` before indentation, a trailing space) is fed without that token, and the
@@ -122,6 +124,13 @@ class RowSampler:
         scores[self._rows, choice] = float("inf")
         return scores
 
+    def keep_rows(self, keep: Sequence[int]) -> None:
+        """Go on with rows ``keep`` only (indices into the rows now held): rows that ended left the batch."""
+        keep = [int(i) for i in keep]
+        self.t = self.t[torch.tensor(keep, dtype=torch.long).to(self.t.device)]
+        self.gens = [self.gens[i] for i in keep]
+        self._rows = None
+
 
 class RowTracker:
     """A stopping criterion that tracks where each row ends, on the device, and stops the batch once every
@@ -150,42 +159,85 @@ class RowTracker:
         # Per-row token budgets (rows of one batch may differ: a healed row gets one more); None: no cut.
         self.budgets = None if budgets is None else torch.tensor([int(b) for b in budgets], dtype=torch.long)
         self.ends: Tensor | None = None  # [B] generated tokens to keep; -1 while the row runs
-        self.ids: Tensor | None = None  # the latest input_ids, prompt included
+        self.ids: Tensor | None = None  # the latest input_ids of the rows present, prompt included
+        # Once rows have left the batch (:meth:`keep_rows`): the rows still in it (indices into the
+        # batch's rows), and the ids each row that left had then.
+        self.present: Tensor | None = None
+        self.left: dict[int, Tensor] = {}
+        self.running: Tensor | None = None  # [rows present] bool: not ended and budget left, as of the last call
+        self.at_eos: Tensor | None = None  # [B] bool: the row ended at its EOS (else at a stop string, or runs)
 
     def __call__(self, input_ids: Tensor, scores: Tensor | None, **kwargs) -> Tensor:
         step = input_ids.shape[1] - self.prompt_len - 1
         if self.ends is None:
             self.ends = torch.full((input_ids.shape[0],), -1, dtype=torch.long, device=input_ids.device)
+            self.at_eos = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             self.eos = self.eos.to(input_ids.device)
             if self.budgets is not None:
                 self.budgets = self.budgets.to(input_ids.device)
+        p = self.present
+        ends = self.ends if p is None else self.ends[p]
+        budgets = self.budgets if p is None or self.budgets is None else self.budgets[p]
         is_eos = torch.isin(input_ids[:, -1], self.eos)
         ended = is_eos if self.stop is None else is_eos | self.stop(input_ids, scores)
-        if self.budgets is not None:
-            ended = ended & (step < self.budgets)  # past its budget a row's tokens are not its own
+        if budgets is not None:
+            ended = ended & (step < budgets)  # past its budget a row's tokens are not its own
         at = torch.where(is_eos, step, step + 1)
-        self.ends = torch.where(ended & (self.ends < 0), at, self.ends)
+        new = ended & (ends < 0)
+        ends = torch.where(new, at, ends)
+        at_eos = (self.at_eos if p is None else self.at_eos[p]) | (new & is_eos)
+        if p is None:
+            self.ends, self.at_eos = ends, at_eos
+        else:
+            self.ends[p], self.at_eos[p] = ends, at_eos
         self.ids = input_ids
-        done = self.ends >= 0
-        if self.budgets is not None:
-            done = done | (step + 1 >= self.budgets)
+        done = ends >= 0
+        if budgets is not None:
+            done = done | (step + 1 >= budgets)
+        self.running = ~done
         # Every row is told "done" once all have ended; no host sync here (HF's own stop check has one).
         return done.all().expand(input_ids.shape[0])
 
-    def keeps(self, position: int) -> Tensor | None:
+    def keep_rows(self, keep: Tensor) -> None:
+        """Go on with rows ``keep`` only (indices into the rows present now, each once): the others
+        (ended) leave the batch, their tokens so far kept for :meth:`tokens`."""
+        if self.ids is None:
+            raise SieveError("RowTracker.keep_rows: nothing was generated")
+        keep = keep.to(self.ids.device)
+        present = self.present if self.present is not None else torch.arange(self.ids.shape[0], device=self.ids.device)
+        gone = torch.ones(present.numel(), dtype=torch.bool, device=present.device)
+        gone[keep] = False
+        for local in gone.nonzero().flatten().tolist():
+            self.left[int(present[local])] = self.ids[local]
+        self.present = present[keep]
+        self.ids = self.ids[keep]
+        if self.running is not None:
+            self.running = self.running[keep]
+
+    def keeps(self, position: int, present: bool = False) -> Tensor | None:
         """``[B]`` bool: whether the forward that reads generated token ``position`` is part of each row's
-        run: the token belongs to the row's completion and (with per-row budgets) the row has budget
-        left for the token that forward predicts. None before the first token."""
+        run: it predicts a token of the row's completion or its EOS (not what follows a stop string),
+        and (with per-row budgets) the row has budget left for that token. None before the first token.
+        A row's count never depends on whether its batch ran on past its end. ``present``: only the
+        rows still in the batch (:meth:`keep_rows`)."""
         if self.ends is None:
             return None
-        keep = (self.ends < 0) | (self.ends > position)
-        return keep if self.budgets is None else keep & (position + 1 < self.budgets)
+        keep = (self.ends < 0) | (self.ends > position + (~self.at_eos).long())
+        keep = keep if self.budgets is None else keep & (position + 1 < self.budgets)
+        return keep[self.present] if present and self.present is not None else keep
 
     def tokens(self) -> Tensor:
-        """``[B, steps]``: every generated token, including those after a row's end."""
+        """``[B, steps]``: every generated token, including those after a row's end while it was in the
+        batch (a row that left has zeros after its last one)."""
         if self.ids is None:
             raise SieveError("RowTracker: nothing was generated")
-        return self.ids[:, self.prompt_len :]
+        if self.present is None:
+            return self.ids[:, self.prompt_len :]
+        full = self.ids.new_zeros(self.ends.shape[0], self.ids.shape[1])  # type: ignore[union-attr]
+        full[self.present] = self.ids
+        for row, ids in self.left.items():
+            full[row, : ids.shape[0]] = ids
+        return full[:, self.prompt_len :]
 
     def completions(self) -> list[tuple[list[int], bool]]:
         """Per row: the kept tokens, and whether the row ended (EOS or stop string) before the budget."""
@@ -264,14 +316,127 @@ class _Record:
     encoding: dict[str, Tensor] = field(default_factory=dict)
     keeps: list[Tensor] = field(default_factory=list)  # per decode forward k >= 1: [B] bool
 
-    def read(self, model) -> None:
-        """Inside a trace, at one forward: keep every recorded layer's output (in layer order)."""
+    present: list[Tensor | None] = field(default_factory=list)  # per forward: the batch rows it held (None: all)
+
+    def read(self, model, present: Callable[[], Tensor | None] | None = None) -> None:
+        """Inside a trace, at one forward: keep every recorded layer's output (in layer order).
+        ``present()``, read once the outputs exist: the batch rows this forward holds, when rows that
+        ended have left the batch (:class:`_DropEnded`); :meth:`widen` puts them in place afterwards."""
         from sieve.models import layer as layer_of
 
         for L in self.layers:
             out = layer_of(model, L).output
             h = out[0] if isinstance(out, tuple) else out
             self.outputs.setdefault(L, []).append(h.detach().clone())
+        self.present.append(present() if present is not None else None)
+
+    def widen(self, rows: int) -> None:
+        """Every forward's outputs as ``[rows, T, D]``: a forward that held fewer rows (the others had
+        ended) gets zeros for the rows it did not hold (never counted: :meth:`RowTracker.keeps`)."""
+        for k, p in enumerate(self.present):
+            if p is None:
+                continue
+            for outs in self.outputs.values():
+                h = outs[k]
+                full = h.new_zeros(rows, *h.shape[1:])
+                full[p.to(h.device)] = h
+                outs[k] = full
+            self.present[k] = None
+
+
+def _fill_holes(running: Tensor) -> Tensor:
+    """The rows to keep, ``running`` ones, in an order that moves the fewest: the first ``r`` places keep
+    their rows where those run, and the running rows past them fill the other places.
+
+    Example:
+        >>> _fill_holes(torch.tensor([True, False, True, False, True, True])).tolist()
+        [0, 5, 2, 4]
+    """
+    r = int(running.sum())
+    keep = torch.arange(running.numel(), device=running.device)[:r].clone()
+    holes = (~running[:r]).nonzero().flatten()
+    tail = running[r:].nonzero().flatten() + r
+    keep[holes] = tail
+    return keep
+
+
+class _DropEnded:
+    """HF ``generate``'s decoding loop (``custom_generate``: HF prepares the inputs, cache, logits
+    processors and stopping criteria, then calls it) that lets rows which have ended leave the batch.
+
+    HF keeps every row of a batch until the last one ends; on a device whose time grows with the rows
+    (a CPU), the steps of rows that have ended are pure waste (a quarter of the row-steps on the default
+    run's rows). After each step, once the rows that have ended times the steps still to come reach
+    ``min_gain`` times the rows held (each leaving copies the KV cache of the rows that stay, about a
+    step's worth of work), the rows still running go on alone: the KV cache, the attention mask and
+    position ids, the input ids, and every member (:class:`RowTracker`, :class:`RowSampler`,
+    :class:`~sieve.healing.TokenHealer`, :class:`~sieve.interventions.Steerer`) keep only them.
+    Each row computes what it computed in the whole batch (row by row the same matmuls; a different
+    batch size can move float sums in the last bits, as any batch composition can).
+
+    Example (inside sieve: ``model.generate(..., custom_generate=_DropEnded(tracker, [steer, ...]))``):
+        >>> _DropEnded(RowTracker(3, [0]), [], min_gain=2.0).min_gain
+        2.0
+    """
+
+    # Model inputs that carry one row per batch row; any other per-row tensor input switches dropping off.
+    _PER_ROW = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
+
+    def __init__(self, tracker: RowTracker, members: Sequence[Any], steps: int | None = None,
+                 min_gain: float = 2.0) -> None:
+        self.tracker = tracker
+        self.members = list(members)
+        self.steps = steps
+        self.min_gain = float(min_gain)
+        self.left = 0  # times rows left the batch
+        self.row_steps = 0  # forwards x rows held, prefill included
+
+    def __call__(self, model, input_ids: Tensor, logits_processor, stopping_criteria, generation_config,
+                 **model_kwargs) -> Tensor:
+        hf = model
+        n0 = input_ids.shape[0]
+        prompt = self.tracker.prompt_len
+        steps = self.steps if self.steps is not None else generation_config.max_new_tokens
+        outputs = hf._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
+        first = True
+        droppable = all(k in self._PER_ROW or not (isinstance(v, Tensor) and v.dim() and v.shape[0] == n0)
+                        for k, v in model_kwargs.items() if k != "past_key_values") \
+            and hasattr(model_kwargs.get("past_key_values"), "batch_select_indices")
+        while True:
+            if not first:
+                inputs = hf.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
+                outputs = hf(**inputs, return_dict=True)
+            first = False
+            self.row_steps += input_ids.shape[0]
+            model_kwargs = hf._update_model_kwargs_for_generation(outputs, model_kwargs)
+            logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+            del outputs
+            scores = logits_processor(input_ids, logits)
+            input_ids = torch.cat([input_ids, scores.argmax(-1)[:, None]], dim=-1)
+            if bool(stopping_criteria(input_ids, scores).all()):
+                return input_ids
+            if not droppable or self.tracker.running is None:
+                continue
+            n = input_ids.shape[0]
+            running = self.tracker.running
+            kept = int(running.sum())
+            to_come = steps - (input_ids.shape[1] - prompt)
+            if (n - kept) * to_come < self.min_gain * n:
+                continue
+            keep = _fill_holes(running)
+            cache = model_kwargs["past_key_values"]
+            for layer in getattr(cache, "layers", None) or [cache]:
+                device = getattr(layer, "keys", None)
+                layer.batch_select_indices(keep.to(device.device) if isinstance(device, Tensor) else keep)
+            for k in self._PER_ROW:
+                v = model_kwargs.get(k)
+                if isinstance(v, Tensor):
+                    model_kwargs[k] = v[keep.to(v.device)]
+            input_ids = input_ids[keep.to(input_ids.device)]
+            self.tracker.keep_rows(keep)
+            for m in self.members:
+                m.keep_rows(keep)
+            self.left += 1
 
 
 def _generate_batch(
@@ -291,6 +456,7 @@ def _generate_batch(
     record: _Record | None = None,
     share_prefill: bool = True,
     kv_cache: str = "grow",
+    drop_ended: bool = True,
 ) -> list[Completion]:
     """One batch, everything already checked, listed and healed by :func:`generate`: every row its own
     prompt (tokenized, as fed), interventions, temperature, seed and heal.
@@ -301,7 +467,8 @@ def _generate_batch(
     completion's tokens start with them, and the prefill's counts and positions on them are counted as
     generated tokens 0..c-1. ``record``: keep the layers' outputs at every forward (unsteered rows only).
     ``share_prefill``: rows with the same ids and interventions read their prompt once (:func:`_shared_prefix`).
-    ``kv_cache``: ``"grow"`` (:func:`sieve.kvcache.growing_cache`) or ``"hf"`` (HF's own)."""
+    ``kv_cache``: ``"grow"`` (:func:`sieve.kvcache.growing_cache`) or ``"hf"`` (HF's own).
+    ``drop_ended``: rows that have ended leave the batch (:class:`_DropEnded`)."""
     tok = model.tokenizer
     hf = underlying(model)
     device = next(hf.parameters()).device
@@ -348,6 +515,10 @@ def _generate_batch(
     gc.top_k = None
     if cache is not None:  # HF refuses a cache passed beside a cache_implementation ("hybrid" here)
         gc.cache_implementation = None
+    dropper = None
+    if drop_ended and len(rows) > 1 and hasattr(hf, "_prefill"):
+        dropper = _DropEnded(tracker, [steer, *processors], steps=steps)
+        extra["custom_generate"] = dropper
     from transformers import StoppingCriteriaList
 
     with torch.inference_mode(), warnings.catch_warnings():
@@ -359,11 +530,13 @@ def _generate_batch(
                             stopping_criteria=StoppingCriteriaList([tracker]), **extra) as tracer:
             for step in tracer.iter[:steps]:
                 if record is not None:
-                    record.read(model)
+                    record.read(model, present=lambda: tracker.present)
                 # Decode step k reads generated token k-1: count firings only while it is kept. Read
-                # once the layers ran: the trace body runs ahead of HF's stopping check.
-                steer.forward(model, counted=None if step == 0 else (lambda k=step: tracker.keeps(k - 1)))
+                # once the layers ran: the trace body runs ahead of HF's stopping check (and of rows
+                # leaving the batch).
+                steer.forward(model, counted=None if step == 0 else (lambda k=step: tracker.keeps(k - 1, present=True)))
     if record is not None:
+        record.widen(len(rows))
         if shared is not None:  # the prompt's first forward: the shared prefix's outputs, then its last position
             for L, prefix in shared[2].items():
                 record.outputs[L][0] = torch.cat([prefix, record.outputs[L][0]], 1)
@@ -605,6 +778,7 @@ def _run_batches(
     on_batch: Callable[[int], None] | None = None,
     share_prefill: bool = True,
     kv_cache: str = "grow",
+    drop_ended: bool = True,
 ) -> dict[int, Completion]:
     """Generate rows ``idx`` of ``prep`` in batches of similar fed length (``fed`` overrides a row's
     ids, ``continued`` says how many of them it already generated, ``rows`` its interventions);
@@ -661,7 +835,7 @@ def _run_batches(
                 seeds=[prep.seeds[j] for j in batch], top_p=top_p, stop=prep.stop,
                 heals=[prep.heals[j] for j in batch], gates_opened=[prep.gates_opened[j] for j in batch],
                 continued=[continued.get(j, 0) for j in batch] if continued else None, record=record,
-                share_prefill=share_prefill, kv_cache=kv_cache,
+                share_prefill=share_prefill, kv_cache=kv_cache, drop_ended=drop_ended,
             )
         except torch.cuda.OutOfMemoryError:
             if bs == 1 or batch_size is not None:
@@ -696,6 +870,7 @@ def generate(
     token_healing: bool = True,
     share_prefill: bool = True,
     kv_cache: str = "grow",
+    drop_ended: bool = True,
 ) -> list[Completion]:
     """Generate for every prompt with its own interventions, in batches, edited at every step.
 
@@ -724,6 +899,8 @@ def generate(
     (:mod:`sieve.kvcache`; the same keys and values, the same completions); ``"hf"`` is HF's own
     cache, which copies itself at every step. A cache the model's generation config names (static,
     offloaded, quantized) is left to HF, and then no prefill is shared.
+    ``drop_ended`` (on by default): rows that have ended leave their batch while the others go on
+    (:class:`_DropEnded`); the same completions. ``False``: every row runs until its batch's last ends.
 
     :func:`sieve.fork.generate_forked` gives the same completions doing only the work gates cause.
 
@@ -747,7 +924,8 @@ def generate(
             on_batch(k)
 
     results = _run_batches(model, prep, range(n), max_new_tokens=max_new_tokens, top_p=top_p,
-                           batch_size=batch_size, on_batch=done, share_prefill=share_prefill, kv_cache=kv_cache)
+                           batch_size=batch_size, on_batch=done, share_prefill=share_prefill, kv_cache=kv_cache,
+                           drop_ended=drop_ended)
     bar.close()
     return [results[j] for j in range(n)]
 

@@ -204,6 +204,10 @@ class TokenHealer:
             block[i, ids] = False
         return scores.masked_fill(block.to(scores.device), float("-inf"))
 
+    def keep_rows(self, keep) -> None:
+        """Go on with rows ``keep`` only (indices into the rows now held): rows that ended left the batch."""
+        self.heals = [self.heals[int(i)] for i in keep]
+
 
 def strip_healed(tok, token_ids: Sequence[int], heal: Heal | None) -> str:
     """The completion's text after the prompt as written: the generated tokens decoded, less the text

@@ -981,6 +981,9 @@ class Steerer:
         self._prompt_fired: Tensor | None = None
         self._prompt_edited: Tensor | None = None
         self._gen_marks: list[Tensor] = []
+        # The rows still in the forwards (indices into :attr:`rows`) once some have left (:meth:`keep_rows`);
+        # None: all of them.
+        self._present: Tensor | None = None
 
     def _to(self, device: torch.device) -> None:
         def move(x: Any) -> Any:
@@ -995,6 +998,8 @@ class Steerer:
             g.tensors = g.tensors.to(device)  # type: ignore[union-attr]
         self._latch = self._latch.to(device)
         self.stats = {k: v.to(device) for k, v in self.stats.items()}
+        if self._present is not None:
+            self._present = self._present.to(device)
         self._device = device
 
     def _prompt_forward(self, B: int, T: int) -> bool:
@@ -1038,7 +1043,7 @@ class Steerer:
             >>> three.counts()["prompt_edited"], three.positions()["prompt_fired"]
             ([3, 3, 3], [[0], [0], [0]])
         """
-        if self._gen_marks or self._layer_pos:
+        if self._gen_marks or self._layer_pos or self._present is not None:
             raise SieveError("Steerer.take: only between prompt forwards")
         idx = torch.as_tensor(list(index), dtype=torch.long)
 
@@ -1064,6 +1069,46 @@ class Steerer:
         new._gen_marks = []
         new._codes = {}
         return new
+
+    def keep_rows(self, keep: Tensor) -> None:
+        """Between decode forwards: the next forwards hold only the rows ``keep`` (indices into the rows
+        they hold now, each once, in the order they will come) — rows that have ended left the batch.
+        Their packed tensors and latches are indexed; counts and positions stay per row of :attr:`rows`
+        (the rows that left count nothing more, as a row whose tokens are no longer counted).
+
+        Example:
+            >>> iv = Intervention("token", Edit("add", torch.tensor([1.0, 0.0]), -1.0),
+            ...                   Detector(torch.tensor([1.0, 0.0])), threshold=0.5)
+            >>> steer = Steerer([iv] * 3, layer=0)
+            >>> _ = steer(torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]], [[2.0, 0.0]]]))  # the prompt
+            >>> steer.keep_rows(torch.tensor([0, 2]))
+            >>> _ = steer(torch.tensor([[[0.0, 0.0]], [[3.0, 0.0]]]))                 # rows 0 and 2 only
+            >>> steer.counts()["gen_fired"], steer.positions()["gen_fired"]
+            ([0, 0, 1], [[], [], [0]])
+        """
+        if self.layers and (self._layer_pos or self._prompt_forward(0, 0)):
+            raise SieveError("Steerer.keep_rows: only between decode forwards")
+        dev = self._latch.device
+        idx = torch.as_tensor(keep, dtype=torch.long).to(dev)
+        present = self._present if self._present is not None else torch.arange(len(self.rows), device=dev)
+        if idx.numel() and (int(idx.max()) >= present.numel() or int(idx.min()) < 0
+                            or idx.unique().numel() != idx.numel()):
+            raise SieveError(f"Steerer.keep_rows: {idx.tolist()} are not distinct indices into "
+                             f"{present.numel()} rows")
+
+        def rows_of(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                return x[idx.to(x.device)]
+            if isinstance(x, dict):
+                return {k: rows_of(v) for k, v in x.items()}
+            return x
+
+        self._t = rows_of(self._t)
+        self._latch = self._latch[idx]
+        self._present = present[idx]
+
+    def _rows_present(self) -> int:
+        return len(self.rows) if self._present is None else int(self._present.numel())
 
     # -------------------------------------------------------------------------------------- the edit
     def forward(self, model: Any, counted: Tensor | Callable[[], Tensor | None] | None = None) -> None:
@@ -1098,8 +1143,8 @@ class Steerer:
             raise SieveError(f"Steerer: layer {layer} came when layer {expected} was due; call the layers "
                              f"{self.layers} in order, once each per forward")
         B, T, D = h.shape
-        if B != len(self.rows):
-            raise SieveError(f"Steerer holds {len(self.rows)} rows but the layer output has {B}")
+        if B != self._rows_present():
+            raise SieveError(f"Steerer holds {self._rows_present()} rows but the layer output has {B}")
         if self.width is not None and D != self.width:
             raise ShapeMismatch(f"Steerer: interventions have width {self.width} but layer {layer}'s output has {D}")
         if self._device != h.device:
@@ -1251,8 +1296,13 @@ class Steerer:
         if counted is not None:
             counted = counted.to(n_fired.device)
             n_fired, n_edited = n_fired * counted, n_edited * counted
-        self.stats[f"{where}_fired"] += n_fired
-        self.stats[f"{where}_edited"] += n_edited
+        present = self._present
+        if present is not None:  # rows have left: counted in their own places, nothing for the others
+            self.stats[f"{where}_fired"].index_add_(0, present, n_fired)
+            self.stats[f"{where}_edited"].index_add_(0, present, n_edited)
+        else:
+            self.stats[f"{where}_fired"] += n_fired
+            self.stats[f"{where}_edited"] += n_edited
         if self._in_prompt:
             fired, edited = self._fired.any(1), self._edited.clone()
             if self._prompt_fired is None or self._prompt_edited is None:
@@ -1262,7 +1312,12 @@ class Steerer:
                 self._prompt_edited = torch.cat([self._prompt_edited, edited], 1)
             self._pos += fired.shape[1]
         else:
-            self._gen_marks.append(torch.stack([n_fired > 0, n_edited > 0]))
+            marks = torch.stack([n_fired > 0, n_edited > 0])
+            if present is not None:
+                full = marks.new_zeros(2, len(self.rows))
+                full[:, present] = marks
+                marks = full
+            self._gen_marks.append(marks)
         self.calls += 1
         self._layer_pos = 0
 

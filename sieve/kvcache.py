@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -65,6 +66,30 @@ class GrowingLayer(DynamicLayer):
         buf[1][..., n:m, :] = value_states
         self.keys, self.values = buf[0][..., :m, :], buf[1][..., :m, :]
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep the rows ``indices`` (a subset, each once: rows that have ended leaving a batch) in place,
+        in the buffers' first rows, room ahead kept: only the rows whose place changes are copied (the
+        fewest when the rows that stay fill the holes from the end: :class:`sieve.generation._DropEnded`).
+        Anything else (repeats: a shared prefix given to many rows) as :class:`DynamicLayer` does."""
+        buf, n = self._buf, self.get_seq_length()
+        idx = indices.to(self.keys.device) if self.keys is not None else indices
+        ours = (buf is not None and self.keys is not None and self.values is not None and n > 0
+                and self.keys.data_ptr() == buf[0].data_ptr() and self.keys.stride() == buf[0].stride()
+                and self.values.data_ptr() == buf[1].data_ptr() and self.values.stride() == buf[1].stride())
+        if not ours or idx.numel() > self.keys.shape[0] or idx.unique().numel() != idx.numel():
+            super().batch_select_indices(indices)
+            return
+        assert buf is not None
+        r = idx.numel()
+        moved = (idx != torch.arange(r, device=idx.device)).nonzero().flatten()
+        if moved.numel():
+            src = idx[moved]
+            keys, values = buf[0][src, :, :n], buf[1][src, :, :n]  # copies: the writes cannot overlap them
+            buf[0][moved, :, :n] = keys
+            buf[1][moved, :, :n] = values
+        self._buf = buf = (buf[0][:r], buf[1][:r])
+        self.keys, self.values = buf[0][..., :n, :], buf[1][..., :n, :]
 
     def reset(self) -> None:
         self._buf = None

@@ -127,9 +127,10 @@ class SweepSpec:
     work); ``false`` generates every row in full. ``share_prefill``: the rows of a batch with the same
     prompt and interventions (the samples of a prompt) read the prompt once; ``kv_cache``: ``grow``
     (keys and values written into room kept ahead, :mod:`sieve.kvcache`) or ``hf`` (HF's own cache,
-    copied at every step). None of the three changes what rows are, only the work (the shared prefill
-    up to float noise, :func:`sieve.generation.generate`; ``false``/``hf``: the engine before them, for
-    side-by-side timing)."""
+    copied at every step); ``drop_ended``: rows that have ended leave their batch while the others go
+    on. None of the four changes what rows are, only the work (the shared prefill up to float noise,
+    :func:`sieve.generation.generate`; ``false``/``hf``: the engine before them, for side-by-side
+    timing)."""
 
     methods: list[str] = field(default_factory=lambda: [UNSTEERED])
     scales: dict[str, list[float]] = field(default_factory=dict)
@@ -143,6 +144,7 @@ class SweepSpec:
     fork: bool = True
     share_prefill: bool = True
     kv_cache: Literal["grow", "hf"] = "grow"
+    drop_ended: bool = True
 
 
 @dataclass
@@ -564,11 +566,11 @@ def save_recipe(r: Recipe, path: str | Path) -> Path:
 def recipe_hash(r: Recipe) -> str:
     """A short hash of the validated recipe's content (independent of formatting and comments, and of
     ``[output]`` and ``[launch]``: the same study written to another folder, or run on other machines,
-    is the same run; nor of ``sweep.fork``, ``sweep.share_prefill`` and ``sweep.kv_cache``, which change
-    how rows are made, not what they are)."""
+    is the same run; nor of ``sweep.fork``, ``sweep.share_prefill``, ``sweep.kv_cache`` and
+    ``sweep.drop_ended``, which change how rows are made, not what they are)."""
     d = recipe_dict(r)
     d.pop("output", None)
     d.pop("launch", None)
-    for key in ("fork", "share_prefill", "kv_cache"):
+    for key in ("fork", "share_prefill", "kv_cache", "drop_ended"):
         d.get("sweep", {}).pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

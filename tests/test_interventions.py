@@ -289,7 +289,9 @@ def test_stop_strings_end_rows_and_keep_the_stop(tiny_models):
 
 
 def test_row_tracker_counts_only_kept_tokens():
-    """EOS is cut and a stop-string token is kept; a row that ended is left out of the counts."""
+    """EOS is cut and a stop-string token is kept; a row that ended is left out of the counts: the
+    forward reading its last token counts where it predicts the EOS, not where a stop string ended the
+    row (that forward predicts nothing of the row, and runs only when its batch goes on)."""
     from sieve.generation import RowTracker
 
     class StopAt7:  # a stand-in for StopStringCriteria: "the text now ends with the stop string"
@@ -299,10 +301,12 @@ def test_row_tracker_counts_only_kept_tokens():
     tr = RowTracker(prompt_len=2, eos_token_ids=[0], stop=StopAt7())
     assert tr.keeps(0) is None
     tr(torch.tensor([[1, 1, 5], [1, 1, 7], [1, 1, 0]]), None)
-    assert tr.ends.tolist() == [-1, 1, 0] and tr.keeps(0).tolist() == [True, True, False]
+    assert tr.ends.tolist() == [-1, 1, 0] and tr.keeps(0).tolist() == [True, False, False]
     done = tr(torch.tensor([[1, 1, 5, 0], [1, 1, 7, 0], [1, 1, 0, 7]]), None)
     assert done.all() and tr.ends.tolist() == [1, 1, 0]
     assert tr.completions() == [([5], True), ([7], True), ([], True)]
+    # row 0 ended at EOS after token 5: the forward reading 5 predicted that EOS and counts
+    assert tr.keeps(0).tolist() == [True, False, False] and tr.keeps(1).tolist() == [False, False, False]
 
 
 def test_over_long_prompt_is_refused_before_any_batch_runs(tiny_models):

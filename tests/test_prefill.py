@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ENGINES = {"shared+grow": dict(share_prefill=True, kv_cache="grow"),
            "shared+hf": dict(share_prefill=True, kv_cache="hf"),
            "own+grow": dict(share_prefill=False, kv_cache="grow")}
-BEFORE = dict(share_prefill=False, kv_cache="hf")
+BEFORE = dict(share_prefill=False, kv_cache="hf", drop_ended=False)
 
 
 @pytest.fixture(scope="module")

@@ -251,7 +251,7 @@ def test_forked_sweep_equals_full_sweep_also_in_shards(tmp_path, detector_cache)
     extra = {"sweep.samples": "2"}
     tables, ability = {}, {}
     # "false": the sweep as it was before any saving (every row in full, no prefill shared, HF's cache)
-    engine = {"true": {}, "false": {"sweep.share_prefill": "false", "sweep.kv_cache": '"hf"'}}
+    engine = {"true": {}, "false": {"sweep.share_prefill": "false", "sweep.kv_cache": '"hf"', "sweep.drop_ended": "false"}}
     for fork in ("true", "false"):
         out = tmp_path / fork
         _prepare(out, detector_cache)
@@ -272,6 +272,7 @@ def test_forked_sweep_equals_full_sweep_also_in_shards(tmp_path, detector_cache)
     on, off = (load_recipe(ROOT / "recipes/regex.toml", _overrides(tmp_path, **{"sweep.fork": f}, **engine[f]))
                for f in ("true", "false"))
     assert off.sweep.kv_cache == "hf" and not off.sweep.share_prefill and on.sweep.kv_cache == "grow"
+    assert on.sweep.drop_ended and not off.sweep.drop_ended
     assert recipe_hash(on) == recipe_hash(off)
     # shards of one folder: a shard's gated rows whose unsteered row is in the other shard are forked from
     # a trajectory made in memory; the rows are the same

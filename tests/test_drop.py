@@ -1,0 +1,168 @@
+"""Rows that have ended leave their batch (sieve.generation._DropEnded): no completion changes. Token
+for token, with counts and positions, for every registered method (gated, always, lexical), a composed
+row, greedy and sampled, healing on and off, stop strings and EOS, forked rows and the recorded
+trajectories they are decided on, HF's cache and the growing one, and the tiny Llama and Gemma-2
+(grouped keys, sliding-window layers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sieve.generation as g
+from sieve.errors import SieveError
+from sieve.generation import RowTracker, generate
+from sieve.interventions import Detector, Edit, Intervention, Steerer
+from sieve.methods import EXTRA_METHODS, LEXICAL_METHODS, METHODS, STUDY_METHODS, build
+from tests.test_fork import _composed, _parts, _prompts, _value
+from tests.test_prefill import _differ, _rows
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def world():
+    from sieve.world import load_world
+
+    return load_world()
+
+
+@pytest.fixture
+def drops(monkeypatch):
+    """Every _DropEnded made: after a generation, how often rows left and the row-steps computed."""
+    made: list = []
+    real = g._DropEnded.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(g._DropEnded, "__init__", spy)
+    return made
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_leaving_the_batch_change_no_completion(world, temperature, drops):
+    parts = _parts(world)
+    methods = list(dict.fromkeys(m.name for m in (*STUDY_METHODS, *EXTRA_METHODS, *METHODS.values(), *LEXICAL_METHODS)))
+    ivs = [None] + [build(METHODS[n], parts, _value(METHODS[n])) for n in methods] + [_composed(world, parts)]
+    prompts = _prompts("intent_regex", 3) + _prompts("neutral", 2) + ["def parse_header(line):\n    "]
+    texts, rows, seeds = _rows(world, prompts, ivs, 2)
+    kw = dict(max_new_tokens=24, temperature=temperature, seeds=seeds, stop=["return"], progress=False, batch_size=48)
+    kept = generate(world.model, texts, rows, drop_ended=False, **kw)
+    assert drops == []
+    for cache in ("grow", "hf"):
+        dropped = generate(world.model, texts, rows, kv_cache=cache, **kw)
+        assert _differ(kept, dropped) == [], cache
+    # rows did leave, and the batches computed fewer row-steps than rows x steps
+    assert sum(d.left for d in drops) >= 4
+    ends = [len(o.token_ids) for o in kept]
+    assert min(ends) < 24 and any(o.finished for o in kept)
+
+
+def test_forked_rows_and_their_trajectories_with_rows_leaving(world, drops):
+    from sieve.fork import generate_forked
+
+    parts = _parts(world)
+    ivs = [None, build("conditional_per_input", parts, -8.0), build("conditional_per_token", parts, -8.0),
+           build("sae_code_clamping", parts, -3.0), build("constant_steering_vector", parts, -8.0)]
+    texts, rows, seeds = _rows(world, _prompts("intent_regex", 3), ivs, 4)
+    kw = dict(max_new_tokens=20, temperature=1.0, seeds=seeds, progress=False, stop=["\n\n"])
+    full = generate(world.model, texts, rows, drop_ended=False, **kw)
+    kept, s1 = generate_forked(world.model, texts, rows, drop_ended=False, **kw)
+    dropped, s2 = generate_forked(world.model, texts, rows, **kw)
+    assert _differ(kept, dropped) == [] and s1 == s2 and s2.forked and s2.reused
+    assert _differ(full, dropped) == []
+    assert sum(d.left for d in drops) >= 1
+
+
+def test_without_healing_and_mixed_prompt_lengths(world, drops):
+    parts = _parts(world)
+    ivs = [None, build("conditional_per_input", parts, -8.0), build("constant_sae", parts, -4.0)]
+    prompts = _prompts("intent_regex", 4, 200) + ["x"]
+    texts, rows, seeds = _rows(world, prompts, ivs, 3)
+    kw = dict(max_new_tokens=16, temperature=0.8, seeds=seeds, progress=False, token_healing=False, batch_size=20,
+              stop=["\n"])
+    assert _differ(generate(world.model, texts, rows, drop_ended=False, **kw), generate(world.model, texts, rows, **kw)) == []
+    assert sum(d.left for d in drops) >= 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_other_architectures(tiny_models, arch, drops):
+    """Grouped keys (Llama) and sliding-window cache layers (Gemma-2: HF's own, selected by HF)."""
+    model = tiny_models[arch]
+    from sieve.models import hidden_size
+
+    D = hidden_size(model)
+    gen = torch.Generator().manual_seed(3)
+    d = torch.randn(D, generator=gen)
+    iv = Intervention("token", Edit("add", d / d.norm(), -4.0), Detector(d / d.norm()), threshold=0.0, layers=1)
+    texts = ["import re\n\ndef parse(s):\n", "def add(a, b):\n    return", "x = 1\n"] * 4
+    kw = dict(max_new_tokens=40, temperature=1.0, seeds=list(range(12)), progress=False, stop=[")", "\n"])
+    rows = [None, iv] * 6
+    a = generate(model, texts, rows, drop_ended=False, **kw)
+    b = generate(model, texts, rows, **kw)
+    assert _differ(a, b) == []
+    assert sum(x.left for x in drops) >= 1, [len(o.token_ids) for o in a]
+
+
+def test_fill_holes_moves_the_fewest_rows():
+    run = torch.tensor([True, False, False, True, True, False, True])
+    keep = g._fill_holes(run)
+    assert sorted(keep.tolist()) == [0, 3, 4, 6] and keep[0] == 0 and keep[3] == 3
+    assert g._fill_holes(torch.tensor([False, False])).tolist() == []
+    assert g._fill_holes(torch.tensor([True, True, False])).tolist() == [0, 1]
+
+
+def test_growing_layer_keeps_rows_in_place_like_hf():
+    from transformers.cache_utils import DynamicLayer
+
+    from sieve.kvcache import GrowingLayer
+
+    gen = torch.Generator().manual_seed(0)
+    ours, theirs = GrowingLayer(extra=4), DynamicLayer()
+
+    def step(n: int, batch: int) -> None:
+        k, v = torch.randn(batch, 2, n, 4, generator=gen), torch.randn(batch, 2, n, 3, generator=gen)
+        a, b = ours.update(k, v), theirs.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    step(5, 6)
+    step(1, 6)
+    buf = ours._buf[0]
+    for layer in (ours, theirs):
+        layer.batch_select_indices(torch.tensor([0, 5, 2, 4]))
+    assert ours._buf[0].data_ptr() == buf.data_ptr()  # in place: no new buffer
+    step(1, 4)
+    step(1, 4)
+    for layer in (ours, theirs):  # repeats (a shared prefix): the general path
+        layer.batch_select_indices(torch.tensor([1, 1, 3]))
+    step(1, 3)
+    assert ours.get_seq_length() == theirs.get_seq_length() == 9
+
+
+def test_steerer_and_tracker_keep_rows():
+    d = torch.tensor([1.0, 0.0])
+    iv = Intervention("input", Edit("add", d, -1.0), Detector(d), threshold=0.5)
+    whole, part = Steerer([iv] * 3, layer=0), Steerer([iv] * 3, layer=0)
+    prompt = torch.tensor([[[2.0, 0.0]], [[0.0, 0.0]], [[0.0, 0.0]]])
+    for s in (whole, part):
+        s(prompt.clone())
+    step = torch.tensor([[[0.0, 0.0]], [[3.0, 0.0]], [[3.0, 0.0]]])
+    out_whole = whole(step.clone(), torch.tensor([True, False, True]))  # row 1 has ended: not counted
+    part.keep_rows(torch.tensor([2, 0]))
+    out_part = part(step[[2, 0]].clone())
+    assert torch.equal(out_part, out_whole[[2, 0]])  # row 0's latch carried, row 2's fresh firing edits
+    assert part.counts() == whole.counts() and part.positions() == whole.positions()
+    with pytest.raises(SieveError, match="distinct"):
+        part.keep_rows(torch.tensor([1, 1]))
+    with pytest.raises(SieveError, match="decode"):
+        Steerer([iv], layer=0).keep_rows(torch.tensor([0]))
+
+    tr = RowTracker(prompt_len=1, eos_token_ids=[0])
+    tr(torch.tensor([[5, 0], [5, 7], [5, 8]]), None)
+    assert tr.running.tolist() == [False, True, True]
+    tr.keep_rows(torch.tensor([2, 1]))
+    tr(torch.tensor([[5, 8, 0], [5, 7, 9]]), None)
+    assert tr.completions() == [([], True), ([7, 9], False), ([8], True)]
+    assert tr.keeps(1).tolist() == [False, True, False] and tr.keeps(1, present=True).tolist() == [False, True]
