@@ -153,6 +153,19 @@ def first_edits(steer: Steerer, record: _Record, at: Sequence[int], codes: dict 
         steer.replay({L: record.outputs[L][k] for L in steer.layers}, idx, counted)
 
 
+def _prefix_of(record: _Record, t: int, prompt_len: int, c: int, layers: set[int]):
+    """A forked row's prefix from its trajectory (batch row ``t`` of ``record``): the prompt's
+    ``prompt_len`` tokens and the first ``c - 1`` generated ones (the last fed token, where the row
+    first edits, is read by its own generation): per cache layer their keys and values, and per layer
+    in ``layers`` the recorded outputs ``[prompt_len + c - 1, D]``."""
+    n = prompt_len + c - 1
+    width = record.encoding["input_ids"].shape[1]
+    kv = [(k[:, :n].clone(), v[:, :n].clone()) for k, v in record.kv[t]]
+    hs = {L: torch.cat([record.outputs[L][0][t, width - prompt_len :],
+                        *[record.outputs[L][k][t] for k in range(1, c)]], 0) for L in layers}
+    return kv, hs
+
+
 def _encoding_rows(record: _Record, at: Sequence[int]) -> dict[str, torch.Tensor]:
     idx = torch.tensor(list(at), dtype=torch.long)
     return {k: v[idx] for k, v in record.encoding.items()}
@@ -252,14 +265,21 @@ def generate_forked(
             for s in range(0, len(gated), _REPLAY_ROWS):
                 _decide(model, prep, gated[s : s + _REPLAY_ROWS], record, outs, results, fed, continued, summary,
                         codes)
+            if record.kv:  # forked rows: their prefix's keys, values and layer outputs, from the trajectory
+                for j, t in gated:
+                    if continued.get(j) and t in record.kv:
+                        reuse[j] = _prefix_of(record, t, len(prep.ids[j]), continued[j], _layers(prep.rows[j]))
+                record.kv.clear()
         done(len(results) - before)
 
     # 1. the trajectories, unsteered (in a gated row's place where a group has no unsteered row), the
-    # layers their gated rows use recorded; each batch's gated rows are replayed and decided at once
+    # layers their gated rows use recorded (and, with share_prefill, the keys and values: a forked row
+    # reads its prefix from them); each batch's gated rows are replayed and decided at once
+    reuse: dict[int, Any] = {}
     trajectories = _run_batches(model, prep, list(rep), max_new_tokens=max_new_tokens, top_p=top_p,
                                 batch_size=batch_size, rows={r: () for r in rep}, record_layers=record_layers,
                                 on_outs=on_outs, share_prefill=share_prefill,
-                                kv_cache=kv_cache, drop_ended=drop_ended)
+                                kv_cache=kv_cache, drop_ended=drop_ended, keep_kv=share_prefill)
     summary.trajectories = len(trajectories)
     # 2. the rest, forked or in full, batched together by fed length
     rest = full + list(fed)
@@ -270,7 +290,7 @@ def generate_forked(
         outs = _run_batches(model, prep, rest, max_new_tokens=max_new_tokens, top_p=top_p, batch_size=batch_size,
                             fed={j: f for j, f in fed.items() if continued.get(j)}, continued=continued,
                             on_batch=done, share_prefill=share_prefill, kv_cache=kv_cache,
-                            drop_ended=drop_ended)
+                            drop_ended=drop_ended, reuse=reuse)
         for j, o in outs.items():
             results[j] = o
             summary.tokens += len(o.token_ids) - continued.get(j, 0)

@@ -315,6 +315,10 @@ class _Record:
     outputs: dict[int, list[Tensor]] = field(default_factory=dict)  # per layer: [B,T,D], then [B,1,D] per step
     encoding: dict[str, Tensor] = field(default_factory=dict)
     keeps: list[Tensor] = field(default_factory=list)  # per decode forward k >= 1: [B] bool
+    # With keep_kv: per batch row, per cache layer, the keys and values of the row's positions (padding
+    # left out), as far as the row ran; a forked row reuses its prefix (:func:`_reused_prefix`).
+    keep_kv: bool = False
+    kv: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
 
     present: list[Tensor | None] = field(default_factory=list)  # per forward: the batch rows it held (None: all)
 
@@ -365,14 +369,16 @@ class _DropEnded:
     processors and stopping criteria, then calls it) that lets rows which have ended leave the batch.
 
     HF keeps every row of a batch until the last one ends; on a device whose time grows with the rows
-    (a CPU), the steps of rows that have ended are pure waste (a quarter of the row-steps on the default
+    (a CPU), the steps of rows that have ended are waste (a quarter of the row-steps on the default
     run's rows). After each step, once the rows that have ended times the steps still to come reach
-    ``min_gain`` times the rows held (each leaving copies the KV cache of the rows that stay, about a
-    step's worth of work), the rows still running go on alone: the KV cache, the attention mask and
-    position ids, the input ids, and every member (:class:`RowTracker`, :class:`RowSampler`,
-    :class:`~sieve.healing.TokenHealer`, :class:`~sieve.interventions.Steerer`) keep only them.
-    Each row computes what it computed in the whole batch (row by row the same matmuls; a different
-    batch size can move float sums in the last bits, as any batch composition can).
+    ``min_gain`` times the rows held, the rows still running go on alone: the KV cache, the attention
+    mask and position ids, the input ids, and every member (:class:`RowTracker`, :class:`RowSampler`,
+    :class:`~sieve.healing.TokenHealer`, :class:`~sieve.interventions.Steerer`) keep only them, the
+    rows from the end filling the places of those that left (only they are copied). With learned
+    positions (``limit``, GPT-2's ``n_positions``), a row that has ended also leaves before its next
+    position would pass the model's last (rows of any budget can then share a batch: ``lengths`` are
+    the rows' fed tokens). Each row computes what it computed in the whole batch (the same matmuls
+    row by row; on CPU float32 bit for bit in sieve's tests).
 
     Example (inside sieve: ``model.generate(..., custom_generate=_DropEnded(tracker, [steer, ...]))``):
         >>> _DropEnded(RowTracker(3, [0]), [], min_gain=2.0).min_gain
@@ -383,13 +389,18 @@ class _DropEnded:
     _PER_ROW = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
 
     def __init__(self, tracker: RowTracker, members: Sequence[Any], steps: int | None = None,
-                 min_gain: float = 2.0) -> None:
+                 min_gain: float = 1.0, lengths: Sequence[int] | None = None, limit: int | None = None) -> None:
         self.tracker = tracker
         self.members = list(members)
         self.steps = steps
         self.min_gain = float(min_gain)
+        self.lengths = None if lengths is None else torch.tensor([int(x) for x in lengths], dtype=torch.long)
+        self.limit = limit
         self.left = 0  # times rows left the batch
         self.row_steps = 0  # forwards x rows held, prefill included
+        # Called with the cache and the places (in the rows held) of rows about to leave, before the KV
+        # cache forgets them (a trajectory whose rows' keys and values are kept).
+        self.on_leave: Callable[[Any, Tensor], None] | None = None
 
     def __call__(self, model, input_ids: Tensor, logits_processor, stopping_criteria, generation_config,
                  **model_kwargs) -> Tensor:
@@ -415,16 +426,29 @@ class _DropEnded:
             input_ids = torch.cat([input_ids, scores.argmax(-1)[:, None]], dim=-1)
             if bool(stopping_criteria(input_ids, scores).all()):
                 return input_ids
-            if not droppable or self.tracker.running is None:
+            running = self.tracker.running
+            if running is None:
                 continue
             n = input_ids.shape[0]
-            running = self.tracker.running
+            made = input_ids.shape[1] - prompt  # tokens generated so far
+            must = False
+            if self.limit is not None and self.lengths is not None:
+                lengths = self.lengths.to(running.device)
+                lengths = lengths if self.tracker.present is None else lengths[self.tracker.present]
+                # the next forward reads position length + made - 1: it must stay below the limit
+                must = bool((~running & (lengths + made > self.limit)).any())
+            if not droppable:
+                if must:
+                    raise SieveError("rows that ended would run past the model's positions, and this model's "
+                                     "inputs cannot be narrowed to the rows still running; pass drop_ended=False")
+                continue
             kept = int(running.sum())
-            to_come = steps - (input_ids.shape[1] - prompt)
-            if (n - kept) * to_come < self.min_gain * n:
+            if not must and (n - kept) * (steps - made) < self.min_gain * n:
                 continue
             keep = _fill_holes(running)
             cache = model_kwargs["past_key_values"]
+            if self.on_leave is not None:
+                self.on_leave(cache, (~running).nonzero().flatten())
             for layer in getattr(cache, "layers", None) or [cache]:
                 device = getattr(layer, "keys", None)
                 layer.batch_select_indices(keep.to(device.device) if isinstance(device, Tensor) else keep)
@@ -457,6 +481,7 @@ def _generate_batch(
     share_prefill: bool = True,
     kv_cache: str = "grow",
     drop_ended: bool = True,
+    reuse: list[tuple[list[tuple[Tensor, Tensor]], dict[int, Tensor]]] | None = None,
 ) -> list[Completion]:
     """One batch, everything already checked, listed and healed by :func:`generate`: every row its own
     prompt (tokenized, as fed), interventions, temperature, seed and heal.
@@ -468,7 +493,9 @@ def _generate_batch(
     generated tokens 0..c-1. ``record``: keep the layers' outputs at every forward (unsteered rows only).
     ``share_prefill``: rows with the same ids and interventions read their prompt once (:func:`_shared_prefix`).
     ``kv_cache``: ``"grow"`` (:func:`sieve.kvcache.growing_cache`) or ``"hf"`` (HF's own).
-    ``drop_ended``: rows that have ended leave the batch (:class:`_DropEnded`)."""
+    ``drop_ended``: rows that have ended leave the batch (:class:`_DropEnded`). ``reuse``: per row
+    (every row continued), its prefix's keys and values and recorded layer outputs
+    (:func:`_reused_prefix`); ``record.keep_kv``: keep each row's keys and values for that."""
     tok = model.tokenizer
     hf = underlying(model)
     device = next(hf.parameters()).device
@@ -491,7 +518,10 @@ def _generate_batch(
     # left to HF: then nothing is shared and the cache is HF's. "hybrid" (Gemma-2's hub default) HF
     # itself now replaces by its dynamic cache with sliding-window layers, which is what sieve builds.
     own = getattr(hf.generation_config, "cache_implementation", None) in (None, "hybrid")
-    shared = _shared_prefix(model, enc, rows, token_ids, record, steps + 1, grow) if share_prefill and own else None
+    if reuse is not None and own and kv_reusable(model):
+        shared = _reused_prefix(model, enc, rows, token_ids, reuse, steps + 1, grow)
+    else:
+        shared = _shared_prefix(model, enc, rows, token_ids, record, steps + 1, grow) if share_prefill and own else None
     steer = Steerer(rows, enc, tok) if shared is None else shared[1]
     cache = shared[0] if shared is not None else _new_cache(model, steps + 1, True) if grow and own else None
     extra: dict[str, Any] = {} if cache is None else {"past_key_values": cache}
@@ -517,8 +547,17 @@ def _generate_batch(
         gc.cache_implementation = None
     dropper = None
     if drop_ended and len(rows) > 1 and hasattr(hf, "_prefill"):
-        dropper = _DropEnded(tracker, [steer, *processors], steps=steps)
+        limit = getattr(hf.config, "n_positions", None)
+        dropper = _DropEnded(tracker, [steer, *processors], steps=steps, lengths=[len(t) for t in token_ids],
+                             limit=limit if isinstance(limit, int) else None)
         extra["custom_generate"] = dropper
+    keep_kv = record is not None and record.keep_kv and cache is not None and kv_reusable(model)
+    if keep_kv and dropper is not None:
+        def on_leave(c: Any, places: Tensor) -> None:
+            rows_held = tracker.present if tracker.present is not None else torch.arange(len(rows))
+            _keep_kv(record, c, places, rows_held.cpu(), [width - len(t) for t in token_ids])
+
+        dropper.on_leave = on_leave
     from transformers import StoppingCriteriaList
 
     with torch.inference_mode(), warnings.catch_warnings():
@@ -536,6 +575,9 @@ def _generate_batch(
                 # leaving the batch).
                 steer.forward(model, counted=None if step == 0 else (lambda k=step: tracker.keeps(k - 1, present=True)))
     if record is not None:
+        if keep_kv:  # the rows still held at the end
+            held = tracker.present.cpu() if tracker.present is not None else torch.arange(len(rows))
+            _keep_kv(record, cache, torch.arange(held.numel()), held, [width - len(t) for t in token_ids])
         record.widen(len(rows))
         if shared is not None:  # the prompt's first forward: the shared prefix's outputs, then its last position
             for L, prefix in shared[2].items():
@@ -638,6 +680,73 @@ def _shared_prefix(model, enc: dict[str, Tensor], rows: list[Row], token_ids: li
             layer.batch_select_indices(idx.to(layer.keys.device))
     outputs = {L: v[0][idx.to(v[0].device)] for L, v in prefix.outputs.items()} if prefix is not None else {}
     return cache, steer_u.take(index, enc), outputs
+
+
+def kv_reusable(model) -> bool:
+    """Whether a forked row can reuse its trajectory's keys and values: every layer of the model's
+    cache keeps all positions (no sliding window, no recurrent state)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from sieve.kvcache import GrowingLayer
+
+    cache = _new_cache(model, 1, True)
+    return cache is not None and bool(cache.layers) and all(type(layer) in (DynamicLayer, GrowingLayer)
+                                                            for layer in cache.layers)
+
+
+def _keep_kv(record: _Record, cache: Any, places: Tensor, rows: Tensor, pads: list[int]) -> None:
+    """Copy the keys and values of the rows held at ``places`` (batch rows ``rows[places]``) into
+    ``record.kv``: their positions after the left padding, as far as the cache is filled."""
+    for p in places.tolist():
+        r = int(rows[p])
+        record.kv[r] = [(layer.keys[p, :, pads[r]:].clone(), layer.values[p, :, pads[r]:].clone())
+                        for layer in cache.layers]
+
+
+def _reused_prefix(model, enc: dict[str, Tensor], rows: list[Row], token_ids: list[list[int]],
+                   reuse: list[tuple[list[tuple[Tensor, Tensor]], dict[int, Tensor]]], extra: int,
+                   grow: bool) -> tuple[Any, Steerer, dict[int, Tensor]] | None:
+    """Forked rows read their prefix (the prompt and the unsteered tokens before the fork, all but the
+    last fed token) from their trajectory instead of running it again: its keys and values go into a
+    new KV cache (right-aligned in the batch's left-padded layout, zeros under the padding, which the
+    mask hides), and the Steerer reads the trajectory's recorded layer outputs for those positions (a
+    replay: the detectors' firings, latches and counts; before the fork nothing is edited). The same
+    numbers the steered generation computes for those positions, bit for bit (they were the unsteered
+    generation's own); generation then reads each row's last fed token over the cache."""
+    width = enc["input_ids"].shape[1]
+    if width < 2:
+        return None
+    cache = _new_cache(model, extra, grow)
+    if cache is None:
+        return None
+    B = len(rows)
+    m = width - 1
+    for n_layer, layer in enumerate(cache.layers):
+        k0, v0 = reuse[0][0][n_layer]
+        keys = k0.new_zeros(B, k0.shape[0], m, k0.shape[-1])
+        values = v0.new_zeros(B, v0.shape[0], m, v0.shape[-1])
+        for i, (kv, _) in enumerate(reuse):
+            n = len(token_ids[i]) - 1  # the row's prefix positions
+            k, v = kv[n_layer]
+            if k.shape[1] < n:  # pragma: no cover - the trajectory did not run that far
+                return None
+            keys[i, :, m - n :] = k[:, :n].to(keys.device)
+            values[i, :, m - n :] = v[:, :n].to(values.device)
+        layer.update(keys, values)
+    steer = Steerer(rows, enc, model.tokenizer, split_prompt=True)
+    if steer.layers:
+        outs = {}
+        for L in steer.layers:
+            h0 = next(h[L] for _, h in reuse if L in h)
+            out = h0.new_zeros(B, m, h0.shape[-1])
+            for i, (_, hs) in enumerate(reuse):
+                n = len(token_ids[i]) - 1
+                if L in hs:
+                    out[i, m - n :] = hs[L][:n].to(out.device)
+            outs[L] = out
+        with torch.inference_mode():
+            steer.replay(outs, torch.arange(B))
+    return cache, steer, {}
 
 
 def _split_prefill(counts: dict[str, int], positions: dict[str, list[int]], c: int, prompt_len: int,
@@ -779,13 +888,18 @@ def _run_batches(
     share_prefill: bool = True,
     kv_cache: str = "grow",
     drop_ended: bool = True,
+    keep_kv: bool = False,
+    reuse: dict[int, tuple[list[tuple[Tensor, Tensor]], dict[int, Tensor]]] | None = None,
 ) -> dict[int, Completion]:
     """Generate rows ``idx`` of ``prep`` in batches of similar fed length (``fed`` overrides a row's
     ids, ``continued`` says how many of them it already generated, ``rows`` its interventions);
     ``batch_size=None`` takes :func:`default_batch_size` and halves it when CUDA runs out of memory.
     ``record_layers(batch)`` names layers whose outputs to record for a batch; ``on_outs(batch, record,
-    completions)`` gets them (record None where none was asked for) once the batch is done."""
+    completions)`` gets them (record None where none was asked for) once the batch is done; ``keep_kv``:
+    the record keeps each row's keys and values too. ``reuse``: rows whose prefix is read from their
+    trajectory (:func:`_reused_prefix`), batched apart from the others."""
     fed = fed or {}
+    reuse = reuse or {}
     continued = continued or {}
     rows = rows or {}
 
@@ -810,23 +924,30 @@ def _run_batches(
             return (length(j),)
         return length(j), first[_row_key(fed.get(j, prep.ids[j]), rows.get(j, prep.rows[j]))]
 
-    order = sorted(idx, key=(lambda j: (-budget(j), *same(j))) if continued else same)
-    # A batch runs every row for its largest budget: with learned positions (GPT-2), a long continued
-    # row beside a row with more budget left would run past the model's positions, so such a row starts
-    # the next batch (each row alone fits: check_context).
-    limit = getattr(underlying(model).config, "n_positions", None)
+    # With drop_ended, rows leave their batch when they end (at their budget at the latest), so rows of
+    # any budget share batches by length alone.
+    drop_ended = drop_ended and hasattr(underlying(model), "_prefill")  # HF's decoding loop can be replaced
+    order = sorted(idx, key=(lambda j: (j in reuse, -budget(j), *same(j))) if continued and not drop_ended
+                   else lambda j: (j in reuse, *same(j)))
+    # Without drop_ended, a batch runs every row for its largest budget: with learned positions (GPT-2),
+    # a long continued row beside a row with more budget left would run past the model's positions, so
+    # such a row starts the next batch (each row alone fits: check_context). With it, a row that has
+    # ended leaves before its positions run out (_DropEnded).
+    limit = getattr(underlying(model).config, "n_positions", None) if not drop_ended else None
     bs = batch_size or default_batch_size(model)
     results: dict[int, Completion] = {}
     i = 0
     while i < len(order):
         batch = order[i : i + bs]
+        if batch[0] not in reuse and batch[-1] in reuse:  # rows reading their prefix from a trajectory: apart
+            batch = [j for j in batch if j not in reuse]
         if isinstance(limit, int):
             k = 1
             while k < len(batch) and max(map(length, batch[: k + 1])) + max(map(budget, batch[: k + 1])) <= limit:
                 k += 1
             batch = batch[:k]
         layers = record_layers(batch) if record_layers is not None else ()
-        record = _Record(tuple(layers)) if layers else None
+        record = _Record(tuple(layers), keep_kv=keep_kv) if layers else None
         try:
             outs = _generate_batch(
                 model, [prep.prompts[j] for j in batch], [rows.get(j, prep.rows[j]) for j in batch],
@@ -836,6 +957,7 @@ def _run_batches(
                 heals=[prep.heals[j] for j in batch], gates_opened=[prep.gates_opened[j] for j in batch],
                 continued=[continued.get(j, 0) for j in batch] if continued else None, record=record,
                 share_prefill=share_prefill, kv_cache=kv_cache, drop_ended=drop_ended,
+                reuse=[reuse[j] for j in batch] if batch[0] in reuse else None,
             )
         except torch.cuda.OutOfMemoryError:
             if bs == 1 or batch_size is not None:

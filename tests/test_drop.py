@@ -60,7 +60,25 @@ def test_rows_leaving_the_batch_change_no_completion(world, temperature, drops):
     assert min(ends) < 24 and any(o.finished for o in kept)
 
 
-def test_forked_rows_and_their_trajectories_with_rows_leaving(world, drops):
+@pytest.fixture
+def reused(monkeypatch):
+    """Per batch whose rows read their prefix from their trajectories: its rows."""
+    seen: list[int] = []
+    real = g._reused_prefix
+
+    def spy(model, enc, rows, *a, **k):
+        out = real(model, enc, rows, *a, **k)
+        if out is not None:
+            seen.append(len(rows))
+        return out
+
+    monkeypatch.setattr(g, "_reused_prefix", spy)
+    return seen
+
+
+def test_forked_rows_and_their_trajectories_with_rows_leaving(world, drops, reused):
+    """Forked rows read their prefix's keys, values and layer outputs from the trajectory (no prefill
+    of it): the same completions, counts and positions as generating every row in full."""
     from sieve.fork import generate_forked
 
     parts = _parts(world)
@@ -74,6 +92,40 @@ def test_forked_rows_and_their_trajectories_with_rows_leaving(world, drops):
     assert _differ(kept, dropped) == [] and s1 == s2 and s2.forked and s2.reused
     assert _differ(full, dropped) == []
     assert sum(d.left for d in drops) >= 1
+    assert sum(reused) == s1.forked + s2.forked  # every forked row read its prefix from its trajectory
+    reused.clear()
+    again, s3 = generate_forked(world.model, texts, rows, share_prefill=False, **kw)  # the engine off: re-read
+    assert reused == [] and _differ(full, again) == []
+
+
+def test_forked_rows_reuse_only_full_attention_caches(tiny_models, world, reused):
+    """Sliding-window layers (Gemma-2) keep only the last positions: there the prefix is read again."""
+    from sieve.fork import generate_forked
+    from sieve.models import hidden_size
+
+    assert g.kv_reusable(world.model) and g.kv_reusable(tiny_models["llama"])
+    assert not g.kv_reusable(tiny_models["gemma2"])
+    for arch in ("llama", "gemma2"):
+        model = tiny_models[arch]
+        D = hidden_size(model)
+        d = torch.randn(D, generator=torch.Generator().manual_seed(5))
+        d = d / d.norm()
+        texts = ["import re\n\ndef parse(s):\n", "def add(a, b):\n    return"] * 6
+        kw = dict(max_new_tokens=24, temperature=1.0, seeds=[0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5], progress=False)
+        forked = []  # thresholds across the detector's scores on unsteered text: rows fork at some of them
+        from sieve.detectors import token_activations
+
+        plain = generate(model, texts, None, **kw)
+        acts = torch.cat(token_activations(model, [p + o.text for p, o in zip(texts, plain)], 1, progress=False))
+        for t in torch.quantile(acts @ d, torch.tensor([0.9, 0.97, 0.995])).tolist():
+            iv = Intervention("token", Edit("add", d, -6.0), Detector(d), threshold=t, layers=1)
+            outs, summary = generate_forked(model, texts, [None, iv] * 6, **kw)
+            forked.append(summary.forked)
+            full = generate(model, texts, [None, iv] * 6, share_prefill=False, drop_ended=False, **kw)
+            assert _differ(full, outs) == [], (arch, t)
+        assert any(forked), arch
+        assert (sum(reused) > 0) == (arch == "llama"), arch
+        reused.clear()
 
 
 def test_without_healing_and_mixed_prompt_lengths(world, drops):
