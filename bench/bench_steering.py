@@ -25,8 +25,9 @@
 5. ``--recipe-prompts N``: the default recipe's own workload (N random prompts, each with all its
    samples and every method × scale cell of ``recipes/regex.toml``, as the run's chunks hold them): the
    study's loop structure (one ``generate`` per cell, batch 20), the sweep as it was (every row in
-   full, nothing shared), forking alone, the engine alone (shared prefill, growing KV cache) and both
-   (the default), interleaved; the work saved, and the rows that differ from the sweep as it was.
+   full, nothing shared), forking alone, the engine alone (shared prefill, growing KV cache, rows
+   leaving their batch when they end) and both (the default), interleaved; the work saved, and the
+   rows that differ from the sweep as it was.
 
 Configs: ``world`` (the embedded model), ``mid`` (a random 8-layer d=512 Llama), ``gemma2-2b-width``
 (gemma-2-2b's width with 4 layers and a small vocabulary; fits a CPU), ``gemma2-2b`` (gemma-2-2b's
@@ -388,7 +389,8 @@ def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | 
     × scale, batch 20, every row's prefill its own, HF's cache; here with sieve's own edit, since its
     hook cannot express latches or SAE-space edits); the sweep as it was (all rows batched, nothing
     shared: ``sweep.fork = false``, ``share_prefill = false``, ``kv_cache = "hf"``); forking alone; the
-    engine alone (prefill shared, growing cache, no forking); and all of it (the default)."""
+    engine alone (prefill shared, growing cache, rows leaving their batch when they end; no forking);
+    and all of it (the default: forked rows also read their prefix from their trajectory)."""
     model, todo, prompts_, ivs, kw, bs = recipe_rows(prompts, cache, recipe)
     seeds = [row.seed for row in todo]
 
@@ -544,8 +546,9 @@ def main() -> None:
               f"{res['tokens']} tokens, {args.repeats} interleaved repeats (medians), {res['threads']} torch threads")
         print(f"study's loop (one generate per cell, batch 20): {sec['loop']:.1f}s; the sweep as it was (all rows "
               f"batched, nothing shared): {sec['full']:.1f}s ({res['full_vs_loop']:.2f}x the loop)")
-        print(f"forking alone: {sec['forked']:.1f}s ({res['forked_vs_full']:.2f}x); shared prefill + growing cache "
-              f"alone: {sec['engine']:.1f}s ({res['engine_vs_full']:.2f}x); both (the default): {sec['all']:.1f}s -> "
+        print(f"forking alone: {sec['forked']:.1f}s ({res['forked_vs_full']:.2f}x); the engine (shared prefill, growing "
+              f"cache, rows leaving) alone: {sec['engine']:.1f}s ({res['engine_vs_full']:.2f}x); both (the default): "
+              f"{sec['all']:.1f}s -> "
               f"{res['all_vs_full']:.2f}x the sweep as it was (range {res['all_vs_full_range'][0]:.2f}-"
               f"{res['all_vs_full_range'][1]:.2f}), {res['all_vs_loop']:.2f}x the study's loop")
         w = res["work"]

@@ -5,10 +5,12 @@
 
 1. **The chunk**: the first ``--groups`` (prompt, sample) groups of the recipe's plan, every cell, as
    ``recipes.regex`` makes a chunk with ``sweep.fork`` (64 groups: 4 prompts × 16 samples × the cells).
-   It is generated as the run generates it (forked, prefill shared, growing cache), with every
-   generation batch timed: the share of the chunk spent in batches (the rest: the replays of gated rows
-   over the trajectories, and deciding them), and of the row-steps the batches computed, the share
-   for rows that had already ended (a batch runs until its longest row ends).
+   It is generated as the run generates it (forked, prefill shared, growing cache, rows leaving their
+   batch when they end), with every generation batch timed: the share of the chunk spent in batches
+   (the rest: the replays of gated rows over the trajectories, and deciding them), and of the
+   row-forwards the batches computed (forwards times the rows each held), the share that kept no token
+   (rows that had ended, and each row's EOS-predicting forward). Then the same chunk with every row
+   kept until its batch's last row ends (``drop_ended=False``): its time and that share.
 2. **Evaluation**: parsing and evaluating the chunk's completions (``recipes.regex.evaluate_row``) and
    the token ends the report needs, in seconds per 1,000 rows.
 3. ``--batch-sizes``: the chunk at each batch size, in turn (does a larger batch pay on this device?).
@@ -52,30 +54,40 @@ def chunk(recipe_path: Path, cache: Path | None, groups: int):
     return r, setting, todo, prompts, [ivs[row.cell] for row in todo], kw
 
 
-def timed_batches(model, texts, ivs, kw, batch_size):
-    """The chunk generated as the run does, each generation batch timed: (completions, summary, seconds,
-    per batch (rows, the longest row's new tokens, new tokens kept, seconds))."""
+def timed_batches(model, texts, ivs, kw, batch_size, **engine):
+    """The chunk generated as the run does (``engine``: generate_forked's engine switches), each
+    generation batch timed: (completions, summary, seconds, per batch (rows, the longest row's new
+    tokens, new tokens kept, seconds, row-forwards: the forwards times the rows each held))."""
     import sieve.generation as g
     from sieve.fork import generate_forked
 
     batches = []
     real = g._generate_batch
+    real_tracker = g.RowTracker.__call__
+    held = [0]
+
+    def count(self, input_ids, scores, **k):  # one call per forward, with the rows it held
+        held[0] += input_ids.shape[0]
+        return real_tracker(self, input_ids, scores, **k)
 
     def spy(model, prompts, rows, token_ids, **k):
         t0 = time.perf_counter()
+        held[0] = 0
         outs = real(model, prompts, rows, token_ids, **k)
         cont = k.get("continued") or [0] * len(rows)
         kept = [len(o.token_ids) - c for o, c in zip(outs, cont)]
-        batches.append((len(rows), max(kept), sum(kept), time.perf_counter() - t0))
+        batches.append((len(rows), max(kept), sum(kept), time.perf_counter() - t0, held[0]))
         return outs
 
     g._generate_batch = spy
+    g.RowTracker.__call__ = count
     try:
         t0 = time.perf_counter()
-        outs, work = generate_forked(model, texts, ivs, batch_size=batch_size, **kw)
+        outs, work = generate_forked(model, texts, ivs, batch_size=batch_size, **kw, **engine)
         return outs, work, time.perf_counter() - t0, batches
     finally:
         g._generate_batch = real
+        g.RowTracker.__call__ = real_tracker
 
 
 def plain_profile(model, texts: list[str], n: int) -> dict:
@@ -153,8 +165,11 @@ def main() -> None:
                   bs)  # warm-up
     outs, work, total, batches = timed_batches(model, texts, ivs, kw, bs)
     in_batches = sum(b[3] for b in batches)
-    steps = sum(b[0] * b[1] for b in batches)
+    steps = sum(b[4] for b in batches)
     kept = sum(b[2] for b in batches)
+    # the same chunk with every row kept in its batch until the batch's last row ends
+    _, _, total_kept, batches_kept = timed_batches(model, texts, ivs, kw, bs, drop_ended=False)
+    steps_kept = sum(b[4] for b in batches_kept)
     t0 = time.perf_counter()
     ends = token_ends(model.tokenizer, [o.token_ids for o in outs], [o.healed + o.text for o in outs])
     for p, o in zip(prompts, outs):
@@ -163,11 +178,18 @@ def main() -> None:
     res = {"recipe": args.recipe, "rows": len(todo), "groups": args.groups, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "chunk_s": total, "in_batches_s": in_batches,
            "batch_share": in_batches / total, "ended_row_steps_share": 1 - kept / steps, "batches": batches,
+           "rows_kept_in_batch": {"chunk_s": total_kept, "ended_row_steps_share": 1 - kept / steps_kept,
+                                  "row_forwards": steps_kept},
+           "row_forwards": steps,
            "evaluate_s_per_1000_rows": 1000 * t_eval / len(outs), "token_ends_rows": len(ends), "work": work.as_dict()}
     print(f"# {args.recipe}: {len(todo)} rows ({args.groups} groups), {torch.get_num_threads()} torch threads")
     print(f"chunk {total:.2f}s: {100 * res['batch_share']:.0f}% in {len(batches)} generation batches, the rest replaying "
-          f"and deciding gated rows; {100 * res['ended_row_steps_share']:.1f}% of the batches' row-steps were for rows "
+          f"and deciding gated rows; {100 * res['ended_row_steps_share']:.1f}% of the batches' row-forwards were for rows "
           f"that had ended; evaluating: {res['evaluate_s_per_1000_rows']:.2f}s per 1,000 rows")
+    k = res["rows_kept_in_batch"]
+    print(f"with every row kept until its batch ends (drop_ended=False): chunk {k['chunk_s']:.2f}s, "
+          f"{100 * k['ended_row_steps_share']:.1f}% of {k['row_forwards']} row-forwards for rows that had ended "
+          f"(with rows leaving: {steps})")
     if args.batch_sizes:
         res["batch_sizes"] = {}
         for size in [int(x) for x in args.batch_sizes.split(",")]:

@@ -106,29 +106,45 @@ CLI.add_override("--max-requeue", "launch.max_requeue", type=int, metavar="R",
                  help="with --launch: requeues of a shard after its time limit (preemptions are always requeued)")
 
 
-def evaluate_row(recipe: Recipe, prompt, completion) -> dict[str, Any]:
+def evaluate_row(recipe: Recipe, prompt, completion, memo: dict | None = None) -> dict[str, Any]:
     """Evaluate one completion: code, regex use, syntax, (instruct models) task success, and the
-    optional judge's verdict; the evaluation fields of a :class:`~sieve.sweep.GenRow`."""
+    optional judge's verdict; the evaluation fields of a :class:`~sieve.sweep.GenRow`.
+
+    ``memo``: a dict shared by the rows of a run: a completion whose prompt, text and end were evaluated
+    already (a gated row that reused its unsteered trajectory, samples that wrote the same text) takes
+    that evaluation (evaluation reads nothing else; in the sandbox, each distinct text runs once)."""
+    key = (prompt.style, prompt.kind, prompt.text, getattr(prompt, "setup", None), completion.text, completion.finished)
+    ev_fields = memo.get(key) if memo is not None else None
+    if ev_fields is None:
+        ev_fields = _evaluate_text(recipe, prompt, completion.text, completion.finished)
+        if memo is not None:
+            memo[key] = ev_fields
+    return {
+        **ev_fields, "n_tokens": len(completion.token_ids), "finished": completion.finished,
+        **{k: int(v) for k, v in completion.counts.items()},
+        **{f"{k}_at": list(v) for k, v in completion.positions.items()},
+    }
+
+
+def _evaluate_text(recipe: Recipe, prompt, text: str, finished: bool) -> dict[str, Any]:
     # Empty completions are counted and never valid; "valid" is complete-and-parsing or a valid prefix
     # at the token budget (the kind says which).
     if prompt.style == "instruct":
-        validity = answer_validity(completion.text, completion.finished, prefilled_fence=True)
+        validity = answer_validity(text, finished, prefilled_fence=True)
         code = validity.code
         ev = evaluate_code(code, setup=prompt.setup, execute=recipe.eval.execute and prompt.kind == "regex",
                            timeout_s=recipe.eval.timeout_s, memory_mb=recipe.eval.memory_mb,
                            sandbox=recipe.eval.sandbox)
     else:
-        validity = function_validity(prompt.text, completion.text, completion.finished)
+        validity = function_validity(prompt.text, text, finished)
         code = validity.code
         ev = evaluate_code(code, execute=False)
     ev = replace(ev, syntax=validity.valid)
     return {
-        "text": completion.text, "code": code or "", "has_code": ev.has_code, "regex": ev.regex,
+        "text": text, "code": code or "", "has_code": ev.has_code, "regex": ev.regex,
         "regex_parsed": ev.regex_parsed, "syntax": ev.syntax, "validity": validity.kind,
         "empty": validity.empty, "complete": validity.kind == "complete", "executed": ev.executed,
-        "exec_status": ev.exec_status, "n_tokens": len(completion.token_ids), "finished": completion.finished,
-        **{k: int(v) for k, v in completion.counts.items()},
-        **{f"{k}_at": list(v) for k, v in completion.positions.items()},
+        "exec_status": ev.exec_status,
     }
 
 
@@ -192,6 +208,7 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, part: tuple[int,
     # Advanced per generated batch; the ETA averages over the whole sweep so far (smoothing=0), so the
     # evaluation of each chunk (run in the sandbox for instruct models) is in it too.
     bar = tqdm(total=len(todo), desc="sweep (generate + evaluate)", unit="row", smoothing=0, disable=not progress)
+    memo: dict = {}  # evaluations by prompt, text and end: each distinct completion is evaluated once
     for batch in chunks:
         prompts = [getattr(setting.prompts, r.set)[r.prompt_index] for r in batch]
         kw = dict(max_new_tokens=recipe.sweep.max_new_tokens, temperature=recipe.sweep.temperature,
@@ -207,7 +224,7 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, part: tuple[int,
         # Token ends in ``text``: a healed row's first token also re-spells the prompt's tail, cut from text.
         ends = token_ends(setting.model.tokenizer, [o.token_ids for o in outs], [o.healed + o.text for o in outs])
         ends = [[max(0, e - len(o.healed)) for e in row] for o, row in zip(outs, ends)]
-        store.append([GenRow.of(r, rh, **evaluate_row(recipe, p, o), token_ends=e)
+        store.append([GenRow.of(r, rh, **evaluate_row(recipe, p, o, memo), token_ends=e)
                       for r, p, o, e in zip(batch, prompts, outs, ends)])
     bar.close()
     return len(todo)

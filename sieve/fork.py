@@ -17,7 +17,10 @@ only that work:
    and end, with the replay's detector counts; nothing is generated for it;
 4. a row that first edits at the forward reading generated token ``j`` continues from the prompt and
    the unsteered tokens ``0..j``: the intervention active, its generator past the ``j + 1`` draws
-   already made, ``j + 1`` tokens less budget (the prefix is fed again as one prefill);
+   already made, ``j + 1`` tokens less budget. With ``share_prefill`` (the default) it reads its prefix
+   (all but token ``j``) from the trajectory: the keys and values the trajectory's batch kept, and the
+   recorded layer outputs replayed into its Steerer (where every cache layer keeps all positions; a
+   model with sliding-window layers, or ``share_prefill=False``, feeds the prefix again as one prefill);
 5. a row that edits in the prompt, or carries an ``always`` gate (it edits from the first token),
    is generated in full: these gain nothing.
 
@@ -35,10 +38,10 @@ An edit that changes nothing (a scale of 0) still counts as an edit: the row is 
 score): one unsteered forward, each cell replayed over it, a steered forward only where a cell edits.
 
 Float noise. The replay reads the decode steps' own outputs, so a reused row is bitwise the row the
-steered generation would make (in its own batch: see :mod:`sieve.generation` on batch composition). A
-forked row re-reads its prefix in one prefill instead of one decode step per token, which can change
-the last bits of float sums; a sampled near-tie can then differ from a full generation, as a different
-batch composition can.
+steered generation would make (in its own batch: see :mod:`sieve.generation` on batch composition),
+and so is a forked row's prefix read from its trajectory. A prefix fed again in one prefill (instead
+of one decode step per token) can change the last bits of float sums; a sampled near-tie can then
+differ from a full generation, as a different batch composition can.
 
 Example:
     >>> from sieve.interventions import Detector, Edit, Intervention

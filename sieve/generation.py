@@ -354,7 +354,7 @@ def _fill_holes(running: Tensor) -> Tensor:
 
     Example:
         >>> _fill_holes(torch.tensor([True, False, True, False, True, True])).tolist()
-        [0, 5, 2, 4]
+        [0, 4, 2, 5]
     """
     r = int(running.sum())
     keep = torch.arange(running.numel(), device=running.device)[:r].clone()
