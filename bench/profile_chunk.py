@@ -178,7 +178,8 @@ def main() -> None:
     res = {"recipe": args.recipe, "rows": len(todo), "groups": args.groups, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "chunk_s": total, "in_batches_s": in_batches,
            "batch_share": in_batches / total, "ended_row_steps_share": 1 - kept / steps, "batches": batches,
-           "rows_kept_in_batch": {"chunk_s": total_kept, "ended_row_steps_share": 1 - kept / steps_kept,
+           "rows_kept_in_batch": {"chunk_s": total_kept,
+                                  "ended_row_steps_share": 1 - sum(b[2] for b in batches_kept) / steps_kept,
                                   "row_forwards": steps_kept},
            "row_forwards": steps,
            "evaluate_s_per_1000_rows": 1000 * t_eval / len(outs), "token_ends_rows": len(ends), "work": work.as_dict()}

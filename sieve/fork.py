@@ -19,8 +19,11 @@ only that work:
    the unsteered tokens ``0..j``: the intervention active, its generator past the ``j + 1`` draws
    already made, ``j + 1`` tokens less budget. With ``share_prefill`` (the default) it reads its prefix
    (all but token ``j``) from the trajectory: the keys and values the trajectory's batch kept, and the
-   recorded layer outputs replayed into its Steerer (where every cache layer keeps all positions; a
-   model with sliding-window layers, or ``share_prefill=False``, feeds the prefix again as one prefill);
+   recorded layer outputs replayed into its Steerer. Only on a CPU (elsewhere the kept keys and values
+   would cost device memory, and a prefill is cheap), and where sieve builds the cache and every layer
+   keeps all positions; otherwise (a GPU, sliding-window layers, a cache named in the generation
+   config, ``kv_cache="hf"`` with no prefill shared, ``share_prefill=False``) the prefix is fed again
+   as one prefill;
 5. a row that edits in the prompt, or carries an ``always`` gate (it edits from the first token),
    is generated in full: these gain nothing.
 
@@ -149,6 +152,8 @@ def first_edits(steer: Steerer, record: _Record, at: Sequence[int], codes: dict 
     up to and including each row's first edit). ``codes``: one dict shared by the Steerers replaying
     the same record, so each recorded tensor is SAE-encoded once."""
     steer.replay_codes = codes
+    # Rows that left their batch early have zero outputs recorded afterwards (_Record.widen): a detector
+    # may fire on them, but record.keeps leaves those forwards uncounted, so no count or mark moves.
     idx = torch.tensor(list(at), dtype=torch.long)
     n_forwards = len(record.outputs[steer.layers[0]]) if steer.layers else 0
     for k in range(n_forwards):
@@ -163,7 +168,7 @@ def _prefix_of(record: _Record, t: int, prompt_len: int, c: int, layers: set[int
     in ``layers`` the recorded outputs ``[prompt_len + c - 1, D]``."""
     n = prompt_len + c - 1
     width = record.encoding["input_ids"].shape[1]
-    kv = [(k[:, :n].clone(), v[:, :n].clone()) for k, v in record.kv[t]]
+    kv = [(k[:, :n], v[:, :n]) for k, v in record.kv[t]]  # views: one copy per trajectory row, however many fork
     hs = {L: torch.cat([record.outputs[L][0][t, width - prompt_len :],
                         *[record.outputs[L][k][t] for k in range(1, c)]], 0) for L in layers}
     return kv, hs
@@ -191,7 +196,7 @@ def generate_forked(
     token_healing: bool = True,
     share_prefill: bool = True,
     kv_cache: str = "grow",
-    drop_ended: bool = True,
+    drop_ended: bool | None = None,
 ) -> tuple[list[Completion], ForkSummary]:
     """:func:`~sieve.generation.generate` (same arguments, same completions), doing only the work the
     gates cause: rows that share a prompt, temperature and seed share their unsteered trajectory until
@@ -279,10 +284,15 @@ def generate_forked(
     # layers their gated rows use recorded (and, with share_prefill, the keys and values: a forked row
     # reads its prefix from them); each batch's gated rows are replayed and decided at once
     reuse: dict[int, Any] = {}
+    # Kept keys and values cost device memory (for an 8B model, megabytes per token of a row): kept on a
+    # CPU, where a prefix read again costs as much as dozens of decode steps; a GPU reads it again.
+    from sieve.models import underlying
+
+    on_cpu = next(underlying(model).parameters()).device.type == "cpu"
     trajectories = _run_batches(model, prep, list(rep), max_new_tokens=max_new_tokens, top_p=top_p,
                                 batch_size=batch_size, rows={r: () for r in rep}, record_layers=record_layers,
                                 on_outs=on_outs, share_prefill=share_prefill,
-                                kv_cache=kv_cache, drop_ended=drop_ended, keep_kv=share_prefill)
+                                kv_cache=kv_cache, drop_ended=drop_ended, keep_kv=share_prefill and on_cpu)
     summary.trajectories = len(trajectories)
     # 2. the rest, forked or in full, batched together by fed length
     rest = full + list(fed)

@@ -24,6 +24,7 @@ first generated token must start with its text. Each row keeps its full token bu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -126,7 +127,7 @@ class RowSampler:
 
     def keep_rows(self, keep: Sequence[int]) -> None:
         """Go on with rows ``keep`` only (indices into the rows now held): rows that ended left the batch."""
-        keep = [int(i) for i in keep]
+        keep = keep.tolist() if isinstance(keep, Tensor) else [int(i) for i in keep]
         self.t = self.t[torch.tensor(keep, dtype=torch.long).to(self.t.device)]
         self.gens = [self.gens[i] for i in keep]
         self._rows = None
@@ -138,8 +139,9 @@ class RowTracker:
 
     A row ends at its first EOS token (the EOS is cut) or once its text ends with one of ``stop``
     (the token completing the stop string is kept; matching is HF's ``StopStringCriteria``). HF's own
-    EOS handling is switched off, so no row is padded or dropped mid-batch; rows that have ended keep
-    generating until the whole batch is done, and their extra tokens are cut afterwards.
+    EOS handling is switched off, so no row is padded; a row that has ended keeps generating until the
+    batch is done or it leaves the batch (:meth:`keep_rows`, :class:`_DropEnded`), and its extra tokens
+    are cut afterwards.
 
     Example:
         >>> tr = RowTracker(prompt_len=1, eos_token_ids=[0])
@@ -387,6 +389,12 @@ class _DropEnded:
 
     # Model inputs that carry one row per batch row; any other per-row tensor input switches dropping off.
     _PER_ROW = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
+    # HF logits processors that read each row's ids alone (no per-batch state): a model's generation
+    # config may add them. Any other processor without keep_rows switches dropping off.
+    _ROWWISE = ("RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor", "NoBadWordsLogitsProcessor",
+                "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor", "SuppressTokensLogitsProcessor",
+                "SuppressTokensAtBeginLogitsProcessor", "ForcedBOSTokenLogitsProcessor",
+                "ForcedEOSTokenLogitsProcessor", "InfNanRemoveLogitsProcessor", "LogitNormalization")
 
     def __init__(self, tracker: RowTracker, members: Sequence[Any], steps: int | None = None,
                  min_gain: float = 1.0, lengths: Sequence[int] | None = None, limit: int | None = None) -> None:
@@ -397,6 +405,7 @@ class _DropEnded:
         self.lengths = None if lengths is None else torch.tensor([int(x) for x in lengths], dtype=torch.long)
         self.limit = limit
         self.left = 0  # times rows left the batch
+        self.forced = 0  # of them, because a row that had ended would have run past the model's positions
         self.row_steps = 0  # forwards x rows held, prefill included
         # Called with the cache and the places (in the rows held) of rows about to leave, before the KV
         # cache forgets them (a trajectory whose rows' keys and values are kept).
@@ -409,10 +418,19 @@ class _DropEnded:
         prompt = self.tracker.prompt_len
         steps = self.steps if self.steps is not None else generation_config.max_new_tokens
         outputs = hf._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
-        first = True
         droppable = all(k in self._PER_ROW or not (isinstance(v, Tensor) and v.dim() and v.shape[0] == n0)
                         for k, v in model_kwargs.items() if k != "past_key_values") \
+            and all(p.dim() == 2 for k in self._PER_ROW if isinstance(p := model_kwargs.get(k), Tensor)) \
+            and all(hasattr(p, "keep_rows") or type(p).__name__ in self._ROWWISE for p in logits_processor) \
             and hasattr(model_kwargs.get("past_key_values"), "batch_select_indices")
+        decode = getattr(hf, "_optimize_model_for_decode", None)  # HF's decode-time switches (MoE kernels)
+        with decode() if decode is not None else contextlib.nullcontext():
+            return self._loop(hf, input_ids, logits_processor, stopping_criteria, model_kwargs, outputs,
+                              steps, prompt, droppable)
+
+    def _loop(self, hf, input_ids, logits_processor, stopping_criteria, model_kwargs, outputs, steps, prompt,
+              droppable) -> Tensor:
+        first = True
         while True:
             if not first:
                 inputs = hf.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
@@ -445,6 +463,7 @@ class _DropEnded:
             kept = int(running.sum())
             if not must and (n - kept) * (steps - made) < self.min_gain * n:
                 continue
+            self.forced += must
             keep = _fill_holes(running)
             cache = model_kwargs["past_key_values"]
             if self.on_leave is not None:
@@ -546,7 +565,7 @@ def _generate_batch(
     if cache is not None:  # HF refuses a cache passed beside a cache_implementation ("hybrid" here)
         gc.cache_implementation = None
     dropper = None
-    if drop_ended and len(rows) > 1 and hasattr(hf, "_prefill"):
+    if drop_ended and len(rows) > 1 and drops_ended(model, True):
         limit = getattr(hf.config, "n_positions", None)
         dropper = _DropEnded(tracker, [steer, *processors], steps=steps, lengths=[len(t) for t in token_ids],
                              limit=limit if isinstance(limit, int) else None)
@@ -682,16 +701,57 @@ def _shared_prefix(model, enc: dict[str, Tensor], rows: list[Row], token_ids: li
     return cache, steer_u.take(index, enc), outputs
 
 
-def kv_reusable(model) -> bool:
-    """Whether a forked row can reuse its trajectory's keys and values: every layer of the model's
-    cache keeps all positions (no sliding window, no recurrent state)."""
-    from transformers.cache_utils import DynamicLayer
+_CACHE_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cache_kinds(model) -> tuple[bool, bool]:
+    """(whether rows can leave a batch, whether a forked row can reuse its trajectory's keys and values)
+    for ``model`` as its generation config stands: rows can leave where sieve builds the cache (no
+    static, offloaded or quantized cache named in the generation config) and every layer is a dynamic
+    one (full or sliding-window) and HF's decoding loop can be replaced; keys and values can be reused
+    where every layer also keeps all positions (no sliding window)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     from sieve.kvcache import GrowingLayer
 
-    cache = _new_cache(model, 1, True)
-    return cache is not None and bool(cache.layers) and all(type(layer) in (DynamicLayer, GrowingLayer)
-                                                            for layer in cache.layers)
+    hf = underlying(model)
+    impl = getattr(hf.generation_config, "cache_implementation", None)
+    per_model = _CACHE_KINDS.setdefault(hf, {})
+    if impl not in per_model:
+        cache = _new_cache(model, 1, True) if impl in (None, "hybrid") else None
+        kinds = [type(layer) for layer in cache.layers] if cache is not None else []
+        per_model[impl] = (bool(kinds) and hasattr(hf, "_prefill")
+                           and all(k in (DynamicLayer, GrowingLayer, DynamicSlidingWindowLayer) for k in kinds),
+                           bool(kinds) and all(k in (DynamicLayer, GrowingLayer) for k in kinds))
+    return per_model[impl]
+
+
+def kv_reusable(model) -> bool:
+    """Whether a forked row can reuse its trajectory's keys and values: sieve builds the model's cache
+    and every layer of it keeps all positions (no sliding window, no recurrent state).
+
+    Example:
+        >>> from sieve.world import load_world
+        >>> kv_reusable(load_world().model)
+        True
+    """
+    return _cache_kinds(model)[1]
+
+
+def drops_ended(model, drop_ended: bool | None) -> bool:
+    """Whether rows that have ended leave their batch (:class:`_DropEnded`) for ``model``: ``None`` (the
+    default) means where the model runs on a CPU, whose step time grows with the rows; on a GPU HF's
+    own decoding loop is kept (its decode-time kernels and compilation) unless ``True`` asks for it.
+    Never where the cache cannot narrow its rows (:func:`_cache_kinds`).
+
+    Example:
+        >>> from sieve.world import load_world
+        >>> drops_ended(load_world().model, None), drops_ended(load_world().model, False)
+        (True, False)
+    """
+    if drop_ended is None:
+        drop_ended = next(underlying(model).parameters()).device.type == "cpu"
+    return bool(drop_ended) and _cache_kinds(model)[0]
 
 
 def _keep_kv(record: _Record, cache: Any, places: Tensor, rows: Tensor, pads: list[int]) -> None:
@@ -887,7 +947,7 @@ def _run_batches(
     on_batch: Callable[[int], None] | None = None,
     share_prefill: bool = True,
     kv_cache: str = "grow",
-    drop_ended: bool = True,
+    drop_ended: bool | None = None,
     keep_kv: bool = False,
     reuse: dict[int, tuple[list[tuple[Tensor, Tensor]], dict[int, Tensor]]] | None = None,
 ) -> dict[int, Completion]:
@@ -926,7 +986,7 @@ def _run_batches(
 
     # With drop_ended, rows leave their batch when they end (at their budget at the latest), so rows of
     # any budget share batches by length alone.
-    drop_ended = drop_ended and hasattr(underlying(model), "_prefill")  # HF's decoding loop can be replaced
+    drop_ended = drops_ended(model, drop_ended)
     order = sorted(idx, key=(lambda j: (j in reuse, -budget(j), *same(j))) if continued and not drop_ended
                    else lambda j: (j in reuse, *same(j)))
     # Without drop_ended, a batch runs every row for its largest budget: with learned positions (GPT-2),
@@ -992,7 +1052,7 @@ def generate(
     token_healing: bool = True,
     share_prefill: bool = True,
     kv_cache: str = "grow",
-    drop_ended: bool = True,
+    drop_ended: bool | None = None,
 ) -> list[Completion]:
     """Generate for every prompt with its own interventions, in batches, edited at every step.
 
@@ -1021,8 +1081,11 @@ def generate(
     (:mod:`sieve.kvcache`; the same keys and values, the same completions); ``"hf"`` is HF's own
     cache, which copies itself at every step. A cache the model's generation config names (static,
     offloaded, quantized) is left to HF, and then no prefill is shared.
-    ``drop_ended`` (on by default): rows that have ended leave their batch while the others go on
-    (:class:`_DropEnded`); the same completions. ``False``: every row runs until its batch's last ends.
+    ``drop_ended``: rows that have ended leave their batch while the others go on (:class:`_DropEnded`;
+    ``None``, the default, where the model runs on a CPU: :func:`drops_ended`). The same completions:
+    each row computes what it computed in the full batch (bit for bit on CPU float32 in sieve's tests; a
+    smaller batch may take other GPU kernels, which can flip a bf16 near-tie as another batch
+    composition can). ``False``: every row runs until its batch's last row ends.
 
     :func:`sieve.fork.generate_forked` gives the same completions doing only the work gates cause.
 

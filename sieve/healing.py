@@ -206,7 +206,8 @@ class TokenHealer:
 
     def keep_rows(self, keep) -> None:
         """Go on with rows ``keep`` only (indices into the rows now held): rows that ended left the batch."""
-        self.heals = [self.heals[int(i)] for i in keep]
+        keep = keep.tolist() if hasattr(keep, "tolist") else [int(i) for i in keep]
+        self.heals = [self.heals[i] for i in keep]
 
 
 def strip_healed(tok, token_ids: Sequence[int], heal: Heal | None) -> str:

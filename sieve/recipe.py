@@ -128,7 +128,8 @@ class SweepSpec:
     prompt and interventions (the samples of a prompt) read the prompt once; ``kv_cache``: ``grow``
     (keys and values written into room kept ahead, :mod:`sieve.kvcache`) or ``hf`` (HF's own cache,
     copied at every step); ``drop_ended``: rows that have ended leave their batch while the others go
-    on. None of the four changes what rows are, only the work (the shared prefill up to float noise,
+    on (``"auto"``: where the model runs on a CPU). None of the four changes what rows are, only the
+    work (the shared prefill up to float noise, and a smaller batch on a GPU may flip a bf16 near-tie,
     :func:`sieve.generation.generate`; ``false``/``hf``: the engine before them, for side-by-side
     timing)."""
 
@@ -144,7 +145,7 @@ class SweepSpec:
     fork: bool = True
     share_prefill: bool = True
     kv_cache: Literal["grow", "hf"] = "grow"
-    drop_ended: bool = True
+    drop_ended: Literal["auto"] | bool = "auto"
 
 
 @dataclass

@@ -218,3 +218,73 @@ def test_steerer_and_tracker_keep_rows():
     tr(torch.tensor([[5, 8, 0], [5, 7, 9]]), None)
     assert tr.completions() == [([], True), ([7, 9], False), ([8], True)]
     assert tr.keeps(1).tolist() == [False, True, False] and tr.keeps(1, present=True).tolist() == [False, True]
+
+
+def test_rows_that_ended_leave_before_the_models_positions_run_out(world, drops):
+    """GPT-2's 256 learned positions: with rows leaving, batches are no longer split by budget, so a
+    forked row whose budget is spent must leave before its next position passes the model's last,
+    while rows with more budget go on (here: prompts near 200 tokens, 56 new, forked rows fed again)."""
+    from sieve.fork import generate_forked
+
+    parts = _parts(world)
+    ivs = [None, build("conditional_per_token", parts, -8.0), build("sae_steering_vector", parts, -8.0),
+           build("constant_steering_vector", parts, -8.0)]
+    texts, rows, seeds = _rows(world, _prompts("intent_regex", 6, 900), ivs, 3)
+    kw = dict(max_new_tokens=56, temperature=1.0, seeds=seeds, progress=False)
+    full = generate(world.model, texts, rows, share_prefill=False, drop_ended=False, **kw)
+    outs, summary = generate_forked(world.model, texts, rows, share_prefill=False, **kw)
+    assert summary.forked and _differ(full, outs) == []
+    assert sum(d.forced for d in drops) >= 1
+
+
+def test_a_cache_named_by_the_generation_config_keeps_every_row(tiny_models, drops):
+    """A static cache cannot narrow its rows: rows stay in the batch (no crash, the same completions)."""
+    model = tiny_models["llama"]
+    hf = g.underlying(model)
+    texts = ["import re\n\ndef parse(s):\n", "def add(a, b):\n    return", "x = 1\n"] * 2
+    kw = dict(max_new_tokens=12, temperature=1.0, seeds=list(range(6)), progress=False, stop=["\n"])
+    before = generate(model, texts, None, drop_ended=False, **kw)
+    old = hf.generation_config.cache_implementation
+    try:
+        hf.generation_config.cache_implementation = "static"
+        assert not g.drops_ended(model, True) and not g.kv_reusable(model)
+        after = generate(model, texts, None, drop_ended=True, **kw)
+    finally:
+        hf.generation_config.cache_implementation = old
+    assert [o.token_ids for o in before] == [o.token_ids for o in after] and drops == []
+    assert g.drops_ended(model, None) and g.drops_ended(model, True) and not g.drops_ended(model, False)
+
+
+def test_trajectory_rows_that_left_early_lend_their_prefix(world, monkeypatch, reused):
+    """Keys and values of a trajectory row are copied when it leaves its batch (the batch's cache then
+    forgets it): a forked row whose trajectory left early reads the right row's prefix."""
+    from sieve.fork import generate_forked
+
+    left: list[int] = []
+    real = g._keep_kv
+
+    def spy(record, cache, places, rows, pads):
+        if places.numel() < rows.numel():  # a leave (at the end every row held is kept at once)
+            left.extend(int(rows[p]) for p in places.tolist())
+        return real(record, cache, places, rows, pads)
+
+    monkeypatch.setattr(g, "_keep_kv", spy)
+    import sieve.fork as fork
+
+    lent: list[int] = []  # the trajectory rows forked rows read their prefix from
+    real_prefix = fork._prefix_of
+
+    def prefix_spy(record, t, *a):
+        lent.append(t)
+        return real_prefix(record, t, *a)
+
+    monkeypatch.setattr(fork, "_prefix_of", prefix_spy)
+    parts = _parts(world)
+    ivs = [None, build("conditional_per_token", parts, -8.0), build("sae_code_clamping", parts, -3.0)]
+    texts, rows, seeds = _rows(world, _prompts("intent_regex", 4), ivs, 6)
+    kw = dict(max_new_tokens=40, temperature=1.0, seeds=seeds, progress=False, stop=["\n\n"])
+    full = generate(world.model, texts, rows, share_prefill=False, drop_ended=False, **kw)
+    outs, summary = generate_forked(world.model, texts, rows, **kw)
+    assert left and summary.forked and sum(reused) == summary.forked
+    assert set(lent) & set(left)  # one trajectory batch: some forked rows read rows that had left it
+    assert _differ(full, outs) == []
