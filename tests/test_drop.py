@@ -220,19 +220,43 @@ def test_steerer_and_tracker_keep_rows():
     assert tr.keeps(1).tolist() == [False, True, False] and tr.keeps(1, present=True).tolist() == [False, True]
 
 
-def test_rows_that_ended_leave_before_the_models_positions_run_out(world, drops):
-    """GPT-2's 256 learned positions: with rows leaving, batches are no longer split by budget, so a
-    forked row whose budget is spent must leave before its next position passes the model's last,
-    while rows with more budget go on (here: prompts near 200 tokens, 56 new, forked rows fed again)."""
-    from sieve.fork import generate_forked
+def test_rows_that_ended_leave_before_the_models_positions_run_out(tiny_tokenizer, tmp_path, drops):
+    """Learned positions (GPT-2, here 40 of them): with rows leaving, batches are no longer split by
+    budget, so a forked row whose budget is spent must leave before its next position passes the
+    model's last, while rows with more budget go on."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    parts = _parts(world)
-    ivs = [None, build("conditional_per_token", parts, -8.0), build("sae_steering_vector", parts, -8.0),
-           build("constant_steering_vector", parts, -8.0)]
-    texts, rows, seeds = _rows(world, _prompts("intent_regex", 6, 900), ivs, 3)
-    kw = dict(max_new_tokens=56, temperature=1.0, seeds=seeds, progress=False)
-    full = generate(world.model, texts, rows, share_prefill=False, drop_ended=False, **kw)
-    outs, summary = generate_forked(world.model, texts, rows, share_prefill=False, **kw)
+    from sieve.fork import generate_forked
+    from sieve.models import load_model
+
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=40, vocab_size=len(tok),
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)).eval().save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    texts = ["x = 1\ny = x + 2\nprint(y)\n"] * 8
+    n = len(tok(texts[0])["input_ids"])
+    new = 40 - n - 1  # the longest a row may run (a healed row one more)
+    assert new >= 6, n
+    d = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    d = d / d.norm()
+    from sieve.detectors import token_activations
+
+    plain = generate(model, texts, None, max_new_tokens=new, temperature=1.0, seeds=list(range(8)), progress=False)
+    # above every prompt token's score (no edit in the prompt), inside the completions' scores (read alone)
+    prompt_max = float((token_activations(model, texts[:1], 1, progress=False)[0] @ d).max())
+    acts = torch.cat(token_activations(model, [o.text for o in plain if o.text], 1, progress=False))
+    threshold = max(prompt_max + 1e-3, float(torch.quantile(acts @ d, 0.7)))
+    iv = Intervention("token", Edit("add", d, -4.0), Detector(d), threshold=threshold, layers=1)
+    # many full rows beside few forked ones: a forked row whose budget is spent late is not worth a
+    # leave by itself, so only the position limit makes it leave
+    always = [Intervention("always", Edit("add", d / (1 + k), -4.0), layers=1) for k in range(3)]
+    rows = [None] * 8 + [iv] * 8 + [a for a in always for _ in range(8)]
+    kw = dict(max_new_tokens=new, temperature=1.0, seeds=list(range(8)) * 5, progress=False)
+    full = generate(model, texts * 5, rows, share_prefill=False, drop_ended=False, **kw)
+    outs, summary = generate_forked(model, texts * 5, rows, share_prefill=False, **kw)
     assert summary.forked and _differ(full, outs) == []
     assert sum(d.forced for d in drops) >= 1
 
