@@ -145,18 +145,20 @@ def _layers(row: Row) -> set[int]:
     return {L for iv in row for L in (*iv.layers, iv.reads_at)}  # type: ignore[misc]
 
 
-def first_edits(steer: Steerer, record: _Record, at: Sequence[int], codes: dict | None = None) -> None:
+def first_edits(steer: Steerer, record: _Record, at: Sequence[int], codes: dict | None = None,
+                start: int = 0) -> None:
     """Replay ``steer``'s rows over the unsteered layer outputs in ``record``: row ``i`` reads batch
     row ``at[i]`` of every recorded forward, counted as that row's generation counted it. Afterwards
     ``steer.counts()`` and ``steer.positions()`` say where the rows would have fired and edited (exact
     up to and including each row's first edit). ``codes``: one dict shared by the Steerers replaying
-    the same record, so each recorded tensor is SAE-encoded once."""
+    the same record, so each recorded tensor is SAE-encoded once. ``start``: the first recorded forward
+    to replay (1: the prompt was replayed already, :func:`_prompt_replayed`)."""
     steer.replay_codes = codes
     # Rows that left their batch early have zero outputs recorded afterwards (_Record.widen): a detector
     # may fire on them, but record.keeps leaves those forwards uncounted, so no count or mark moves.
     idx = torch.tensor(list(at), dtype=torch.long)
     n_forwards = len(record.outputs[steer.layers[0]]) if steer.layers else 0
-    for k in range(n_forwards):
+    for k in range(start, n_forwards):
         counted = None if k == 0 else record.keeps[k - 1][idx.to(record.keeps[k - 1].device)]
         steer.replay({L: record.outputs[L][k] for L in steer.layers}, idx, counted)
 
@@ -172,6 +174,42 @@ def _prefix_of(record: _Record, t: int, prompt_len: int, c: int, layers: set[int
     hs = {L: torch.cat([record.outputs[L][0][t, width - prompt_len :],
                         *[record.outputs[L][k][t] for k in range(1, c)]], 0) for L in layers}
     return kv, hs
+
+
+def _prompt_replayed(model, rows: list[Row], record: _Record, at: Sequence[int]) -> Steerer:
+    """A Steerer for ``rows`` (row ``i`` reading recorded batch row ``at[i]``) that has replayed the
+    recorded prompt forward. Rows with the same interventions reading recorded rows whose prompt ids
+    and recorded prompt outputs are equal bit for bit (a prompt's samples: one shared prefill) replay it
+    once; each row then goes on from its own copy of that state (:meth:`Steerer.take`). The same
+    numbers as replaying every row: equal inputs, row by row the same computation."""
+    enc = record.encoding
+    layers = sorted(record.outputs)
+    rep: dict[int, int] = {}  # recorded row -> the first recorded row with the same prompt and outputs
+    firsts: list[int] = []
+    for t in dict.fromkeys(at):
+        for f in firsts:
+            if all(torch.equal(enc[k][t], enc[k][f]) for k in enc) and \
+                    all(torch.equal(record.outputs[L][0][t], record.outputs[L][0][f]) for L in layers):
+                rep[t] = f
+                break
+        else:
+            rep[t] = t
+            firsts.append(t)
+    keys = [(rep[t], tuple(id(iv) for iv in row)) for row, t in zip(rows, at)]
+    slot: dict[tuple, int] = {}
+    for i, k in enumerate(keys):
+        slot.setdefault(k, i)
+    distinct = list(slot.values())
+    src = torch.tensor([at[i] for i in distinct])
+    one = Steerer([rows[i] for i in distinct], {k: v[src] for k, v in enc.items()}, model.tokenizer,
+                  split_prompt=True)
+    # the distinct recorded rows once (each SAE-encoded once), each distinct row reading its own
+    reps = torch.tensor(firsts)
+    of_rep = {f: n for n, f in enumerate(firsts)}
+    one.replay({L: record.outputs[L][0][reps.to(record.outputs[L][0].device)] for L in one.layers},
+               torch.tensor([of_rep[rep[at[i]]] for i in distinct]))
+    place = {i: n for n, i in enumerate(distinct)}
+    return one.take([place[slot[k]] for k in keys], _encoding_rows(record, at))
 
 
 def _encoding_rows(record: _Record, at: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -363,9 +401,9 @@ def _decide(model, prep: _Prepared, gated: list[tuple[int, int]], record: _Recor
     """Replay ``gated`` rows (row index, place in the recorded batch) and decide each: reused, forked
     at its first edit, or generated in full (edits in the prompt)."""
     at = [t for _, t in gated]
-    steer = Steerer([prep.rows[j] for j, _ in gated], _encoding_rows(record, at), model.tokenizer)
     with torch.inference_mode():
-        first_edits(steer, record, at, codes)
+        steer = _prompt_replayed(model, [prep.rows[j] for j, _ in gated], record, at)
+        first_edits(steer, record, at, codes, start=1)
     counts, where = steer.counts(), steer.positions()
     for i, (j, t) in enumerate(gated):
         traj = outs[t]
