@@ -44,8 +44,8 @@ from sieve.interventions import Row, Steerer, as_rows, resolve_prompt_gates
 from sieve.models import encode_prompts, hidden_size, num_layers, pad_id, pad_left, tokenize_prompts, underlying
 
 __all__ = [
-    "Completion", "RowSampler", "RowTracker", "check_context", "check_prompts", "default_batch_size", "generate",
-    "steered_logits",
+    "Completion", "RowSampler", "RowTracker", "check_context", "check_prompts", "default_batch_size", "drops_ended",
+    "generate", "kv_reusable", "steered_logits",
 ]
 
 log = logging.getLogger(__name__)
