@@ -350,6 +350,15 @@ class _Record:
             self.present[k] = None
 
 
+def _select_rows(cache: Any, index: Tensor) -> None:
+    """Rows ``index`` of every layer of ``cache`` (a subset, or repeats), each layer's index on that
+    layer's own device (a model split over several GPUs); a layer not yet filled is left alone."""
+    for layer in getattr(cache, "layers", None) or [cache]:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, Tensor):
+            layer.batch_select_indices(index.to(keys.device))
+
+
 def _fill_holes(running: Tensor) -> Tensor:
     """The rows to keep, ``running`` ones, in an order that moves the fewest: the first ``r`` places keep
     their rows where those run, and the running rows past them fill the other places.
@@ -468,9 +477,7 @@ class _DropEnded:
             cache = model_kwargs["past_key_values"]
             if self.on_leave is not None:
                 self.on_leave(cache, (~running).nonzero().flatten())
-            for layer in getattr(cache, "layers", None) or [cache]:
-                device = getattr(layer, "keys", None)
-                layer.batch_select_indices(keep.to(device.device) if isinstance(device, Tensor) else keep)
+            _select_rows(cache, keep)
             for k in self._PER_ROW:
                 v = model_kwargs.get(k)
                 if isinstance(v, Tensor):
@@ -694,9 +701,7 @@ def _shared_prefix(model, enc: dict[str, Tensor], rows: list[Row], token_ids: li
     if cache.get_seq_length() != width - 1:  # pragma: no cover - the model did not fill the cache
         return None
     idx = torch.tensor(index)
-    for layer in cache.layers:  # each on its own device (a model split over several GPUs)
-        if layer.is_initialized:
-            layer.batch_select_indices(idx.to(layer.keys.device))
+    _select_rows(cache, idx)
     outputs = {L: v[0][idx.to(v[0].device)] for L, v in prefix.outputs.items()} if prefix is not None else {}
     return cache, steer_u.take(index, enc), outputs
 

@@ -48,10 +48,8 @@ class GrowingLayer(DynamicLayer):
         n = self.get_seq_length()
         m = n + key_states.shape[-2]
         buf = self._buf
-        # Still exactly the view handed out last (not a copy, a slice or a strided selection of it)?
-        ours = (buf is not None and self.keys is not None and self.values is not None and n > 0
-                and self.keys.data_ptr() == buf[0].data_ptr() and self.keys.stride() == buf[0].stride()
-                and self.values.data_ptr() == buf[1].data_ptr() and self.values.stride() == buf[1].stride()
+        # The buffers still hold the cache, for the same rows, with room for these positions?
+        ours = (self._views_buffers(n) and buf is not None
                 and self.keys.shape[:2] == buf[0].shape[:2] == key_states.shape[:2] and m <= buf[0].shape[-2])
         if not ours:
             kshape = (*key_states.shape[:2], m + self.extra, key_states.shape[-1])
@@ -67,6 +65,14 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = buf[0][..., :m, :], buf[1][..., :m, :]
         return self.keys, self.values
 
+    def _views_buffers(self, n: int) -> bool:
+        """Whether ``keys`` and ``values`` (``n`` positions) are still exactly the views of the buffers
+        handed out last (not a copy, a slice or a strided selection of them)."""
+        buf = self._buf
+        return (buf is not None and self.keys is not None and self.values is not None and n > 0
+                and self.keys.data_ptr() == buf[0].data_ptr() and self.keys.stride() == buf[0].stride()
+                and self.values.data_ptr() == buf[1].data_ptr() and self.values.stride() == buf[1].stride())
+
     def batch_select_indices(self, indices: Tensor) -> None:
         """Keep the rows ``indices`` (a subset, each once: rows that have ended leaving a batch) in place,
         in the buffers' first rows, room ahead kept: only the rows whose place changes are copied (the
@@ -74,10 +80,7 @@ class GrowingLayer(DynamicLayer):
         Anything else (repeats: a shared prefix given to many rows) as :class:`DynamicLayer` does."""
         buf, n = self._buf, self.get_seq_length()
         idx = indices.to(self.keys.device) if self.keys is not None else indices
-        ours = (buf is not None and self.keys is not None and self.values is not None and n > 0
-                and self.keys.data_ptr() == buf[0].data_ptr() and self.keys.stride() == buf[0].stride()
-                and self.values.data_ptr() == buf[1].data_ptr() and self.values.stride() == buf[1].stride())
-        if not ours or idx.numel() > self.keys.shape[0] or idx.unique().numel() != idx.numel():
+        if not self._views_buffers(n) or idx.numel() > self.keys.shape[0] or idx.unique().numel() != idx.numel():
             super().batch_select_indices(indices)
             return
         assert buf is not None
