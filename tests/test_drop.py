@@ -15,7 +15,7 @@ from sieve.generation import RowTracker, generate
 from sieve.interventions import Detector, Edit, Intervention, Steerer
 from sieve.methods import EXTRA_METHODS, LEXICAL_METHODS, METHODS, STUDY_METHODS, build
 from tests.test_fork import _composed, _parts, _prompts, _value
-from tests.test_prefill import _differ, _rows
+from tests.test_prefill import _differ, _rows, lockstep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -171,13 +171,8 @@ def test_growing_layer_keeps_rows_in_place_like_hf():
 
     from sieve.kvcache import GrowingLayer
 
-    gen = torch.Generator().manual_seed(0)
     ours, theirs = GrowingLayer(extra=4), DynamicLayer()
-
-    def step(n: int, batch: int) -> None:
-        k, v = torch.randn(batch, 2, n, 4, generator=gen), torch.randn(batch, 2, n, 3, generator=gen)
-        a, b = ours.update(k, v), theirs.update(k, v)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    step = lockstep(ours, theirs, 3)
 
     step(5, 6)
     step(1, 6)

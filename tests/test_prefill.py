@@ -124,18 +124,26 @@ def test_forked_generation_with_the_engine_equals_the_sweep_as_it_was(world):
     assert _differ(before, forked) == [] and summary.reused and summary.full_always
 
 
+def lockstep(ours, theirs, value_dim: int):
+    """``step(n, batch)``: the same ``n`` new random positions for ``batch`` rows into both cache
+    layers; both must hand out equal keys and values."""
+    g = torch.Generator().manual_seed(0)
+
+    def step(n: int, batch: int) -> None:
+        k, v = torch.randn(batch, 2, n, 4, generator=g), torch.randn(batch, 2, n, value_dim, generator=g)
+        a, b = ours.update(k, v), theirs.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    return step
+
+
 def test_growing_layer_matches_hf_dynamic_layer_through_selects_and_crops():
     from transformers.cache_utils import DynamicLayer
 
     from sieve.kvcache import GrowingLayer
 
-    g = torch.Generator().manual_seed(0)
     ours, theirs = GrowingLayer(extra=3), DynamicLayer()
-
-    def step(n: int, batch: int) -> None:
-        k, v = torch.randn(batch, 2, n, 4, generator=g), torch.randn(batch, 2, n, 5, generator=g)
-        a, b = ours.update(k, v), theirs.update(k, v)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    step = lockstep(ours, theirs, 5)
 
     step(5, 3)
     for _ in range(6):  # past the room kept ahead: reallocated, still equal
