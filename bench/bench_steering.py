@@ -79,10 +79,12 @@ def build_model(config: str, device: str):
         from sieve.world import world_model_dir
 
         return load_model(world_model_dir(), device=device), 2
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from sieve.world import world_model_dir
 
+    if config not in ("mid", "gemma2-2b-width", "gemma2-2b"):
+        raise SystemExit(f"unknown config {config!r}")
     tok = AutoTokenizer.from_pretrained(world_model_dir())
     common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id)
@@ -90,10 +92,27 @@ def build_model(config: str, device: str):
     if attn is not None:
         common["attn_implementation"] = attn  # flash-attention 2 on CUDA when installed, as load_model does
     torch.manual_seed(0)
+    # Random weights are drawn where the model will run, in its dtype: gemma-2-2b's 2.6B parameters
+    # initialised on a CPU first would take longer than the benchmark's generation on a GPU.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            m = _random_model(config, common)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    layer = {"mid": 4, "gemma2-2b-width": 2, "gemma2-2b": 8}[config]
+    m = m.to(device=device, dtype=dtype).eval()
+    return load_model(m, tokenizer=tok, device=device), layer
+
+
+def _random_model(config: str, common: dict):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
     if config == "mid":
         m = LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                                          num_attention_heads=8, num_key_value_heads=4, **common))
-        layer = 4
     elif config == "gemma2-2b-width":
         # gemma-2-2b's width (d=2304, MLP 9216, its attention shape) with 4 of its 26 layers and the world's
         # vocabulary: small enough for a CPU; an SAE costs a larger share of a shallower model, so its
@@ -102,7 +121,6 @@ def build_model(config: str, device: str):
                                            num_attention_heads=8, num_key_value_heads=4, head_dim=256,
                                            sliding_window=4096, attn_logit_softcapping=50.0,
                                            final_logit_softcapping=30.0, query_pre_attn_scalar=256, **common))
-        layer = 2
     elif config == "gemma2-2b":
         # gemma-2-2b's published config (2.6B parameters), random weights, its 256k vocabulary included so
         # the LM head costs what it does; prompts use the world's tokenizer, whose ids are a subset.
@@ -111,12 +129,9 @@ def build_model(config: str, device: str):
                                            num_attention_heads=8, num_key_value_heads=4, head_dim=256,
                                            sliding_window=4096, attn_logit_softcapping=50.0,
                                            final_logit_softcapping=30.0, query_pre_attn_scalar=256, **common))
-        layer = 8
     else:
         raise SystemExit(f"unknown config {config!r}")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    m = m.to(device=device, dtype=dtype).eval()
-    return load_model(m, tokenizer=tok, device=device), layer
+    return m
 
 
 def parts_for(model, layer: int) -> Parts:
@@ -133,6 +148,11 @@ def parts_for(model, layer: int) -> Parts:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def progress(msg: str) -> None:
+    """A line on stderr as each part ends: a run stopped at its time limit still shows what it measured."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def timed(fn, device: str) -> float:
@@ -190,6 +210,8 @@ def bench_overhead(model, layer: int, device: str, batch: int, n: int, repeats: 
                      "grow_s": statistics.median(grow_t), "grow_ratio": statistics.median(grow_t) / statistics.median(plain_t),
                      "grow_ratio_min": min(grow_ratios), "grow_ratio_max": max(grow_ratios),
                      "sieve_tok_s": batch * n / statistics.median(sieve_t)})
+        progress(f"overhead {name}: plain {rows[-1]['plain_s']:.3f}s, sieve {rows[-1]['sieve_s']:.3f}s, "
+                 f"growing cache {rows[-1]['grow_s']:.3f}s")
     return rows
 
 
@@ -329,14 +351,18 @@ def sieve_way(model, layer: int, rows, ivs, n: int, device: str, sampled: bool =
 def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: int, sampled: bool = False) -> dict:
     parts, cells, prompts, rows, ivs = sweep_plan(model, layer, per_cell)
     sieve_t, study_t, fork_t = [], [], []
-    for _ in range(repeats):
-        study_t.append(timed(lambda: study_way(model, layer, cells, parts, prompts, n, device, sampled), device))
-        sieve_t.append(timed(lambda: sieve_way(model, layer, rows, ivs, n, device, sampled), device))
-        fork_t.append(timed(lambda: sieve_way(model, layer, rows, ivs, n, device, sampled, fork=True), device))
-    a = study_way(model, layer, cells, parts, prompts, n, device, sampled)
-    b = sieve_way(model, layer, rows, ivs, n, device, sampled)
+    got: dict[str, list] = {}  # each side's tokens from its last timed run
     work: list = []
-    c = sieve_way(model, layer, rows, ivs, n, device, sampled, fork=True, summary=work)
+    for _ in range(repeats):
+        study_t.append(timed(lambda: got.__setitem__("a", study_way(model, layer, cells, parts, prompts, n, device,
+                                                                     sampled)), device))
+        sieve_t.append(timed(lambda: got.__setitem__("b", sieve_way(model, layer, rows, ivs, n, device, sampled)),
+                             device))
+        fork_t.append(timed(lambda: got.__setitem__("c", sieve_way(model, layer, rows, ivs, n, device, sampled,
+                                                                    fork=True, summary=work)), device))
+        progress(f"sweep{' sampled' if sampled else ''}: study way {study_t[-1]:.2f}s, sieve {sieve_t[-1]:.2f}s, "
+                 f"forked {fork_t[-1]:.2f}s")
+    a, b, c = got["a"], got["b"], got["c"]
     same = sum(x[: len(y)] == y for x, y in zip(a, b)) / len(a)  # sieve cuts rows at EOS
     same_fork = sum(x == y for x, y in zip(b, c)) / len(b)
     kept = sum(len(y) for y in b)  # tokens of the completions (all n per row when greedy)
@@ -349,7 +375,7 @@ def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: 
             "fork_speedup": med["sieve"] / med["fork"], "fork_vs_study": med["study"] / med["fork"],
             "sieve_tok_s": kept / med["sieve"],
             "study_tok_s": kept / med["study"], "same_tokens": same, "fork_same_tokens": same_fork,
-            "fork_work": work[0].as_dict()}
+            "fork_work": work[-1].as_dict()}
 
 
 def recipe_rows(prompts: int, cache: Path | None, recipe: Path | None = None):
@@ -428,6 +454,7 @@ def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | 
             t0 = time.perf_counter()
             last[name] = fn()
             t[name].append(time.perf_counter() - t0)
+            progress(f"recipe rows, {name}: {t[name][-1]:.2f}s")
     w = work["all"]
 
     # Rows that differ from the sweep as it was, by how the default run made them (read off its
