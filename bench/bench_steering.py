@@ -330,7 +330,7 @@ def sweep_plan(model, layer: int, per_cell: int):
 
 
 def sieve_way(model, layer: int, rows, ivs, n: int, device: str, sampled: bool = False, fork: bool = False,
-              summary: list | None = None) -> list[list[int]]:
+              summary: list | None = None, engine: dict | None = None) -> list[list[int]]:
     """All rows of the sweep in batched generation, rows mixing methods and scales: on CUDA all in one
     batch, on a CPU in batches of sieve's default size (32). Token healing is off: the study's way feeds
     the prompts' tokens as they are, and both must do the same work. Rows are seeded by prompt, as a
@@ -338,7 +338,7 @@ def sieve_way(model, layer: int, rows, ivs, n: int, device: str, sampled: bool =
     bs = len(rows) if device == "cuda" else None
     index = {p: i for i, p in enumerate(dict.fromkeys(rows))}
     kw = dict(layer_index=layer, max_new_tokens=n, batch_size=bs, progress=False,
-              temperature=1.0 if sampled else 0.0, seeds=[index[p] for p in rows], token_healing=False)
+              temperature=1.0 if sampled else 0.0, seeds=[index[p] for p in rows], token_healing=False) | (engine or {})
     if fork:
         outs, work = generate_forked(model, rows, ivs, **kw)
         if summary is not None:
@@ -348,7 +348,10 @@ def sieve_way(model, layer: int, rows, ivs, n: int, device: str, sampled: bool =
     return [o.token_ids for o in outs]
 
 
-def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: int, sampled: bool = False) -> dict:
+def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: int, sampled: bool = False,
+                engines: tuple[str, ...] = ()) -> dict:
+    """The sweep the study's way, sieve's way and forked, interleaved; ``engines``: then sieve's way
+    (unforked and forked) once more under each of these :data:`ENGINES` settings, each timed once."""
     parts, cells, prompts, rows, ivs = sweep_plan(model, layer, per_cell)
     sieve_t, study_t, fork_t = [], [], []
     got: dict[str, list] = {}  # each side's tokens from its last timed run
@@ -363,6 +366,15 @@ def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: 
         progress(f"sweep{' sampled' if sampled else ''}: study way {study_t[-1]:.2f}s, sieve {sieve_t[-1]:.2f}s, "
                  f"forked {fork_t[-1]:.2f}s")
     a, b, c = got["a"], got["b"], got["c"]
+    by_engine = {}
+    for name in engines:
+        e = ENGINES[name]
+        u = timed(lambda e=e: got.__setitem__("e", sieve_way(model, layer, rows, ivs, n, device, sampled, engine=e)),
+                  device)
+        f = timed(lambda e=e: got.__setitem__("f", sieve_way(model, layer, rows, ivs, n, device, sampled, fork=True,
+                                                              engine=e)), device)
+        by_engine[name] = {"sieve_s": u, "fork_s": f, "same_tokens": sum(x == y for x, y in zip(b, got["e"])) / len(b)}
+        progress(f"sweep{' sampled' if sampled else ''}, engine {name}: sieve {u:.2f}s, forked {f:.2f}s")
     same = sum(x[: len(y)] == y for x, y in zip(a, b)) / len(a)  # sieve cuts rows at EOS
     same_fork = sum(x == y for x, y in zip(b, c)) / len(b)
     kept = sum(len(y) for y in b)  # tokens of the completions (all n per row when greedy)
@@ -375,7 +387,7 @@ def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: 
             "fork_speedup": med["sieve"] / med["fork"], "fork_vs_study": med["study"] / med["fork"],
             "sieve_tok_s": kept / med["sieve"],
             "study_tok_s": kept / med["study"], "same_tokens": same, "fork_same_tokens": same_fork,
-            "fork_work": work[-1].as_dict()}
+            "fork_work": work[-1].as_dict(), "engines": by_engine}
 
 
 def recipe_rows(prompts: int, cache: Path | None, recipe: Path | None = None):
@@ -406,17 +418,24 @@ def recipe_rows(prompts: int, cache: Path | None, recipe: Path | None = None):
 
 
 # The engine before and after: each saving can be switched off (the same completions either way).
+# ``drop_ended=None`` is the default: rows leave their batch on a CPU, not on a GPU (see ENGINES).
 BEFORE = dict(share_prefill=False, kv_cache="hf", drop_ended=False)
-AFTER = dict(share_prefill=True, kv_cache="grow", drop_ended=True)
+AFTER = dict(share_prefill=True, kv_cache="grow", drop_ended=None)
+# The engine's savings one at a time (``--engines``): which of them pays on this device.
+ENGINES = {"none": BEFORE, "share": dict(BEFORE, share_prefill=True), "grow": dict(BEFORE, kv_cache="grow"),
+           "drop": dict(BEFORE, drop_ended=True), "default": AFTER, "default+drop": dict(AFTER, drop_ended=True),
+           "default@128": dict(AFTER, batch_size=128)}
 
 
-def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | None = None) -> dict:
+def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | None = None,
+                 engines: tuple[str, ...] = ()) -> dict:
     """The recipe's rows five ways, interleaved: the study's loop structure (one ``generate`` per method
     × scale, batch 20, every row's prefill its own, HF's cache; here with sieve's own edit, since its
     hook cannot express latches or SAE-space edits); the sweep as it was (all rows batched, nothing
     shared: ``sweep.fork = false``, ``share_prefill = false``, ``kv_cache = "hf"``); forking alone; the
     engine alone (prefill shared, growing cache, rows leaving their batch when they end; no forking);
-    and all of it (the default: forked rows also read their prefix from their trajectory)."""
+    and all of it (the default: forked rows also read their prefix from their trajectory). ``engines``:
+    also the sweep unforked under these :data:`ENGINES` settings (each saving alone)."""
     model, todo, prompts_, ivs, kw, bs = recipe_rows(prompts, cache, recipe)
     seeds = [row.seed for row in todo]
 
@@ -434,8 +453,10 @@ def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | 
     def full():
         return generate(model, prompts_, ivs, seeds=seeds, batch_size=bs, **BEFORE, **kw)
 
-    def engine():
-        return generate(model, prompts_, ivs, seeds=seeds, batch_size=bs, **AFTER, **kw)
+    def engine(engine_kw=AFTER):
+        def run():
+            return generate(model, prompts_, ivs, seeds=seeds, **({"batch_size": bs} | engine_kw), **kw)
+        return run
 
     work: dict[str, Any] = {}
 
@@ -446,7 +467,8 @@ def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | 
             return outs
         return run
 
-    sides = (("loop", loop), ("full", full), ("forked", forked(BEFORE)), ("engine", engine), ("all", forked(AFTER)))
+    sides = [("loop", loop), ("full", full), ("forked", forked(BEFORE)), ("engine", engine()), ("all", forked(AFTER))]
+    sides += [(f"engine:{name}", engine(e)) for name, e in ENGINES.items() if name in engines]
     t: dict[str, list[float]] = {name: [] for name, _ in sides}
     last: dict[str, list] = {}
     for _ in range(repeats):
@@ -477,7 +499,7 @@ def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | 
                                   max(f / g for f, g in zip(t["full"], t["all"]))],
             "forked_vs_full": med["full"] / med["forked"], "engine_vs_full": med["full"] / med["engine"],
             "full_vs_loop": med["loop"] / med["full"],
-            "differ_from_full": {k: differ(last[k]) for k in ("loop", "forked", "engine", "all")},
+            "differ_from_full": {k: differ(last[k]) for k in last if k != "full"},
             "work": w.as_dict()}
 
 
@@ -557,6 +579,10 @@ def main() -> None:
                          "study's loop, the sweep as it was, forking alone, the engine alone, and both")
     ap.add_argument("--cache", default=None, help="with --recipe-prompts: detector cache folder (trained there if absent)")
     ap.add_argument("--recipe", default=None, help="with --recipe-prompts: the recipe file (default recipes/regex.toml)")
+    ap.add_argument("--engines", nargs="*", default=[], choices=list(ENGINES),
+                    help="also time sieve's sweep under these engine settings (each saving alone; greedy sweep, and "
+                         "the recipe's rows with --recipe-prompts)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (two fresh processes)")
     ap.add_argument("--probe", choices=["study", "sieve"], help=argparse.SUPPRESS)  # one memory probe (internal)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -566,7 +592,7 @@ def main() -> None:
         return
     if args.recipe_prompts:
         res = bench_recipe(args.recipe_prompts, args.repeats, Path(args.cache) if args.cache else None,
-                           Path(args.recipe) if args.recipe else None)
+                           Path(args.recipe) if args.recipe else None, tuple(args.engines))
         res |= {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
         sec = res["seconds"]
         print(f"# {args.recipe or 'recipes/regex.toml'} workload: {res['prompts']} prompts, {res['rows']} rows, "
@@ -581,6 +607,9 @@ def main() -> None:
         w = res["work"]
         print(f"forked work: {w['unsteered']} unsteered, {w['reused']} reused, {w['forked']} forked, {w['full_prompt']} "
               f"edit in the prompt, {w['full_always']} always-gated; {100 * w['saved']:.1f}% of tokens not generated")
+        for name in args.engines:
+            print(f"the sweep, engine {name} ({ENGINES[name]}): {sec['engine:' + name]:.1f}s "
+                  f"({sec['full'] / sec['engine:' + name]:.2f}x the sweep as it was)")
         print(f"rows differing from the sweep as it was: {res['differ_from_full']}")
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=1))
@@ -606,11 +635,13 @@ def main() -> None:
         return
     model, layer = build_model(args.config, args.device)
     overhead = bench_overhead(model, layer, args.device, args.batch, args.tokens, args.repeats)
-    sweep = bench_sweep(model, layer, args.device, args.tokens, args.per_cell, max(1, args.repeats // 2))
+    sweep = bench_sweep(model, layer, args.device, args.tokens, args.per_cell, max(1, args.repeats // 2),
+                        engines=tuple(args.engines))
     sweep_sampled = bench_sweep(model, layer, args.device, args.tokens, args.per_cell, max(1, args.repeats // 2),
                                 sampled=True)
-    sweep["study_peak_mb"] = round(peak_memory(args, "study"), 1)
-    sweep["sieve_peak_mb"] = round(peak_memory(args, "sieve"), 1)
+    if not args.no_memory:
+        sweep["study_peak_mb"] = round(peak_memory(args, "study"), 1)
+        sweep["sieve_peak_mb"] = round(peak_memory(args, "sieve"), 1)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or None
     result = {"config": args.config, "device": args.device, "torch": torch.__version__, "commit": commit,
@@ -634,8 +665,13 @@ def main() -> None:
         print(f"  forked: {s['fork_s']:.1f}s -> {s['fork_speedup']:.2f}x sieve unforked, {s['fork_vs_study']:.1f}x the "
               f"study way; same tokens as unforked in {100 * s['fork_same_tokens']:.0f}% of rows; "
               f"{100 * s['fork_work']['saved']:.0f}% of tokens not generated")
-    print(f"peak memory above the model (greedy sweep): study way +{sweep['study_peak_mb']} MiB, "
-          f"sieve +{sweep['sieve_peak_mb']} MiB")
+    for name, e in sweep["engines"].items():
+        print(f"sweep, greedy, engine {name} ({ENGINES[name]}): sieve {e['sieve_s']:.2f}s "
+              f"({sweep['study_s'] / e['sieve_s']:.1f}x the study way), forked {e['fork_s']:.2f}s "
+              f"({sweep['study_s'] / e['fork_s']:.1f}x); same tokens as the default in {100 * e['same_tokens']:.0f}% of rows")
+    if "study_peak_mb" in sweep:
+        print(f"peak memory above the model (greedy sweep): study way +{sweep['study_peak_mb']} MiB, "
+              f"sieve +{sweep['sieve_peak_mb']} MiB")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 
