@@ -70,7 +70,7 @@ from typing import Any
 import torch
 from tqdm.std import tqdm
 
-from sieve.generation import Completion, _prepare, _Prepared, _Record, _run_batches
+from sieve.generation import Completion, _last_logits_only, _prepare, _Prepared, _Record, _run_batches
 from sieve.interventions import Always, Row, Steerer
 
 __all__ = ["ForkSummary", "generate_forked", "first_edits", "forked_forward"]
@@ -371,7 +371,7 @@ def _prompt_edits(model, prep: _Prepared, idx: list[int], batch_size: int | None
         pairs = [(t, j) for t, p in enumerate(chunk) for j in by_prompt[p]]
         record = _Record(tuple(sorted({L for _, j in pairs for L in _layers(prep.rows[j])})))
         with torch.inference_mode():
-            with model.trace(enc):
+            with model.trace(enc, **_last_logits_only(model)):
                 record.read(model)
             for s in range(0, len(pairs), _REPLAY_ROWS):
                 part = pairs[s : s + _REPLAY_ROWS]
@@ -472,7 +472,7 @@ def forked_forward(
         B = enc["input_ids"].shape[0]
         record = _Record(layers)
         with torch.inference_mode():
-            with model.trace(enc):
+            with model.trace(enc, **(_last_logits_only(model) if last_only else {})):
                 record.read(model)
                 logits = (model.output.logits[:, -1] if last_only else model.output.logits).save()
             base = reduce(enc, logits)
