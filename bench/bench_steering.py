@@ -438,6 +438,9 @@ def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | 
     also the sweep unforked under these :data:`ENGINES` settings (each saving alone)."""
     model, todo, prompts_, ivs, kw, bs = recipe_rows(prompts, cache, recipe)
     seeds = [row.seed for row in todo]
+    hf = underlying(model)
+    where = {"device": str(next(hf.parameters()).device), "dtype": str(hf.dtype),
+             "attention": hf.config._attn_implementation}
 
     def loop():
         out = {}
@@ -492,7 +495,7 @@ def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | 
         return out
 
     med = {k: statistics.median(v) for k, v in t.items()}
-    return {"prompts": prompts, "rows": len(todo), "tokens": sum(len(o.token_ids) for o in last["full"]),
+    return {**where, "prompts": prompts, "rows": len(todo), "tokens": sum(len(o.token_ids) for o in last["full"]),
             "seconds": med, "runs": t,
             "all_vs_full": med["full"] / med["all"], "all_vs_loop": med["loop"] / med["all"],
             "all_vs_full_range": [min(f / g for f, g in zip(t["full"], t["all"])),
@@ -560,6 +563,12 @@ def peak_memory(args, which: str) -> float:
     return float(json.loads(out.strip().splitlines()[-1])["peak_mb"])
 
 
+def _commit() -> str | None:
+    """The checkout's commit, ``-dirty`` where its files differ from it (None outside git)."""
+    out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="world", choices=["world", "mid", "gemma2-2b-width", "gemma2-2b"])
@@ -593,14 +602,16 @@ def main() -> None:
     if args.recipe_prompts:
         res = bench_recipe(args.recipe_prompts, args.repeats, Path(args.cache) if args.cache else None,
                            Path(args.recipe) if args.recipe else None, tuple(args.engines))
-        res |= {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()}
+        res |= {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+                "commit": _commit()}
         sec = res["seconds"]
         print(f"# {args.recipe or 'recipes/regex.toml'} workload: {res['prompts']} prompts, {res['rows']} rows, "
               f"{res['tokens']} tokens, {args.repeats} interleaved repeats (medians), {res['threads']} torch threads")
         print(f"study's loop (one generate per cell, batch 20): {sec['loop']:.1f}s; the sweep as it was (all rows "
               f"batched, nothing shared): {sec['full']:.1f}s ({res['full_vs_loop']:.2f}x the loop)")
         print(f"forking alone: {sec['forked']:.1f}s ({res['forked_vs_full']:.2f}x); the engine (shared prefill, growing "
-              f"cache, rows leaving) alone: {sec['engine']:.1f}s ({res['engine_vs_full']:.2f}x); both (the default): "
+              f"cache, rows leaving where the device's default says: on a CPU) alone: {sec['engine']:.1f}s "
+              f"({res['engine_vs_full']:.2f}x); both (the default): "
               f"{sec['all']:.1f}s -> "
               f"{res['all_vs_full']:.2f}x the sweep as it was (range {res['all_vs_full_range'][0]:.2f}-"
               f"{res['all_vs_full_range'][1]:.2f}), {res['all_vs_loop']:.2f}x the study's loop")
@@ -642,9 +653,8 @@ def main() -> None:
     if not args.no_memory:
         sweep["study_peak_mb"] = round(peak_memory(args, "study"), 1)
         sweep["sieve_peak_mb"] = round(peak_memory(args, "sieve"), 1)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or None
-    result = {"config": args.config, "device": args.device, "torch": torch.__version__, "commit": commit,
+    result = {"config": args.config, "device": args.device, "torch": torch.__version__, "commit": _commit(),
+              "dtype": str(underlying(model).dtype), "attention": underlying(model).config._attn_implementation,
               "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}",
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "batch": args.batch, "tokens": args.tokens, "overhead": overhead, "sweep": sweep,

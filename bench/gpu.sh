@@ -8,21 +8,23 @@
 # 2. bench/bench_steering.py --recipe-prompts: the default recipe's own rows (the embedded world's model
 #    on the GPU): the study's loop, the sweep as it was, forking, the engine, both.
 #
-# Wheels in .whl/ (README: "Carrying sieve to an offline GPU machine") are installed into a scratch folder
-# first. Each step has a time limit (STEP1_S, STEP2_S seconds) and prints each part as it ends, so a
-# step stopped at its limit still leaves what it measured in OUT_DIR/*.log.
+# Wheels in .whl/ (bench/gpu_wheels.sh; README: "Carrying sieve to an offline GPU machine") are installed
+# into a fresh scratch folder first. Each step has a time limit (STEP1_S, STEP2_S seconds) and prints each
+# part as it ends, so a step stopped at its limit still leaves what it measured in OUT_DIR/*.log.
 # Settings (environment): PYTHON (python3), CONFIG (gemma2-2b), DEVICE (cuda), REPEATS (4),
-# RECIPE_PROMPTS (2), RECIPE_REPEATS (1), WHEELS (1: install .whl/*.whl when present).
+# RECIPE_PROMPTS (2), RECIPE_REPEATS (1), RECIPE_CACHE (detector cache; /tmp/sieve-recipe-cache),
+# STEP1_ARGS and STEP2_ARGS (more bench_steering.py arguments, e.g. STEP1_ARGS="--engines none grow"),
+# WHEELS (1: install .whl/*.whl when present).
 set -uo pipefail
+out=$(mkdir -p "${1:-runs/gpu}" && cd "${1:-runs/gpu}" && pwd) || exit 1
 cd "$(dirname "$0")/.."
-out=${1:-runs/gpu}
-mkdir -p "$out"
 py=${PYTHON:-python3}
 config=${CONFIG:-gemma2-2b}
 device=${DEVICE:-cuda}
 if [ "${WHEELS:-1}" = 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/sieve-site \
-        .whl/*.whl || { echo "bench/gpu.sh: installing the wheels in .whl/ failed" >&2; exit 1; }
+    rm -rf /tmp/sieve-site
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/sieve-site .whl/*.whl \
+        || { echo "bench/gpu.sh: installing the wheels in .whl/ failed" >&2; exit 1; }
     export PYTHONPATH=/tmp/sieve-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -31,14 +33,16 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
     "$py" -c "import platform, torch, transformers, nnsight; print('python', platform.python_version(), 'torch', \
 torch.__version__, 'transformers', transformers.__version__, 'nnsight', nnsight.__version__, 'cuda', \
-torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
-    git rev-parse --short HEAD 2>/dev/null || true
+torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" || exit 1
+    echo "commit $(git describe --always --dirty 2>/dev/null || echo unknown)"
 } 2>&1 | tee "$out/env.txt"
-[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "bench/gpu.sh: torch, transformers or nnsight do not import" >&2; exit 1; }
 rc=0
+# shellcheck disable=SC2086  # STEP*_ARGS are word lists
 timeout "${STEP1_S:-330}" "$py" bench/bench_steering.py --config "$config" --device "$device" --repeats "${REPEATS:-4}" \
-    --out "$out/$config.json" 2>&1 | tee "$out/$config.log" || rc=1
+    ${STEP1_ARGS:-} --out "$out/$config.json" 2>&1 | tee "$out/$config.log" || rc=1
+# shellcheck disable=SC2086
 timeout "${STEP2_S:-150}" "$py" bench/bench_steering.py --recipe-prompts "${RECIPE_PROMPTS:-2}" \
-    --repeats "${RECIPE_REPEATS:-1}" --cache "${RECIPE_CACHE:-/tmp/sieve-recipe-cache}" --out "$out/recipe.json" 2>&1 | tee "$out/recipe.log" \
-    || rc=1
+    --repeats "${RECIPE_REPEATS:-1}" --cache "${RECIPE_CACHE:-/tmp/sieve-recipe-cache}" ${STEP2_ARGS:-} \
+    --out "$out/recipe.json" 2>&1 | tee "$out/recipe.log" || rc=1
 exit $rc

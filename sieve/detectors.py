@@ -33,7 +33,7 @@ from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in
 
 from sieve.errors import SieveError
 from sieve.interventions import Detector, eligible_mask
-from sieve.models import encode_prompts, layer, tokenize_prompts
+from sieve.models import _last_logits_only, encode_prompts, layer, tokenize_prompts
 
 __all__ = [
     "last_token_activations",
@@ -61,7 +61,7 @@ def _batches(n: int, size: int):
 def _layer_outputs(model, texts: list[str], layer_index: int) -> tuple[Tensor, dict[str, Tensor]]:
     enc = encode_prompts(model.tokenizer, texts)
     target = layer(model, layer_index)
-    with model.trace(enc):
+    with model.trace(enc, **_last_logits_only(model)):  # the layer's outputs only: the LM head for one position
         out = target.output
         h = (out[0] if isinstance(out, tuple) else out).save()
     return h.detach().float().cpu(), enc

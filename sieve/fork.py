@@ -70,8 +70,9 @@ from typing import Any
 import torch
 from tqdm.std import tqdm
 
-from sieve.generation import Completion, _last_logits_only, _prepare, _Prepared, _Record, _run_batches
+from sieve.generation import Completion, _prepare, _Prepared, _Record, _run_batches
 from sieve.interventions import Always, Row, Steerer
+from sieve.models import _last_logits_only
 
 __all__ = ["ForkSummary", "generate_forked", "first_edits", "forked_forward"]
 

@@ -41,7 +41,16 @@ from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in
 from sieve.errors import SieveError
 from sieve.healing import Heal, TokenHealer, heal_rows, strip_healed
 from sieve.interventions import Row, Steerer, as_rows, resolve_prompt_gates
-from sieve.models import encode_prompts, hidden_size, num_layers, pad_id, pad_left, tokenize_prompts, underlying
+from sieve.models import (
+    _last_logits_only,
+    encode_prompts,
+    hidden_size,
+    num_layers,
+    pad_id,
+    pad_left,
+    tokenize_prompts,
+    underlying,
+)
 
 __all__ = [
     "Completion", "RowSampler", "RowTracker", "check_context", "check_prompts", "default_batch_size", "drops_ended",
@@ -707,14 +716,6 @@ def _shared_prefix(model, enc: dict[str, Tensor], rows: list[Row], token_ids: li
     return cache, steer_u.take(index, enc), outputs
 
 
-def _last_logits_only(model) -> dict[str, int]:
-    """Forward arguments for a pass that reads no logits but the last position's (a prefix filling a
-    cache, layer outputs recorded, a next-token answer): the LM head runs for the last position only,
-    where the model can be told so (``logits_to_keep``); the layers compute the same."""
-    forward = underlying(model).forward
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
-
-
 _CACHE_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -887,13 +888,15 @@ def per_row(value: Any, n: int, what: str, cast) -> list:
 def default_batch_size(model_or_device: Any, positions: int | None = None) -> int:
     """Rows per generation batch when none is given: 32 on a CPU; on CUDA, given a loaded model and
     ``positions`` (the longest prompt plus the tokens to generate), as many rows as fit in half the
-    device's free memory (:func:`rows_that_fit`), else 128; halved when memory runs out either way.
+    memory free on the fullest of the model's GPUs (:func:`rows_that_fit`; memory torch holds
+    unused counts as free), in multiples of 16 above 16, else 128; halved when memory runs out either
+    way. On CUDA the batches, and so a bf16 row's last bits, can then depend on what else holds the GPU.
 
     On the 2-core CPU, with the embedded world's prompts (tens to 190 tokens, sampled, rows ending at
     EOS), 32 rows gave 2,959 kept tokens/s, 64 gave 2,829 and 128 gave 2,578: a CPU's throughput does
     not grow with the batch, while padding and rows that have ended cost more in bigger ones. On an
-    H200 (gemma-2-2b's config, bf16, 420 rows of 32 tokens) one batch of 420 took 2.3 s and batches of
-    128 took 4.7 s: a GPU's step costs about the same for hundreds of rows as for tens.
+    H200 (gemma-2-2b's config, bf16, 420 rows of 32 tokens, one machine) one batch of 420 took 2.54 s
+    and batches of 128 took 4.74 s: a GPU's step grows far more slowly than its rows.
 
     Example:
         >>> default_batch_size("cpu"), default_batch_size("cuda")  # or a loaded model
@@ -910,18 +913,33 @@ def default_batch_size(model_or_device: Any, positions: int | None = None) -> in
     if model is None or positions is None:
         return 128
     hf = underlying(model)
+    placed = (getattr(hf, "hf_device_map", None) or {}).values()  # accelerate's map: GPU indices, "cpu", "disk"
+    devices = {torch.device("cuda", d) if isinstance(d, int) else torch.device(d) for d in placed
+               if d not in ("cpu", "disk")} or {device}
+    free = min(_cuda_free(d) for d in devices)
+    dtype = getattr(hf, "dtype", None)
+    size = dtype.itemsize if isinstance(dtype, torch.dtype) else next(hf.parameters()).element_size()
+    rows = rows_that_fit(hf.config, positions, size, free // 2)
+    if rows is None:
+        return 128
+    return rows if rows <= 16 else rows // 16 * 16
+
+
+def _cuda_free(device: torch.device) -> int:
+    """Bytes free on a CUDA device, counting what torch's allocator holds but does not use."""
     free, _ = torch.cuda.mem_get_info(device)
-    return rows_that_fit(hf.config, positions, next(hf.parameters()).element_size(), free // 2) or 128
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def rows_that_fit(config: Any, positions: int, dtype_bytes: int, budget_bytes: int,
-                  lo: int = 16, hi: int = 1024) -> int | None:
+                  lo: int = 1, hi: int = 1024) -> int | None:
     """How many generation rows of ``positions`` positions fit in ``budget_bytes``, between ``lo`` and
     ``hi``: per row, the KV cache of every layer (sliding-window layers counted in full) plus one
     layer's prefill activations (hidden states, the MLP's two widest tensors, float32 attention scores
-    as eager attention keeps them) and float32 logits of the last position. An upper bound on what a row
-    needs (gemma-2-2b's config, 232 positions, bf16: 41 MB estimated per row; 32 MB measured on an H200
-    at 420 rows), so the batch it gives is rarely halved. None where the config does not say its shape.
+    as eager attention keeps them) and float32 logits of the last position. Meant as an upper bound on
+    what a row needs (gemma-2-2b's config, bf16, 206 positions: 35.0 MiB estimated per row; on an H200
+    the benchmark's 420 rows of up to 206 positions peaked at 32.4 MiB a row above the model), so the
+    batch it gives is rarely halved. None where the config does not say its shape.
 
     Example:
         >>> from transformers import LlamaConfig
@@ -930,7 +948,10 @@ def rows_that_fit(config: Any, positions: int, dtype_bytes: int, budget_bytes: i
         >>> rows_that_fit(c, 600, 2, 30 * 2**30)   # Llama-3.1-8B, 600 positions, 30 GiB: 180 MB a row
         179
     """
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError:  # several text configs (some multimodal models): no single shape to read
+        return None
     get = lambda *names: next((getattr(c, n) for n in names if isinstance(getattr(c, n, None), int)), None)  # noqa: E731
     layers, hidden = get("num_hidden_layers", "n_layer"), get("hidden_size", "n_embd")
     heads = get("num_attention_heads", "n_head")

@@ -9,6 +9,7 @@ architecture's own default (never forcing sdpa, which Gemma2 refuses).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,14 @@ def load_model(
 def underlying(model) -> torch.nn.Module:
     """The plain HF module inside an nnsight model (for code outside a trace)."""
     return getattr(model, "_module", model)
+
+
+def _last_logits_only(model) -> dict[str, int]:
+    """Forward arguments for a pass that reads no logits but the last position's (a prefix filling a
+    cache, layer outputs recorded, a next-token answer): the LM head runs for the last position only,
+    where the model can be told so (``logits_to_keep``); the layers compute the same."""
+    forward = underlying(model).forward
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
 
 
 def decoder_layers(model):
