@@ -14,7 +14,9 @@
    way both must give the same tokens, and the script checks.
    A third side runs the same sweep forked (:func:`sieve.fork.generate_forked`: gated rows reuse or
    continue their prompt's unsteered trajectory; rows are seeded by prompt, as a sweep's are) and is
-   checked to give the same tokens as the unforked sweep.
+   checked to give the same tokens as the unforked sweep. The sweep's random detectors fire on about
+   half of all tokens (nearly every row edits in its prompt: forking has little to save); ``--gate-rate
+   P`` sets their thresholds to fire on P of held-out neutral tokens instead, as calibrated detectors do.
 3. Tokens per second, and peak memory of each side of the sweep, each run alone in a fresh process
    (CUDA: ``max_memory_allocated`` above the loaded model; CPU: peak resident-set growth, polled).
 
@@ -134,15 +136,41 @@ def _random_model(config: str, common: dict):
     return m
 
 
-def parts_for(model, layer: int) -> Parts:
+def parts_for(model, layer: int, gate_rate: float | None = None) -> Parts:
+    """Random detectors and directions for the benchmark's sweep. Thresholds: 0.5 (about half of all
+    tokens fire: nearly every row edits in its prompt), or with ``gate_rate`` the score each detector
+    passes on that share of the tokens of held-out neutral prompts (not the sweep's; a little less
+    where prompts sharing an opening tie at the top), as a trained detector's calibrated threshold
+    fires rarely on code without the concept."""
     d = underlying(model).config.hidden_size
     g = torch.Generator().manual_seed(0)
     p = Parts()
+    dirs = {}
     for name in ("sae", "caa", "probe"):
         w = torch.randn(d, generator=g)
-        p.add_detector(name, Detector(w / w.norm(), 0.0, kind=name), 0.5)
+        dirs[name] = w / w.norm()
         p.add_direction(name, torch.randn(d, generator=g))
+    scores = _neutral_scores(model, layer, torch.stack(list(dirs.values()), 1)) if gate_rate is not None else None
+    for k, (name, w) in enumerate(dirs.items()):
+        threshold = 0.5 if scores is None else float(torch.quantile(scores[:, k], 1 - gate_rate))
+        p.add_detector(name, Detector(w, 0.0, kind=name), threshold)
     return p
+
+
+def _neutral_scores(model, layer: int, directions: torch.Tensor) -> torch.Tensor:
+    """``[tokens, k]``: the layer's outputs on held-out neutral prompts (the world's neutral set past
+    those the sweep uses), each real token (not padding, not BOS) projected on each direction."""
+    from sieve.detectors import _layer_outputs
+    from sieve.prompts import WORLD_PROMPTS_DIR
+
+    neutral = [json.loads(x)["prompt"] for x in (WORLD_PROMPTS_DIR / "neutral.jsonl").read_text().splitlines()
+               if x.strip()][-40:]
+    out = []
+    for i in range(0, len(neutral), 8):
+        h, enc = _layer_outputs(model, neutral[i : i + 8], layer)
+        real = eligible_mask(enc["input_ids"], enc["attention_mask"], model.tokenizer.bos_token_id).cpu()
+        out.append(h[real] @ directions)
+    return torch.cat(out)
 
 
 def sync(device: str) -> None:
@@ -318,9 +346,9 @@ def study_way(model, layer: int, cells, parts, prompts, n: int, device: str, sam
     return outs
 
 
-def sweep_plan(model, layer: int, per_cell: int):
+def sweep_plan(model, layer: int, per_cell: int, gate_rate: float | None = None):
     """The sweep: every add method (not input-gated) × 3 scales × ``per_cell`` prompts, one row each."""
-    parts = parts_for(model, layer)
+    parts = parts_for(model, layer, gate_rate)
     methods = [m.name for m in STUDY_METHODS if m.edit == "add" and m.gate != "input"]
     cells = [(m, s) for m in methods for s in (-2.0, -4.0, -8.0)]
     prompts = world_prompts(per_cell)
@@ -349,10 +377,11 @@ def sieve_way(model, layer: int, rows, ivs, n: int, device: str, sampled: bool =
 
 
 def bench_sweep(model, layer: int, device: str, n: int, per_cell: int, repeats: int, sampled: bool = False,
-                engines: tuple[str, ...] = ()) -> dict:
+                engines: tuple[str, ...] = (), gate_rate: float | None = None) -> dict:
     """The sweep the study's way, sieve's way and forked, interleaved; ``engines``: then sieve's way
-    (unforked and forked) once more under each of these :data:`ENGINES` settings, each timed once."""
-    parts, cells, prompts, rows, ivs = sweep_plan(model, layer, per_cell)
+    (unforked and forked) once more under each of these :data:`ENGINES` settings, each timed once.
+    ``gate_rate``: the detectors' thresholds (:func:`parts_for`)."""
+    parts, cells, prompts, rows, ivs = sweep_plan(model, layer, per_cell, gate_rate)
     sieve_t, study_t, fork_t = [], [], []
     got: dict[str, list] = {}  # each side's tokens from its last timed run
     work: list = []
@@ -531,11 +560,12 @@ class _RssPeak:
         self.peak = max(self.peak, self._rss())
 
 
-def peak_memory_probe(config: str, device: str, which: str, n: int, per_cell: int) -> float:
+def peak_memory_probe(config: str, device: str, which: str, n: int, per_cell: int,
+                      gate_rate: float | None = None) -> float:
     """Run one side of the sweep once in this (fresh) process; MiB of peak memory above the loaded and
     warmed-up model. CUDA: ``max_memory_allocated``; CPU: peak resident set growth."""
     model, layer = build_model(config, device)
-    parts, cells, prompts, rows, ivs = sweep_plan(model, layer, per_cell)
+    parts, cells, prompts, rows, ivs = sweep_plan(model, layer, per_cell, gate_rate)
     # Warm both paths up on one row and one token first: one-time costs (lazy imports, nnsight's first
     # trace, thread pools) are not what a sweep needs.
     study_way(model, layer, cells[:1], parts, prompts[:1], 1, device)
@@ -559,6 +589,8 @@ def peak_memory(args, which: str) -> float:
     """:func:`peak_memory_probe` in a child process, so that each side starts from the same memory."""
     cmd = [sys.executable, __file__, "--config", args.config, "--device", args.device, "--tokens", str(args.tokens),
            "--per-cell", str(args.per_cell), "--probe", which]
+    if args.gate_rate is not None:
+        cmd += ["--gate-rate", str(args.gate_rate)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(json.loads(out.strip().splitlines()[-1])["peak_mb"])
 
@@ -592,12 +624,15 @@ def main() -> None:
                     help="also time sieve's sweep under these engine settings (each saving alone; greedy sweep, and "
                          "the recipe's rows with --recipe-prompts)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (two fresh processes)")
+    ap.add_argument("--gate-rate", type=float, default=None, metavar="P",
+                    help="the sweep's detectors fire on this share of held-out neutral tokens (default: threshold "
+                         "0.5, about half of all tokens)")
     ap.add_argument("--probe", choices=["study", "sieve"], help=argparse.SUPPRESS)  # one memory probe (internal)
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.probe:
         print(json.dumps({"peak_mb": peak_memory_probe(args.config, args.device, args.probe, args.tokens,
-                                                       args.per_cell)}))
+                                                       args.per_cell, args.gate_rate)}))
         return
     if args.recipe_prompts:
         res = bench_recipe(args.recipe_prompts, args.repeats, Path(args.cache) if args.cache else None,
@@ -647,9 +682,9 @@ def main() -> None:
     model, layer = build_model(args.config, args.device)
     overhead = bench_overhead(model, layer, args.device, args.batch, args.tokens, args.repeats)
     sweep = bench_sweep(model, layer, args.device, args.tokens, args.per_cell, max(1, args.repeats // 2),
-                        engines=tuple(args.engines))
+                        engines=tuple(args.engines), gate_rate=args.gate_rate)
     sweep_sampled = bench_sweep(model, layer, args.device, args.tokens, args.per_cell, max(1, args.repeats // 2),
-                                sampled=True)
+                                sampled=True, gate_rate=args.gate_rate)
     if not args.no_memory:
         sweep["study_peak_mb"] = round(peak_memory(args, "study"), 1)
         sweep["sieve_peak_mb"] = round(peak_memory(args, "sieve"), 1)
@@ -657,9 +692,11 @@ def main() -> None:
               "dtype": str(underlying(model).dtype), "attention": underlying(model).config._attn_implementation,
               "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}",
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-              "batch": args.batch, "tokens": args.tokens, "overhead": overhead, "sweep": sweep,
+              "batch": args.batch, "tokens": args.tokens, "gate_rate": args.gate_rate, "overhead": overhead, "sweep": sweep,
               "sweep_sampled": sweep_sampled}
-    print(f"# {args.config} on {args.device} ({result['machine']}), batch {args.batch}, {args.tokens} new tokens")
+    gates = "threshold 0.5" if args.gate_rate is None else f"gates firing on {100 * args.gate_rate:g}% of held-out tokens"
+    print(f"# {args.config} on {args.device} ({result['machine']}), batch {args.batch}, {args.tokens} new tokens; "
+          f"the sweep's detectors: {gates}")
     print("| edit | plain generate (s) | sieve, HF's cache (s) | ratio (range) | sieve, growing cache (s) | ratio (range) |")
     print("|---|---|---|---|---|---|")
     for r in overhead:

@@ -54,3 +54,23 @@ def test_profile_chunk_measures_the_shared_prefill_noise():
 
     gap = mod.split_logit_gap(load_world().model, ["def add(a, b):\n", "import os\n\ndef main():\n", "x"])
     assert 0.0 <= gap < 1e-4
+
+
+def test_gate_rate_calibrates_the_sweeps_detectors_on_held_out_tokens(bench):
+    """``--gate-rate P``: each random detector fires on P of the held-out neutral tokens it was set on,
+    far fewer rows then edit in the prompt than with the default threshold, and the forked sweep still
+    gives the unforked sweep's tokens."""
+    model, layer = bench.build_model("world", "cpu")
+    default = bench.parts_for(model, layer)
+    rare = bench.parts_for(model, layer, gate_rate=0.01)
+    assert all(t == 0.5 for _, t in default.detectors.values())
+    for name, (det, threshold) in rare.detectors.items():
+        assert det.w.tolist() == default.detectors[name][0].w.tolist()  # same directions, other thresholds
+        scores = bench._neutral_scores(model, layer, det.w[:, None])[:, 0]
+        # at most P (and not far under: prompts sharing an opening give tied scores at the top)
+        assert 0.005 <= float((scores > threshold).float().mean()) <= 0.01 + 1 / len(scores)
+    parts, cells, prompts, rows, ivs = bench.sweep_plan(model, layer, per_cell=4, gate_rate=0.01)
+    ours = bench.sieve_way(model, layer, rows, ivs, 6, "cpu")
+    work: list = []
+    forked = bench.sieve_way(model, layer, rows, ivs, 6, "cpu", fork=True, summary=work)
+    assert forked == ours and work[0].reused > 0
