@@ -915,7 +915,8 @@ def default_batch_size(model_or_device: Any, positions: int | None = None) -> in
     hf = underlying(model)
     placed = (getattr(hf, "hf_device_map", None) or {}).values()  # accelerate's map: GPU indices, "cpu", "disk"
     devices = {torch.device("cuda", d) if isinstance(d, int) else torch.device(d) for d in placed
-               if d not in ("cpu", "disk")} or {device}
+               if d not in ("cpu", "disk")}
+    devices = {d for d in devices if d.type == "cuda"} or {device}
     free = min(_cuda_free(d) for d in devices)
     dtype = getattr(hf, "dtype", None)
     size = dtype.itemsize if isinstance(dtype, torch.dtype) else next(hf.parameters()).element_size()

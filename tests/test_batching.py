@@ -76,10 +76,10 @@ def test_default_batch_size_on_cuda_fits_half_the_free_memory(gpus):
     gpus["reserved"][0], gpus["allocated"][0] = 12 * 2**30, 2 * 2**30
     assert default_batch_size(m, positions=600) == rows_that_fit(m.config, 600, 2, 25 * 2**30) // 16 * 16 == 144
     gpus["reserved"][0] = gpus["allocated"][0] = 0
-    # A model over two GPUs: the fuller one decides; CPU-offloaded layers do not count.
+    # A model over two GPUs: the fuller one decides; layers on the CPU, disk or elsewhere do not count.
     gpus["free"][1] = 10 * 2**30
     split = _FakeCuda(_llama8b(), device_map={"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1,
-                                              "lm_head": "cpu"})
+                                              "model.layers.2": "disk", "model.norm": "meta", "lm_head": "cpu"})
     assert default_batch_size(split, positions=600) == rows_that_fit(split.config, 600, 2, 5 * 2**30) // 16 * 16 == 16
     # Too long to fit even 16: fewer rows, never more than fit (a single row too long fails as it would alone).
     gpus["free"][0] = 2**30
