@@ -160,17 +160,12 @@ def parts_for(model, layer: int, gate_rate: float | None = None) -> Parts:
 def _neutral_scores(model, layer: int, directions: torch.Tensor) -> torch.Tensor:
     """``[tokens, k]``: the layer's outputs on held-out neutral prompts (the world's neutral set past
     those the sweep uses), each real token (not padding, not BOS) projected on each direction."""
-    from sieve.detectors import _layer_outputs
+    from sieve.detectors import token_activations
     from sieve.prompts import WORLD_PROMPTS_DIR
 
     neutral = [json.loads(x)["prompt"] for x in (WORLD_PROMPTS_DIR / "neutral.jsonl").read_text().splitlines()
                if x.strip()][-40:]
-    out = []
-    for i in range(0, len(neutral), 8):
-        h, enc = _layer_outputs(model, neutral[i : i + 8], layer)
-        real = eligible_mask(enc["input_ids"], enc["attention_mask"], model.tokenizer.bos_token_id).cpu()
-        out.append(h[real] @ directions)
-    return torch.cat(out)
+    return torch.cat(token_activations(model, neutral, layer, batch_size=8, progress=False)) @ directions
 
 
 def sync(device: str) -> None:

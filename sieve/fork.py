@@ -70,7 +70,7 @@ from typing import Any
 import torch
 from tqdm.std import tqdm
 
-from sieve.generation import Completion, _prepare, _Prepared, _Record, _run_batches
+from sieve.generation import Completion, _on_cpu, _prepare, _Prepared, _Record, _run_batches
 from sieve.interventions import Always, Row, Steerer
 from sieve.models import _last_logits_only
 
@@ -325,13 +325,10 @@ def generate_forked(
     reuse: dict[int, Any] = {}
     # Kept keys and values cost device memory (for an 8B model, megabytes per token of a row): kept on a
     # CPU, where a prefix read again costs as much as dozens of decode steps; a GPU reads it again.
-    from sieve.models import underlying
-
-    on_cpu = next(underlying(model).parameters()).device.type == "cpu"
     trajectories = _run_batches(model, prep, list(rep), max_new_tokens=max_new_tokens, top_p=top_p,
                                 batch_size=batch_size, rows={r: () for r in rep}, record_layers=record_layers,
                                 on_outs=on_outs, share_prefill=share_prefill,
-                                kv_cache=kv_cache, drop_ended=drop_ended, keep_kv=share_prefill and on_cpu)
+                                kv_cache=kv_cache, drop_ended=drop_ended, keep_kv=share_prefill and _on_cpu(model))
     summary.trajectories = len(trajectories)
     # 2. the rest, forked or in full, batched together by fed length
     rest = full + list(fed)

@@ -765,8 +765,14 @@ def drops_ended(model, drop_ended: bool | None) -> bool:
         (True, False)
     """
     if drop_ended is None:
-        drop_ended = next(underlying(model).parameters()).device.type == "cpu"
+        drop_ended = _on_cpu(model)
     return bool(drop_ended) and _cache_kinds(model)[0]
+
+
+def _on_cpu(model) -> bool:
+    """Whether ``model`` runs on a CPU: where the savings that cost device memory or a host sync per
+    step are on by default (rows leaving their batch, forked rows reading kept keys and values)."""
+    return next(underlying(model).parameters()).device.type == "cpu"
 
 
 def _keep_kv(record: _Record, cache: Any, places: Tensor, rows: Tensor, pads: list[int]) -> None:
