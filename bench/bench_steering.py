@@ -442,12 +442,18 @@ def recipe_rows(prompts: int, cache: Path | None, recipe: Path | None = None):
 
 
 # The engine before and after: each saving can be switched off (the same completions either way).
-# ``drop_ended=None`` is the default: rows leave their batch on a CPU, not on a GPU (see ENGINES).
-BEFORE = dict(share_prefill=False, kv_cache="hf", drop_ended=False)
-AFTER = dict(share_prefill=True, kv_cache="grow", drop_ended=None)
-# The engine's savings one at a time (``--engines``): which of them pays on this device.
+# ``drop_ended=None`` and ``cascade=None`` are the defaults: rows leave their batch, and a shared
+# prompt's keys are read once per step, on a CPU, not on a GPU (see ENGINES).
+BEFORE = dict(share_prefill=False, kv_cache="hf", drop_ended=False, cascade=False)
+AFTER = dict(share_prefill=True, kv_cache="grow", drop_ended=None, cascade=None)
+# The engine's savings one at a time (``--engines``): which of them pays on this device. The cascade
+# needs the shared prefill and the growing cache: "cascade" is those two with it.
 ENGINES = {"none": BEFORE, "share": dict(BEFORE, share_prefill=True), "grow": dict(BEFORE, kv_cache="grow"),
-           "drop": dict(BEFORE, drop_ended=True), "default": AFTER, "default+drop": dict(AFTER, drop_ended=True),
+           "drop": dict(BEFORE, drop_ended=True),
+           "share+grow": dict(BEFORE, share_prefill=True, kv_cache="grow"),
+           "cascade": dict(BEFORE, share_prefill=True, kv_cache="grow", cascade=True),
+           "default": AFTER, "default-cascade": dict(AFTER, cascade=False),
+           "default+drop": dict(AFTER, drop_ended=True), "default+cascade": dict(AFTER, cascade=True),
            "default@128": dict(AFTER, batch_size=128)}
 
 

@@ -215,7 +215,8 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, part: tuple[int,
                   top_p=recipe.sweep.top_p, seeds=[r.seed for r in batch], stop=recipe.sweep.stop, batch_size=bs,
                   progress=False, on_batch=bar.update, share_prefill=recipe.sweep.share_prefill,
                   kv_cache=recipe.sweep.kv_cache,
-                  drop_ended=None if recipe.sweep.drop_ended == "auto" else recipe.sweep.drop_ended)
+                  drop_ended=None if recipe.sweep.drop_ended == "auto" else recipe.sweep.drop_ended,
+                  cascade=None if recipe.sweep.cascade == "auto" else recipe.sweep.cascade)
         if fork:
             outs, saved = generate_forked(setting.model, [p.text for p in prompts], [ivs[r.cell] for r in batch], **kw)
             if work is not None:

@@ -236,6 +236,7 @@ def generate_forked(
     share_prefill: bool = True,
     kv_cache: str = "grow",
     drop_ended: bool | None = None,
+    cascade: bool | None = None,
 ) -> tuple[list[Completion], ForkSummary]:
     """:func:`~sieve.generation.generate` (same arguments, same completions), doing only the work the
     gates cause: rows that share a prompt, temperature and seed share their unsteered trajectory until
@@ -328,7 +329,8 @@ def generate_forked(
     trajectories = _run_batches(model, prep, list(rep), max_new_tokens=max_new_tokens, top_p=top_p,
                                 batch_size=batch_size, rows={r: () for r in rep}, record_layers=record_layers,
                                 on_outs=on_outs, share_prefill=share_prefill,
-                                kv_cache=kv_cache, drop_ended=drop_ended, keep_kv=share_prefill and _on_cpu(model))
+                                kv_cache=kv_cache, drop_ended=drop_ended, keep_kv=share_prefill and _on_cpu(model),
+                                cascade=cascade)
     summary.trajectories = len(trajectories)
     # 2. the rest, forked or in full, batched together by fed length
     rest = full + list(fed)
@@ -339,7 +341,7 @@ def generate_forked(
         outs = _run_batches(model, prep, rest, max_new_tokens=max_new_tokens, top_p=top_p, batch_size=batch_size,
                             fed={j: f for j, f in fed.items() if continued.get(j)}, continued=continued,
                             on_batch=done, share_prefill=share_prefill, kv_cache=kv_cache,
-                            drop_ended=drop_ended, reuse=reuse)
+                            drop_ended=drop_ended, reuse=reuse, cascade=cascade)
         for j, o in outs.items():
             results[j] = o
             summary.tokens += len(o.token_ids) - continued.get(j, 0)

@@ -517,6 +517,7 @@ def _generate_batch(
     kv_cache: str = "grow",
     drop_ended: bool = True,
     reuse: list[tuple[list[tuple[Tensor, Tensor]], dict[int, Tensor]]] | None = None,
+    cascade: bool = False,
 ) -> list[Completion]:
     """One batch, everything already checked, listed and healed by :func:`generate`: every row its own
     prompt (tokenized, as fed), interventions, temperature, seed and heal.
@@ -530,7 +531,9 @@ def _generate_batch(
     ``kv_cache``: ``"grow"`` (:func:`sieve.kvcache.growing_cache`) or ``"hf"`` (HF's own).
     ``drop_ended``: rows that have ended leave the batch (:class:`_DropEnded`). ``reuse``: per row
     (every row continued), its prefix's keys and values and recorded layer outputs
-    (:func:`_reused_prefix`); ``record.keep_kv``: keep each row's keys and values for that."""
+    (:func:`_reused_prefix`); ``record.keep_kv``: keep each row's keys and values for that.
+    ``cascade``: a shared prefill's prefixes are read once per prefix at every step
+    (:func:`sieve.kvcache.cascade_attention`; ``grow`` only)."""
     tok = model.tokenizer
     hf = underlying(model)
     device = next(hf.parameters()).device
@@ -556,7 +559,8 @@ def _generate_batch(
     if reuse is not None and own and kv_reusable(model):
         shared = _reused_prefix(model, enc, rows, token_ids, reuse, steps + 1, grow)
     else:
-        shared = _shared_prefix(model, enc, rows, token_ids, record, steps + 1, grow) if share_prefill and own else None
+        shared = _shared_prefix(model, enc, rows, token_ids, record, steps + 1, grow, cascade) \
+            if share_prefill and own else None
     steer = Steerer(rows, enc, tok) if shared is None else shared[1]
     cache = shared[0] if shared is not None else _new_cache(model, steps + 1, True) if grow and own else None
     extra: dict[str, Any] = {} if cache is None else {"past_key_values": cache}
@@ -600,8 +604,13 @@ def _generate_batch(
         # then warns that the loop was cut short. Nothing follows the loop in the trace: the tokens are
         # read from the tracker, so the warning says nothing here.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
-        with model.generate(enc, generation_config=gc, logits_processor=processors,
-                            stopping_criteria=StoppingCriteriaList([tracker]), **extra) as tracer:
+        cascading = contextlib.nullcontext()
+        if cache is not None and any(type(layer).__name__ == "CascadeLayer" for layer in cache.layers):
+            from sieve.kvcache import cascade_cache
+
+            cascading = cascade_cache(model, cache)
+        with cascading, model.generate(enc, generation_config=gc, logits_processor=processors,
+                                       stopping_criteria=StoppingCriteriaList([tracker]), **extra) as tracer:
             for step in tracer.iter[:steps]:
                 if record is not None:
                     record.read(model, present=lambda: tracker.present)
@@ -664,7 +673,8 @@ def _new_cache(model, extra: int, grow: bool):
 
 
 def _shared_prefix(model, enc: dict[str, Tensor], rows: list[Row], token_ids: list[list[int]],
-                   record: _Record | None, extra: int, grow: bool) -> tuple[Any, Steerer, dict[int, Tensor]] | None:
+                   record: _Record | None, extra: int, grow: bool,
+                   cascade: bool = False) -> tuple[Any, Steerer, dict[int, Tensor]] | None:
     """Read each distinct prompt prefix of a batch once. Rows with the same ids and the same interventions
     (the samples of one prompt in a sweep, under one cell) compute the same prefill: the prompt's
     positions but the last are run once per distinct row, under a :class:`Steerer` of those rows, into
@@ -673,10 +683,14 @@ def _shared_prefix(model, enc: dict[str, Tensor], rows: list[Row], token_ids: li
     for every row. Returns (cache, the batch's Steerer, per recorded layer the prefix outputs ``[B,
     W-1, D]``), or None where nothing is shared (every row distinct, a one-token prompt, or a model
     whose cache is not a :class:`~transformers.DynamicCache`). ``grow``: the cache is
-    :func:`sieve.kvcache.growing_cache` (room for ``extra`` more positions), else HF's own.
+    :func:`sieve.kvcache.growing_cache` (room for ``extra`` more positions), else HF's own. ``cascade``
+    (with ``grow``): the prefixes are not copied to every row but kept once
+    (:class:`sieve.kvcache.CascadeLayer`), and generation reads them once per prefix for all its rows
+    (:func:`sieve.kvcache.cascade_attention`, under :func:`sieve.kvcache.cascade_cache`).
 
     The result is the same computation split in two; floating-point sums over a smaller batch and a
-    shorter sequence can differ in their last bits, as a different batch composition's do."""
+    shorter sequence can differ in their last bits, as a different batch composition's do (and, with
+    ``cascade``, the attention's sums, merged from a prefix part and a row part)."""
     width = enc["input_ids"].shape[1]
     if width < 2:
         return None
@@ -711,7 +725,12 @@ def _shared_prefix(model, enc: dict[str, Tensor], rows: list[Row], token_ids: li
     if cache.get_seq_length() != width - 1:  # pragma: no cover - the model did not fill the cache
         return None
     idx = torch.tensor(index)
-    _select_rows(cache, idx)
+    if cascade and grow:
+        from sieve.kvcache import to_cascade
+
+        to_cascade(cache, idx, extra)
+    else:
+        _select_rows(cache, idx)
     outputs = {L: v[0][idx.to(v[0].device)] for L, v in prefix.outputs.items()} if prefix is not None else {}
     return cache, steer_u.take(index, enc), outputs
 
@@ -769,6 +788,28 @@ def drops_ended(model, drop_ended: bool | None) -> bool:
     return bool(drop_ended) and _cache_kinds(model)[0]
 
 
+def cascades(model, cascade: bool | None) -> bool:
+    """Whether a shared prefill's prompt prefixes are read once per prefix at every decode step
+    (:func:`sieve.kvcache.cascade_attention`) for ``model``: ``None`` (the default) means where the
+    model runs on a CPU, where a decode step's attention reads every row's keys and values from memory
+    and the samples of one prompt read the same prompt keys; ``True`` asks for it on any device. Never
+    where the model's attention is not SDPA or soft-caps its logits, or its cache is not sieve's
+    (:func:`sieve.kvcache.cascades`). Rows move by float noise: the attention's sums run in another order.
+
+    Example:
+        >>> from sieve.world import load_world
+        >>> cascades(load_world().model, None), cascades(load_world().model, False)
+        (True, False)
+    """
+    if cascade is None:
+        cascade = _on_cpu(model)
+    if not cascade:
+        return False
+    from sieve.kvcache import cascades as possible
+
+    return possible(model)
+
+
 def _on_cpu(model) -> bool:
     """Whether ``model`` runs on a CPU: where the savings that cost device memory or a host sync per
     step are on by default (rows leaving their batch, forked rows reading kept keys and values)."""
@@ -778,9 +819,12 @@ def _on_cpu(model) -> bool:
 def _keep_kv(record: _Record, cache: Any, places: Tensor, rows: Tensor, pads: list[int]) -> None:
     """Copy the keys and values of the rows held at ``places`` (batch rows ``rows[places]``) into
     ``record.kv``: their positions after the left padding, as far as the cache is filled."""
+    from sieve.kvcache import CascadeLayer
+
     for p in places.tolist():
         r = int(rows[p])
-        record.kv[r] = [(layer.keys[p, :, pads[r]:].clone(), layer.values[p, :, pads[r]:].clone())
+        record.kv[r] = [layer.row_kv(p, pads[r]) if isinstance(layer, CascadeLayer)
+                        else (layer.keys[p, :, pads[r]:].clone(), layer.values[p, :, pads[r]:].clone())
                         for layer in cache.layers]
 
 
@@ -1037,6 +1081,7 @@ def _run_batches(
     drop_ended: bool | None = None,
     keep_kv: bool = False,
     reuse: dict[int, tuple[list[tuple[Tensor, Tensor]], dict[int, Tensor]]] | None = None,
+    cascade: bool | None = None,
 ) -> dict[int, Completion]:
     """Generate rows ``idx`` of ``prep`` in batches of similar fed length (``fed`` overrides a row's
     ids, ``continued`` says how many of them it already generated, ``rows`` its interventions);
@@ -1044,7 +1089,7 @@ def _run_batches(
     ``record_layers(batch)`` names layers whose outputs to record for a batch; ``on_outs(batch, record,
     completions)`` gets them (record None where none was asked for) once the batch is done; ``keep_kv``:
     the record keeps each row's keys and values too. ``reuse``: rows whose prefix is read from their
-    trajectory (:func:`_reused_prefix`), batched apart from the others."""
+    trajectory (:func:`_reused_prefix`), batched apart from the others. ``cascade``: :func:`cascades`."""
     fed = fed or {}
     reuse = reuse or {}
     continued = continued or {}
@@ -1074,6 +1119,7 @@ def _run_batches(
     # With drop_ended, rows leave their batch when they end (at their budget at the latest), so rows of
     # any budget share batches by length alone.
     drop_ended = drops_ended(model, drop_ended)
+    cascade = share_prefill and kv_cache == "grow" and cascades(model, cascade)
     order = sorted(idx, key=(lambda j: (j in reuse, -budget(j), *same(j))) if continued and not drop_ended
                    else lambda j: (j in reuse, *same(j)))
     # Without drop_ended, a batch runs every row for its largest budget: with learned positions (GPT-2),
@@ -1104,7 +1150,7 @@ def _run_batches(
                 heals=[prep.heals[j] for j in batch], gates_opened=[prep.gates_opened[j] for j in batch],
                 continued=[continued.get(j, 0) for j in batch] if continued else None, record=record,
                 share_prefill=share_prefill, kv_cache=kv_cache, drop_ended=drop_ended,
-                reuse=[reuse[j] for j in batch] if batch[0] in reuse else None,
+                reuse=[reuse[j] for j in batch] if batch[0] in reuse else None, cascade=cascade,
             )
         except torch.cuda.OutOfMemoryError:
             if bs == 1 or batch_size is not None:
@@ -1140,6 +1186,7 @@ def generate(
     share_prefill: bool = True,
     kv_cache: str = "grow",
     drop_ended: bool | None = None,
+    cascade: bool | None = None,
 ) -> list[Completion]:
     """Generate for every prompt with its own interventions, in batches, edited at every step.
 
@@ -1173,6 +1220,10 @@ def generate(
     each row computes what it computed in the full batch (bit for bit on CPU float32 in sieve's tests; a
     smaller batch may take other GPU kernels, which can flip a bf16 near-tie as another batch
     composition can). ``False``: every row runs until its batch's last row ends.
+    ``cascade``: with a shared prefill, the rows sharing a prompt read its keys once at every decode
+    step, stacked against the prompt's keys (:func:`sieve.kvcache.cascade_attention`), instead of each
+    row reading its own copy (``None``, the default, where the model runs on a CPU: :func:`cascades`).
+    The same completions up to float noise: each row's attention is summed in two parts, merged.
 
     :func:`sieve.fork.generate_forked` gives the same completions doing only the work gates cause.
 
@@ -1197,7 +1248,7 @@ def generate(
 
     results = _run_batches(model, prep, range(n), max_new_tokens=max_new_tokens, top_p=top_p,
                            batch_size=batch_size, on_batch=done, share_prefill=share_prefill, kv_cache=kv_cache,
-                           drop_ended=drop_ended)
+                           drop_ended=drop_ended, cascade=cascade)
     bar.close()
     return [results[j] for j in range(n)]
 

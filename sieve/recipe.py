@@ -128,10 +128,12 @@ class SweepSpec:
     prompt and interventions (the samples of a prompt) read the prompt once; ``kv_cache``: ``grow``
     (keys and values written into room kept ahead, :mod:`sieve.kvcache`) or ``hf`` (HF's own cache,
     copied at every step); ``drop_ended``: rows that have ended leave their batch while the others go
-    on (``"auto"``: where the model runs on a CPU). None of the four changes what rows are, only the
-    work (the shared prefill up to float noise, and a smaller batch on a GPU may flip a bf16 near-tie,
-    :func:`sieve.generation.generate`; ``false``/``hf``: the engine before them, for side-by-side
-    timing)."""
+    on (``"auto"``: where the model runs on a CPU); ``cascade``: with the shared prefill, the rows
+    sharing a prompt read its keys and values once per decode step (:func:`sieve.kvcache.cascade_attention`;
+    ``"auto"``: where the model runs on a CPU). None of the five changes what rows are, only the work
+    (the shared prefill and the cascade up to float noise, and a smaller batch on a GPU may flip a bf16
+    near-tie, :func:`sieve.generation.generate`; ``false``/``hf``: the engine before them, for
+    side-by-side timing)."""
 
     methods: list[str] = field(default_factory=lambda: [UNSTEERED])
     scales: dict[str, list[float]] = field(default_factory=dict)
@@ -146,6 +148,7 @@ class SweepSpec:
     share_prefill: bool = True
     kv_cache: Literal["grow", "hf"] = "grow"
     drop_ended: Literal["auto"] | bool = "auto"
+    cascade: Literal["auto"] | bool = "auto"
 
 
 @dataclass
@@ -567,11 +570,11 @@ def save_recipe(r: Recipe, path: str | Path) -> Path:
 def recipe_hash(r: Recipe) -> str:
     """A short hash of the validated recipe's content (independent of formatting and comments, and of
     ``[output]`` and ``[launch]``: the same study written to another folder, or run on other machines,
-    is the same run; nor of ``sweep.fork``, ``sweep.share_prefill``, ``sweep.kv_cache`` and
-    ``sweep.drop_ended``, which change how rows are made, not what they are)."""
+    is the same run; nor of ``sweep.fork``, ``sweep.share_prefill``, ``sweep.kv_cache``,
+    ``sweep.drop_ended`` and ``sweep.cascade``, which change how rows are made, not what they are)."""
     d = recipe_dict(r)
     d.pop("output", None)
     d.pop("launch", None)
-    for key in ("fork", "share_prefill", "kv_cache", "drop_ended"):
+    for key in ("fork", "share_prefill", "kv_cache", "drop_ended", "cascade"):
         d.get("sweep", {}).pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
