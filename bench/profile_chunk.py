@@ -1,7 +1,7 @@
 """Where a default run's time goes, on one chunk of its rows. One command, shares from one run.
 
     python bench/profile_chunk.py [--recipe recipes/regex.toml] [--cache runs/cache] [--groups 64]
-                                  [--batch-sizes 64,128,256] [--plain-profile]
+                                  [--batch-sizes 64,128,256] [--plain-profile] [--exactness] [--cascade N]
 
 1. **The chunk**: the first ``--groups`` (prompt, sample) groups of the recipe's plan, every cell, as
    ``recipes.regex`` makes a chunk with ``sweep.fork`` (64 groups: 4 prompts × 16 samples × the cells).
@@ -20,6 +20,10 @@
 5. ``--exactness``: the chunk generated with its prefill shared and with every row's own (growing
    cache both): the rows that differ; and, on its distinct prompts, how far the last prompt
    position's logits move when it is read over the cache of the others instead of in one prefill.
+6. ``--cascade N``: the chunk with cascade attention (the default on a CPU) and without it, ``N``
+   interleaved runs each: the times, the rows that differ (float noise: the attention summed in two
+   parts), and under the torch profiler the share of each run's CPU time in attention kernels and in
+   the matmuls (``addmm``: the layers' projections and MLPs; ``mm``: the LM head).
 """
 
 from __future__ import annotations
@@ -90,6 +94,24 @@ def timed_batches(model, texts, ivs, kw, batch_size, **engine):
         g.RowTracker.__call__ = real_tracker
 
 
+_ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+                  "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention")
+
+
+def op_shares(model, texts, ivs, kw, batch_size, **engine) -> dict:
+    """One run of the chunk under the torch profiler: the shares of its self CPU time in attention
+    kernels, ``addmm`` and ``mm``."""
+    with torch.profiler.profile() as prof:
+        timed_batches(model, texts, ivs, kw, batch_size, **engine)
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev) or 1
+
+    def share(*keys: str) -> float:
+        return sum(e.self_cpu_time_total for e in ev if e.key in keys) / total
+
+    return {"attention": share(*_ATTENTION_OPS), "addmm": share("aten::addmm"), "mm": share("aten::mm")}
+
+
 def plain_profile(model, texts: list[str], n: int) -> dict:
     from sieve.models import pad_id, pad_left, tokenize_prompts, underlying
 
@@ -152,6 +174,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="", help="comma-separated batch sizes to time the chunk at")
     ap.add_argument("--plain-profile", action="store_true")
     ap.add_argument("--exactness", action="store_true")
+    ap.add_argument("--cascade", type=int, default=0, metavar="N",
+                    help="time the chunk with and without cascade attention, N interleaved runs each")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     from recipes.regex import evaluate_row
@@ -202,6 +226,27 @@ def main() -> None:
         print(f"plain HF generate, batch {p['batch']} x {p['width']} prompt tokens, {p['new_tokens']} new tokens: "
               f"{p['generate_s']:.2f}s; one prefill forward {p['prefill_s']:.2f}s ({100 * p['prefill_share']:.0f}%); "
               f"aten::cat {100 * p['cat_share']:.0f}% of the profiled CPU time")
+    if args.cascade:
+        import statistics
+
+        runs: dict[bool, list[float]] = {True: [], False: []}
+        toks: dict[bool, list] = {}
+        for _ in range(args.cascade):
+            for c in (False, True):
+                o, _, t, _ = timed_batches(model, texts, ivs, kw, bs, cascade=c)
+                runs[c].append(t)
+                toks[c] = [(x.token_ids, x.counts) for x in o]
+        on, off = statistics.median(runs[True]), statistics.median(runs[False])
+        res["cascade"] = {"on_s": runs[True], "off_s": runs[False], "speedup": off / on,
+                          "differ": sum(a != b for a, b in zip(toks[True], toks[False])),
+                          "ops_on": op_shares(model, texts, ivs, kw, bs, cascade=True),
+                          "ops_off": op_shares(model, texts, ivs, kw, bs, cascade=False)}
+        c = res["cascade"]
+        print(f"cascade attention: chunk {on:.2f}s with, {off:.2f}s without ({c['speedup']:.2f}x, medians of "
+              f"{args.cascade}); {c['differ']} of {len(texts)} rows differ; attention kernels "
+              f"{100 * c['ops_off']['attention']:.0f}% of the profiled CPU time without, "
+              f"{100 * c['ops_on']['attention']:.0f}% with (addmm {100 * c['ops_off']['addmm']:.0f}%/"
+              f"{100 * c['ops_on']['addmm']:.0f}%, mm {100 * c['ops_off']['mm']:.0f}%/{100 * c['ops_on']['mm']:.0f}%)")
     if args.exactness:
         from sieve.generation import generate
 
