@@ -7,6 +7,12 @@ new tokens after 172-token prompts), ``aten::cat`` was 28% of plain ``generate``
 full-attention layers here write into buffers with room kept ahead and hand out views of the filled
 part: the same keys and values, the same attention, no copy. Imported only where generation runs
 (importing transformers is slow).
+
+Cascade attention (:class:`CascadeLayer`, :func:`cascade_attention`): where rows share a prompt prefix
+(the samples of one prompt), the prefix's keys and values are kept once and, at every decode step, read
+once for all its rows; each row's own positions are attended apart and the two parts merged by their
+log-sum-exp. The same attention summed in another order (float noise); on the default run's first
+chunk on a CPU, attention went from 36% to 23% of the profiled time (``bench/profile_chunk.py --cascade``).
 """
 
 from __future__ import annotations
