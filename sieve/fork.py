@@ -238,7 +238,9 @@ def generate_forked(
     drop_ended: bool | None = None,
     cascade: bool | None = None,
 ) -> tuple[list[Completion], ForkSummary]:
-    """:func:`~sieve.generation.generate` (same arguments, same completions), doing only the work the
+    """:func:`~sieve.generation.generate` (same arguments, same completions; with ``cascade``, on by
+    default on a CPU, a forked row and its full twin differ by float noise: the forked row attends over
+    its kept keys whole, the full one in two parts), doing only the work the
     gates cause: rows that share a prompt, temperature and seed share their unsteered trajectory until
     their interventions first edit (module docstring). Returns the completions in input order and a
     :class:`ForkSummary` of the work saved.

@@ -175,10 +175,18 @@ class CascadeLayer(GrowingLayer):
     def get_seq_length(self) -> int:
         return self.prefix_keys.shape[-2] + self._filled()
 
+    is_croppable = False  # a prefix shared by rows cannot be cut for one of them
+
     def batch_select_indices(self, indices: Tensor) -> None:
-        """Keep rows ``indices`` (rows leaving a batch): their groups and their own positions."""
+        """Keep rows ``indices`` (rows leaving a batch): their groups and their own positions; prefixes
+        no row uses any more are let go (the others renumbered, copied once here, not at every step)."""
         idx = indices.to(self.groups.device)
-        self.groups = self.groups[idx]
+        groups = self.groups[idx]
+        used = torch.unique(groups)
+        if used.numel() < self.prefix_keys.shape[0]:
+            self.prefix_keys, self.prefix_values = self.prefix_keys[used], self.prefix_values[used]
+            groups = torch.searchsorted(used, groups)
+        self.groups = groups
         self._blocks = None
         if self.keys is not None and self.keys.numel():
             super().batch_select_indices(indices)
@@ -222,7 +230,10 @@ def cascade_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, at
     """HF attention (the ``sieve_cascade`` implementation) for a :class:`CascadeLayer`: ``key``/``value``
     are the rows' own positions; the prefix is read from the active cascade cache
     (:func:`cascade_cache`), once per prefix for all its rows. The mask is :func:`sdpa_mask`'s over the
-    whole (prefix + own) length. Any other layer is left to SDPA. Returns ``[B, q, H, D]`` as SDPA's."""
+    whole (prefix + own) length. Any other layer is left to SDPA. Returns ``[B, q, H, D]`` as SDPA's.
+    Both parts run on torch's CPU flash kernel where the model is on a CPU and no prefix is all padding,
+    otherwise in plain torch in float32; the rows of a prefix are padded to its largest group (rows of
+    one prompt that a batch boundary or leaving rows split cost some extra prefix work)."""
     cache = _ACTIVE.get()
     layer_idx = getattr(module, "layer_idx", None)
     layer = cache.layers[layer_idx] if cache is not None and layer_idx is not None else None
@@ -281,16 +292,17 @@ def _flash_part(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: flo
 
 
 def _math_part(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    """:func:`_flash_part` in plain torch (any device; a row wholly masked has no mass: log-sum-exp -inf)."""
-    sc = torch.matmul(q * scale, k.transpose(-1, -2)).float()
+    """:func:`_flash_part` in plain torch, in float32 whatever the inputs' dtype (any device; a row wholly
+    masked has no mass: log-sum-exp -inf)."""
+    sc = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
     if mask is not None:
         sc = sc.masked_fill(~mask, -torch.inf)
     m = sc.amax(-1, keepdim=True)
     m = m.masked_fill(m == -torch.inf, 0.0)
     e = torch.exp(sc - m)
     total = e.sum(-1, keepdim=True)
-    out = torch.matmul(e.to(v.dtype), v).float() / total.clamp_min(torch.finfo(torch.float32).tiny)
-    return out.to(q.dtype), (torch.log(total) + m).squeeze(-1)
+    out = torch.matmul(e, v.float()) / total.clamp_min(torch.finfo(torch.float32).tiny)
+    return out, (torch.log(total) + m).squeeze(-1)
 
 
 AttentionInterface.register(CASCADE, cascade_attention)
@@ -333,7 +345,8 @@ def to_cascade(cache: DynamicCache, groups: Tensor, extra: int) -> None:
 @contextlib.contextmanager
 def cascade_cache(model: Any, cache: Any) -> Iterator[None]:
     """Inside: ``model``'s attention is :func:`cascade_attention` over ``cache`` (its text config's
-    implementation switched, and restored after).
+    implementation switched, and restored after; the switch is the model's, so two cascade
+    generations of one model must not run at once in two threads).
 
     Example:
         >>> from sieve.world import load_world

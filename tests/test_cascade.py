@@ -66,10 +66,36 @@ def test_cascade_equals_sdpa_over_each_rows_whole_cache(Hq, Hkv, q, path, monkey
     layer.batch_select_indices(keep)
     got = _attend(layer, query[keep], layer.keys, layer.values, mask[keep])
     torch.testing.assert_close(got, want[keep], rtol=1e-5, atol=1e-5)
+    # every row of a prefix leaves: the prefix is let go, the others renumbered
+    then = torch.tensor([0, 2])
+    layer.batch_select_indices(then)
+    assert layer.prefix_keys.shape[0] == 2 and layer.groups.tolist() == [0, 1]
+    got = _attend(layer, query[keep][then], layer.keys, layer.values, mask[keep][then])
+    torch.testing.assert_close(got, want[keep][then], rtol=1e-5, atol=1e-5)
     # a row's whole keys and values, from a start position (a forked row reads them from its trajectory)
-    k, v = layer.row_kv(2, start=5)
+    k, v = layer.row_kv(1, start=5)
     torch.testing.assert_close(k, whole_k[4, :, 5:])
     torch.testing.assert_close(v, whole_v[4, :, 5:])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["flash", "math"])
+def test_cascade_in_half_precision_is_as_close_as_sdpa(dtype, path, monkeypatch):
+    """In bf16/fp16 the cascade is no further from the float32 attention than SDPA in that dtype is
+    (the plain-torch path, a GPU's, computes in float32)."""
+    if path == "math":
+        monkeypatch.setattr(kv, "_FLASH_CPU", None)
+    elif dtype == torch.float16:
+        pytest.skip("torch's CPU flash kernel takes float32 and bf16")
+    groups, pads = [1, 0, 0, 1, 1], [0, 4]
+    layer, query, own_k, own_v, mask, whole_k, whole_v = _case(8, 2, 1, groups, pads, P=40, T=12, D=32)
+    exact = _sdpa(query, whole_k, whole_v, mask)
+    half = CascadeLayer(layer.prefix_keys.to(dtype), layer.prefix_values.to(dtype), layer.groups, extra=1)
+    half.update(own_k.to(dtype), own_v.to(dtype))
+    got = _attend(half, query.to(dtype), half.keys, half.values, mask)
+    assert got.dtype == dtype
+    sdpa_err = (_sdpa(query.to(dtype), whole_k.to(dtype), whole_v.to(dtype), mask).float() - exact).abs().max()
+    assert (got.float() - exact).abs().max() <= 1.5 * sdpa_err
 
 
 def test_cascade_without_a_mask_and_with_packed_rows():
@@ -191,7 +217,15 @@ def test_the_cascade_is_off_where_asked_or_where_attention_is_not_sdpa(tiny_mode
         assert not cascades(llama, True)
     finally:
         cfg._attn_implementation = old
-    assert not cascades(tiny_models["gemma2"], True)
+    gemma = tiny_models["gemma2"]
+    assert not cascades(gemma, True)  # eager attention (its hub default)
+    gcfg = underlying(gemma).config
+    old = gcfg._attn_implementation
+    gcfg._attn_implementation = "sdpa"
+    try:
+        assert gcfg.attn_logit_softcapping and not cascades(gemma, True)  # soft-capped logits
+    finally:
+        gcfg._attn_implementation = old
 
 
 def test_forked_rows_read_their_prefix_from_a_cascade_trajectory(monkeypatch):
