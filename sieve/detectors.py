@@ -61,9 +61,10 @@ def _batches(n: int, size: int):
 def _layer_outputs(model, texts: list[str], layer_index: int) -> tuple[Tensor, dict[str, Tensor]]:
     enc = encode_prompts(model.tokenizer, texts)
     target = layer(model, layer_index)
-    with model.trace(enc, **_last_logits_only(model)):  # the layer's outputs only: the LM head for one position
+    with model.trace(enc, **_last_logits_only(model)) as tracer:  # the layer's outputs only
         out = target.output
         h = (out[0] if isinstance(out, tuple) else out).save()
+        tracer.stop()  # the layers after it, and the LM head, are never run
     return h.detach().float().cpu(), enc
 
 

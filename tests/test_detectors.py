@@ -98,3 +98,20 @@ def test_metrics_by_hand():
     m, lo, hi = mean_ci(vals)
     sd = math.sqrt(sum((v - m) ** 2 for v in vals) / 7)
     assert hi - m == pytest.approx(2.364624 * sd / math.sqrt(8), rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_layer_output_passes_stop_after_their_layer(arch, tiny_models):
+    """Detectors read one layer's outputs and the model stops there (the later layers and the LM head
+    never run): the outputs are those of the whole forward, bit for bit, at every layer."""
+    from sieve.detectors import _layer_outputs
+    from sieve.models import layer
+
+    model = tiny_models[arch]
+    texts = ["def f(x):\n    return x", "import re\n\npattern = re.compile(", "x ="]
+    for L in range(3):
+        got, enc = _layer_outputs(model, texts, L)
+        with torch.inference_mode(), model.trace(enc):  # the whole forward
+            out = layer(model, L).output
+            want = (out[0] if isinstance(out, tuple) else out).save()
+        assert torch.equal(got, want.float())
