@@ -604,11 +604,12 @@ def _generate_batch(
         # then warns that the loop was cut short. Nothing follows the loop in the trace: the tokens are
         # read from the tracker, so the warning says nothing here.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
-        cascading = contextlib.nullcontext()
-        if cache is not None and any(type(layer).__name__ == "CascadeLayer" for layer in cache.layers):
-            from sieve.kvcache import cascade_cache
+        cascading: Any = contextlib.nullcontext()
+        if cascade and cache is not None:
+            from sieve.kvcache import CascadeLayer, cascade_cache
 
-            cascading = cascade_cache(model, cache)
+            if any(isinstance(layer, CascadeLayer) for layer in cache.layers):
+                cascading = cascade_cache(model, cache)
         with cascading, model.generate(enc, generation_config=gc, logits_processor=processors,
                                        stopping_criteria=StoppingCriteriaList([tracker]), **extra) as tracer:
             for step in tracer.iter[:steps]:
@@ -738,12 +739,13 @@ def _shared_prefix(model, enc: dict[str, Tensor], rows: list[Row], token_ids: li
 _CACHE_KINDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _cache_kinds(model) -> tuple[bool, bool]:
-    """(whether rows can leave a batch, whether a forked row can reuse its trajectory's keys and values)
-    for ``model`` as its generation config stands: rows can leave where sieve builds the cache (no
-    static, offloaded or quantized cache named in the generation config) and every layer is a dynamic
-    one (full or sliding-window) and HF's decoding loop can be replaced; keys and values can be reused
-    where every layer also keeps all positions (no sliding window)."""
+def _cache_kinds(model) -> tuple[bool, bool, bool]:
+    """(whether rows can leave a batch, whether a forked row can reuse its trajectory's keys and values,
+    whether the cache has layers a cascade can share) for ``model`` as its generation config stands: rows
+    can leave where sieve builds the cache (no static, offloaded or quantized cache named in the
+    generation config) and every layer is a dynamic one (full or sliding-window) and HF's decoding loop
+    can be replaced; keys and values can be reused where every layer also keeps all positions (no
+    sliding window); a cascade needs a full-attention layer sieve grows (:class:`~sieve.kvcache.GrowingLayer`)."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     from sieve.kvcache import GrowingLayer
@@ -756,7 +758,8 @@ def _cache_kinds(model) -> tuple[bool, bool]:
         kinds = [type(layer) for layer in cache.layers] if cache is not None else []
         per_model[impl] = (bool(kinds) and hasattr(hf, "_prefill")
                            and all(k in (DynamicLayer, GrowingLayer, DynamicSlidingWindowLayer) for k in kinds),
-                           bool(kinds) and all(k in (DynamicLayer, GrowingLayer) for k in kinds))
+                           bool(kinds) and all(k in (DynamicLayer, GrowingLayer) for k in kinds),
+                           GrowingLayer in kinds)
     return per_model[impl]
 
 
@@ -783,9 +786,7 @@ def drops_ended(model, drop_ended: bool | None) -> bool:
         >>> drops_ended(load_world().model, None), drops_ended(load_world().model, False)
         (True, False)
     """
-    if drop_ended is None:
-        drop_ended = _on_cpu(model)
-    return bool(drop_ended) and _cache_kinds(model)[0]
+    return _auto(model, drop_ended) and _cache_kinds(model)[0]
 
 
 def cascades(model, cascade: bool | None) -> bool:
@@ -801,18 +802,22 @@ def cascades(model, cascade: bool | None) -> bool:
         >>> cascades(load_world().model, None), cascades(load_world().model, False)
         (True, False)
     """
-    if cascade is None:
-        cascade = _on_cpu(model)
-    if not cascade:
+    if not (_auto(model, cascade) and _cache_kinds(model)[2]):
         return False
-    from sieve.kvcache import cascades as possible
+    from sieve.kvcache import cascades as attention_cascades
 
-    return possible(model)
+    return attention_cascades(model)
+
+
+def _auto(model, switch: bool | None) -> bool:
+    """A saving's switch: ``None`` (its default) is on where ``model`` runs on a CPU."""
+    return _on_cpu(model) if switch is None else bool(switch)
 
 
 def _on_cpu(model) -> bool:
     """Whether ``model`` runs on a CPU: where the savings that cost device memory or a host sync per
-    step are on by default (rows leaving their batch, forked rows reading kept keys and values)."""
+    step, or are only measured there, are on by default (rows leaving their batch, forked rows reading
+    kept keys and values, cascade attention)."""
     return next(underlying(model).parameters()).device.type == "cpu"
 
 

@@ -168,9 +168,9 @@ class CascadeLayer(GrowingLayer):
     def __init__(self, prefix_keys: Tensor, prefix_values: Tensor, groups: Tensor, extra: int) -> None:
         super().__init__(extra)
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
-        self.groups = groups.to(prefix_keys.device)
-        self._blocks: tuple[Tensor, Tensor, Tensor] | None = None
-        self.all_slots = self.packed = False  # set by blocks()
+        self._blocks: tuple[Tensor, Tensor] | None = None
+        self.packed = False  # set by blocks()
+        self._use(groups.to(prefix_keys.device))
 
     def get_seq_length(self) -> int:
         return self.prefix_keys.shape[-2] + self._filled()
@@ -180,16 +180,19 @@ class CascadeLayer(GrowingLayer):
     def batch_select_indices(self, indices: Tensor) -> None:
         """Keep rows ``indices`` (rows leaving a batch): their groups and their own positions; prefixes
         no row uses any more are let go (the others renumbered, copied once here, not at every step)."""
-        idx = indices.to(self.groups.device)
-        groups = self.groups[idx]
+        self._use(self.groups[indices.to(self.groups.device)])
+        if self.keys is not None and self.keys.numel():
+            super().batch_select_indices(indices)
+
+    def _use(self, groups: Tensor) -> None:
+        """Rows now have prefixes ``groups``: prefixes no row uses are let go and the others renumbered
+        0..S-1, so every prefix kept is read (by index, never gathered at a step)."""
         used = torch.unique(groups)
         if used.numel() < self.prefix_keys.shape[0]:
             self.prefix_keys, self.prefix_values = self.prefix_keys[used], self.prefix_values[used]
             groups = torch.searchsorted(used, groups)
         self.groups = groups
         self._blocks = None
-        if self.keys is not None and self.keys.numel():
-            super().batch_select_indices(indices)
 
     def row_kv(self, row: int, start: int = 0) -> tuple[Tensor, Tensor]:
         """Row ``row``'s keys and values over all its positions from ``start`` (prefix, then its own)."""
@@ -197,24 +200,22 @@ class CascadeLayer(GrowingLayer):
         return (torch.cat([self.prefix_keys[g, :, start:], self.keys[row]], -2),
                 torch.cat([self.prefix_values[g, :, start:], self.values[row]], -2))
 
-    def blocks(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(the prefixes rows still use ``[S]``, their rows ``[S, G]`` (padded with a row of the same
-        prefix), and each row's place in that ``[S * G]`` layout ``[B]``), kept until rows leave."""
+    def blocks(self) -> tuple[Tensor, Tensor]:
+        """(each prefix's rows ``[S, G]`` (padded with a row of the same prefix), and each row's place in
+        that ``[S * G]`` layout ``[B]``), kept until rows leave."""
         if self._blocks is None:
             g = self.groups
             order = torch.argsort(g, stable=True)
-            slots, counts = torch.unique_consecutive(g[order], return_counts=True)
+            counts = torch.unique_consecutive(g[order], return_counts=True)[1]  # every prefix has rows: _use
             G = int(counts.max())
             starts = torch.cumsum(counts, 0) - counts
             within = torch.arange(g.numel(), device=g.device) - torch.repeat_interleave(starts, counts)
-            which = torch.repeat_interleave(torch.arange(slots.numel(), device=g.device), counts)
+            which = torch.repeat_interleave(torch.arange(counts.numel(), device=g.device), counts)
             rows = order[starts].repeat_interleave(G).view(-1, G).clone()  # padding: the prefix's first row
             rows[which, within] = order
             place = torch.empty_like(g)
             place[order] = which * G + within
-            self._blocks = (slots, rows, place)
-            self.all_slots = slots.numel() == self.prefix_keys.shape[0] and bool(
-                (slots == torch.arange(slots.numel(), device=g.device)).all())
+            self._blocks = (rows, place)
             self.packed = rows.numel() == g.numel() and bool((place == torch.arange(g.numel(), device=g.device)).all())
         return self._blocks
 
@@ -250,10 +251,8 @@ def cascade_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, at
     pk, pv = layer.prefix_keys, layer.prefix_values
     P = pk.shape[-2]
     scale = scaling if scaling is not None else D**-0.5
-    slots, rows, place = layer.blocks()
+    rows, place = layer.blocks()
     S, G = rows.shape
-    if not layer.all_slots:
-        pk, pv = pk[slots], pv[slots]
     # Masks (True: attend): each row's own positions [B, 1, q, T]; each prefix's [S, 1, q, P] (the rows
     # of one prefix have the same ids and padding). None: nothing masked.
     own = pre = None
@@ -310,9 +309,9 @@ AttentionMaskInterface.register(CASCADE, sdpa_mask)
 
 
 def cascades(model: Any) -> bool:
-    """Whether ``model`` can run :func:`cascade_attention`: its text config uses SDPA (whose masks and
-    semantics the cascade keeps) with no attention-logit soft-capping, and its cache has full-attention
-    layers sieve builds (:func:`growing_cache`).
+    """Whether ``model``'s attention can run as :func:`cascade_attention`: its text config uses SDPA
+    (whose masks and semantics the cascade keeps) with no attention-logit soft-capping. (Its cache must
+    also have full-attention layers sieve builds: :func:`sieve.generation.cascades` asks both.)
 
     Example:
         >>> from sieve.world import load_world
@@ -321,10 +320,7 @@ def cascades(model: Any) -> bool:
     """
     hf = underlying(model)
     cfg = hf.config.get_text_config()
-    if getattr(cfg, "_attn_implementation", None) != "sdpa" or getattr(cfg, "attn_logit_softcapping", None):
-        return False
-    cache = growing_cache(model, 1)
-    return cache is not None and any(type(layer) is GrowingLayer for layer in cache.layers)
+    return getattr(cfg, "_attn_implementation", None) == "sdpa" and not getattr(cfg, "attn_logit_softcapping", None)
 
 
 def to_cascade(cache: DynamicCache, groups: Tensor, extra: int) -> None:

@@ -106,8 +106,16 @@ def test_cascade_without_a_mask_and_with_packed_rows():
         layer, query, own_k, own_v, mask, whole_k, whole_v = _case(4, 4, q, groups, [0, 0])
         want = _sdpa(query, whole_k, whole_v, mask)
         got = _attend(layer, query, own_k, own_v, None)
-        assert layer.packed and layer.all_slots
+        assert layer.packed and layer.prefix_keys.shape[0] == layer.groups.unique().numel()  # every prefix read
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefixes_no_row_has_are_let_go():
+    """A cascade made with a prefix no row has keeps only the used ones, renumbered, and attends as SDPA."""
+    layer, query, own_k, own_v, mask, whole_k, whole_v = _case(4, 2, 1, [2, 2, 0], [0, 1, 3])
+    assert layer.prefix_keys.shape[0] == 2 and layer.groups.tolist() == [1, 1, 0]
+    torch.testing.assert_close(_attend(layer, query, own_k, own_v, mask), _sdpa(query, whole_k, whole_v, mask),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_a_prefix_that_is_all_padding_adds_nothing():
