@@ -280,7 +280,8 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, in
 
     The held-out loss and MMLU with ``sweep.fork``: cells a few at a time, one unsteered forward per
     batch of texts, and a steered forward only for the texts a cell's gate edits
-    (:func:`sieve.fork.forked_forward`); ``work`` adds up the texts reused."""
+    (:func:`sieve.fork.forked_forward`); harness tasks likewise, per request
+    (:func:`sieve.evals.lmeval.run_harness_cells`); ``work`` adds up the texts reused."""
     if recipe.eval.general == "none":
         return
     done = store.done_keys()
@@ -291,7 +292,7 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, in
         from sieve.evals.mmlu import load_mmlu
 
         questions = load_mmlu(recipe)  # once, not per cell
-    if recipe.sweep.fork and recipe.eval.general in ("loss", "mmlu"):
+    if recipe.sweep.fork and recipe.eval.general in ("loss", "mmlu", "lmeval"):
         from sieve.evals.ability import token_logprobs
         from sieve.evals.mmlu import mmlu_accuracy_cells
         from sieve.fork import forked_forward
@@ -300,7 +301,9 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, in
         for i in range(0, len(todo), _ABILITY_CELLS):
             group = todo[i : i + _ABILITY_CELLS]
             ivs = [c.intervention(setting.parts, recipe) for c in group]
-            if recipe.eval.general == "loss":
+            if recipe.eval.general == "lmeval":
+                rows, saved = harness_rows(recipe, setting, group, ivs, rh)
+            elif recipe.eval.general == "loss":
                 lps, saved = forked_forward(setting.model, setting.prompts.code, ivs, token_logprobs,
                                             batch_size=recipe.forward_batch_size)
                 rows = [AbilityRow.of(c, "loss", [float(-lp.mean()) for lp in v if lp.numel()], rh)
@@ -320,19 +323,45 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, in
         store.append([AbilityRow.of(cell, metric, values, rh, detail=detail)])
 
 
+def _harness_kwargs(recipe: Recipe) -> dict[str, Any]:
+    ev = recipe.eval
+    return dict(include_path=recipe.resolve(ev.lmeval_include) if ev.lmeval_include else None,
+                limit=ev.lmeval_limit or None, num_fewshot=None if ev.lmeval_fewshot < 0 else ev.lmeval_fewshot,
+                metric=ev.lmeval_metric)
+
+
+def _harness_result(out: dict[str, Any]) -> tuple[list[float], dict[str, Any]]:
+    for task, t in out["tasks"].items():
+        if any(isinstance(v, list) for v in t["values"]):
+            raise SieveError(f"eval.lmeval_metric: task {task!r} gives this metric per document as a pair the harness "
+                             "aggregates over the corpus (a perplexity); give a per-document score such as acc")
+    values = [v for t in out["tasks"].values() for v in t["values"]]
+    detail = {"tasks": {k: t["metrics"] for k, t in out["tasks"].items()}, "gate": out["gate"]}
+    return values, {"detail": json.dumps(detail, sort_keys=True)}
+
+
 def harness_values(recipe: Recipe, setting, iv) -> tuple[list[float], dict[str, Any]]:
     """lm-evaluation-harness tasks under one cell's intervention: the per-document values of the
     recipe's metric over all its tasks, and the per-task scores and gate counts as JSON."""
     from sieve.evals.lmeval import SteeredLM, run_harness
 
-    ev = recipe.eval
     lm = SteeredLM(model=setting.model, intervention=iv, layer=setting.layer, batch_size=recipe.forward_batch_size)
-    out = run_harness(lm, ev.lmeval_tasks, include_path=recipe.resolve(ev.lmeval_include) if ev.lmeval_include else None,
-                      limit=ev.lmeval_limit or None, num_fewshot=None if ev.lmeval_fewshot < 0 else ev.lmeval_fewshot,
-                      metric=ev.lmeval_metric)
-    values = [v for t in out["tasks"].values() for v in t["values"]]
-    detail = {"tasks": {k: t["metrics"] for k, t in out["tasks"].items()}, "gate": out["gate"]}
-    return values, {"detail": json.dumps(detail, sort_keys=True)}
+    return _harness_result(run_harness(lm, recipe.eval.lmeval_tasks, **_harness_kwargs(recipe)))
+
+
+def harness_rows(recipe: Recipe, setting, group: list[Cell], ivs: list, rh: str):
+    """The harness tasks under a group of cells at once, forked (:func:`sieve.evals.lmeval.run_harness_cells`:
+    one unsteered run, and each cell's run only for the requests its gate edits): their ability rows,
+    and the work saved."""
+    from sieve.evals.lmeval import run_harness_cells
+
+    outs, saved = run_harness_cells(setting.model, ivs, recipe.eval.lmeval_tasks, layer=setting.layer,
+                                    batch_size=recipe.forward_batch_size, **_harness_kwargs(recipe))
+    rows = []
+    for c, out in zip(group, outs):
+        values, extra = _harness_result(out)
+        rows.append(AbilityRow.of(c, f"lmeval:{recipe.eval.lmeval_metric}", values, rh, detail=extra["detail"]))
+    return rows, saved
 
 
 def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = False) -> pl.DataFrame:

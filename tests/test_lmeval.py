@@ -80,14 +80,40 @@ metric_list:
 """
 
 
+# The same generations, sampled at temperature 1 (never reused by a forked run).
+SAMPLED_YAML = GEN_YAML.replace("task: world_gen", "task: world_sampled").replace(
+    "  max_gen_toks: 12", "  max_gen_toks: 12\n  do_sample: true\n  temperature: 1.0")
+
+# Each document's text as a rolling log-likelihood (perplexity): windows of log-likelihood requests.
+ROLLING_YAML = """task: world_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+"""
+
+
 def write_tasks(folder: Path) -> Path:
-    """A local harness task folder: two tasks over one JSON file (absolute path: the harness resolves
+    """A local harness task folder: four tasks over one JSON file (absolute path: the harness resolves
     ``data_files`` against the working directory)."""
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "world_docs.json"
     data.write_text(json.dumps(DOCS))
     (folder / "world_mc.yaml").write_text(MC_YAML.format(data=data))
     (folder / "world_gen.yaml").write_text(GEN_YAML.format(data=data))
+    (folder / "world_sampled.yaml").write_text(SAMPLED_YAML.format(data=data))
+    (folder / "world_ppl.yaml").write_text(ROLLING_YAML.format(data=data))
     return folder
 
 
@@ -219,16 +245,24 @@ def test_run_harness_returns_per_document_values(world, tasks):
 
 def test_regex_recipe_takes_its_general_ability_from_the_harness(tmp_path, detector_cache, tasks):  # noqa: F811
     """``eval.general = "lmeval"``: every cell of the sweep runs the harness tasks under its intervention,
-    into the same results table, summary and Pareto charts."""
-    out = tmp_path / "run"
-    _prepare(out, detector_cache)
+    into the same results table, summary and Pareto charts; forked (the default) and in full alike."""
     k, thr = import_re_feature()  # a gate that opens on the `import re` contexts of the task
-    ov = _overrides(out, **{"sweep.methods": '["unsteered","conditional_per_input"]', "eval.general": '"lmeval"',
-                            "eval.lmeval_tasks": '["world_mc"]', "eval.lmeval_include": f'"{tasks}"',
-                            "sae.feature": str(k), "sae.threshold": repr(thr)})
-    assert regex.main([str(ROOT / "recipes/regex.toml"), *ov, "--no-progress"]) == 0
-    ability = ResultStore(out / "ability").table().sort("method")
-    assert ability["method"].to_list() == ["conditional_per_input", "unsteered"]
+    tables = {}
+    for fork in ("false", "true"):
+        out = tmp_path / fork
+        _prepare(out, detector_cache)
+        ov = _overrides(out, **{"sweep.methods": '["unsteered","conditional_per_input"]', "eval.general": '"lmeval"',
+                                "eval.lmeval_tasks": '["world_mc"]', "eval.lmeval_include": f'"{tasks}"',
+                                "sae.feature": str(k), "sae.threshold": repr(thr), "sweep.fork": fork})
+        assert regex.main([str(ROOT / "recipes/regex.toml"), *ov, "--no-progress"]) == 0
+        tables[fork] = ResultStore(out / "ability").table().sort("key")
+    cols = ["key", "metric", "values", "detail"]
+    assert tables["true"].select(cols).equals(tables["false"].select(cols))
+    work = json.loads((out / "run.json").read_text())["sessions"][-1]["work"]
+    assert work["texts"] == len(DOCS) * 4  # one steered cell, four choices per document
+    assert 0 < work["texts_reused"] < work["texts"]
+    ability = tables["true"].sort("method")
+    assert ability["method"].to_list()[0] == "conditional_per_input" and ability["method"].to_list()[-1] == "unsteered"
     assert set(ability["metric"]) == {"lmeval:acc"}
     assert all(len(v) == len(DOCS) for v in ability["values"].to_list())
     detail = [json.loads(d) for d in ability["detail"]]
@@ -257,3 +291,119 @@ def test_lm_eval_command_line_with_recipe_model_args(tmp_path, detector_cache, t
     assert "acc,none" in data["results"]["world_mc"]
     args = data["config"]["model_args"]
     assert args["method"] == "conditional_per_input" and args["scale"] == -8.0
+
+
+# -- several cells at once, forked -----------------------------------------------------------------
+
+
+def _cells(world):
+    """Unsteered, a token gate, an input latch, both composed, and an always-on edit: the import-re
+    latent opens the gates on the `import re` documents only."""
+    k, thr = import_re_feature()
+    f = feature(world.sae, k)
+    w, b = f.linear()
+    token = Intervention("token", Edit("add", f.direction, -20.0), Detector(w, b, kind="sae"), threshold=thr)
+    latch = Intervention("input", Edit("add", world.feature.direction, -30.0), Detector(w, b, kind="sae"),
+                         threshold=thr)
+    always = Intervention("always", Edit("add", world.feature.direction, -3.0))
+    return [None, token, latch, [token, latch], always]
+
+
+def _same_responses(a, b, tol: float = 1e-5) -> bool:
+    """Per-document responses equal: texts exactly, log-likelihoods to float noise (a request run again
+    sits in another batch), greedy flags exactly."""
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_responses(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    return abs(float(a) - float(b)) <= tol * max(1.0, abs(float(a)))
+
+
+def test_forked_cells_give_each_cell_what_its_full_run_gives(world, tasks):
+    """run_harness_cells against every cell run in full: log-likelihoods (one-token and longer
+    continuations), rolling log-likelihoods and greedy generations; the same values, metrics,
+    responses and gate counts; some requests reused and some run again."""
+    from sieve.evals.lmeval import run_harness_cells
+
+    names = ["world_mc", "world_gen", "world_ppl"]
+    cells = _cells(world)
+    kw = dict(layer=world.layer, include_path=tasks, include_defaults=False, batch_size=4,
+              metric={"world_mc": "acc", "world_gen": "exact_match", "world_ppl": "word_perplexity"})
+    full, nothing = run_harness_cells(world.model, cells, names, fork=False, **kw)
+    forked, saved = run_harness_cells(world.model, cells, names, **kw)
+    assert nothing.texts == 0
+    for c, (a, b) in enumerate(zip(full, forked)):
+        assert a["gate"] == b["gate"], c
+        for t in names:
+            assert a["tasks"][t]["values"] == b["tasks"][t]["values"], (c, t)
+            assert _same_responses(a["tasks"][t]["responses"], b["tasks"][t]["responses"]), (c, t)
+            assert a["tasks"][t]["metrics"] == pytest.approx(b["tasks"][t]["metrics"], rel=1e-5), (c, t)
+    # The edits matter (a cell that reused everything would fail above) ...
+    for c in (1, 2, 3, 4):
+        assert not _same_responses(full[0]["tasks"]["world_mc"]["responses"], full[c]["tasks"]["world_mc"]["responses"])
+    # ... and the gates fire on some requests only: 4 steered cells, the always-gated one reuses nothing.
+    assert 0 < saved.texts_reused < saved.texts
+    per_cell = saved.texts // 4
+    assert saved.texts_reused <= 3 * per_cell
+
+
+def test_forked_reuses_greedy_generations_only(world, tasks):
+    """A gate that never fires: every greedy generation and log-likelihood is the unsteered one and is
+    reused; sampled generations are run again (reusing them would bias the cell's samples)."""
+    from sieve.evals.lmeval import run_harness_cells
+
+    never = Intervention("token", Edit("add", world.feature.direction, -30.0),
+                         Detector(torch.zeros_like(world.feature.direction), -1.0), threshold=0.0)
+    kw = dict(layer=world.layer, include_path=tasks, include_defaults=False, batch_size=4)
+    _, greedy = run_harness_cells(world.model, [None, never], ["world_gen", "world_mc"],
+                                  metric={"world_gen": "exact_match", "world_mc": "acc"}, **kw)
+    assert greedy.texts > len(DOCS) and greedy.texts_reused == greedy.texts
+    outs, sampled = run_harness_cells(world.model, [None, never], ["world_sampled"], metric="exact_match", **kw)
+    assert sampled.texts == len(DOCS) and sampled.texts_reused == 0
+    assert len(outs[1]["tasks"]["world_sampled"]["values"]) == len(DOCS)
+
+
+def test_forked_generation_runs_rows_whose_gate_opens_while_generating(world, tasks):
+    """A detector that fires on no prompt token of the task but on some tokens the model generates:
+    the rows where it fires while generating are run again (and differ), the others are reused."""
+    from sieve.evals.lmeval import SteeredLM, run_harness_cells
+
+    lm = SteeredLM(model=world.model, intervention=None, layer=world.layer, batch_size=8)
+    base = run_harness(lm, ["world_gen"], include_path=tasks, include_defaults=False, metric="exact_match")
+    texts = [r[0] if isinstance(r, list) else r for r in base["tasks"]["world_gen"]["responses"]]
+    tok = world.model.tokenizer
+
+    def states(text: str) -> torch.Tensor:
+        """One text's layer outputs, BOS left out (it never fires a gate)."""
+        enc = tok(text, return_tensors="pt")
+        with torch.inference_mode(), world.model.trace(dict(enc)):
+            h = world.model.layers[world.layer].output.save()
+        return h[0, int(enc["input_ids"][0, 0] == tok.bos_token_id):].float()
+
+    # A direction read off one generated token, whose threshold sits in the widest gap above every
+    # prompt token's score that splits the rows by their generated tokens' best score.
+    hp = [states(d["text"]) for d in DOCS]
+    hg = [states(d["text"] + t) for d, t in zip(DOCS, texts)]
+    best = None
+    for i in range(len(DOCS)):
+        for pos in range(hp[i].shape[0], hg[i].shape[0]):
+            w = hg[i][pos]
+            top = max(float((h @ w).max()) for h in hp)
+            gen = sorted(float((h[len(q):] @ w).max()) if h.shape[0] > len(q) else top for h, q in zip(hg, hp))
+            for lo, hi in zip(gen, gen[1:]):
+                lo = max(lo, top)
+                gap = (hi - lo) / (abs(hi) + abs(lo) + 1e-6)
+                if gap > 0 and (best is None or gap > best[0]):
+                    best = (gap, w, (hi + lo) / 2)
+    assert best is not None and best[0] > 0.01, "no direction splits the rows by their generated tokens"
+    _, w, thr = best
+    iv = Intervention("token", Edit("add", world.feature.direction, -30.0), Detector(w, 0.0), threshold=thr)
+    kw = dict(layer=world.layer, include_path=tasks, include_defaults=False, batch_size=8, metric="exact_match")
+    full, _ = run_harness_cells(world.model, [None, iv], ["world_gen"], fork=False, **kw)
+    forked, saved = run_harness_cells(world.model, [None, iv], ["world_gen"], **kw)
+    assert full[1]["gate"]["rows_fired"] > 0, "the detector must fire on some generated tokens"
+    assert forked[1]["tasks"]["world_gen"]["responses"] == full[1]["tasks"]["world_gen"]["responses"]
+    assert forked[1]["gate"] == full[1]["gate"]
+    assert 0 < saved.texts_reused < saved.texts

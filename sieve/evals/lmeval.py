@@ -24,24 +24,38 @@ and from Python::
     lm = SteeredLM(model=w.model, intervention=iv, layer=w.layer, batch_size=8)
     lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"])
 
+Several cells (methods × scales) on the same tasks: :func:`run_harness_cells` does only the work the
+gates cause. One unsteered harness run records, for every sequence the model scores or generates, the
+outputs of the layers the cells read, and replays each cell's interventions over them; a request a
+cell's gate never edits gets the unsteered answer (its log-likelihood, its generated text), and each
+cell's own run goes to the model only with the requests its gate edits::
+
+    outs, saved = run_harness_cells(w.model, [None, iv_a, iv_b], ["mmlu"], layer=w.layer)
+    print(saved)  # requests × steered cells, and how many got the unsteered answer
+
 Needs the ``lmeval`` extra (``pip install -e ".[lmeval]"`` in a clone).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from sieve.errors import SieveError
-from sieve.interventions import Intervention, Steerer
+from sieve.fork import ForkSummary, _always, _layers, first_edits
+from sieve.generation import _Record
+from sieve.interventions import Intervention, Row, Steerer, as_rows
 from sieve.models import layer as layer_of
 from sieve.models import underlying
 
@@ -56,7 +70,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         f"[lmeval] extra) ({e})"
     ) from e
 
-__all__ = ["SteeredLM", "GateCounts", "run_harness", "task_manager", "main"]
+__all__ = ["SteeredLM", "GateCounts", "run_harness", "run_harness_cells", "task_manager", "main"]
 
 
 class GateCounts:
@@ -84,8 +98,74 @@ class GateCounts:
         self.tokens_fired += int(fired.sum())
         self.tokens_edited += int(edited.sum())
 
+    def add_reused(self, fired: int, tokens: int) -> None:
+        """One row that an intervention did not edit and whose answer was reused (:func:`run_harness_cells`):
+        counted as the row's own forward would count it."""
+        self.rows += 1
+        self.rows_fired += int(fired > 0)
+        self.tokens += int(tokens)
+        self.tokens_fired += int(fired)
+
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+def _value(v: Any) -> float | list[float]:
+    """A per-document metric value: a number, or the pair a corpus-level aggregation combines."""
+    return [float(x) for x in v] if isinstance(v, (list, tuple)) else float(v)
+
+
+def _key(tokens: Any) -> bytes:
+    """A short key for a token sequence (a list or a 1-d tensor): the keys of a whole benchmark's
+    sequences stay small."""
+    a = np.asarray(tokens.cpu() if isinstance(tokens, Tensor) else tokens, dtype=np.int64)
+    return hashlib.blake2b(a.tobytes(), digest_size=16).digest()
+
+
+def _gen_key(context: str, gen_kwargs: Any) -> tuple[str, str]:
+    return context, json.dumps(gen_kwargs, sort_keys=True, default=repr)
+
+
+class _Fork:
+    """What the unsteered run of :func:`run_harness_cells` leaves for the cells' runs: per scored
+    sequence (the model's input row of a log-likelihood request) and per greedy generation request,
+    each cell's tokens fired and edited on it (None: an ``always`` gate, edited everywhere unread), the
+    row's real tokens, and the unsteered answers."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = rows
+        self.layers = tuple(sorted({L for r in rows for L in _layers(r)}))
+        self.marks: dict[Any, tuple[int, list[tuple[int, int] | None]]] = {}
+        self.answers: dict[Any, Any] = {}
+        self.summary = ForkSummary()
+
+    def replayable(self) -> list[int]:
+        """The cells whose gates a replay decides (the others edit from the first token, or not at all)."""
+        return [c for c, r in enumerate(self.rows)
+                if r and (not _always(r) or any("prompt_gate" in iv.meta for iv in r))]
+
+    def note(self, keys: list[Any], tokens: list[int], steers: dict[int, Steerer]) -> None:
+        """Each cell's firing and edit counts on rows ``keys`` (one per batch row), from ``steers`` (per
+        replayable cell, replayed over the batch)."""
+        counts = {c: s.counts() for c, s in steers.items()}
+        for b, key in enumerate(keys):
+            per_cell: list[tuple[int, int] | None] = []
+            for c, r in enumerate(self.rows):
+                if c in counts:
+                    k = counts[c]
+                    per_cell.append((k["prompt_fired"][b] + k.get("gen_fired", [0] * len(keys))[b],
+                                     k["prompt_edited"][b] + k.get("gen_edited", [0] * len(keys))[b]))
+                else:
+                    per_cell.append((0, 0) if not r else None)
+            self.marks[key] = (tokens[b], per_cell)
+
+    def reusable(self, key: Any, cell: int) -> tuple[int, int] | None:
+        """(tokens fired, real tokens) of a row that ``cell`` never edits and whose unsteered answer is
+        known; None where the cell's own run must compute it."""
+        m = self.marks.get(key)
+        if m is None or m[1][cell] is None or m[1][cell][1]:
+            return None
+        return m[1][cell][0], m[0]
 
 
 @register_model("sieve")
@@ -135,6 +215,11 @@ class SteeredLM(HFLM):
         layer_of(model, self.layer_index)  # range check with a clear error
         self.gate_counts = GateCounts()
         self._row_lengths: list[list[int]] = []
+        # run_harness_cells: the shared record, and this run's cell in it (None: the unsteered run)
+        self._fork: _Fork | None = None
+        self._fork_cell: int | None = None
+        self._contexts: list[str] = []  # the context strings of the batch being encoded for generation
+        self._gen_kwargs = ""  # the generation kwargs of the requests being generated (the unsteered run)
         kwargs.pop("device", None)  # the model is already placed
         kwargs.setdefault("batch_size", 8)
         super().__init__(pretrained=underlying(model), tokenizer=model.tokenizer, **kwargs)
@@ -144,17 +229,61 @@ class SteeredLM(HFLM):
     # -- log-likelihoods ------------------------------------------------------------------------
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        f, cell = self._fork, self._fork_cell
+        if f is not None and cell is not None:
+            return self._loglikelihood_forked(requests, disable_tqdm, override_bs)
+        out = self._scored(requests, disable_tqdm, override_bs)
+        if f is not None:  # the unsteered run of run_harness_cells: keep its answers
+            for (_, ctx, cont), ans in zip(requests, out):
+                f.answers[_key([*ctx, -1, *cont])] = ans
+        return out
+
+    def _scored(self, requests, disable_tqdm: bool, override_bs: int | None):
         with _recording_right_padding(self._row_lengths):
             try:
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
             finally:
                 self._row_lengths.clear()
 
+    def _loglikelihood_forked(self, requests, disable_tqdm: bool, override_bs: int | None):
+        """A cell's run in :func:`run_harness_cells`: requests whose input row the cell's gate never
+        edits get the unsteered answer; the others are scored under the intervention. A request's input
+        row is the harness's own (context and continuation but its last token, left-truncated to the
+        context window); requests the harness scores in one row (``logits_cache``: the same context
+        and continuation but the last token) are counted as one row, as the harness's own run counts."""
+        f, cell = self._fork, self._fork_cell
+        assert f is not None and cell is not None
+        grouped = self.backend == "causal" and self.logits_cache
+        out: list[Any] = [None] * len(requests)
+        todo: list[int] = []
+        counted: set[bytes] = set()
+        for i, (req, ctx, cont) in enumerate(requests):
+            inp = (ctx + cont)[-(self.max_length + 1):][:-1]
+            hit = f.reusable(_key(inp), cell)
+            ans = f.answers.get(_key([*ctx, -1, *cont])) if hit is not None else None
+            if ans is None:
+                todo.append(i)
+                continue
+            out[i] = ans
+            row = _key([*ctx, *cont[:-1]]) if grouped else _key([i])
+            if row not in counted:
+                counted.add(row)
+                self.gate_counts.add_reused(*hit)
+            if req is not None:
+                self.cache_hook.add_partial("loglikelihood", req, ans)
+        f.summary.texts += len(requests)
+        f.summary.texts_reused += len(requests) - len(todo)
+        if todo:
+            for i, ans in zip(todo, self._scored([requests[i] for i in todo], disable_tqdm, override_bs)):
+                out[i] = ans
+        return out
+
     def _model_call(self, inps: Tensor, attn_mask: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
         if attn_mask is not None or labels is not None:
             raise SieveError("sieve's lm-eval model runs decoder-only (causal) models only")
         B, T = inps.shape
-        if self._row_lengths:
+        lengths_known = bool(self._row_lengths)
+        if lengths_known:
             lengths = self._row_lengths.pop(0)
             if len(lengths) != B or max(lengths) != T:
                 raise SieveError(
@@ -164,16 +293,77 @@ class SteeredLM(HFLM):
             real = torch.arange(T, device=inps.device)[None, :] < torch.tensor(lengths, device=inps.device)[:, None]
         else:  # a forward of the harness's own (batch-size probing): every position is real
             real = torch.ones_like(inps, dtype=torch.bool)
-        steer = Steerer([self.intervention] * B, {"input_ids": inps, "attention_mask": real.long()}, self.tokenizer,
-                        layer=self.layer_index)
+        enc = {"input_ids": inps, "attention_mask": real.long()}
+        steer = Steerer([self.intervention] * B, enc, self.tokenizer, layer=self.layer_index)
+        record = _Record(self._fork.layers) if self._recording() and lengths_known else None
         with torch.no_grad(), self._autocast():
             with self.steered_model.trace({"input_ids": inps}):
                 steer.forward(self.steered_model)
+                if record is not None:
+                    record.read(self.steered_model)
                 logits = self.steered_model.output.logits.save()
         self.gate_counts.add(steer, real)
+        if record is not None:
+            lens = real.sum(1).tolist()
+            self._note(record, enc, [_key(inps[b, : lens[b]]) for b in range(B)], lens)
         return logits
 
+    def _recording(self) -> bool:
+        """Whether this is the unsteered run of :func:`run_harness_cells` (it records for the cells)."""
+        return self._fork is not None and self._fork_cell is None and bool(self._fork.layers)
+
+    def _note(self, record: _Record, enc: dict[str, Tensor], keys: list[Any], tokens: list[int]) -> None:
+        """Replay every cell whose gate a replay decides over the recorded batch; note each row's counts."""
+        f = self._fork
+        assert f is not None
+        at = list(range(enc["input_ids"].shape[0]))
+        codes: dict = {}
+        steers = {}
+        with torch.inference_mode():
+            for c in f.replayable():
+                steers[c] = Steerer([f.rows[c]] * len(at), enc, self.tokenizer)
+                first_edits(steers[c], record, at, codes)
+        f.note(keys, tokens, steers)
+
     # -- generation -----------------------------------------------------------------------------
+
+    def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any):
+        self._contexts = list(strings)
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        f, cell = self._fork, self._fork_cell
+        if f is None:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        keys = [_gen_key(*r.args) for r in requests]
+        out: list[Any] = [None] * len(requests)
+        if cell is None:
+            # The unsteered run, one generation kwargs at a time (the harness batches them apart anyway),
+            # so that each recorded row knows its request (context string, kwargs).
+            by_kwargs: dict[str, list[int]] = {}
+            for i, k in enumerate(keys):
+                by_kwargs.setdefault(k[1], []).append(i)
+            for kw, idx in by_kwargs.items():
+                self._gen_kwargs = kw
+                for i, text in zip(idx, super().generate_until([requests[i] for i in idx], disable_tqdm=disable_tqdm)):
+                    out[i] = text
+                    f.answers[keys[i]] = text
+            return out
+        todo = []
+        for i, k in enumerate(keys):
+            hit = f.reusable(k, cell)
+            if hit is None or k not in f.answers:
+                todo.append(i)
+                continue
+            out[i] = f.answers[k]
+            self.gate_counts.add_reused(*hit)
+            self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+        f.summary.texts += len(requests)
+        f.summary.texts_reused += len(requests) - len(todo)
+        if todo:
+            for i, text in zip(todo, super().generate_until([requests[i] for i in todo], disable_tqdm=disable_tqdm)):
+                out[i] = text
+        return out
 
     def _model_generate(self, context: Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> Tensor:
         # The harness's own handling of temperature 0 (greedy), as in HFLM._model_generate.
@@ -201,6 +391,10 @@ class SteeredLM(HFLM):
             done = [any(c.done_tracker[i] for c in stops) for i in range(B)]
             return torch.tensor([not d for d in done])
 
+        # The unsteered run of run_harness_cells records greedy generations only: a sampled row that
+        # its gate would edit draws again in the cell's own run, which would bias the reused rows.
+        record = _Record(self._fork.layers) if self._recording() and self._greedy(generation_kwargs) \
+            and len(self._contexts) == B else None
         with torch.no_grad(), self._autocast(), warnings.catch_warnings():
             # Rows that stop early end the bounded loop before its last step; nothing follows it.
             warnings.filterwarnings("ignore", message=".*was never reached.*")
@@ -210,10 +404,25 @@ class SteeredLM(HFLM):
                 for step in tracer.iter[:n_new]:
                     # read once the layers ran: the trace body runs ahead of the stopping criteria
                     steer.forward(self.steered_model, counted=None if step == 0 else running)
+                    if record is not None:
+                        record.read(self.steered_model)
+                        if step > 0:
+                            record.keeps.append(running())
         self.gate_counts.add(steer, attention_mask.bool())
+        if record is not None:
+            self._note(record, enc, [(c, self._gen_kwargs) for c in self._contexts],
+                       attention_mask.sum(1).tolist())
         if last.ids is None:
             raise SieveError("generation produced no tokens")
         return last.ids
+
+    def _greedy(self, generation_kwargs: dict[str, Any]) -> bool:
+        """Whether ``generate`` will decode greedily, one sequence per row (no sampling, no beams)."""
+        cfg = underlying(self.steered_model).generation_config
+        sample = generation_kwargs.get("do_sample")
+        beams = generation_kwargs.get("num_beams")
+        return not (sample if sample is not None else getattr(cfg, "do_sample", False)) and \
+            (beams if beams is not None else getattr(cfg, "num_beams", 1) or 1) == 1
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
@@ -293,10 +502,13 @@ def run_harness(
     include_defaults: bool | None = None,
     limit: int | float | None = None,
     num_fewshot: int | None = None,
-    metric: str = "acc",
+    metric: str | Mapping[str, str] = "acc",
 ) -> dict[str, Any]:
-    """Run harness tasks on ``lm`` and return, per task, its aggregate metrics and the per-document
-    values of ``metric`` (for intervals), with the gate counts of the run.
+    """Run harness tasks on ``lm`` and return, per task, its aggregate metrics, the per-document
+    values of ``metric`` (for intervals; one name for every task, or one per task) and the model's
+    per-document responses (log-likelihoods or generated texts, after the task's filters), with the
+    gate counts of the run. A metric the harness aggregates from per-document pairs (a perplexity's
+    log-likelihood and word count) gives the pairs as lists.
 
     ``include_path``: a folder of task YAMLs of your own. ``include_defaults``: whether the harness's
     built-in tasks are indexed too (about 20 s, once per process); None: only when a task is not found
@@ -317,15 +529,86 @@ def run_harness(
                                   num_fewshot=num_fewshot, log_samples=True, verbosity="WARNING")
     tasks_out: dict[str, Any] = {}
     for task, samples in (res.get("samples") or {}).items():
-        values = [float(s[metric]) for s in samples if metric in s]
+        m = metric if isinstance(metric, str) else metric.get(task)
+        if m is None:
+            raise SieveError(f"run_harness: metric names no per-document metric for task {task!r}")
+        values = [_value(s[m]) for s in samples if m in s]
         if not values:
-            have = sorted(k for k in samples[0] if isinstance(samples[0][k], (int, float))) if samples else []
-            raise SieveError(f"lm-eval task {task!r} has no per-document metric {metric!r}; it has {have}")
+            have = sorted(samples[0].get("metrics") or (k for k in samples[0] if isinstance(samples[0][k], (int, float))
+                                                          and k != "doc_id")) if samples else []
+            raise SieveError(f"lm-eval task {task!r} has no per-document metric {m!r}; it has {have}")
         agg = {k.split(",")[0]: v for k, v in res["results"].get(task, {}).items()
                if isinstance(v, (int, float)) and not k.startswith("alias")}
-        tasks_out[task] = {"values": values, "metrics": agg}
+        tasks_out[task] = {"values": values, "metrics": agg,
+                           "responses": [s.get("filtered_resps", s.get("resps")) for s in samples if m in s]}
     after = lm.gate_counts.as_dict()
     return {"tasks": tasks_out, "gate": {k: after[k] - before[k] for k in after}}
+
+
+def run_harness_cells(
+    model: Any,
+    cells: Sequence[Intervention | Sequence[Intervention] | None],
+    tasks: Sequence[str],
+    *,
+    layer: int,
+    fork: bool = True,
+    batch_size: int = 8,
+    include_path: str | Path | None = None,
+    include_defaults: bool | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    metric: str | Mapping[str, str] = "acc",
+    **lm_kwargs: Any,
+) -> tuple[list[dict[str, Any]], ForkSummary]:
+    """Harness tasks under each of ``cells`` (an intervention, a list composed, or None: unsteered),
+    doing only the work the gates cause. Returns per cell what :func:`run_harness` returns, and the
+    work saved (``texts``: requests × steered cells; ``texts_reused``: those that got the unsteered
+    answer).
+
+    With ``fork`` (the default), one unsteered harness run comes first (it is the unsteered cell's
+    run, if there is one): it records, at every forward, the outputs of the layers the cells read and
+    edit, and replays each cell's interventions over them (as :func:`sieve.fork.forked_forward`
+    does). Then each steered cell runs the same tasks: a log-likelihood request whose input row the
+    cell never edits gets the unsteered answer, and so does a greedy generation request never edited
+    on the forwards that make its text (the prompt and every token before its stop sequence); only the
+    other requests go to the model, under the intervention. Before its first edit a steered row
+    computes what the unsteered row computes, so the decisions are exact and a reused answer is the
+    one the cell's own full run gives, bit for bit; the requests that are run again sit in other
+    batches (float noise, as :mod:`sieve.generation` documents). Sampled generations (and beam
+    search) are always run again: a gated row drawn again would bias the reused ones. Cells under an
+    ``always`` gate gain nothing. Gate counts are those of each cell's full run. ``fork=False`` runs
+    every cell in full. Other keyword arguments go to :class:`SteeredLM`.
+
+    Example:
+        >>> outs, saved = run_harness_cells(w.model, [None, iv], ["world_mc"], layer=w.layer,
+        ...                                 include_path="tasks/")  # doctest: +SKIP
+        >>> outs[1]["tasks"]["world_mc"]["values"][:3], saved.texts_reused  # doctest: +SKIP
+    """
+    from sieve.models import hidden_size
+
+    rows = [as_rows([list(c) if isinstance(c, (list, tuple)) else c], 1, layer, width=hidden_size(model))[0]
+            for c in cells]
+    kw = dict(include_path=include_path, include_defaults=include_defaults, limit=limit, num_fewshot=num_fewshot,
+              metric=metric)
+
+    def lm(row: Row) -> SteeredLM:
+        return SteeredLM(model=model, intervention=list(row) or None, layer=layer, batch_size=batch_size, **lm_kwargs)
+
+    if not fork:
+        return [run_harness(lm(r), tasks, **kw) for r in rows], ForkSummary()
+    f = _Fork(rows)
+    base_lm = lm(())
+    base_lm._fork = f
+    base = run_harness(base_lm, tasks, **kw)
+    outs = []
+    for c, r in enumerate(rows):
+        if not r:
+            outs.append(base)
+            continue
+        cell_lm = lm(r)
+        cell_lm._fork, cell_lm._fork_cell = f, c
+        outs.append(run_harness(cell_lm, tasks, **kw))
+    return outs, f.summary
 
 
 def main(argv: list[str] | None = None) -> None:
