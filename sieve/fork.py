@@ -93,8 +93,9 @@ class ForkSummary:
     gate: both edit from the first token). ``trajectories``: unsteered generations run
     (``extra_trajectories`` of them for gated rows only). ``tokens``: tokens generated;
     ``tokens_full``: the tokens of all completions (what generating every row in full makes).
-    ``texts`` / ``texts_reused``: teacher-forced texts under steered cells (:func:`forked_forward`),
-    and those a cell never edited, whose unsteered result was reused.
+    ``texts`` / ``texts_reused``: teacher-forced texts under steered cells (:func:`forked_forward`;
+    harness requests in :func:`sieve.evals.lmeval.run_harness_cells`), and those a cell never edited,
+    whose unsteered result was reused.
 
     Example:
         >>> s = ForkSummary(rows=4, reused=2, forked=1, full=1, full_always=1, tokens=30, tokens_full=60)
