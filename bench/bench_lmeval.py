@@ -132,9 +132,9 @@ def _close(a, b, tol: float = 1e-4) -> bool:
     return abs(float(a) - float(b)) <= tol * max(1.0, abs(float(a)))
 
 
-def compare(full: list[dict], forked: list[dict]) -> dict[str, int]:
+def compare(full: list[dict], forked: list[dict], tol: float = 1e-4) -> dict[str, int]:
     """Cells whose values, gate counts and responses differ between the two ways; responses that
-    differ (texts exactly, log-likelihoods beyond 1e-4 relative)."""
+    differ (texts exactly, log-likelihoods beyond ``tol`` relative)."""
     out = {"cells_values_differ": 0, "cells_gate_differ": 0, "responses_differ": 0, "responses": 0}
     for a, b in zip(full, forked):
         out["cells_gate_differ"] += a["gate"] != b["gate"]
@@ -142,7 +142,7 @@ def compare(full: list[dict], forked: list[dict]) -> dict[str, int]:
         for t in a["tasks"]:
             for x, y in zip(a["tasks"][t]["responses"], b["tasks"][t]["responses"]):
                 out["responses"] += 1
-                out["responses_differ"] += not _close(x, y)
+                out["responses_differ"] += not _close(x, y, tol)
     return out
 
 
