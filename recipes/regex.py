@@ -477,8 +477,8 @@ def body(run: Run) -> int:
             run_judge(recipe, setting, judge, out, part, run.progress)
             run_ability(recipe, setting, ResultStore(out / "ability", tag), part, run.progress, work)
             if work is not None and work.texts:
-                log.info("forked general ability: %d of %d (text, cell) forwards reused the unsteered one",
-                         work.texts_reused, work.texts)
+                log.info("forked general ability: %d of %d (%s, cell) pairs reused the unsteered answer",
+                         work.texts_reused, work.texts, "request" if recipe.eval.general == "lmeval" else "text")
             log.info("sweep finished in %.0fs; results in %s", time.time() - t0, out)
             record_run(out, recipe, overrides=run.overrides, started=started,
                        finished=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), seconds=time.time() - t0,
