@@ -133,12 +133,14 @@ def _close(a, b, tol: float = 1e-4) -> bool:
 
 
 def compare(full: list[dict], forked: list[dict], tol: float = 1e-4) -> dict[str, int]:
-    """Cells whose values, gate counts and responses differ between the two ways; responses that
-    differ (texts exactly, log-likelihoods beyond ``tol`` relative)."""
+    """Cells whose values or gate counts differ between the two ways, and responses that differ
+    (texts and flags exactly, numbers beyond ``tol`` relative: a perplexity's values and a
+    log-likelihood move by float noise where a request was run again in another batch)."""
     out = {"cells_values_differ": 0, "cells_gate_differ": 0, "responses_differ": 0, "responses": 0}
     for a, b in zip(full, forked):
         out["cells_gate_differ"] += a["gate"] != b["gate"]
-        out["cells_values_differ"] += any(a["tasks"][t]["values"] != b["tasks"][t]["values"] for t in a["tasks"])
+        out["cells_values_differ"] += any(not _close(a["tasks"][t]["values"], b["tasks"][t]["values"], tol)
+                                          for t in a["tasks"])
         for t in a["tasks"]:
             for x, y in zip(a["tasks"][t]["responses"], b["tasks"][t]["responses"]):
                 out["responses"] += 1

@@ -406,3 +406,118 @@ def test_forked_generation_runs_rows_whose_gate_opens_while_generating(world, ta
     assert forked[1]["tasks"]["world_gen"]["responses"] == full[1]["tasks"]["world_gen"]["responses"]
     assert forked[1]["gate"] == full[1]["gate"]
     assert 0 < saved.texts_reused < saved.texts
+
+
+def _harness_pair(world, cells, folder: Path, names: list[str], **kw):
+    from sieve.evals.lmeval import run_harness_cells
+
+    kw = dict(layer=world.layer, include_path=folder, include_defaults=False, **kw)
+    full, _ = run_harness_cells(world.model, cells, names, fork=False, **kw)
+    forked, saved = run_harness_cells(world.model, cells, names, **kw)
+    return full, forked, saved
+
+
+def _task(folder: Path, name: str, docs: list[dict], yaml: str) -> None:
+    data = folder / f"{name}.json"
+    data.write_text(json.dumps(docs))
+    (folder / f"{name}.yaml").write_text(yaml.replace("task: world_mc", f"task: {name}")
+                                         .replace("task: world_gen", f"task: {name}").format(data=data))
+
+
+def test_forked_answers_a_choice_merged_into_its_context(world, tmp_path):
+    """A choice the tokenizer merges into the context ("x = 1" + "0" -> "x = 10") has an empty
+    continuation; the harness scores it in its group's row, and so does the forked run (it used to
+    send it alone to the harness, which refuses an empty continuation)."""
+    tok = world.model.tokenizer
+    ctx, cont = SteeredLM(model=world.model, intervention=None, layer=world.layer)._encode_pair("x = 1", "0")
+    assert cont == [], "the check needs a choice merged into the context"
+    _task(tmp_path, "merged", [{"text": "x = 1", "choices": ["0", " y", "\n"], "label": 1},
+                              {"text": "def add(a, b):\n    return ", "choices": ["a + b", "None"], "label": 0}], MC_YAML)
+    never = Intervention("token", Edit("add", world.feature.direction, -30.0),
+                         Detector(torch.zeros_like(world.feature.direction), -1.0), threshold=0.0)
+    full, forked, saved = _harness_pair(world, [None, never, _cells(world)[1]], tmp_path, ["merged"], batch_size=4)
+    assert _bench().compare(full, forked, tol=1e-5)["responses_differ"] == 0
+    assert [o["gate"] for o in full] == [o["gate"] for o in forked]
+    assert saved.texts == 2 * 5 and saved.texts_reused >= 5
+    assert tok is world.model.tokenizer
+
+
+def test_batch_size_probes_are_not_counted(world, tasks):
+    """batch_size="auto": the harness's batch-size probe forwards are not its requests; gate counts are
+    those of a fixed batch size, forked or not."""
+    cells = [None, _cells(world)[1]]
+    full, forked, _ = _harness_pair(world, cells, tasks, ["world_mc"], batch_size="auto", max_batch_size=8)
+    fixed, _, _ = _harness_pair(world, cells, tasks, ["world_mc"], batch_size=4)
+    for a, b, c in zip(full, forked, fixed):
+        assert a["gate"] == b["gate"]
+        assert a["gate"]["rows"] == c["gate"]["rows"] and a["gate"]["tokens"] == c["gate"]["tokens"]
+
+
+@pytest.mark.parametrize("setting", ["think_end_token", "eos_unknown_to_generate"])
+def test_generations_whose_text_runs_past_the_stop_are_never_reused(world, tasks, setting, monkeypatch):
+    """Where the harness's text does not end at the row's stop (a think-end token keeps the text after
+    its last occurrence among all tokens; an EOS the generation config does not know is not padded
+    after, and the harness cannot cut there), the text depends on how long the batch runs: nothing is
+    reused, every request runs in the full run's batches, and the results are the full run's."""
+    from sieve.models import underlying
+
+    kw = {}
+    if setting == "think_end_token":
+        kw["think_end_token"] = "\n"
+    else:
+        monkeypatch.setattr(underlying(world.model).generation_config, "eos_token_id", None)
+    never = Intervention("token", Edit("add", world.feature.direction, -30.0),
+                         Detector(torch.zeros_like(world.feature.direction), -1.0), threshold=0.0)
+    cells = [None, never, _cells(world)[2]]
+    full, forked, saved = _harness_pair(world, cells, tasks, ["world_gen"], batch_size=4, metric="exact_match", **kw)
+    assert saved.texts == 2 * len(DOCS) and saved.texts_reused == 0
+    assert [o["tasks"]["world_gen"]["responses"] for o in full] == [o["tasks"]["world_gen"]["responses"] for o in forked]
+    assert [o["gate"] for o in full] == [o["gate"] for o in forked]
+
+
+def test_generation_kwargs_group_as_the_harness_groups_them(world, tmp_path, monkeypatch):
+    """Two tasks whose generation kwargs differ only in spelling (``until: "\\n"`` and ``["\\n"]``,
+    ``temperature`` 0 and 0.0) are one group for the harness; the unsteered run batches them together
+    too, so reused answers come from the full run's batches."""
+    from sieve.evals.lmeval import SteeredLM as LM
+
+    docs = [{"text": d["text"], "choices": d["choices"], "label": 0} for d in DOCS]
+    a = GEN_YAML.replace('  until: ["\\n\\n"]', '  until: "\\n"\n  temperature: 0')
+    b = GEN_YAML.replace('  until: ["\\n\\n"]', '  until: ["\\n"]\n  temperature: 0.0')
+    assert a != GEN_YAML and b != GEN_YAML
+    _task(tmp_path, "spell_a", docs, a)
+    _task(tmp_path, "spell_b", docs, b)
+    shapes: dict[str, list] = {"full": [], "forked": []}
+    way = ["full"]
+    original = LM._model_generate
+
+    def spy(self, context, *args, **kwargs):
+        if self.intervention is None:
+            shapes[way[0]].append(tuple(context.shape))
+        return original(self, context, *args, **kwargs)
+
+    monkeypatch.setattr(LM, "_model_generate", spy)
+    from sieve.evals.lmeval import run_harness_cells
+
+    kw = dict(layer=world.layer, include_path=tmp_path, include_defaults=False, batch_size=4, metric="exact_match")
+    cells = [None, _cells(world)[1]]
+    full, _ = run_harness_cells(world.model, cells, ["spell_a", "spell_b"], fork=False, **kw)
+    way[0] = "forked"
+    forked, _ = run_harness_cells(world.model, cells, ["spell_a", "spell_b"], **kw)
+    assert sorted(shapes["forked"]) == sorted(shapes["full"][: len(shapes["forked"])])
+    assert len(shapes["forked"]) == 3  # 12 requests of one group in batches of 4
+    assert _bench().compare(full, forked, tol=1e-5)["responses_differ"] == 0
+
+
+def test_beam_search_is_refused(world, tmp_path):
+    """The adapter generates one sequence per row: beam search is refused with a clear message, in the
+    first (unsteered) run already."""
+    from sieve.errors import SieveError
+    from sieve.evals.lmeval import run_harness_cells
+
+    _task(tmp_path, "beams", [{"text": d["text"], "choices": d["choices"], "label": 0} for d in DOCS],
+          GEN_YAML.replace("  max_gen_toks: 12", "  max_gen_toks: 4\n  num_beams: 2"))
+    for fork in (True, False):
+        with pytest.raises(SieveError, match="beam search"):
+            run_harness_cells(world.model, [None, _cells(world)[1]], ["beams"], layer=world.layer, fork=fork,
+                              include_path=tmp_path, include_defaults=False, batch_size=4, metric="exact_match")

@@ -39,10 +39,9 @@ Needs the ``lmeval`` extra (``pip install -e ".[lmeval]"`` in a clone).
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -75,8 +74,9 @@ __all__ = ["SteeredLM", "GateCounts", "run_harness", "run_harness_cells", "task_
 
 class GateCounts:
     """What the intervention did over the harness's forwards: rows (one per scored or generated
-    sequence the model ran), real tokens, tokens where the detector fired and tokens edited, and rows
-    with at least one edit.
+    sequence the model ran), real input tokens (a generation's prompt; its generated tokens are not
+    in ``tokens``), tokens where the detector fired and tokens edited (inputs and generated tokens up
+    to the row's stop), and rows with at least one edit.
 
     Example:
         >>> c = GateCounts(); c.rows, c.rows_edited
@@ -122,8 +122,16 @@ def _key(tokens: Any) -> bytes:
     return hashlib.blake2b(a.tobytes(), digest_size=16).digest()
 
 
-def _gen_key(context: str, gen_kwargs: Any) -> tuple[str, str]:
-    return context, json.dumps(gen_kwargs, sort_keys=True, default=repr)
+def _gen_key(context: str, gen_kwargs: Any) -> tuple[str, Any]:
+    """A generation request's key: its context, and its generation kwargs as the harness's
+    ``Collator`` groups them (so ``until: "\\n"`` and ``["\\n"]``, or ``temperature`` 0 and 0.0, are
+    one group here as there, and the unsteered run batches requests as each cell's full run would)."""
+    try:
+        group = tuple((k, tuple(v) if isinstance(v, Iterable) else v) for k, v in sorted(gen_kwargs.items()))
+        hash(group)
+    except (TypeError, AttributeError):
+        group = tuple(gen_kwargs)
+    return context, group
 
 
 class _Fork:
@@ -134,7 +142,7 @@ class _Fork:
 
     def __init__(self, rows: list[Row]) -> None:
         self.rows = rows
-        self.layers = tuple(sorted({L for r in rows for L in _layers(r)}))
+        self.layers = tuple(sorted({L for c in self.replayable() for L in _layers(rows[c])}))
         self.marks: dict[Any, tuple[int, list[tuple[int, int] | None]]] = {}
         self.answers: dict[Any, Any] = {}
         self.summary = ForkSummary()
@@ -145,16 +153,15 @@ class _Fork:
                 if r and (not _always(r) or any("prompt_gate" in iv.meta for iv in r))]
 
     def note(self, keys: list[Any], tokens: list[int], steers: dict[int, Steerer]) -> None:
-        """Each cell's firing and edit counts on rows ``keys`` (one per batch row), from ``steers`` (per
-        replayable cell, replayed over the batch)."""
+        """Each cell's detector firings and edits on rows ``keys`` (one per batch row) as its own run
+        counts them, from ``steers`` (per replayable cell, replayed over the batch)."""
         counts = {c: s.counts() for c, s in steers.items()}
         for b, key in enumerate(keys):
             per_cell: list[tuple[int, int] | None] = []
             for c, r in enumerate(self.rows):
                 if c in counts:
                     k = counts[c]
-                    per_cell.append((k["prompt_fired"][b] + k.get("gen_fired", [0] * len(keys))[b],
-                                     k["prompt_edited"][b] + k.get("gen_edited", [0] * len(keys))[b]))
+                    per_cell.append((k["prompt_fired"][b] + k["gen_fired"][b], k["prompt_edited"][b] + k["gen_edited"][b]))
                 else:
                     per_cell.append((0, 0) if not r else None)
             self.marks[key] = (tokens[b], per_cell)
@@ -219,7 +226,7 @@ class SteeredLM(HFLM):
         self._fork: _Fork | None = None
         self._fork_cell: int | None = None
         self._contexts: list[str] = []  # the context strings of the batch being encoded for generation
-        self._gen_kwargs = ""  # the generation kwargs of the requests being generated (the unsteered run)
+        self._gen_kwargs: Any = ()  # the generation kwargs group being generated (the unsteered run)
         kwargs.pop("device", None)  # the model is already placed
         kwargs.setdefault("batch_size", 8)
         super().__init__(pretrained=underlying(model), tokenizer=model.tokenizer, **kwargs)
@@ -258,7 +265,10 @@ class SteeredLM(HFLM):
         todo: list[int] = []
         counted: set[bytes] = set()
         for i, (req, ctx, cont) in enumerate(requests):
-            inp = (ctx + cont)[-(self.max_length + 1):][:-1]
+            # The row the harness scores the request in: its own input (context and continuation but
+            # the last token, left-truncated), or, for a continuation the tokenizer merged into the
+            # context (empty), the row of its group (the same context and continuation but the last).
+            inp = (ctx + cont[:-1])[-self.max_length:]
             hit = f.reusable(_key(inp), cell)
             ans = f.answers.get(_key([*ctx, -1, *cont])) if hit is not None else None
             if ans is None:
@@ -302,7 +312,8 @@ class SteeredLM(HFLM):
                 if record is not None:
                     record.read(self.steered_model)
                 logits = self.steered_model.output.logits.save()
-        self.gate_counts.add(steer, real)
+        if lengths_known:  # the harness's batch-size probes (batch_size="auto") are not its requests
+            self.gate_counts.add(steer, real)
         if record is not None:
             lens = real.sum(1).tolist()
             self._note(record, enc, [_key(inps[b, : lens[b]]) for b in range(B)], lens)
@@ -318,7 +329,7 @@ class SteeredLM(HFLM):
         assert f is not None
         at = list(range(enc["input_ids"].shape[0]))
         codes: dict = {}
-        steers = {}
+        steers: dict[int, Steerer] = {}
         with torch.inference_mode():
             for c in f.replayable():
                 steers[c] = Steerer([f.rows[c]] * len(at), enc, self.tokenizer)
@@ -384,6 +395,9 @@ class SteeredLM(HFLM):
         criteria = StoppingCriteriaList([*stops, last])
         enc = {"input_ids": context, "attention_mask": attention_mask}
         steer = Steerer([self.intervention] * B, enc, self.tokenizer, layer=self.layer_index)
+        if not self._one_sequence_per_row(generation_kwargs):
+            raise SieveError("sieve's lm-eval model generates one sequence per row: beam search (num_beams > 1) "
+                             "and num_return_sequences > 1 are not supported; generate greedily or sampled")
         n_new = max(1, int(max_length) - T)
 
         def running() -> Tensor:
@@ -391,10 +405,11 @@ class SteeredLM(HFLM):
             done = [any(c.done_tracker[i] for c in stops) for i in range(B)]
             return torch.tensor([not d for d in done])
 
-        # The unsteered run of run_harness_cells records greedy generations only: a sampled row that
-        # its gate would edit draws again in the cell's own run, which would bias the reused rows.
+        # The unsteered run of run_harness_cells records greedy generations only (a sampled row that its
+        # gate would edit draws again in the cell's own run, which would bias the reused rows), and only
+        # where each text ends at its row's stop (elsewhere it depends on how long the batch runs).
         record = _Record(self._fork.layers) if self._recording() and self._greedy(generation_kwargs) \
-            and len(self._contexts) == B else None
+            and self._text_ends_at_stop(stop) and len(self._contexts) == B else None
         with torch.no_grad(), self._autocast(), warnings.catch_warnings():
             # Rows that stop early end the bounded loop before its last step; nothing follows it.
             warnings.filterwarnings("ignore", message=".*was never reached.*")
@@ -410,19 +425,43 @@ class SteeredLM(HFLM):
                             record.keeps.append(running())
         self.gate_counts.add(steer, attention_mask.bool())
         if record is not None:
-            self._note(record, enc, [(c, self._gen_kwargs) for c in self._contexts],
-                       attention_mask.sum(1).tolist())
+            self._note(record, enc, [(c, self._gen_kwargs) for c in self._contexts], attention_mask.sum(1).tolist())
         if last.ids is None:
             raise SieveError("generation produced no tokens")
         return last.ids
 
+    def _text_ends_at_stop(self, stop: list[str]) -> bool:
+        """Whether each generated text depends only on its row's tokens up to its stop, not on how long
+        its batch goes on: the harness cuts the decoded text (special tokens skipped) at its stop
+        strings, so a stop string holding a special token's text other than the EOS cuts nothing;
+        after the EOS, ``generate`` pads only where the generation config knows that EOS; a think-end
+        token keeps the text after its last occurrence among all tokens, those after the stop too."""
+        if self.think_end_token is not None:
+            return False
+        eos = underlying(self.steered_model).generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        eos_text = self.tokenizer.eos_token
+        if eos_text and self.tokenizer.eos_token_id not in eos_ids:
+            return False
+        specials = [t for t in self.tokenizer.all_special_tokens if t and t != eos_text]
+        return not any(sp in term for term in stop for sp in specials)
+
+    def _one_sequence_per_row(self, generation_kwargs: dict[str, Any]) -> bool:
+        """Whether ``generate`` will make one sequence per row (no beams, one returned sequence)."""
+        cfg = underlying(self.steered_model).generation_config
+
+        def setting(name: str) -> int:
+            v = generation_kwargs.get(name)
+            return int((v if v is not None else getattr(cfg, name, 1)) or 1)
+
+        return setting("num_beams") == 1 and setting("num_return_sequences") == 1
+
     def _greedy(self, generation_kwargs: dict[str, Any]) -> bool:
         """Whether ``generate`` will decode greedily, one sequence per row (no sampling, no beams)."""
-        cfg = underlying(self.steered_model).generation_config
         sample = generation_kwargs.get("do_sample")
-        beams = generation_kwargs.get("num_beams")
-        return not (sample if sample is not None else getattr(cfg, "do_sample", False)) and \
-            (beams if beams is not None else getattr(cfg, "num_beams", 1) or 1) == 1
+        if sample is None:
+            sample = getattr(underlying(self.steered_model).generation_config, "do_sample", False)
+        return not sample and self._one_sequence_per_row(generation_kwargs)
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
@@ -562,22 +601,26 @@ def run_harness_cells(
 ) -> tuple[list[dict[str, Any]], ForkSummary]:
     """Harness tasks under each of ``cells`` (an intervention, a list composed, or None: unsteered),
     doing only the work the gates cause. Returns per cell what :func:`run_harness` returns, and the
-    work saved (``texts``: requests × steered cells; ``texts_reused``: those that got the unsteered
-    answer).
+    work saved (``texts``: the requests the steered cells' runs received, a rolling document counting
+    once per window; ``texts_reused``: those answered with the unsteered answer).
 
     With ``fork`` (the default), one unsteered harness run comes first (it is the unsteered cell's
     run, if there is one): it records, at every forward, the outputs of the layers the cells read and
     edit, and replays each cell's interventions over them (as :func:`sieve.fork.forked_forward`
-    does). Then each steered cell runs the same tasks: a log-likelihood request whose input row the
-    cell never edits gets the unsteered answer, and so does a greedy generation request never edited
-    on the forwards that make its text (the prompt and every token before its stop sequence); only the
-    other requests go to the model, under the intervention. Before its first edit a steered row
-    computes what the unsteered row computes, so the decisions are exact and a reused answer is the
-    one the cell's own full run gives, bit for bit; the requests that are run again sit in other
-    batches (float noise, as :mod:`sieve.generation` documents). Sampled generations (and beam
-    search) are always run again: a gated row drawn again would bias the reused ones. Cells under an
-    ``always`` gate gain nothing. Gate counts are those of each cell's full run. ``fork=False`` runs
-    every cell in full. Other keyword arguments go to :class:`SteeredLM`.
+    does). Then each steered cell runs the same tasks: a log-likelihood request whose input row (the
+    row the harness scores it in) the cell never edits gets the unsteered answer, and so does a greedy
+    generation never edited on the forwards that make its text (the prompt and every token up to its
+    stop); only the other requests go to the model, under the intervention. Before its first edit a
+    steered row computes what the unsteered row computes, and the unsteered run batches requests as
+    each cell's full run does, so the decisions are those of the full run and a reused answer is the
+    one the full run gives. Requests run again sit in other batches: their
+    answers, float metrics (perplexities) and gate counts move by float noise. Not reused: sampled
+    generations (a gated row drawn again would bias the reused ones), and generations whose text does
+    not end at the row's stop (a think-end token, a stop string that is a special token other than the
+    EOS, an EOS the generation config does not know: there the text runs on while its batch does);
+    cells under an ``always`` gate gain nothing. ``fork=False`` runs every cell in full. Other keyword
+    arguments go to :class:`SteeredLM`. Generation makes one sequence per row: beam search is
+    refused.
 
     Example:
         >>> outs, saved = run_harness_cells(w.model, [None, iv], ["world_mc"], layer=w.layer,
