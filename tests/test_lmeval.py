@@ -521,3 +521,22 @@ def test_beam_search_is_refused(world, tmp_path):
         with pytest.raises(SieveError, match="beam search"):
             run_harness_cells(world.model, [None, _cells(world)[1]], ["beams"], layer=world.layer, fork=fork,
                               include_path=tmp_path, include_defaults=False, batch_size=4, metric="exact_match")
+
+
+def test_prompt_gates_decide_on_the_context_not_on_the_answer(world, tmp_path):
+    """A lexical prompt gate (the regex study's baseline) reads the context a choice is scored after:
+    where the context says "parse", every choice is scored steered; where it says nothing of the sort
+    and one choice does ("re.match"), every choice is scored unsteered (reading the answer would steer
+    that choice alone). Forked and in full alike."""
+    from sieve.prompt_gates import LEXICAL_REGEX
+
+    iv = Intervention("always", Edit("add", world.feature.direction, -20.0), meta={"prompt_gate": LEXICAL_REGEX})
+    docs = [{"text": "def parse_header(line):\n    return ", "choices": ["line", "None", "0"], "label": 0},
+            {"text": "def mean(xs):\n    return ", "choices": ["sum(xs)", "None", "match(xs)"], "label": 0}]
+    _task(tmp_path, "lexical", docs, MC_YAML)
+    full, forked, saved = _harness_pair(world, [None, iv], tmp_path, ["lexical"], batch_size=4)
+    base, steered = (o["tasks"]["lexical"]["responses"] for o in full)
+    assert all(a[0] != b[0] for a, b in zip(base[0], steered[0])), "the 'parse' context steers every choice"
+    assert base[1] == steered[1], "a context without the gate's words steers no choice"
+    assert _bench().compare(full, forked, tol=1e-5)["responses_differ"] == 0
+    assert full[1]["gate"] == forked[1]["gate"] and saved.texts_reused == 3

@@ -222,6 +222,7 @@ class SteeredLM(HFLM):
         layer_of(model, self.layer_index)  # range check with a clear error
         self.gate_counts = GateCounts()
         self._row_lengths: list[list[int]] = []
+        self._context_lens: dict[bytes, int] = {}  # while scoring: input row -> tokens of its context
         # run_harness_cells: the shared record, and this run's cell in it (None: the unsteered run)
         self._fork: _Fork | None = None
         self._fork_cell: int | None = None
@@ -246,11 +247,34 @@ class SteeredLM(HFLM):
         return out
 
     def _scored(self, requests, disable_tqdm: bool, override_bs: int | None):
+        # Prompt gates decide on a row's context, not on the answer it scores: note where each input
+        # row's context ends (rows the harness shares between requests: the shortest context).
+        for _, ctx, cont in requests:
+            inp = (ctx + cont[:-1])[-self.max_length:]
+            k, n = _key(inp), max(0, len(inp) - (len(cont) - 1))
+            self._context_lens[k] = min(self._context_lens.get(k, n), n)
         with _recording_right_padding(self._row_lengths):
             try:
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
             finally:
                 self._row_lengths.clear()
+                self._context_lens.clear()
+
+    def _gated_rows(self, rows: list[Any], inps: Tensor, lengths: list[int] | None) -> list[Any]:
+        """``rows`` (one per batch row) with their prompt gates decided on each row's context, the
+        text before the answer it scores (a prompt gate reading the answer would steer one choice and
+        not the others); as given where no row has a prompt gate."""
+        from sieve.interventions import resolve_prompt_gates
+        from sieve.prompt_gates import prompt_gate_of
+
+        bound = as_rows(rows, len(rows), self.layer_index)
+        if lengths is None or not any(prompt_gate_of(iv) is not None for r in bound for iv in r):
+            return rows
+        texts = []
+        for b, n in enumerate(lengths):
+            ctx = self._context_lens.get(_key(inps[b, :n]), n)
+            texts.append(self.tokenizer.decode(inps[b, :ctx].tolist(), skip_special_tokens=True))
+        return resolve_prompt_gates(bound, texts)[0]
 
     def _loglikelihood_forked(self, requests, disable_tqdm: bool, override_bs: int | None):
         """A cell's run in :func:`run_harness_cells`: requests whose input row the cell's gate never
@@ -304,7 +328,9 @@ class SteeredLM(HFLM):
         else:  # a forward of the harness's own (batch-size probing): every position is real
             real = torch.ones_like(inps, dtype=torch.bool)
         enc = {"input_ids": inps, "attention_mask": real.long()}
-        steer = Steerer([self.intervention] * B, enc, self.tokenizer, layer=self.layer_index)
+        lens = real.sum(1).tolist() if lengths_known else None
+        steer = Steerer(self._gated_rows([self.intervention] * B, inps, lens), enc, self.tokenizer,
+                        layer=self.layer_index)
         record = _Record(self._fork.layers) if self._recording() and lengths_known else None
         with torch.no_grad(), self._autocast():
             with self.steered_model.trace({"input_ids": inps}):
@@ -314,17 +340,19 @@ class SteeredLM(HFLM):
                 logits = self.steered_model.output.logits.save()
         if lengths_known:  # the harness's batch-size probes (batch_size="auto") are not its requests
             self.gate_counts.add(steer, real)
-        if record is not None:
-            lens = real.sum(1).tolist()
-            self._note(record, enc, [_key(inps[b, : lens[b]]) for b in range(B)], lens)
+        if record is not None and lens is not None:
+            self._note(record, enc, [_key(inps[b, : lens[b]]) for b in range(B)], lens,
+                       lambda rows: self._gated_rows(rows, inps, lens))
         return logits
 
     def _recording(self) -> bool:
         """Whether this is the unsteered run of :func:`run_harness_cells` (it records for the cells)."""
         return self._fork is not None and self._fork_cell is None and bool(self._fork.layers)
 
-    def _note(self, record: _Record, enc: dict[str, Tensor], keys: list[Any], tokens: list[int]) -> None:
-        """Replay every cell whose gate a replay decides over the recorded batch; note each row's counts."""
+    def _note(self, record: _Record, enc: dict[str, Tensor], keys: list[Any], tokens: list[int],
+              gated: Any = None) -> None:
+        """Replay every cell whose gate a replay decides over the recorded batch; note each row's counts.
+        ``gated``: decides the rows' prompt gates as the cell's own run does (log-likelihood rows)."""
         f = self._fork
         assert f is not None
         at = list(range(enc["input_ids"].shape[0]))
@@ -332,7 +360,8 @@ class SteeredLM(HFLM):
         steers: dict[int, Steerer] = {}
         with torch.inference_mode():
             for c in f.replayable():
-                steers[c] = Steerer([f.rows[c]] * len(at), enc, self.tokenizer)
+                rows = [f.rows[c]] * len(at)
+                steers[c] = Steerer(gated(rows) if gated is not None else rows, enc, self.tokenizer)
                 first_edits(steers[c], record, at, codes)
         f.note(keys, tokens, steers)
 
