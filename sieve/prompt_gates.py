@@ -16,7 +16,8 @@ feature is compared with, not a baseline for intent).
 Every caller sees the same decision: :func:`sieve.generation.generate` resolves prompt gates on the
 prompt text as given; a :class:`~sieve.interventions.Steerer` built with a prompt encoding resolves any
 left on the decoded prompt (``steered_logprobs``, MMLU, lm-eval generation); the lm-eval adapter's
-log-likelihoods decide them on the context each answer is scored after, never on the answer.
+log-likelihoods decide them on the context each answer is scored after, never on the answer (a
+rolling perplexity window, which has no prompt, on its whole text).
 
 Example:
     >>> LEXICAL_REGEX.match("def parse_header(line):\\n    # Split a header line.\\n")

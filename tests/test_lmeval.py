@@ -540,3 +540,17 @@ def test_prompt_gates_decide_on_the_context_not_on_the_answer(world, tmp_path):
     assert base[1] == steered[1], "a context without the gate's words steers no choice"
     assert _bench().compare(full, forked, tol=1e-5)["responses_differ"] == 0
     assert full[1]["gate"] == forked[1]["gate"] and saved.texts_reused == 3
+
+
+def test_prompt_gates_read_the_whole_text_of_a_perplexity(world, tasks):
+    """A rolling log-likelihood (perplexity) scores a document with no prompt: a prompt gate reads the
+    document, as in the held-out loss (documents that say "parse" are steered, the others not)."""
+    from sieve.prompt_gates import LEXICAL_REGEX
+
+    iv = Intervention("always", Edit("add", world.feature.direction, -20.0), meta={"prompt_gate": LEXICAL_REGEX})
+    full, forked, _ = _harness_pair(world, [None, iv], tasks, ["world_ppl"], batch_size=4, metric="word_perplexity")
+    base, steered = (o["tasks"]["world_ppl"]["responses"] for o in full)
+    says = [LEXICAL_REGEX.match(d["text"]) is not None for d in DOCS]
+    assert any(says) and not all(says)
+    assert [a != b for a, b in zip(base, steered)] == says
+    assert _bench().compare(full, forked, tol=1e-5)["responses_differ"] == 0

@@ -248,10 +248,12 @@ class SteeredLM(HFLM):
 
     def _scored(self, requests, disable_tqdm: bool, override_bs: int | None):
         # Prompt gates decide on a row's context, not on the answer it scores: note where each input
-        # row's context ends (rows the harness shares between requests: the shortest context).
-        for _, ctx, cont in requests:
+        # row's context ends (rows the harness shares between requests: the shortest context). A
+        # rolling window (no request string: a perplexity's document) is all text, as in the held-out
+        # loss, where the gate reads the whole text.
+        for req, ctx, cont in requests:
             inp = (ctx + cont[:-1])[-self.max_length:]
-            k, n = _key(inp), max(0, len(inp) - (len(cont) - 1))
+            k, n = _key(inp), len(inp) if req is None else max(0, len(inp) - (len(cont) - 1))
             self._context_lens[k] = min(self._context_lens.get(k, n), n)
         with _recording_right_padding(self._row_lengths):
             try:
