@@ -8,6 +8,7 @@ padding never fires a gate (right-padded log-likelihood batches, left-padded gen
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import polars as pl
@@ -420,8 +421,7 @@ def _harness_pair(world, cells, folder: Path, names: list[str], **kw):
 def _task(folder: Path, name: str, docs: list[dict], yaml: str) -> None:
     data = folder / f"{name}.json"
     data.write_text(json.dumps(docs))
-    (folder / f"{name}.yaml").write_text(yaml.replace("task: world_mc", f"task: {name}")
-                                         .replace("task: world_gen", f"task: {name}").format(data=data))
+    (folder / f"{name}.yaml").write_text(re.sub(r"(?m)^task: \S+$", f"task: {name}", yaml).format(data=data))
 
 
 def test_forked_answers_a_choice_merged_into_its_context(world, tmp_path):
@@ -554,3 +554,75 @@ def test_prompt_gates_read_the_whole_text_of_a_perplexity(world, tasks):
     assert any(says) and not all(says)
     assert [a != b for a, b in zip(base, steered)] == says
     assert _bench().compare(full, forked, tol=1e-5)["responses_differ"] == 0
+
+
+def test_a_row_scored_with_two_contexts_keeps_both_gate_decisions(world, tmp_path):
+    """The harness can score the same token row for a multiple-choice answer (its context does not say
+    "parse"; the answer does) and for a perplexity window (all text, "parse" included): a prompt gate
+    decides differently on the two, and the forked run keeps both decisions (it kept the later one
+    for both), in either task order."""
+    from sieve.prompt_gates import LEXICAL_REGEX
+
+    text, choices = "def header(line):\n    return", [" parse(line)", " None"]
+    eot = world.model.tokenizer.eos_token
+    lm = SteeredLM(model=world.model, intervention=None, layer=world.layer)
+    ctx, cont = lm._encode_pair(eot * 2 + text, choices[0])
+    rolling = [lm.prefix_token_id, *lm.tok_encode(text + choices[0])]
+    assert ctx + cont[:-1] == rolling[:-1], "the check needs the two tasks to share a row"
+    _task(tmp_path, "ctx_mc", [{"text": eot * 2 + text, "choices": choices, "label": 0}], MC_YAML)
+    _task(tmp_path, "ctx_ppl", [{"text": text + choices[0]}], ROLLING_YAML)
+    iv = Intervention("always", Edit("add", world.feature.direction, -20.0), meta={"prompt_gate": LEXICAL_REGEX})
+    for order in (["ctx_mc", "ctx_ppl"], ["ctx_ppl", "ctx_mc"]):
+        full, forked, _ = _harness_pair(world, [None, iv], tmp_path, order, batch_size=4,
+                                        metric={"ctx_mc": "acc", "ctx_ppl": "word_perplexity"})
+        assert _bench().compare(full, forked, tol=1e-5)["responses_differ"] == 0, order
+        assert full[1]["gate"] == forked[1]["gate"], order
+        assert full[1]["tasks"]["ctx_mc"]["responses"] == full[0]["tasks"]["ctx_mc"]["responses"]
+        assert full[1]["tasks"]["ctx_ppl"]["responses"] != full[0]["tasks"]["ctx_ppl"]["responses"]
+
+
+def test_rows_ended_at_any_eos_of_the_generation_config_stop_counting(world, tmp_path, monkeypatch):
+    """A generation config with two EOS ids (as gemma-2-it's or Llama-3's): a row that ends at the one
+    the harness's stop strings do not hold is padded from there on and counts no more forwards, so
+    gate counts do not depend on how long its batch runs (a detector firing on padding shows it), and
+    forked runs count as full runs do."""
+    from sieve.models import underlying
+
+    tok = world.model.tokenizer
+    second = tok(")", add_special_tokens=False)["input_ids"][-1]
+    monkeypatch.setattr(underlying(world.model).generation_config, "eos_token_id", [tok.eos_token_id, second])
+    enc = tok(["print(len(x))" + tok.pad_token * 3], return_tensors="pt")
+    with torch.inference_mode(), world.model.trace(dict(enc)):
+        h = world.model.layers[world.layer].output.save()
+    h, ids = h[0].float(), enc["input_ids"][0].tolist()
+    pads = [i for i, t in enumerate(ids) if t == tok.pad_token_id]
+    w = h[pads].mean(0) - h[: pads[0]].mean(0)
+    s = h @ w
+    thr = float(s[: pads[0]].max()) + 0.5 * float(s[pads].min() - s[: pads[0]].max())
+    on_padding = Intervention("token", Edit("add", world.feature.direction, -5.0), Detector(w, 0.0), threshold=thr)
+    # function starts whose calls close early (rows ending at ")" while others go on)
+    starts = [d["text"] for d in DOCS] + ["def f(x):\n    y = x + 1\n    z = y * 2\n    return ", "import re\n\nprint(len(",
+                                          "x = max(", "import os\n\nos.path.join(", "def g(a):\n    return sorted("]
+    _task(tmp_path, "two_eos", [{"text": t, "choices": ["z"], "label": 0} for t in starts],
+          GEN_YAML.replace("  max_gen_toks: 12", "  max_gen_toks: 24"))
+    gates = []
+    for bs in (2, 3):
+        full, forked, _ = _harness_pair(world, [None, on_padding], tmp_path, ["two_eos"], batch_size=bs,
+                                        metric="exact_match")
+        assert full[1]["gate"] == forked[1]["gate"], bs
+        assert _bench().compare(full, forked)["responses_differ"] == 0
+        gates.append(full[1]["gate"])
+    assert gates[0] == gates[1] and gates[0]["rows"] == len(starts)
+
+
+def test_reused_answers_are_the_full_runs_bit_for_bit_duplicates_included(world, tmp_path):
+    """A gate that never fires: every answer is reused, and each is the full run's own, bit for bit,
+    even for a document asked twice and scored in two batches (answers are kept per request, not per
+    content, which took the last duplicate's batch for both)."""
+    docs = DOCS + DOCS[:3] + [dict(DOCS[0], text="import os\n" + DOCS[0]["text"])]
+    _task(tmp_path, "dups", docs, MC_YAML)
+    never = Intervention("token", Edit("add", world.feature.direction, -30.0),
+                         Detector(torch.zeros_like(world.feature.direction), -1.0), threshold=0.0)
+    full, forked, saved = _harness_pair(world, [None, never], tmp_path, ["dups"], batch_size=3, logits_cache=False)
+    assert saved.texts_reused == saved.texts == 4 * len(docs)
+    assert full[1]["tasks"]["dups"]["responses"] == forked[1]["tasks"]["dups"]["responses"]

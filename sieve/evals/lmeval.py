@@ -76,7 +76,8 @@ class GateCounts:
     """What the intervention did over the harness's forwards: rows (one per scored or generated
     sequence the model ran), real input tokens (a generation's prompt; its generated tokens are not
     in ``tokens``), tokens where the detector fired and tokens edited (inputs and generated tokens up
-    to the row's stop), and rows with at least one edit.
+    to the row's stop: a stop string, or any EOS of the generation config), and rows with at least
+    one edit.
 
     Example:
         >>> c = GateCounts(); c.rows, c.rows_edited
@@ -223,6 +224,7 @@ class SteeredLM(HFLM):
         self.gate_counts = GateCounts()
         self._row_lengths: list[list[int]] = []
         self._context_lens: dict[bytes, int] = {}  # while scoring: input row -> tokens of its context
+        self._calls = 0  # harness calls so far (run_harness_cells: answers are kept per call and request)
         # run_harness_cells: the shared record, and this run's cell in it (None: the unsteered run)
         self._fork: _Fork | None = None
         self._fork_cell: int | None = None
@@ -238,23 +240,30 @@ class SteeredLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         f, cell = self._fork, self._fork_cell
+        if f is not None:
+            self._calls += 1  # the harness calls in the same order in every cell's run
         if f is not None and cell is not None:
             return self._loglikelihood_forked(requests, disable_tqdm, override_bs)
         out = self._scored(requests, disable_tqdm, override_bs)
-        if f is not None:  # the unsteered run of run_harness_cells: keep its answers
-            for (_, ctx, cont), ans in zip(requests, out):
-                f.answers[_key([*ctx, -1, *cont])] = ans
+        if f is not None:  # the unsteered run of run_harness_cells: keep its answers, request by request
+            for i, ((_, ctx, cont), ans) in enumerate(zip(requests, out)):
+                f.answers[("ll", self._calls, i)] = (_key([*ctx, -1, *cont]), ans)
         return out
 
-    def _scored(self, requests, disable_tqdm: bool, override_bs: int | None):
-        # Prompt gates decide on a row's context, not on the answer it scores: note where each input
-        # row's context ends (rows the harness shares between requests: the shortest context). A
-        # rolling window (no request string: a perplexity's document) is all text, as in the held-out
-        # loss, where the gate reads the whole text.
+    def _context_lengths(self, requests) -> dict[bytes, int]:
+        """Per input row of ``requests``, where its context ends. Prompt gates decide on a row's context,
+        not on the answer it scores; a row the harness shares between requests takes the shortest of
+        their contexts. A rolling window (no request string: a perplexity's document) is all text, as
+        in the held-out loss, where the gate reads the whole text."""
+        lens: dict[bytes, int] = {}
         for req, ctx, cont in requests:
             inp = (ctx + cont[:-1])[-self.max_length:]
             k, n = _key(inp), len(inp) if req is None else max(0, len(inp) - (len(cont) - 1))
-            self._context_lens[k] = min(self._context_lens.get(k, n), n)
+            lens[k] = min(lens.get(k, n), n)
+        return lens
+
+    def _scored(self, requests, disable_tqdm: bool, override_bs: int | None):
+        self._context_lens = self._context_lengths(requests)
         with _recording_right_padding(self._row_lengths):
             try:
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
@@ -290,16 +299,19 @@ class SteeredLM(HFLM):
         out: list[Any] = [None] * len(requests)
         todo: list[int] = []
         counted: set[bytes] = set()
+        context_lens = self._context_lengths(requests)
         for i, (req, ctx, cont) in enumerate(requests):
             # The row the harness scores the request in: its own input (context and continuation but
             # the last token, left-truncated), or, for a continuation the tokenizer merged into the
-            # context (empty), the row of its group (the same context and continuation but the last).
-            inp = (ctx + cont[:-1])[-self.max_length:]
-            hit = f.reusable(_key(inp), cell)
-            ans = f.answers.get(_key([*ctx, -1, *cont])) if hit is not None else None
-            if ans is None:
+            # context (empty), the row of its group (the same context and continuation but the last);
+            # with where its context ends (a prompt gate decides on it).
+            row_key = _key((ctx + cont[:-1])[-self.max_length:])
+            hit = f.reusable((row_key, context_lens[row_key]), cell)
+            known = f.answers.get(("ll", self._calls, i)) if hit is not None else None
+            if known is None or known[0] != _key([*ctx, -1, *cont]):
                 todo.append(i)
                 continue
+            ans = known[1]
             out[i] = ans
             row = _key([*ctx, *cont[:-1]]) if grouped else _key([i])
             if row not in counted:
@@ -343,7 +355,8 @@ class SteeredLM(HFLM):
         if lengths_known:  # the harness's batch-size probes (batch_size="auto") are not its requests
             self.gate_counts.add(steer, real)
         if record is not None and lens is not None:
-            self._note(record, enc, [_key(inps[b, : lens[b]]) for b in range(B)], lens,
+            keys = [_key(inps[b, : lens[b]]) for b in range(B)]
+            self._note(record, enc, [(k, self._context_lens.get(k, n)) for k, n in zip(keys, lens)], lens,
                        lambda rows: self._gated_rows(rows, inps, lens))
         return logits
 
@@ -377,7 +390,10 @@ class SteeredLM(HFLM):
         f, cell = self._fork, self._fork_cell
         if f is None:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        self._calls += 1
         keys = [_gen_key(*r.args) for r in requests]
+        exact = [repr((r.args[0], sorted(r.args[1].items()) if isinstance(r.args[1], dict) else r.args[1]))
+                 for r in requests]  # the request as asked, checked before its answer is reused
         out: list[Any] = [None] * len(requests)
         if cell is None:
             # The unsteered run, one generation kwargs at a time (the harness batches them apart anyway),
@@ -389,15 +405,16 @@ class SteeredLM(HFLM):
                 self._gen_kwargs = kw
                 for i, text in zip(idx, super().generate_until([requests[i] for i in idx], disable_tqdm=disable_tqdm)):
                     out[i] = text
-                    f.answers[keys[i]] = text
+                    f.answers[("gen", self._calls, i)] = (exact[i], text)
             return out
         todo = []
         for i, k in enumerate(keys):
             hit = f.reusable(k, cell)
-            if hit is None or k not in f.answers:
+            known = f.answers.get(("gen", self._calls, i)) if hit is not None else None
+            if known is None or known[0] != exact[i]:
                 todo.append(i)
                 continue
-            out[i] = f.answers[k]
+            out[i] = known[1]
             self.gate_counts.add_reused(*hit)
             self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         f.summary.texts += len(requests)
@@ -431,10 +448,17 @@ class SteeredLM(HFLM):
                              "and num_return_sequences > 1 are not supported; generate greedily or sampled")
         n_new = max(1, int(max_length) - T)
 
+        eos = underlying(self.steered_model).generation_config.eos_token_id
+        eos_ids = torch.tensor(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos], dtype=torch.long)
+
         def running() -> Tensor:
-            # Rows whose stop sequence has appeared are no longer counted (their text is cut there).
-            done = [any(c.done_tracker[i] for c in stops) for i in range(B)]
-            return torch.tensor([not d for d in done])
+            # Rows whose stop sequence has appeared are no longer counted (their text is cut there), nor
+            # rows that made an EOS of the generation config (generate pads them from there on; the
+            # harness's stop strings hold only the tokenizer's EOS).
+            done = torch.tensor([any(c.done_tracker[i] for c in stops) for i in range(B)])
+            if last.ids is not None and eos_ids.numel() and last.ids.shape[1] > T:
+                done |= torch.isin(last.ids[:, T:].cpu(), eos_ids).any(1)
+            return ~done
 
         # The unsteered run of run_harness_cells records greedy generations only (a sampled row that its
         # gate would edit draws again in the cell's own run, which would bias the reused rows), and only
