@@ -626,3 +626,22 @@ def test_reused_answers_are_the_full_runs_bit_for_bit_duplicates_included(world,
     full, forked, saved = _harness_pair(world, [None, never], tmp_path, ["dups"], batch_size=3, logits_cache=False)
     assert saved.texts_reused == saved.texts == 4 * len(docs)
     assert full[1]["tasks"]["dups"]["responses"] == forked[1]["tasks"]["dups"]["responses"]
+
+
+def test_which_texts_end_at_their_stop(world, monkeypatch):
+    """The rule that lets a generation be reused: its text ends at its row's stop."""
+    from sieve.models import underlying
+
+    tok = world.model.tokenizer
+    lm = SteeredLM(model=world.model, intervention=None, layer=world.layer)
+    assert lm._text_ends_at_stop(["\n\n", tok.eos_token])
+    assert not lm._text_ends_at_stop([tok.pad_token])  # a special token the decoded text leaves out
+    assert not lm._text_ends_at_stop([tok.pad_token[:2]])  # held in one
+    cfg = underlying(world.model).generation_config
+    monkeypatch.setattr(cfg, "eos_token_id", [tok.eos_token_id, tok.pad_token_id])
+    assert lm._text_ends_at_stop([tok.pad_token])  # generate pads after an EOS of its config
+    monkeypatch.setattr(cfg, "eos_token_id", None)
+    assert not lm._text_ends_at_stop(["\n\n"])  # no padding after the tokenizer's EOS
+    thinking = SteeredLM(model=world.model, intervention=None, layer=world.layer, think_end_token="\n")
+    monkeypatch.setattr(cfg, "eos_token_id", tok.eos_token_id)
+    assert not thinking._text_ends_at_stop(["\n\n"])

@@ -487,19 +487,20 @@ class SteeredLM(HFLM):
 
     def _text_ends_at_stop(self, stop: list[str]) -> bool:
         """Whether each generated text depends only on its row's tokens up to its stop, not on how long
-        its batch goes on: the harness cuts the decoded text (special tokens skipped) at its stop
-        strings, so a stop string holding a special token's text other than the EOS cuts nothing;
-        after the EOS, ``generate`` pads only where the generation config knows that EOS; a think-end
-        token keeps the text after its last occurrence among all tokens, those after the stop too."""
+        its batch goes on. The harness cuts the decoded text (special tokens skipped) at its stop
+        strings, so a stop string holding (or held in) the text of a special token cuts nothing there,
+        unless that token is an EOS of the generation config (``generate`` pads after it); the
+        tokenizer's EOS must be one; and a think-end token keeps the text after its last occurrence
+        among all tokens, those after the stop too."""
         if self.think_end_token is not None:
             return False
         eos = underlying(self.steered_model).generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        eos_text = self.tokenizer.eos_token
-        if eos_text and self.tokenizer.eos_token_id not in eos_ids:
+        eos_ids = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])]
+        if self.tokenizer.eos_token is not None and self.tokenizer.eos_token_id not in eos_ids:
             return False
-        specials = [t for t in self.tokenizer.all_special_tokens if t and t != eos_text]
-        return not any(sp in term for term in stop for sp in specials)
+        padded_after = {self.tokenizer.convert_ids_to_tokens(i) for i in eos_ids}
+        specials = [t for t in self.tokenizer.all_special_tokens if t and t not in padded_after]
+        return not any(sp in term or term in sp for term in stop if term for sp in specials)
 
     def _one_sequence_per_row(self, generation_kwargs: dict[str, Any]) -> bool:
         """Whether ``generate`` will make one sequence per row (no beams, one returned sequence)."""
