@@ -39,14 +39,17 @@ sys.path.insert(0, str(ROOT))
 TASKS = ["world_next_line", "world_mmlu", "world_regex_gen"]
 METRICS = {"world_next_line": "acc", "world_mmlu": "acc", "world_regex_gen": "exact_match"}
 
-MC = """task: world_next_line
+# Every task reads a local JSON file ({data}: an absolute path, as the harness resolves it).
+HEAD = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {data}
+    test: {{data}}
 test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
+output_type: {kind}
+"""
+
+MC = HEAD.format(name="world_next_line", kind="multiple_choice") + """doc_to_text: "{{{{context}}}}"
 doc_to_target: label
 doc_to_choice: "{{{{choices}}}}"
 target_delimiter: ""
@@ -54,13 +57,7 @@ metric_list:
   - metric: acc
 """
 
-MMLU = """task: world_mmlu
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
+MMLU = HEAD.format(name="world_mmlu", kind="multiple_choice") + """\
 doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\n\\
   C. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
 doc_to_choice: ["A", "B", "C", "D"]
@@ -69,14 +66,7 @@ metric_list:
   - metric: acc
 """
 
-GEN = """task: world_regex_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
+GEN = HEAD.format(name="world_regex_gen", kind="generate_until") + """doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{reference}}}}"
 generation_kwargs:
   until: ["\\n\\n"]
