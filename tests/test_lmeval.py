@@ -645,3 +645,40 @@ def test_which_texts_end_at_their_stop(world, monkeypatch):
     thinking = SteeredLM(model=world.model, intervention=None, layer=world.layer, think_end_token="\n")
     monkeypatch.setattr(cfg, "eos_token_id", tok.eos_token_id)
     assert not thinking._text_ends_at_stop(["\n\n"])
+
+
+def test_a_prompt_gate_decides_per_request_where_the_harness_scores_them_apart(world, tmp_path):
+    """Two tasks whose requests have the same input row but split it at different places (the
+    context "... return match" + "(x)", and "... return" + " match(x)"). With ``logits_cache`` off the
+    harness scores them in separate rows, and each decides its prompt gate on its own context: the
+    first task's scores are the same run alone or with the second, forked or not."""
+    from sieve.prompt_gates import LEXICAL_REGEX
+
+    base = "def f(x):\n    return"
+    _task(tmp_path, "split_x", [{"text": base + " match", "choices": ["(x)", "(None)"], "label": 0}], MC_YAML)
+    _task(tmp_path, "split_y", [{"text": base, "choices": [" match(x)", " None"], "label": 0}], MC_YAML)
+    lm = SteeredLM(model=world.model, intervention=None, layer=world.layer)
+    cx, nx = lm._encode_pair(base + " match", "(x)")
+    cy, ny = lm._encode_pair(base, " match(x)")
+    assert cx + nx[:-1] == cy + ny[:-1], "the check needs the two requests to share a row"
+    iv = Intervention("always", Edit("add", world.feature.direction, -20.0), meta={"prompt_gate": LEXICAL_REGEX})
+    metric = {"split_x": "acc", "split_y": "acc"}
+    alone, _, _ = _harness_pair(world, [None, iv], tmp_path, ["split_x"], batch_size=4, logits_cache=False, metric=metric)
+    both, forked, _ = _harness_pair(world, [None, iv], tmp_path, ["split_x", "split_y"], batch_size=4,
+                                    logits_cache=False, metric=metric)
+    x = [o[1]["tasks"]["split_x"]["responses"] for o in (alone, both, forked)]
+    assert x[0] == x[1] and _bench().compare([both[1]], [forked[1]], tol=1e-5)["responses_differ"] == 0
+    assert alone[1]["tasks"]["split_x"]["responses"] != alone[0]["tasks"]["split_x"]["responses"]  # "match": steered
+
+
+def test_forked_rescoring_with_a_batch_size_schedule(world, tmp_path):
+    """batch_size="auto:4": the harness's schedule divides by the call's request count over 4; a cell
+    whose gate edits fewer requests than that scores them again with one detected size (it crashed)."""
+    docs = [{"text": "import re\n\ndef f(s):\n    return ", "choices": ["re.match(s)", "None"], "label": 0}] + \
+        [d for d in DOCS if "import re" not in d["text"]]
+    _task(tmp_path, "sched", docs, MC_YAML)
+    cells = [None, _cells(world)[2]]
+    full, forked, saved = _harness_pair(world, cells, tmp_path, ["sched"], batch_size="auto:4", max_batch_size=8)
+    assert 0 < saved.texts - saved.texts_reused < 4
+    assert _bench().compare(full, forked, tol=1e-5)["responses_differ"] == 0
+    assert full[1]["gate"] == forked[1]["gate"]

@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import warnings
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -223,8 +224,9 @@ class SteeredLM(HFLM):
         layer_of(model, self.layer_index)  # range check with a clear error
         self.gate_counts = GateCounts()
         self._row_lengths: list[list[int]] = []
-        self._context_lens: dict[bytes, int] = {}  # while scoring: input row -> tokens of its context
+        self._rows_ahead: deque[tuple[bytes, int]] = deque()  # while scoring: the rows still to come
         self._calls = 0  # harness calls so far (run_harness_cells: answers are kept per call and request)
+        self._rescore_bs: int | None = None  # batch_size="auto": the size requests scored again use
         # run_harness_cells: the shared record, and this run's cell in it (None: the unsteered run)
         self._fork: _Fork | None = None
         self._fork_cell: int | None = None
@@ -250,41 +252,61 @@ class SteeredLM(HFLM):
                 f.answers[("ll", self._calls, i)] = (_key([*ctx, -1, *cont]), ans)
         return out
 
-    def _context_lengths(self, requests) -> dict[bytes, int]:
-        """Per input row of ``requests``, where its context ends. Prompt gates decide on a row's context,
-        not on the answer it scores; a row the harness shares between requests takes the shortest of
-        their contexts. A rolling window (no request string: a perplexity's document) is all text, as
-        in the held-out loss, where the gate reads the whole text."""
-        lens: dict[bytes, int] = {}
+    def _request_contexts(self, requests) -> list[int]:
+        """Per request, where the context ends in the row the harness scores it in: prompt gates decide
+        on the context, never on the answer. Requests the harness scores in one row (``logits_cache``:
+        the same context and continuation but the last token) take the shortest of their contexts. A
+        rolling window (no request string: a perplexity's document) is all text, as in the held-out
+        loss, where the gate reads the whole text."""
+        own = []
         for req, ctx, cont in requests:
-            inp = (ctx + cont[:-1])[-self.max_length:]
-            k, n = _key(inp), len(inp) if req is None else max(0, len(inp) - (len(cont) - 1))
-            lens[k] = min(lens.get(k, n), n)
-        return lens
+            n = len((ctx + cont[:-1])[-self.max_length:])
+            own.append(n if req is None else max(0, min(n, n - (len(cont) - 1))))
+        if not (self.backend == "causal" and self.logits_cache):
+            return own
+        groups = [_key([*ctx, *cont[:-1]]) for _, ctx, cont in requests]
+        shortest: dict[bytes, int] = {}
+        for g, n in zip(groups, own):
+            shortest[g] = min(shortest.get(g, n), n)
+        return [shortest[g] for g in groups]
+
+    def _row_order(self, requests, contexts: list[int]) -> deque[tuple[bytes, int]]:
+        """The rows the harness will feed the model, in its order (its own ``Collator``, built as
+        ``HFLM._loglikelihood_tokens`` builds it), each as (row key, where its context ends)."""
+        from lm_eval.models.utils import Collator
+
+        where = {id(r): i for i, r in enumerate(requests)}
+        order = Collator(list(requests), sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
+                         group_by="contexts" if self.backend == "causal" and self.logits_cache else None,
+                         group_fn=lambda r: r[-2] + r[-1][:-1])
+        rows: deque[tuple[bytes, int]] = deque()
+        for chunk in order.get_batched(n=1):
+            for r in chunk:
+                i = where[id(r)]
+                _, ctx, cont = requests[i]
+                rows.append((_key((ctx + cont[:-1])[-self.max_length:]), contexts[i]))
+        return rows
 
     def _scored(self, requests, disable_tqdm: bool, override_bs: int | None):
-        self._context_lens = self._context_lengths(requests)
+        self._rows_ahead = self._row_order(requests, self._request_contexts(requests))
         with _recording_right_padding(self._row_lengths):
             try:
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
             finally:
                 self._row_lengths.clear()
-                self._context_lens.clear()
+                self._rows_ahead.clear()
 
-    def _gated_rows(self, rows: list[Any], inps: Tensor, lengths: list[int] | None) -> list[Any]:
-        """``rows`` (one per batch row) with their prompt gates decided on each row's context, the
-        text before the answer it scores (a prompt gate reading the answer would steer one choice and
-        not the others); as given where no row has a prompt gate."""
+    def _gated_rows(self, rows: list[Any], inps: Tensor, contexts: list[int] | None) -> list[Any]:
+        """``rows`` (one per batch row) with their prompt gates decided on each row's context (its first
+        ``contexts[b]`` tokens), the text before the answer it scores (a prompt gate reading the answer
+        would steer one choice and not the others); as given where no row has a prompt gate."""
         from sieve.interventions import resolve_prompt_gates
         from sieve.prompt_gates import prompt_gate_of
 
         bound = as_rows(rows, len(rows), self.layer_index)
-        if lengths is None or not any(prompt_gate_of(iv) is not None for r in bound for iv in r):
+        if contexts is None or not any(prompt_gate_of(iv) is not None for r in bound for iv in r):
             return rows
-        texts = []
-        for b, n in enumerate(lengths):
-            ctx = self._context_lens.get(_key(inps[b, :n]), n)
-            texts.append(self.tokenizer.decode(inps[b, :ctx].tolist(), skip_special_tokens=True))
+        texts = [self.tokenizer.decode(inps[b, :n].tolist(), skip_special_tokens=True) for b, n in enumerate(contexts)]
         return resolve_prompt_gates(bound, texts)[0]
 
     def _loglikelihood_forked(self, requests, disable_tqdm: bool, override_bs: int | None):
@@ -299,14 +321,14 @@ class SteeredLM(HFLM):
         out: list[Any] = [None] * len(requests)
         todo: list[int] = []
         counted: set[bytes] = set()
-        context_lens = self._context_lengths(requests)
+        contexts = self._request_contexts(requests)
         for i, (req, ctx, cont) in enumerate(requests):
             # The row the harness scores the request in: its own input (context and continuation but
             # the last token, left-truncated), or, for a continuation the tokenizer merged into the
             # context (empty), the row of its group (the same context and continuation but the last);
             # with where its context ends (a prompt gate decides on it).
             row_key = _key((ctx + cont[:-1])[-self.max_length:])
-            hit = f.reusable((row_key, context_lens[row_key]), cell)
+            hit = f.reusable((row_key, contexts[i]), cell)
             known = f.answers.get(("ll", self._calls, i)) if hit is not None else None
             if known is None or known[0] != _key([*ctx, -1, *cont]):
                 todo.append(i)
@@ -322,6 +344,12 @@ class SteeredLM(HFLM):
         f.summary.texts += len(requests)
         f.summary.texts_reused += len(requests) - len(todo)
         if todo:
+            if self.batch_size == "auto" and override_bs is None and len(todo) < len(requests):
+                # The harness's batch-size schedule (auto:N) is made for the whole call; a few requests
+                # left would divide by zero there. One size, found once, for what is scored again.
+                if self._rescore_bs is None:
+                    self._rescore_bs = int(self._detect_batch_size())
+                override_bs = self._rescore_bs
             for i, ans in zip(todo, self._scored([requests[i] for i in todo], disable_tqdm, override_bs)):
                 out[i] = ans
         return out
@@ -343,7 +371,15 @@ class SteeredLM(HFLM):
             real = torch.ones_like(inps, dtype=torch.bool)
         enc = {"input_ids": inps, "attention_mask": real.long()}
         lens = real.sum(1).tolist() if lengths_known else None
-        steer = Steerer(self._gated_rows([self.intervention] * B, inps, lens), enc, self.tokenizer,
+        ahead: list[tuple[bytes, int]] = []
+        if lens is not None:  # the rows, in the order the harness feeds them, with their contexts
+            keys = [_key(inps[b, : lens[b]]) for b in range(B)]
+            ahead = [self._rows_ahead.popleft() for _ in range(min(B, len(self._rows_ahead)))]
+            if [k for k, _ in ahead] != keys:
+                raise SieveError("lm-eval fed the model rows in another order than its Collator gives them: this "
+                                 "lm-eval version batches differently from what sieve expects")
+        contexts = [c for _, c in ahead] if lens is not None else None
+        steer = Steerer(self._gated_rows([self.intervention] * B, inps, contexts), enc, self.tokenizer,
                         layer=self.layer_index)
         record = _Record(self._fork.layers) if self._recording() and lengths_known else None
         with torch.no_grad(), self._autocast():
@@ -355,9 +391,7 @@ class SteeredLM(HFLM):
         if lengths_known:  # the harness's batch-size probes (batch_size="auto") are not its requests
             self.gate_counts.add(steer, real)
         if record is not None and lens is not None:
-            keys = [_key(inps[b, : lens[b]]) for b in range(B)]
-            self._note(record, enc, [(k, self._context_lens.get(k, n)) for k, n in zip(keys, lens)], lens,
-                       lambda rows: self._gated_rows(rows, inps, lens))
+            self._note(record, enc, ahead, lens, lambda rows: self._gated_rows(rows, inps, contexts))
         return logits
 
     def _recording(self) -> bool:
@@ -675,8 +709,8 @@ def run_harness_cells(
     not end at the row's stop (a think-end token, a stop string that is a special token other than the
     EOS, an EOS the generation config does not know: there the text runs on while its batch does);
     cells under an ``always`` gate gain nothing. ``fork=False`` runs every cell in full. Other keyword
-    arguments go to :class:`SteeredLM`. Generation makes one sequence per row: beam search is
-    refused.
+    arguments go to :class:`SteeredLM` (with ``batch_size="auto:N"``, requests scored again use one
+    detected size). Generation makes one sequence per row: beam search is refused.
 
     Example:
         >>> outs, saved = run_harness_cells(w.model, [None, iv], ["world_mc"], layer=w.layer,
