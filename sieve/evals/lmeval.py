@@ -137,10 +137,11 @@ def _gen_key(context: str, gen_kwargs: Any) -> tuple[str, Any]:
 
 
 class _Fork:
-    """What the unsteered run of :func:`run_harness_cells` leaves for the cells' runs: per scored
-    sequence (the model's input row of a log-likelihood request) and per greedy generation request,
-    each cell's tokens fired and edited on it (None: an ``always`` gate, edited everywhere unread), the
-    row's real tokens, and the unsteered answers."""
+    """What the unsteered run of :func:`run_harness_cells` leaves for the cells' runs. ``marks``: per
+    log-likelihood input row and the place its context ends, and per greedy generation request
+    (context, kwargs group), the row's real tokens and each cell's tokens fired and edited on it
+    (None: an ``always`` gate, edited everywhere, not replayed). ``answers``: the unsteered answers,
+    per harness call and request, with the request's content to check them against."""
 
     def __init__(self, rows: list[Row]) -> None:
         self.rows = rows
@@ -169,8 +170,8 @@ class _Fork:
             self.marks[key] = (tokens[b], per_cell)
 
     def reusable(self, key: Any, cell: int) -> tuple[int, int] | None:
-        """(tokens fired, real tokens) of a row that ``cell`` never edits and whose unsteered answer is
-        known; None where the cell's own run must compute it."""
+        """(tokens fired, real tokens) of a row that ``cell`` never edits; None where the cell's own run
+        must compute it (the cell edits it, carries an ``always`` gate, or the row was not recorded)."""
         m = self.marks.get(key)
         if m is None or m[1][cell] is None or m[1][cell][1]:
             return None
