@@ -253,6 +253,18 @@ class SteeredLM(HFLM):
                 f.answers[("ll", self._calls, i)] = (_key([*ctx, -1, *cont]), ans)
         return out
 
+    @property
+    def _grouped(self) -> bool:
+        """Whether the harness scores requests with the same context and continuation but the last
+        token in one row (``logits_cache``)."""
+        return self.backend == "causal" and self.logits_cache
+
+    def _row(self, ctx: list[int], cont: list[int]) -> list[int]:
+        """The row the harness scores a request in: context and continuation but the last token,
+        left-truncated to the window (for a continuation the tokenizer merged into the context, the
+        row of its group)."""
+        return (ctx + cont[:-1])[-self.max_length:]
+
     def _request_contexts(self, requests) -> list[int]:
         """Per request, where the context ends in the row the harness scores it in: prompt gates decide
         on the context, never on the answer. Requests the harness scores in one row (``logits_cache``:
@@ -261,9 +273,9 @@ class SteeredLM(HFLM):
         loss, where the gate reads the whole text."""
         own = []
         for req, ctx, cont in requests:
-            n = len((ctx + cont[:-1])[-self.max_length:])
+            n = len(self._row(ctx, cont))
             own.append(n if req is None else max(0, min(n, n - (len(cont) - 1))))
-        if not (self.backend == "causal" and self.logits_cache):
+        if not self._grouped:
             return own
         groups = [_key([*ctx, *cont[:-1]]) for _, ctx, cont in requests]
         shortest: dict[bytes, int] = {}
@@ -278,14 +290,14 @@ class SteeredLM(HFLM):
 
         where = {id(r): i for i, r in enumerate(requests)}
         order = Collator(list(requests), sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
-                         group_by="contexts" if self.backend == "causal" and self.logits_cache else None,
+                         group_by="contexts" if self._grouped else None,
                          group_fn=lambda r: r[-2] + r[-1][:-1])
         rows: deque[tuple[bytes, int]] = deque()
         for chunk in order.get_batched(n=1):
             for r in chunk:
                 i = where[id(r)]
                 _, ctx, cont = requests[i]
-                rows.append((_key((ctx + cont[:-1])[-self.max_length:]), contexts[i]))
+                rows.append((_key(self._row(ctx, cont)), contexts[i]))
         return rows
 
     def _scored(self, requests, disable_tqdm: bool, override_bs: int | None):
@@ -318,25 +330,21 @@ class SteeredLM(HFLM):
         and continuation but the last token) are counted as one row, as the harness's own run counts."""
         f, cell = self._fork, self._fork_cell
         assert f is not None and cell is not None
-        grouped = self.backend == "causal" and self.logits_cache
         out: list[Any] = [None] * len(requests)
         todo: list[int] = []
         counted: set[bytes] = set()
         contexts = self._request_contexts(requests)
         for i, (req, ctx, cont) in enumerate(requests):
-            # The row the harness scores the request in: its own input (context and continuation but
-            # the last token, left-truncated), or, for a continuation the tokenizer merged into the
-            # context (empty), the row of its group (the same context and continuation but the last);
-            # with where its context ends (a prompt gate decides on it).
-            row_key = _key((ctx + cont[:-1])[-self.max_length:])
-            hit = f.reusable((row_key, contexts[i]), cell)
+            # The row the harness scores the request in, with where its context ends (a prompt gate
+            # decides on it).
+            hit = f.reusable((_key(self._row(ctx, cont)), contexts[i]), cell)
             known = f.answers.get(("ll", self._calls, i)) if hit is not None else None
             if known is None or known[0] != _key([*ctx, -1, *cont]):
                 todo.append(i)
                 continue
             ans = known[1]
             out[i] = ans
-            row = _key([*ctx, *cont[:-1]]) if grouped else _key([i])
+            row = _key([*ctx, *cont[:-1]]) if self._grouped else _key([i])
             if row not in counted:
                 counted.add(row)
                 self.gate_counts.add_reused(*hit)
@@ -359,8 +367,8 @@ class SteeredLM(HFLM):
         if attn_mask is not None or labels is not None:
             raise SieveError("sieve's lm-eval model runs decoder-only (causal) models only")
         B, T = inps.shape
-        lengths_known = bool(self._row_lengths)
-        if lengths_known:
+        lens: list[int] | None = None  # the rows' real lengths; None: a batch-size probe of the harness
+        if self._row_lengths:
             lengths = self._row_lengths.pop(0)
             if len(lengths) != B or max(lengths) != T:
                 raise SieveError(
@@ -368,10 +376,10 @@ class SteeredLM(HFLM):
                     f"model on {(B, T)}: this lm-eval version batches differently from what sieve expects"
                 )
             real = torch.arange(T, device=inps.device)[None, :] < torch.tensor(lengths, device=inps.device)[:, None]
+            lens = list(lengths)
         else:  # a forward of the harness's own (batch-size probing): every position is real
             real = torch.ones_like(inps, dtype=torch.bool)
         enc = {"input_ids": inps, "attention_mask": real.long()}
-        lens = real.sum(1).tolist() if lengths_known else None
         ahead: list[tuple[bytes, int]] = []
         if lens is not None:  # the rows, in the order the harness feeds them, with their contexts
             keys = [_key(inps[b, : lens[b]]) for b in range(B)]
@@ -382,14 +390,14 @@ class SteeredLM(HFLM):
         contexts = [c for _, c in ahead] if lens is not None else None
         steer = Steerer(self._gated_rows([self.intervention] * B, inps, contexts), enc, self.tokenizer,
                         layer=self.layer_index)
-        record = _Record(self._fork.layers) if self._recording() and lengths_known else None
+        record = _Record(self._fork.layers) if self._recording() and lens is not None else None
         with torch.no_grad(), self._autocast():
             with self.steered_model.trace({"input_ids": inps}):
                 steer.forward(self.steered_model)
                 if record is not None:
                     record.read(self.steered_model)
                 logits = self.steered_model.output.logits.save()
-        if lengths_known:  # the harness's batch-size probes (batch_size="auto") are not its requests
+        if lens is not None:  # the harness's batch-size probes (batch_size="auto") are not its requests
             self.gate_counts.add(steer, real)
         if record is not None and lens is not None:
             self._note(record, enc, ahead, lens, lambda rows: self._gated_rows(rows, inps, contexts))
@@ -483,8 +491,7 @@ class SteeredLM(HFLM):
                              "and num_return_sequences > 1 are not supported; generate greedily or sampled")
         n_new = max(1, int(max_length) - T)
 
-        eos = underlying(self.steered_model).generation_config.eos_token_id
-        eos_ids = torch.tensor(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos], dtype=torch.long)
+        eos_ids = torch.tensor(self._config_eos_ids(), dtype=torch.long)
 
         def running() -> Tensor:
             # Rows whose stop sequence has appeared are no longer counted (their text is cut there), nor
@@ -529,13 +536,17 @@ class SteeredLM(HFLM):
         among all tokens, those after the stop too."""
         if self.think_end_token is not None:
             return False
-        eos = underlying(self.steered_model).generation_config.eos_token_id
-        eos_ids = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])]
+        eos_ids = self._config_eos_ids()
         if self.tokenizer.eos_token is not None and self.tokenizer.eos_token_id not in eos_ids:
             return False
         padded_after = {self.tokenizer.convert_ids_to_tokens(i) for i in eos_ids}
         specials = [t for t in self.tokenizer.all_special_tokens if t and t not in padded_after]
         return not any(sp in term or term in sp for term in stop if term for sp in specials)
+
+    def _config_eos_ids(self) -> list[int]:
+        """The EOS ids of the model's generation config (``generate`` pads a row after any of them)."""
+        eos = underlying(self.steered_model).generation_config.eos_token_id
+        return [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])]
 
     def _one_sequence_per_row(self, generation_kwargs: dict[str, Any]) -> bool:
         """Whether ``generate`` will make one sequence per row (no beams, one returned sequence)."""
@@ -707,8 +718,9 @@ def run_harness_cells(
     one the full run gives. Requests run again sit in other batches: their
     answers, float metrics (perplexities) and gate counts move by float noise. Not reused: sampled
     generations (a gated row drawn again would bias the reused ones), and generations whose text does
-    not end at the row's stop (a think-end token, a stop string that is a special token other than the
-    EOS, an EOS the generation config does not know: there the text runs on while its batch does);
+    not end at the row's stop (a think-end token, a stop string holding or held in the text of a
+    special token that is not an EOS of the generation config, a tokenizer EOS the generation config
+    does not know: there the text runs on while its batch does);
     cells under an ``always`` gate gain nothing. ``fork=False`` runs every cell in full. Other keyword
     arguments go to :class:`SteeredLM` (with ``batch_size="auto:N"``, requests scored again use one
     detected size). Generation makes one sequence per row: beam search is refused.
