@@ -368,7 +368,7 @@ def test_forked_reuses_greedy_generations_only(world, tasks):
 def test_forked_generation_runs_rows_whose_gate_opens_while_generating(world, tasks):
     """A detector that fires on no prompt token of the task but on some tokens the model generates:
     the rows where it fires while generating are run again (and differ), the others are reused."""
-    from sieve.evals.lmeval import SteeredLM, run_harness_cells
+    from sieve.evals.lmeval import run_harness_cells
 
     lm = SteeredLM(model=world.model, intervention=None, layer=world.layer, batch_size=8)
     base = run_harness(lm, ["world_gen"], include_path=tasks, include_defaults=False, metric="exact_match")
@@ -428,7 +428,6 @@ def test_forked_answers_a_choice_merged_into_its_context(world, tmp_path):
     """A choice the tokenizer merges into the context ("x = 1" + "0" -> "x = 10") has an empty
     continuation; the harness scores it in its group's row, and so does the forked run (it used to
     send it alone to the harness, which refuses an empty continuation)."""
-    tok = world.model.tokenizer
     ctx, cont = SteeredLM(model=world.model, intervention=None, layer=world.layer)._encode_pair("x = 1", "0")
     assert cont == [], "the check needs a choice merged into the context"
     _task(tmp_path, "merged", [{"text": "x = 1", "choices": ["0", " y", "\n"], "label": 1},
@@ -439,7 +438,6 @@ def test_forked_answers_a_choice_merged_into_its_context(world, tmp_path):
     assert _bench().compare(full, forked, tol=1e-5)["responses_differ"] == 0
     assert [o["gate"] for o in full] == [o["gate"] for o in forked]
     assert saved.texts == 2 * 5 and saved.texts_reused >= 5
-    assert tok is world.model.tokenizer
 
 
 def test_batch_size_probes_are_not_counted(world, tasks):
@@ -479,8 +477,6 @@ def test_generation_kwargs_group_as_the_harness_groups_them(world, tmp_path, mon
     """Two tasks whose generation kwargs differ only in spelling (``until: "\\n"`` and ``["\\n"]``,
     ``temperature`` 0 and 0.0) are one group for the harness; the unsteered run batches them together
     too, so reused answers come from the full run's batches."""
-    from sieve.evals.lmeval import SteeredLM as LM
-
     docs = [{"text": d["text"], "choices": d["choices"], "label": 0} for d in DOCS]
     a = GEN_YAML.replace('  until: ["\\n\\n"]', '  until: "\\n"\n  temperature: 0')
     b = GEN_YAML.replace('  until: ["\\n\\n"]', '  until: ["\\n"]\n  temperature: 0.0')
@@ -489,14 +485,14 @@ def test_generation_kwargs_group_as_the_harness_groups_them(world, tmp_path, mon
     _task(tmp_path, "spell_b", docs, b)
     shapes: dict[str, list] = {"full": [], "forked": []}
     way = ["full"]
-    original = LM._model_generate
+    original = SteeredLM._model_generate
 
     def spy(self, context, *args, **kwargs):
         if self.intervention is None:
             shapes[way[0]].append(tuple(context.shape))
         return original(self, context, *args, **kwargs)
 
-    monkeypatch.setattr(LM, "_model_generate", spy)
+    monkeypatch.setattr(SteeredLM, "_model_generate", spy)
     from sieve.evals.lmeval import run_harness_cells
 
     kw = dict(layer=world.layer, include_path=tmp_path, include_defaults=False, batch_size=4, metric="exact_match")
