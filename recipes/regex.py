@@ -86,6 +86,10 @@ CLI.add_override("--regex-prompts", "prompts.regex_file", path=True, metavar="FI
                       "file of blocks separated by '# ---' lines); replaces the recipe's regex-prone set")
 CLI.add_override("--neutral-prompts", "prompts.neutral_file", path=True, metavar="FILE",
                  help="your own neutral completion prompts (same formats); replaces the recipe's neutral set")
+CLI.add_argument("--trust-task-code", action="store_true",
+                 help="run the Python that the recipe's harness task folder (eval.lmeval_include) names: "
+                      "!function tags, task classes, metrics loaded through HF evaluate. Without it a recipe's "
+                      "task files are read as data and any such construct is refused before the model loads")
 CLI.add_argument("--launch", action="store_true",
                  help="run every shard as a job (a SLURM job array, or processes on this machine; submitit), wait, "
                       "then merge them into the output folder and report; settings from the recipe's [launch] "
@@ -254,10 +258,12 @@ def run_judge(recipe: Recipe, setting, judge, out: Path, part: tuple[int, int], 
              " (run the same command again to retry them)" if failed else "")
 
 
-def ability_values(recipe: Recipe, setting, cell: Cell, questions=None) -> tuple[str, list[float], str | None]:
+def ability_values(recipe: Recipe, setting, cell: Cell, questions=None,
+                   trust_task_code: bool = False) -> tuple[str, list[float], str | None]:
     """General ability of one cell: the metric (``loss``: per-text held-out loss; ``lmeval:<metric>``:
     per-document harness values; ``mmlu``: per-question correctness), its values, and details as JSON
-    (the harness's per-task scores and gate counts) or None."""
+    (the harness's per-task scores and gate counts) or None. ``trust_task_code``: run the Python that
+    the recipe's harness task folder names (the command line's ``--trust-task-code``)."""
     iv = cell.intervention(setting.parts, recipe)
     if recipe.eval.general == "loss":
         from sieve.evals.ability import steered_logprobs
@@ -265,7 +271,7 @@ def ability_values(recipe: Recipe, setting, cell: Cell, questions=None) -> tuple
         lps = steered_logprobs(setting.model, setting.prompts.code, iv, batch_size=recipe.forward_batch_size)
         return "loss", [float(-lp.mean()) for lp in lps if lp.numel()], None
     if recipe.eval.general == "lmeval":
-        values, extra = harness_values(recipe, setting, iv)
+        values, extra = harness_values(recipe, setting, iv, trust_task_code)
         return f"lmeval:{recipe.eval.lmeval_metric}", values, extra["detail"]
     from sieve.evals.mmlu import mmlu_accuracy
 
@@ -275,13 +281,14 @@ def ability_values(recipe: Recipe, setting, cell: Cell, questions=None) -> tuple
 
 
 def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, int], progress: bool,
-                work: ForkSummary | None = None) -> None:
+                work: ForkSummary | None = None, trust_task_code: bool = False) -> None:
     """General ability per cell (held-out loss on regex-free code, or MMLU accuracy), into ``store``.
 
     The held-out loss and MMLU with ``sweep.fork``: cells a few at a time, one unsteered forward per
     batch of texts, and a steered forward only for the texts a cell's gate edits
     (:func:`sieve.fork.forked_forward`); harness tasks likewise, per request
-    (:func:`sieve.evals.lmeval.run_harness_cells`); ``work`` adds up the texts reused."""
+    (:func:`sieve.evals.lmeval.run_harness_cells`); ``work`` adds up the texts reused.
+    ``trust_task_code``: as in :func:`ability_values`."""
     if recipe.eval.general == "none":
         return
     done = store.done_keys()
@@ -302,7 +309,7 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, in
             group = todo[i : i + _ABILITY_CELLS]
             ivs = [c.intervention(setting.parts, recipe) for c in group]
             if recipe.eval.general == "lmeval":
-                rows, saved = harness_rows(recipe, setting, group, ivs, rh)
+                rows, saved = harness_rows(recipe, setting, group, ivs, rh, trust_task_code)
             elif recipe.eval.general == "loss":
                 lps, saved = forked_forward(setting.model, setting.prompts.code, ivs, token_logprobs,
                                             batch_size=recipe.forward_batch_size)
@@ -319,15 +326,26 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, in
         bar.close()
         return
     for cell in tqdm(todo, desc="general ability", disable=not progress):
-        metric, values, detail = ability_values(recipe, setting, cell, questions)
+        metric, values, detail = ability_values(recipe, setting, cell, questions, trust_task_code)
         store.append([AbilityRow.of(cell, metric, values, rh, detail=detail)])
 
 
-def _harness_kwargs(recipe: Recipe) -> dict[str, Any]:
+def _harness_kwargs(recipe: Recipe, trust_task_code: bool) -> dict[str, Any]:
     ev = recipe.eval
     return dict(include_path=recipe.resolve(ev.lmeval_include) if ev.lmeval_include else None,
                 limit=ev.lmeval_limit or None, num_fewshot=None if ev.lmeval_fewshot < 0 else ev.lmeval_fewshot,
-                metric=ev.lmeval_metric)
+                metric=ev.lmeval_metric, allow_code=trust_task_code)
+
+
+def check_harness(recipe: Recipe, trust_task_code: bool = False) -> None:
+    """Before any model loads: the recipe's harness task folder holds data only (unless
+    ``trust_task_code``) and names every task it asks for."""
+    if recipe.eval.general != "lmeval":
+        return
+    from sieve.evals.lmeval import harness_tasks
+
+    kw = _harness_kwargs(recipe, trust_task_code)
+    harness_tasks(recipe.eval.lmeval_tasks, kw["include_path"], allow_code=kw["allow_code"])
 
 
 def _harness_result(out: dict[str, Any]) -> tuple[list[float], dict[str, Any]]:
@@ -340,23 +358,24 @@ def _harness_result(out: dict[str, Any]) -> tuple[list[float], dict[str, Any]]:
     return values, {"detail": json.dumps(detail, sort_keys=True)}
 
 
-def harness_values(recipe: Recipe, setting, iv) -> tuple[list[float], dict[str, Any]]:
+def harness_values(recipe: Recipe, setting, iv, trust_task_code: bool = False) -> tuple[list[float], dict[str, Any]]:
     """lm-evaluation-harness tasks under one cell's intervention: the per-document values of the
     recipe's metric over all its tasks, and the per-task scores and gate counts as JSON."""
     from sieve.evals.lmeval import SteeredLM, run_harness
 
     lm = SteeredLM(model=setting.model, intervention=iv, layer=setting.layer, batch_size=recipe.forward_batch_size)
-    return _harness_result(run_harness(lm, recipe.eval.lmeval_tasks, **_harness_kwargs(recipe)))
+    return _harness_result(run_harness(lm, recipe.eval.lmeval_tasks, **_harness_kwargs(recipe, trust_task_code)))
 
 
-def harness_rows(recipe: Recipe, setting, group: list[Cell], ivs: list, rh: str):
+def harness_rows(recipe: Recipe, setting, group: list[Cell], ivs: list, rh: str, trust_task_code: bool = False):
     """The harness tasks under a group of cells at once, forked (:func:`sieve.evals.lmeval.run_harness_cells`:
     one unsteered run, and each cell's run only for the requests its gate edits): their ability rows,
     and the work saved."""
     from sieve.evals.lmeval import run_harness_cells
 
     outs, saved = run_harness_cells(setting.model, ivs, recipe.eval.lmeval_tasks, layer=setting.layer,
-                                    batch_size=recipe.forward_batch_size, **_harness_kwargs(recipe))
+                                    batch_size=recipe.forward_batch_size,
+                                    **_harness_kwargs(recipe, trust_task_code))
     rows = []
     for c, out in zip(group, outs):
         values, extra = _harness_result(out)
@@ -416,7 +435,9 @@ def launch_shards(run: Run) -> int:
         raise SieveError("--launch runs and merges every shard itself: leave out --shard, --merge and --report-only")
     if run.recipe.path is None:
         raise SieveError("--launch needs the recipe as a file: the jobs read it")
-    launch("recipes.regex", [str(run.recipe.path), *run.overrides], run.out, run.recipe.launch)
+    check_harness(run.recipe, args.trust_task_code)  # before any job starts
+    trust = ["--trust-task-code"] if args.trust_task_code else []
+    launch("recipes.regex", [str(run.recipe.path), *run.overrides, *trust], run.out, run.recipe.launch)
     return 0
 
 
@@ -437,6 +458,7 @@ def body(run: Run) -> int:
         report(saved or recipe, out)
         return 0
     user_prompt_files(recipe)  # a bad prompt file fails here, before any model is loaded
+    check_harness(recipe, args.trust_task_code)  # so do harness tasks that are code, or unknown
     from sieve.evals.judge import make_judge
 
     judge = make_judge(recipe.eval.judge, recipe.eval.judge_model)  # a bad judge setting, likewise
@@ -475,7 +497,8 @@ def body(run: Run) -> int:
             if work is not None and work.rows:
                 log.info("forked generation: %s", work)
             run_judge(recipe, setting, judge, out, part, run.progress)
-            run_ability(recipe, setting, ResultStore(out / "ability", tag), part, run.progress, work)
+            run_ability(recipe, setting, ResultStore(out / "ability", tag), part, run.progress, work,
+                        args.trust_task_code)
             if work is not None and work.texts:
                 log.info("forked general ability: %d of %d (%s, cell) pairs reused the unsteered answer",
                          work.texts_reused, work.texts, "request" if recipe.eval.general == "lmeval" else "text")

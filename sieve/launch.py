@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,11 +29,57 @@ from typing import Any, Literal
 
 from sieve.errors import RecipeError, SieveError
 
-__all__ = ["LaunchSpec", "ShardJob", "launch", "shard_argv", "make_executor", "visible_gpus", "EXECUTORS"]
+__all__ = ["LaunchSpec", "ShardJob", "launch", "shard_argv", "make_executor", "visible_gpus", "EXECUTORS",
+           "SBATCH_FROM_FILE", "check_recipe_launch"]
 
 log = logging.getLogger(__name__)
 
+_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
 EXECUTORS: tuple[str, ...] = ("auto", "slurm", "local", "debug")
+
+# sbatch options a recipe file may set: what the job asks for (resources, where it may run, when) and
+# how it is accounted. The others change what the job runs or sees (``export``, ``chdir``,
+# ``container``, ``get-user-env``), where it writes (``output``, ``error``), what it reads, who is told
+# about it (``mail-user``) or the job's shape and signals that sieve sets itself: those only from the
+# command line (``'launch.slurm={export = "ALL"}'``).
+SBATCH_FROM_FILE: frozenset[str] = frozenset((
+    "account", "qos", "constraint", "cluster-constraint", "clusters", "reservation", "exclude", "nodelist",
+    "gres", "gres-flags", "gpus", "gpus-per-node", "gpus-per-socket", "cpus-per-gpu", "mem-per-gpu",
+    "mem-per-cpu", "mem", "mincpus", "time", "time-min", "comment", "job-name", "nice", "priority", "exclusive",
+    "oversubscribe", "requeue", "no-requeue", "hint", "distribution", "ntasks-per-core", "threads-per-core",
+    "sockets-per-node", "cores-per-socket", "switches", "begin", "deadline", "dependency", "licenses",
+    "mcs-label", "wckey", "tmp", "core-spec", "thread-spec", "gpu-bind", "gpu-freq", "cpu-freq", "network",
+    "prefer", "spread-job", "use-min-nodes", "acctg-freq", "profile", "delay-boot", "power", "partition",
+))
+
+
+def _sbatch_key(key: str) -> str:
+    return key.replace("_", "-")
+
+
+def check_recipe_launch(data: dict[str, Any], where: object) -> None:
+    """A recipe file's own ``[launch]`` table sets only the sbatch options of :data:`SBATCH_FROM_FILE`
+    (the command line sets any).
+
+    Example:
+        >>> check_recipe_launch({"launch": {"slurm": {"account": "lab", "qos": "normal"}}}, "r.toml")
+        >>> check_recipe_launch({"launch": {"slurm": {"export": "ALL,LD_PRELOAD=x.so"}}}, "r.toml")
+        Traceback (most recent call last):
+        ...
+        sieve.errors.RecipeError: r.toml: [launch.slurm.export] changes what the job runs, sees or writes ...
+    """
+    launch = data.get("launch")
+    slurm = launch.get("slurm") if isinstance(launch, dict) else None
+    if not isinstance(slurm, dict):
+        return
+    for key in slurm:
+        if _sbatch_key(str(key)) not in SBATCH_FROM_FILE:
+            raise RecipeError(where, f"launch.slurm.{key}", "changes what the job runs, sees or writes (or who is "
+                              "told about it): a recipe file may set only resource and accounting options "
+                              "(account, qos, constraint, gres, time, mem-per-gpu, ...: sieve.launch.SBATCH_FROM_FILE)"
+                              "; give it on the command line if "
+                              f"you mean it ('launch.slurm.{key}=...')")
 
 
 @dataclass
@@ -69,6 +116,17 @@ class LaunchSpec:
         for key in ("parallelism", "gpus_per_task", "cpus_per_task", "mem_gb", "max_requeue"):
             if getattr(self, key) < 0:
                 raise RecipeError(where, f"launch.{key}", f"must be >= 0, got {getattr(self, key)}")
+        # each becomes one "#SBATCH --key=value" line of a shell script: one line, a plain option name
+        for key, value in [("partition", self.partition), *((f"slurm.{k}", v) for k, v in self.slurm.items())]:
+            name = key.split(".", 1)[-1]
+            if key != "partition" and not _OPTION.fullmatch(str(name)):
+                raise RecipeError(where, f"launch.slurm[{name!r}]", "is not an sbatch option name (letters, digits, "
+                                  "'-', '_')")
+            if not isinstance(value, (str, int, float, bool)):
+                raise RecipeError(where, f"launch.{key}", f"must be a string or number, got {type(value).__name__}")
+            if any(ord(ch) < 32 or ord(ch) == 127 for ch in str(value)):
+                raise RecipeError(where, f"launch.{key}", f"{str(value)!r} holds a control character (a newline "
+                                  "would end the #SBATCH line and start a shell command)")
         return self
 
 

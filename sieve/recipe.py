@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from sieve.errors import RecipeError
-from sieve.launch import LaunchSpec
+from sieve.launch import LaunchSpec, check_recipe_launch
 from sieve.methods import UNSTEERED
 
 if sys.version_info >= (3, 11):
@@ -498,6 +498,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(path, "-", f"is not valid TOML: {e}") from e
+    check_recipe_launch(data, path)  # the file's own sbatch options; the command line may add any
     if overrides:
         data = apply_overrides(data, overrides, path)
     return recipe_from_dict(data, path)

@@ -54,9 +54,9 @@ def _prompts(tmp_path: Path, text: str, name: str) -> Path:
     return p
 
 
-def _recipe_in(tmp_path: Path, extra: str = "") -> Path:
+def _recipe_in(tmp_path: Path, extra: str = "", name: str = "r.toml") -> Path:
     """A copy of the shipped recipe in a shared folder, with extra TOML appended to named tables."""
-    p = tmp_path / "shared" / "r.toml"
+    p = tmp_path / "shared" / name
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(RECIPE.read_text() + extra)
     return p
@@ -98,8 +98,27 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
         "--out where nothing can be written": ([str(RECIPE), "--out", "/proc/sieve-out"],
                                                "output folder /proc/sieve-out: cannot write there"),
         "--merge of a folder that is not a run": ([str(RECIPE), out, "--merge", str(tmp_path)], "not a run folder"),
+        "harness task that is code": ([*_tasks_recipe(tmp_path, "process_docs: !function utils.go\n"), out],
+                                      "tasks/mine.yaml:13: YAML tag !function utils.go"),
+        "unknown harness task": ([*_tasks_recipe(tmp_path, "", "plain_tasks"), 'eval.lmeval_tasks=["mien"]', out],
+                                 "eval.lmeval_tasks: 'mien' is not a task the harness knows"),
+        "sbatch option a recipe file may not set": (
+            [str(_recipe_in(tmp_path, '\n[launch]\nslurm = { export = "ALL,LD_PRELOAD=x.so" }\n', "sbatch.toml")), out],
+            "[launch.slurm.export] changes what the job runs"),
     }
     return cases[name]
+
+
+def _tasks_recipe(tmp_path: Path, extra: str, folder: str = "tasks") -> list[str]:
+    """The shipped recipe in a shared folder, with a harness task of its own as the general ability."""
+    tasks = tmp_path / "shared" / folder
+    tasks.mkdir(parents=True, exist_ok=True)
+    (tasks / "mine.yaml").write_text(
+        "task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /nonexistent.json\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{text}}'\ndoc_to_choice: ['a', 'b']\n"
+        "doc_to_target: 0\nmetric_list:\n  - metric: acc\n" + extra)
+    return [str(_recipe_in(tmp_path, name="tasks.toml")), 'eval.general="lmeval"', 'eval.lmeval_tasks=["mine"]',
+            f'eval.lmeval_include="{folder}"']
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -131,7 +150,8 @@ CASES = ["recipe not UTF-8", "prompt file not UTF-8", "missing local model folde
          "function longer than the context", "empty prompt set", "no methods", "temperature 0 with samples > 1",
          "empty scale list", "timeout_s <= 0", "memory_mb <= 0", "layer out of range", "feature out of range",
          "SAE width differs from the model's", "bad --shard",
-         "--out where nothing can be written", "--merge of a folder that is not a run"]
+         "--out where nothing can be written", "--merge of a folder that is not a run", "harness task that is code",
+         "unknown harness task", "sbatch option a recipe file may not set"]
 
 
 @pytest.mark.parametrize("name", CASES)

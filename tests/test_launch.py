@@ -188,3 +188,65 @@ def test_local_scheduler_caps_parallelism_and_gives_each_shard_its_gpus(monkeypa
     ex = _FakeExecutor()
     _submit_local(ex, ShardJob("recipes.regex"), [["a"]] * 3, LaunchSpec(shards=3), poll_s=0)
     assert ex.most_at_once == 1 and set(ex.started) == {()}  # no GPU: one shard at a time, on the CPU
+
+
+def _sbatch_script(spec: LaunchSpec, tmp_path: Path, monkeypatch) -> str:
+    """The sbatch script submitit would submit for ``spec`` (stand-ins for ``sbatch`` and ``srun`` on the
+    PATH; nothing is submitted)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    ex = make_executor(spec, tmp_path / "logs")
+    return _make_sbatch_string(command="python -m submitit.core._submit x", folder=tmp_path / "logs",
+                               **ex._executor.parameters)
+
+
+INJECTIONS = {
+    "newline in a value": {"account": "lab\n'; touch MARK; echo '"},
+    "newline in a key": {"x\ntouch MARK\n#": "1"},
+    "carriage return": {"qos": "normal\rtouch MARK"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(INJECTIONS))
+def test_sbatch_options_cannot_inject_shell_lines(tmp_path, monkeypatch, case):
+    marker = tmp_path / "MARK"
+    slurm = {k.replace("MARK", str(marker)): v.replace("MARK", str(marker)) for k, v in INJECTIONS[case].items()}
+    unchecked = LaunchSpec(executor="slurm", slurm=slurm)
+    script = _sbatch_script(unchecked, tmp_path, monkeypatch)
+    lines = [ln for ln in script.replace("\r", "\n").splitlines() if "touch" in ln]
+    assert any(not ln.startswith("#SBATCH") for ln in lines)  # unchecked, a shell line would run: the attack is real
+    with pytest.raises(SieveError, match=r"\[launch.slurm.*(control character|not an sbatch option name)"):
+        unchecked.check()
+    with pytest.raises(SieveError, match="control character"):
+        LaunchSpec(partition=f"gpu\ntouch {marker}").check()
+    # the same from a recipe file, and from the command line
+    import tomli_w
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(Path(ROOT / "recipes/regex.toml").read_text() + "\n" + tomli_w.dumps({"launch": {"slurm": slurm}}))
+    with pytest.raises(SieveError, match=r"launch.slurm"):
+        load_recipe(recipe)
+    assert not marker.exists()
+
+
+def test_a_recipe_file_sets_only_resource_and_accounting_sbatch_options(tmp_path, monkeypatch):
+    text = Path(ROOT / "recipes/regex.toml").read_text()
+    recipe = tmp_path / "r.toml"
+    for key in ("export", "export_file", "output", "error", "chdir", "get-user-env", "container", "mail-user",
+                "wrap", "signal", "ntasks"):
+        recipe.write_text(text + f'\n[launch]\nslurm = {{ "{key}" = "x" }}\n')
+        with pytest.raises(SieveError, match=rf"\[launch.slurm.{key}\] changes what the job runs"):
+            load_recipe(recipe)
+        # the command line may say so
+        assert load_recipe(ROOT / "recipes/regex.toml", [f"launch.slurm.{key}=x"]).launch.slurm == {key: "x"}
+    recipe.write_text(text + '\n[launch]\nslurm = { account = "lab", qos = "normal", gres = "gpu:a100:1", '
+                             'time_min = "60" }\n')
+    spec = load_recipe(recipe).launch
+    script = _sbatch_script(spec, tmp_path, monkeypatch)
+    assert "#SBATCH --account=lab" in script and "#SBATCH --time-min=60" in script
