@@ -77,6 +77,9 @@ CODE = {
     "unregistered metric": ("metric_list:\n  - metric: ./evil_metric\n", "not one the harness registers", "./evil"),
     "prompt file": ("use_prompt: prompts.yaml:one\n", "use_prompt", "use_prompt"),
     "template internals": ("", "starting with '_'", "__init__"),
+    "tagged key": ("? !function utils.go\n: 1\n", "YAML tag !function", "!function"),
+    "sql builder": ("", "'dataset_path: sql'", "sql"),  # dataset_path replaced, below
+    "cache elsewhere": ("", "dataset_kwargs.cache_dir", "cache_dir"),  # in dataset_kwargs, below
 }
 
 
@@ -86,8 +89,11 @@ def test_every_way_a_task_file_runs_code_is_named_with_its_line(tmp_path, case):
     text = "{{ cycler.__init__.__globals__ }}{{text}}" if case == "template internals" else "{{text}}"
     folder, marker = _folder(tmp_path, extra=extra, text=text)
     f = folder / "tasks" / "mine.yaml"
-    if case == "remote code":
-        f.write_text(f.read_text().replace("dataset_kwargs:\n", "dataset_kwargs:\n  trust_remote_code: true\n"))
+    if case in ("remote code", "cache elsewhere"):
+        line = "trust_remote_code: true" if case == "remote code" else "cache_dir: /tmp/elsewhere"
+        f.write_text(f.read_text().replace("dataset_kwargs:\n", f"dataset_kwargs:\n  {line}\n"))
+    if case == "sql builder":
+        f.write_text(f.read_text().replace("dataset_path: json", "dataset_path: sql"))
     found = task_code(folder / "tasks")
     assert found, case
     assert what in found[0].what, found

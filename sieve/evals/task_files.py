@@ -48,6 +48,14 @@ _CODE_FLAGS = {
 }
 # use_prompt categories the harness keeps in its own registry (anything else reads a file or promptsource)
 _PROMPT_REGISTRY = ("qa-basic",)
+# datasets' builders that read plain data files; its other packaged builders run SQL (sqlite can write
+# files), Spark, generators, caches and table formats: not from a shared folder. A hub id or a folder
+# of data files is read as data (datasets >= 4 runs no loading script; trust_remote_code is refused).
+_DATA_BUILDERS = frozenset(("json", "csv", "parquet", "text", "arrow"))
+# load_dataset arguments that write elsewhere (cache_dir, save_infos) or hand it credentials or file
+# systems of the file's choosing
+_DATASET_KWARGS_REFUSED = frozenset(("cache_dir", "save_infos", "storage_options", "download_config", "token",
+                                     "use_auth_token"))
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,18 @@ def _registered_metrics() -> set[str] | None:
     except ImportError:  # pragma: no cover - only without the extra
         return None
     return set(metric_registry.keys()) if hasattr(metric_registry, "keys") else set(metric_registry)
+
+
+_BUILDERS_IN_CODE = frozenset(("sql", "spark", "generator", "cache", "pandas", "webdataset", "iceberg", "lance"))
+
+
+def _packaged_builders() -> frozenset[str]:
+    """datasets' builders by name: those ``load_dataset`` takes, and those its code holds (``sql``...)."""
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:  # pragma: no cover - datasets renamed it
+        return _BUILDERS_IN_CODE
+    return frozenset(_PACKAGED_DATASETS_MODULES) | _BUILDERS_IN_CODE
 
 
 def _truthy(node: yaml.Node) -> bool:
@@ -119,8 +139,20 @@ def _scan_node(node: yaml.Node, file: Path, found: list[TaskCode], metrics: set[
     if not isinstance(node, yaml.MappingNode):
         return
     for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag not in _DATA_TAGS:
+            _scan_node(key, file, found, metrics, includes, False)  # a tagged or complex key is built too
         k = str(key.value) if isinstance(key, yaml.ScalarNode) else ""
         kline = key.start_mark.line + 1
+        if k == "dataset_path" and isinstance(value, yaml.ScalarNode) and str(value.value) in _packaged_builders() \
+                and str(value.value) not in _DATA_BUILDERS:
+            found.append(TaskCode(file, kline, f"'dataset_path: {value.value}': a shared task reads its data with "
+                                  f"{sorted(_DATA_BUILDERS)}, a hub id or a folder of data files (datasets' other "
+                                  "builders run SQL, Spark, generators or other readers)"))
+        elif k == "dataset_kwargs" and isinstance(value, yaml.MappingNode):
+            for dk, _ in value.value:
+                if isinstance(dk, yaml.ScalarNode) and str(dk.value) in _DATASET_KWARGS_REFUSED:
+                    found.append(TaskCode(file, dk.start_mark.line + 1, f"'dataset_kwargs.{dk.value}' makes datasets "
+                                          "write elsewhere or use credentials or file systems the file chooses"))
         if k in _CODE_KEYS:
             found.append(TaskCode(file, kline, f"'{k}' {_CODE_KEYS[k]}"))
         elif k in _CODE_FLAGS and _truthy(value):
@@ -149,7 +181,9 @@ def _scan_file(path: Path, found: list[TaskCode], metrics: set[str] | None, seen
         return
     seen.add(path)
     try:
-        docs = list(yaml.compose_all(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader))
+        # the loader the harness parses with (libyaml's where PyYAML has it), so both read the same nodes
+        loader = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+        docs = list(yaml.compose_all(path.read_bytes(), Loader=loader))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         # the harness skips a file it cannot parse; one that it can, sieve must be able to read too
         found.append(TaskCode(path, getattr(getattr(e, "problem_mark", None), "line", -1) + 1,
@@ -172,7 +206,9 @@ def task_code(folder: str | Path) -> list[TaskCode]:
     """Every construct in a harness task folder's YAML files (``*.yaml`` and ``*.yml``, in sub-folders
     too, and the files they ``include``) that would make the harness run Python: custom tags
     (``!function``), ``class``, ``custom_dataset``, true ``unsafe_code`` / ``trust_remote_code`` /
-    ``hf_evaluate``, metric names the harness does not register, ``use_prompt`` files, and templates
+    ``hf_evaluate``, metric names the harness does not register, ``use_prompt`` files, datasets
+    builders other than the plain file readers (``sql``, ``spark``, ``generator``...), ``dataset_kwargs``
+    that write elsewhere or pass credentials (``cache_dir``, ``storage_options``...), and templates
     that read ``_``-named attributes (which :func:`sandboxed_templates` refuses anyway). Reads the
     files as YAML nodes only (no tag is constructed); files under the harness's installed task folder
     are trusted and not listed.
