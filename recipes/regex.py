@@ -63,6 +63,7 @@ from tqdm.std import tqdm
 from recipes.cli import RecipeCLI, Run
 from sieve.errors import SieveError
 from sieve.evals.code import answer_validity, evaluate_code, function_validity
+from sieve.files import write_atomic
 from sieve.fork import ForkSummary, generate_forked
 from sieve.generation import default_batch_size, generate
 from sieve.launch import EXECUTORS
@@ -168,9 +169,9 @@ def write_prompts(setting, out: Path) -> Path:
         for i, (p, text, ends) in enumerate(zip(items, texts, token_ends(tok, ids, texts))):
             rows.append({"set": set_name, "prompt_index": i, "prompt_id": p.id, "text": text, "token_ends": ends})
     path = out / "prompts.parquet"
-    pl.DataFrame(rows, schema={"set": pl.Utf8, "prompt_index": pl.Int64, "prompt_id": pl.Utf8, "text": pl.Utf8,
-                               "token_ends": pl.List(pl.Int64)}).write_parquet(path)
-    return path
+    df = pl.DataFrame(rows, schema={"set": pl.Utf8, "prompt_index": pl.Int64, "prompt_id": pl.Utf8, "text": pl.Utf8,
+                                    "token_ends": pl.List(pl.Int64)})
+    return write_atomic(path, df.write_parquet)
 
 
 def run_generation(recipe: Recipe, setting, store: ResultStore, part: tuple[int, int], progress: bool,
@@ -399,8 +400,8 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
     rates = judge_rates(gen)
     if rates is not None:
         summary = summary.join(rates, on=["method", "scale"], how="left")
-    summary.write_parquet(out / "summary.parquet")
-    summary.write_csv(out / "summary.csv")
+    write_atomic(out / "summary.parquet", summary.write_parquet)
+    write_atomic(out / "summary.csv", summary.write_csv)
     title = ("held-out loss on regex-free code (nats, lower is better)" if lower
              else f"lm-eval {recipe.eval.lmeval_metric} ({', '.join(recipe.eval.lmeval_tasks)})"
              if recipe.eval.general == "lmeval" else "MMLU accuracy")

@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in notebooks
 
 from sieve.errors import SieveError
+from sieve.files import write_atomic
 from sieve.interventions import Detector, eligible_mask
 from sieve.models import _last_logits_only, encode_prompts, layer, tokenize_prompts
 
@@ -408,7 +409,5 @@ def cached(path: Path, key: str, compute: Callable[[], dict[str, Tensor]]) -> di
                 return load_file(str(path))
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp), metadata={"key": key})
-    tmp.replace(path)
+    write_atomic(path, lambda p: save_file({k: v.contiguous() for k, v in out.items()}, str(p), metadata={"key": key}))
     return out

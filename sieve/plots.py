@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import altair as alt
 import polars as pl
 
+from sieve.files import write_atomic
 from sieve.methods import FAMILIES, UNSTEERED, family
 
 __all__ = ["pareto_chart", "pr_chart", "save_chart", "method_colors"]
@@ -127,11 +129,21 @@ def pr_chart(curves: pl.DataFrame, marks: pl.DataFrame | None = None) -> alt.Cha
     return chart
 
 
+class _ScriptSafeJSON(json.JSONEncoder):
+    """JSON with ``<``, ``>`` and ``&`` written as ``\\u`` escapes: the same data, but a string in the
+    chart's data (a method name from a shared recipe or run folder, ``</script><script>...``) can
+    neither close the page's ``<script>`` element nor open a comment in it."""
+
+    def encode(self, o: object) -> str:
+        return super().encode(o).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def save_chart(chart: alt.TopLevelMixin, stem: str | Path) -> list[Path]:
-    """Save ``stem.html`` (self-contained) and ``stem.png``; returns the paths written."""
+    """Save ``stem.html`` (self-contained; its data cannot end the page's script) and ``stem.png``, each
+    written atomically (:func:`sieve.files.write_atomic`); returns the paths written."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     html, png = stem.with_suffix(".html"), stem.with_suffix(".png")
-    chart.save(str(html), inline=True)
-    chart.save(str(png), scale_factor=1.5)
+    write_atomic(html, lambda p: chart.save(str(p), inline=True, json_kwds={"cls": _ScriptSafeJSON}))
+    write_atomic(png, lambda p: chart.save(str(p), scale_factor=1.5))
     return [html, png]

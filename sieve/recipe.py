@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 import types
 import typing
@@ -34,6 +35,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+_METHOD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
 
 __all__ = [
     "Recipe", "ModelSpec", "SAESpec", "CAASpec", "ProbeSpec", "PromptSpec", "SweepSpec", "EvalSpec",
@@ -423,6 +426,9 @@ def _validate(r: Recipe) -> Recipe:
             raise RecipeError(where, f"sweep.scales.{k}", "is empty: give at least one value"
                               + (f" (or drop {users} from sweep.methods)" if users else ""))
     for name, spec in r.methods.items():
+        if not _METHOD_NAME.fullmatch(name):
+            raise RecipeError(where, f"methods[{name!r}]", "a method's name is letters, digits and _ . + - (at most "
+                              "64; it names columns, files and chart labels)")
         if name in METHODS or name == UNSTEERED:
             raise RecipeError(where, f"methods.{name}", "a registered method has this name; choose another name")
         _method_of(name, spec, r)
@@ -498,10 +504,50 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(path, "-", f"is not valid TOML: {e}") from e
-    check_recipe_launch(data, path)  # the file's own sbatch options; the command line may add any
+    check_file_settings(data, path, path.parent)  # what only the command line may set
     if overrides:
         data = apply_overrides(data, overrides, path)
     return recipe_from_dict(data, path)
+
+
+# A recipe file's inputs whose contents reach its outputs (prompts.parquet, report.html, generated text):
+# from a file, they must lie in its folder, so a shared recipe cannot copy ~/.ssh or a project's
+# settings into results that are shared back.
+_FOLDER_INPUTS = (("prompts", "source"), ("prompts", "regex_file"), ("prompts", "neutral_file"),
+                  ("eval", "mmlu_data"), ("eval", "lmeval_include"))
+
+
+def check_file_settings(data: dict[str, Any], where: object, folder: Path | None = None) -> None:
+    """What a recipe file may not set, being shared data; the command line (overrides, flags) may: the
+    weaker sandbox (``eval.sandbox = "process"`` runs generated code with no filesystem isolation),
+    sbatch options beyond resources and accounting (:func:`sieve.launch.check_recipe_launch`), and
+    prompt, MMLU and harness-task inputs outside the file's ``folder`` (links followed: a link
+    shipped in the folder that points out is refused too).
+
+    Example:
+        >>> check_file_settings({"eval": {"sandbox": "process"}}, "r.toml")
+        Traceback (most recent call last):
+        ...
+        sieve.errors.RecipeError: r.toml: [eval.sandbox] a recipe file cannot choose 'process' ...
+    """
+    ev = data.get("eval")
+    if isinstance(ev, dict) and ev.get("sandbox") == "process":
+        raise RecipeError(where, "eval.sandbox", f"a recipe file cannot choose {ev['sandbox']!r}: generated code runs "
+                          "under bubblewrap unless the command line says otherwise (eval.sandbox=process)")
+    check_recipe_launch(data, where)
+    if folder is None:
+        return
+    root = Path(folder).resolve()
+    for table, key in _FOLDER_INPUTS:
+        value = data.get(table, {}).get(key) if isinstance(data.get(table), dict) else None
+        if not isinstance(value, str) or not value or (table, key, value) == ("prompts", "source", "world"):
+            continue
+        p = Path(value).expanduser()
+        real = (p if p.is_absolute() else root / p).resolve()
+        if not real.is_relative_to(root):
+            raise RecipeError(where, f"{table}.{key}", f"{value!r} resolves to {real}, outside the recipe's folder "
+                              f"({root}): a recipe file reads its prompts and data from its own folder. Give the "
+                              f"path on the command line ({table}.{key}=...) if you mean it")
 
 
 def read_text(path: Path) -> str:
@@ -563,9 +609,9 @@ def save_recipe(r: Recipe, path: str | Path) -> Path:
     """Write a recipe as TOML; ``load_recipe`` of the result gives the same recipe (same hash)."""
     import tomli_w
 
-    path = Path(path)
-    path.write_text(tomli_w.dumps(recipe_dict(r)))
-    return path
+    from sieve.files import write_atomic
+
+    return write_atomic(Path(path), tomli_w.dumps(recipe_dict(r)))
 
 
 def recipe_hash(r: Recipe) -> str:

@@ -36,6 +36,7 @@ from typing import Any
 
 import polars as pl
 
+from sieve.files import write_atomic
 from sieve.methods import FAMILIES, family
 from sieve.recipe import Recipe, recipe_from_dict, recipe_hash
 
@@ -116,10 +117,7 @@ def record_run(out: Path, recipe: Recipe, *, overrides: Sequence[str] = (), star
     run.setdefault("sessions", []).append({"started": started, "finished": finished, "seconds": round(seconds, 1),
                                            "shard": shard, "rows": int(rows), "overrides": list(overrides)}
                                           | ({"work": work} if work is not None else {}))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(run, indent=1))
-    tmp.replace(path)
-    return path
+    return write_atomic(path, json.dumps(run, indent=1))
 
 
 def load_run(out: Path) -> dict[str, Any] | None:
@@ -152,11 +150,11 @@ def merge_runs(folders: Sequence[Path], out: Path) -> None:
         known = {json.dumps(s, sort_keys=True) for s in have.get("sessions", [])}
         merged = {**base, **{k: v for k, v in have.items() if k != "sessions"}}
         merged["sessions"] = have.get("sessions", []) + [s for s in sessions if json.dumps(s, sort_keys=True) not in known]
-        (Path(out) / RUN_FILE).write_text(json.dumps(merged, indent=1))
+        write_atomic(Path(out) / RUN_FILE, json.dumps(merged, indent=1))
     frames = [pl.read_parquet(Path(d) / "prompts.parquet") for d in folders if (Path(d) / "prompts.parquet").exists()]
     if frames:
         df = pl.concat(frames, how="diagonal_relaxed").unique(subset=["set", "prompt_index"], keep="first")
-        df.sort(["set", "prompt_index"]).write_parquet(Path(out) / "prompts.parquet")
+        write_atomic(Path(out) / "prompts.parquet", df.sort(["set", "prompt_index"]).write_parquet)
 
 
 # --- the data the page shows ----------------------------------------------------------------------
@@ -387,8 +385,4 @@ def write_report(out: Path, recipe: Recipe, summary: pl.DataFrame, *, validity: 
     meta, packed = report_data(out, recipe, summary, validity=validity, ability_title=ability_title,
                                budget_bytes=budget_bytes)
     html = render_report(meta, packed)
-    path = out / REPORT_NAME
-    tmp = out / f".{REPORT_NAME}.tmp"
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomic(out / REPORT_NAME, html)

@@ -26,6 +26,7 @@ import polars as pl
 
 from sieve.errors import SieveError
 from sieve.evals.metrics import mean_ci, wilson
+from sieve.files import write_atomic
 from sieve.stats import DEFAULT_BOOTSTRAP, cluster_rate, paired_difference
 from sieve.sweep import UNSTEERED, columns, schema
 
@@ -61,6 +62,11 @@ class ResultStore:
                 frames.append(pl.read_parquet(p, columns=columns))
             except (pl.exceptions.PolarsError, OSError) as e:
                 quarantine = self.folder / "quarantine"
+                if quarantine.is_symlink() or (quarantine.exists() and not quarantine.is_dir()):
+                    # a shipped link would move the file wherever it points: leave the part where it is
+                    log.warning("%s cannot be read (%s) and %s is not a folder of this store: part skipped",
+                                p, e.__class__.__name__, quarantine)
+                    continue
                 quarantine.mkdir(exist_ok=True)
                 os.replace(p, quarantine / p.name)
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
@@ -78,10 +84,7 @@ class ResultStore:
         else:
             df = pl.DataFrame(list(rows), infer_schema_length=None)
         name = f"part-{self.shard}-{next(self._counter):06d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        df.write_parquet(tmp)
-        os.replace(tmp, self.folder / name)
-        return self.folder / name
+        return write_atomic(self.folder / name, df.write_parquet)
 
     def table(self) -> pl.DataFrame:
         """All rows, one per key (the first written wins), in key order of writing."""

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sieve.errors import RecipeError, SieveError
+from sieve.files import write_atomic
 from sieve.recipe import Recipe, recipe_dict, recipe_hash
 
 if sys.version_info >= (3, 11):
@@ -162,9 +163,7 @@ def claim(folder: str | Path, recipe: Recipe, overrides: list[str] | None = None
               f"# {meta['file']} with overrides {meta['overrides']}.\n"
               "# Relative paths in it are relative to that file's folder.\n\n")
     for path, text in ((toml_path, header + tomli_w.dumps(recipe_dict(recipe))), (meta_path, json.dumps(meta, indent=1))):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     return toml_path
 
 

@@ -94,6 +94,17 @@ def _iv(r: Mapping[str, Any], est: str, lo: str, hi: str, signed: bool = False) 
     return f"{v:{f}} [{a:{f}}, {b:{f}}]"
 
 
+def printable(text: str) -> str:
+    r"""``text`` with control characters (terminal escapes, newlines) written as ``\x..`` escapes: a
+    name read from someone else's run folder cannot move the cursor or retitle the terminal.
+
+    Example:
+        >>> printable("m\x1b]0;title\x07")
+        'm\\x1b]0;title\\x07'
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
 def summary_table(summary: pl.DataFrame, validity: str = "syntax", *, out: Any = None,
                   ability_name: str = "ability") -> str:
     """The printed summary of a regex study: each method's Pareto-front scales, labelled as such, by
@@ -115,7 +126,7 @@ def summary_table(summary: pl.DataFrame, validity: str = "syntax", *, out: Any =
         rlo, rhi = ("regex_clo", "regex_chi") if clustered and r.get("regex_clo") is not None else ("regex_lo", "regex_hi")
         vlo, vhi = ("valid_clo", "valid_chi") if clustered and r.get("valid_clo") is not None else ("valid_lo", "valid_hi")
         row = {
-            "family": family(r["method"]), "method": r["method"], "scale": r["scale"],
+            "family": family(r["method"]), "method": printable(r["method"]), "scale": r["scale"],
             "regex": _iv(r, "regex_rate", rlo, rhi), "dregex": _iv(r, "regex_diff", "regex_diff_lo", "regex_diff_hi", True),
             "valid": _iv(r, "valid_rate", vlo, vhi), "dvalid": _iv(r, "valid_diff", "valid_diff_lo", "valid_diff_hi", True),
             "ability": _iv(r, "ability", "ability_lo", "ability_hi"),

@@ -54,11 +54,19 @@ def _prompts(tmp_path: Path, text: str, name: str) -> Path:
     return p
 
 
-def _recipe_in(tmp_path: Path, extra: str = "", name: str = "r.toml") -> Path:
-    """A copy of the shipped recipe in a shared folder, with extra TOML appended to named tables."""
+def _recipe_in(tmp_path: Path, extra: str = "", name: str = "r.toml", prompts: str | None = None) -> Path:
+    """A copy of the shipped recipe in a shared folder, with extra TOML appended (after its last table)
+    and tables the shipped one has set by replacing their lines (``[eval]`` gets ``extra``'s
+    ``sandbox``; ``prompts``: the prompts source)."""
     p = tmp_path / "shared" / name
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(RECIPE.read_text() + extra)
+    text = RECIPE.read_text()
+    if extra.startswith("\n[eval]\n"):
+        text, extra = text.replace("[eval]\n", extra.lstrip("\n"), 1), ""
+    if prompts is not None:
+        head, tail = text.split("[prompts]\n", 1)
+        text = head + "[prompts]\n" + tail.replace('source = "world"', f"source = {json.dumps(prompts)}", 1)
+    p.write_text(text + extra)
     return p
 
 
@@ -102,6 +110,12 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
                                       "tasks/mine.yaml:13: YAML tag !function utils.go"),
         "unknown harness task": ([*_tasks_recipe(tmp_path, "", "plain_tasks"), 'eval.lmeval_tasks=["mien"]', out],
                                  "eval.lmeval_tasks: 'mien' is not a task the harness knows"),
+        "a recipe file choosing the process sandbox": (
+            [str(_recipe_in(tmp_path, '\n[eval]\nsandbox = "process"\n', "process.toml")), out],
+            "[eval.sandbox] a recipe file cannot choose 'process'"),
+        "a prompts file outside the recipe's folder": (
+            [str(_recipe_in(tmp_path, "", "outside.toml", prompts="~/.ssh/config.toml")), out],
+            "[prompts.source] '~/.ssh/config.toml' resolves to"),
         "sbatch option a recipe file may not set": (
             [str(_recipe_in(tmp_path, '\n[launch]\nslurm = { export = "ALL,LD_PRELOAD=x.so" }\n', "sbatch.toml")), out],
             "[launch.slurm.export] changes what the job runs"),
@@ -151,7 +165,8 @@ CASES = ["recipe not UTF-8", "prompt file not UTF-8", "missing local model folde
          "empty scale list", "timeout_s <= 0", "memory_mb <= 0", "layer out of range", "feature out of range",
          "SAE width differs from the model's", "bad --shard",
          "--out where nothing can be written", "--merge of a folder that is not a run", "harness task that is code",
-         "unknown harness task", "sbatch option a recipe file may not set"]
+         "unknown harness task", "a recipe file choosing the process sandbox", "a prompts file outside the recipe's folder",
+         "sbatch option a recipe file may not set"]
 
 
 @pytest.mark.parametrize("name", CASES)

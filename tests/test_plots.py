@@ -59,3 +59,17 @@ def test_pareto_chart_draws_intervals_and_scale_labels(tmp_path):
     paths = save_chart(pareto_chart(_summary()), tmp_path / "pareto")
     assert [p.suffix for p in paths] == [".html", ".png"] and all(p.stat().st_size > 1000 for p in paths)
     assert "cdn" not in (tmp_path / "pareto.html").read_text().lower()  # self-contained, works offline
+
+
+def test_a_hostile_method_name_cannot_end_the_charts_script(tmp_path):
+    """A method name from someone else's run folder (``--merge``, ``--report-only``) is chart data: in
+    the page it is written as JSON escapes, so it neither closes the ``<script>`` element nor opens one."""
+    hostile = "</script><script>window.PWNED=1</script><!--"
+    s = _summary().with_columns(pl.when(pl.col("method") == "someone_elses_method").then(pl.lit(hostile))
+                                .otherwise(pl.col("method")).alias("method"))
+    html = save_chart(pareto_chart(s), tmp_path / "hostile")[0].read_text()
+    plain = save_chart(pareto_chart(_summary()), tmp_path / "plain")[0].read_text()
+    assert "window.PWNED" in html  # the name is there, as data
+    assert "<script>window" not in html and "<!--" not in html.split("<body>")[-1]
+    assert html.lower().count("</script") == plain.lower().count("</script")
+    assert html.count("<script") == plain.count("<script")

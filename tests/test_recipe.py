@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,34 @@ def test_non_world_sae_needs_layer_and_feature(tmp_path):
     f.write_text("name = 'x'\n[sae]\nsource = 'some/folder'\nfeature = 3\n")
     with pytest.raises(RecipeError, match=r"sae\.layer.*required when sae\.source is not \"world\""):
         load_recipe(f)
+
+
+PROMPTS = '[prompts]\nsource = "world"'
+
+
+def test_a_recipe_file_reads_prompts_and_data_from_its_own_folder_only(tmp_path):
+    """A shared recipe cannot copy files from elsewhere into its outputs (prompts.parquet, the report):
+    absolute, ``~``, ``..`` and links out of the folder are refused; the command line may name any."""
+    secret = tmp_path / "secret.py"
+    secret.write_text("API_KEY = 'x'\n")
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    (folder / "link.py").symlink_to(secret)
+    (folder / "mine.py").write_text("def f(s):\n    # find dates\n")
+    base = Path("recipes/regex.toml").read_text()
+    for key, value in (("regex_file", str(secret)), ("neutral_file", "../secret.py"), ("regex_file", "link.py"),
+                       ("neutral_file", "~/secret.py")):
+        (folder / "r.toml").write_text(base.replace(PROMPTS, f'{PROMPTS}\n{key} = "{value}"'))
+        with pytest.raises(RecipeError, match=rf"\[prompts.{key}\] .* outside the recipe's folder"):
+            load_recipe(folder / "r.toml")
+    (folder / "r.toml").write_text(base.replace(PROMPTS, f'{PROMPTS}\nregex_file = "mine.py"'))
+    assert load_recipe(folder / "r.toml").prompts.regex_file == "mine.py"
+    assert load_recipe(folder / "r.toml", [f'prompts.regex_file="{secret}"']).prompts.regex_file == str(secret)
+
+
+def test_method_names_are_plain(tmp_path):
+    base = Path("recipes/regex.toml").read_text()
+    for name in ("</script><script>x=1</script>", "m\u001b]0;title\u0007", "a b", "x" * 65):
+        (tmp_path / "r.toml").write_text(base + f'\n[methods.{json.dumps(name)}]\nedit = "add"\n')
+        with pytest.raises(RecipeError, match="a method's name is letters, digits"):
+            load_recipe(tmp_path / "r.toml")

@@ -137,6 +137,30 @@ def test_report_only_rebuilds_from_the_folder(run_dir, capsys):
         assert after[k] == before[k], k
 
 
+def test_report_only_of_a_shared_run_writes_nothing_through_its_links(run_dir, tmp_path):
+    """A run folder from someone else ships links where the report writes (its final names and the
+    temporary names it used to use), one of them dangling into a place that runs code at start-up:
+    ``--report-only`` replaces the links with its files and writes nothing anywhere else."""
+    from recipes import regex
+
+    shared = tmp_path / "shared-run"
+    shutil.copytree(run_dir, shared)
+    home = tmp_path / "home"
+    home.mkdir()
+    bashrc = home / ".bashrc"
+    bashrc.write_text("# mine\n")
+    planted = {"summary.csv": bashrc, "summary.parquet": bashrc, REPORT_NAME: bashrc, f".{REPORT_NAME}.tmp": bashrc,
+               "run.json.tmp": bashrc, "pareto.html": home / "site-packages" / "zz.pth"}
+    (home / "site-packages").mkdir()
+    for name, target in planted.items():
+        (shared / name).unlink(missing_ok=True)
+        (shared / name).symlink_to(target)
+    assert regex.main(["--report-only", str(shared), "--no-progress"]) == 0
+    assert bashrc.read_text() == "# mine\n" and not list((home / "site-packages").iterdir())
+    for name in ("summary.csv", "summary.parquet", REPORT_NAME):
+        assert not (shared / name).is_symlink() and (shared / name).stat().st_size > 0
+
+
 def test_report_only_on_a_folder_without_results(tmp_path, capsys):
     from recipes import regex
 

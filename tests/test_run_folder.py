@@ -103,3 +103,41 @@ def test_a_truncated_part_is_named_quarantined_and_its_rows_redone(tmp_path, cap
     table = again.table()
     assert table.height == 12 and table["key"].n_unique() == 12
     assert pl.read_parquet(again.parts()[-1]).height == 4
+
+
+def test_a_quarantine_link_shipped_in_a_store_is_not_followed(tmp_path, caplog):
+    """A shared shard folder ships ``gen/quarantine -> elsewhere`` and a part that is not parquet:
+    reading it (``--merge``, ``--report-only``) must not move the part through the link."""
+    store = ResultStore(tmp_path / "gen")
+    store.append([{"key": "a", "x": 1}])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "gen/quarantine").symlink_to(elsewhere)
+    bad = tmp_path / "gen" / "part-0of1-999999-evil.parquet"
+    bad.write_bytes(b"not parquet: attacker bytes")
+    with caplog.at_level(logging.WARNING, logger="sieve.results"):
+        assert ResultStore(tmp_path / "gen").done_keys() == {"a"}
+    assert list(elsewhere.iterdir()) == [] and bad.exists()
+    assert "not a folder of this store" in caplog.text
+
+
+def test_writes_replace_links_planted_in_the_folder_and_never_write_through_them(tmp_path):
+    from sieve.files import write_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("summary.csv", ".summary.csv.tmp", "report.html"):
+        (out / name).symlink_to(victim)
+    (out / "dangling.json").symlink_to(tmp_path / "created-elsewhere.json")
+    write_atomic(out / "summary.csv", "a\n")
+    write_atomic(out / "report.html", b"<html>")
+    write_atomic(out / "dangling.json", lambda p: p.write_text("{}"))
+    assert victim.read_text() == "mine" and not (tmp_path / "created-elsewhere.json").exists()
+    assert not (out / "summary.csv").is_symlink() and (out / "summary.csv").read_text() == "a\n"
+    assert (out / "dangling.json").read_text() == "{}"
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".summary.csv.tmp"]  # no leftovers
+    with pytest.raises(ZeroDivisionError):
+        write_atomic(out / "x.parquet", lambda p: 1 / 0)
+    assert not (out / "x.parquet").exists() and len(list(out.iterdir())) == 4
