@@ -332,10 +332,18 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, in
 
 
 def _harness_kwargs(recipe: Recipe, trust_task_code: bool) -> dict[str, Any]:
+    """The harness's arguments. Read as data, a task folder's data files lie in the folder's parent
+    (the recipe's folder for ``tasks/`` beside the recipe), or in the folder itself when it is the
+    recipe's folder."""
     ev = recipe.eval
-    return dict(include_path=recipe.resolve(ev.lmeval_include) if ev.lmeval_include else None,
-                limit=ev.lmeval_limit or None, num_fewshot=None if ev.lmeval_fewshot < 0 else ev.lmeval_fewshot,
-                metric=ev.lmeval_metric, allow_code=trust_task_code)
+    include = recipe.resolve(ev.lmeval_include).resolve() if ev.lmeval_include else None
+    root = None
+    if include is not None:
+        here = recipe.path.parent.resolve() if recipe.path is not None else None
+        root = include if here is not None and here.is_relative_to(include) else include.parent
+    return dict(include_path=include, limit=ev.lmeval_limit or None,
+                num_fewshot=None if ev.lmeval_fewshot < 0 else ev.lmeval_fewshot, metric=ev.lmeval_metric,
+                allow_code=trust_task_code, data_root=root)
 
 
 def check_harness(recipe: Recipe, trust_task_code: bool = False) -> None:
@@ -346,7 +354,7 @@ def check_harness(recipe: Recipe, trust_task_code: bool = False) -> None:
     from sieve.evals.lmeval import harness_tasks
 
     kw = _harness_kwargs(recipe, trust_task_code)
-    harness_tasks(recipe.eval.lmeval_tasks, kw["include_path"], allow_code=kw["allow_code"])
+    harness_tasks(recipe.eval.lmeval_tasks, kw["include_path"], allow_code=kw["allow_code"], data_root=kw["data_root"])
 
 
 def _harness_result(out: dict[str, Any]) -> tuple[list[float], dict[str, Any]]:

@@ -35,6 +35,7 @@ __all__ = ["LaunchSpec", "ShardJob", "launch", "shard_argv", "make_executor", "v
 log = logging.getLogger(__name__)
 
 _OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_VALUE = re.compile(r"[ !#%&()*+,./0-9:;<=>?@A-Z\[\]^_a-z{|}~-]*")  # printable ASCII without \ ' " ` $
 
 EXECUTORS: tuple[str, ...] = ("auto", "slurm", "local", "debug")
 
@@ -127,6 +128,10 @@ class LaunchSpec:
             if any(ord(ch) < 32 or ord(ch) == 127 for ch in str(value)):
                 raise RecipeError(where, f"launch.{key}", f"{str(value)!r} holds a control character (a newline "
                                   "would end the #SBATCH line and start a shell command)")
+            if not _VALUE.fullmatch(str(value)):
+                raise RecipeError(where, f"launch.{key}", f"{str(value)!r} holds a quote, backslash, '`', '$' or a "
+                                  "character outside ASCII: sbatch reads a backslash as an escape even inside the "
+                                  "quotes of an #SBATCH line, so such a value can add options of its own")
         return self
 
 

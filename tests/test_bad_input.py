@@ -128,7 +128,7 @@ def _tasks_recipe(tmp_path: Path, extra: str, folder: str = "tasks") -> list[str
     tasks = tmp_path / "shared" / folder
     tasks.mkdir(parents=True, exist_ok=True)
     (tasks / "mine.yaml").write_text(
-        "task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /nonexistent.json\n"
+        "task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: docs.json\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{text}}'\ndoc_to_choice: ['a', 'b']\n"
         "doc_to_target: 0\nmetric_list:\n  - metric: acc\n" + extra)
     return [str(_recipe_in(tmp_path, name="tasks.toml")), 'eval.general="lmeval"', 'eval.lmeval_tasks=["mine"]',

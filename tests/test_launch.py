@@ -208,6 +208,8 @@ def _sbatch_script(spec: LaunchSpec, tmp_path: Path, monkeypatch) -> str:
 
 INJECTIONS = {
     "newline in a value": {"account": "lab\n'; touch MARK; echo '"},
+    # sbatch reads a backslash as an escape inside the quotes: the rest of the value becomes options
+    "quote escape in a value": {"comment": "a\\'\" --export=ALL,BASH_ENV=touch_MARK --chdir=/tmp #"},
     "newline in a key": {"x\ntouch MARK\n#": "1"},
     "carriage return": {"qos": "normal\rtouch MARK"},
 }
@@ -220,11 +222,16 @@ def test_sbatch_options_cannot_inject_shell_lines(tmp_path, monkeypatch, case):
     unchecked = LaunchSpec(executor="slurm", slurm=slurm)
     script = _sbatch_script(unchecked, tmp_path, monkeypatch)
     lines = [ln for ln in script.replace("\r", "\n").splitlines() if "touch" in ln]
-    assert any(not ln.startswith("#SBATCH") for ln in lines)  # unchecked, a shell line would run: the attack is real
-    with pytest.raises(SieveError, match=r"\[launch.slurm.*(control character|not an sbatch option name)"):
+    if case == "quote escape in a value":  # unchecked, the #SBATCH line carries the escape sbatch honours
+        assert any(ln.startswith("#SBATCH --comment=") and "\\'" in ln and "--export=" in ln for ln in lines)
+    else:  # unchecked, a shell line would run: the attack is real
+        assert any(not ln.startswith("#SBATCH") for ln in lines)
+    with pytest.raises(SieveError, match=r"\[launch.slurm.*(control character|not an sbatch option name|a quote)"):
         unchecked.check()
     with pytest.raises(SieveError, match="control character"):
         LaunchSpec(partition=f"gpu\ntouch {marker}").check()
+    with pytest.raises(SieveError, match="a quote, backslash"):
+        LaunchSpec(partition="gpu\\'\" --output=/tmp/x --partition=debug #").check()
     # the same from a recipe file, and from the command line
     import tomli_w
 

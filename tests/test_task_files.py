@@ -19,7 +19,7 @@ from lm_eval import utils as lm_utils
 from recipes import regex
 from sieve.errors import SieveError
 from sieve.evals.lmeval import SteeredLM, harness_tasks, run_harness
-from sieve.evals.task_files import check_task_folder, sandboxed_templates, task_code
+from sieve.evals.task_files import check_task_folder, data_tasks, sandboxed_templates, task_code
 from sieve.recipe import load_recipe
 from sieve.world import load_world
 
@@ -69,17 +69,28 @@ CODE = {
     "importable function": ("process_docs: !function os.system\n", "YAML tag !function", "os.system"),
     "python tag": ("description: !!python/name:os.system\n", "python/name", "!!python"),
     "custom tag elsewhere": ("metadata:\n  version: !env HOME\n", "YAML tag !env", "!env"),
-    "task class": ("class: utils.go\n", "'class' names a Python task class", "class:"),
-    "custom dataset": ("custom_dataset: utils.go\n", "'custom_dataset'", "custom_dataset"),
-    "unsafe code": ("unsafe_code: true\n", "executes the model's output", "unsafe_code"),
-    "remote code": ("", "trust_remote_code", "trust_remote_code"),  # in dataset_kwargs, below
-    "hf evaluate": ("metric_list:\n  - metric: exact_match\n    hf_evaluate: true\n", "hf_evaluate", "hf_evaluate"),
-    "unregistered metric": ("metric_list:\n  - metric: ./evil_metric\n", "not one the harness registers", "./evil"),
-    "prompt file": ("use_prompt: prompts.yaml:one\n", "use_prompt", "use_prompt"),
-    "template internals": ("", "starting with '_'", "__init__"),
     "tagged key": ("? !function utils.go\n: 1\n", "YAML tag !function", "!function"),
-    "sql builder": ("", "'dataset_path: sql'", "sql"),  # dataset_path replaced, below
-    "cache elsewhere": ("", "dataset_kwargs.cache_dir", "cache_dir"),  # in dataset_kwargs, below
+    "task class": ("class: utils.go\n", "a Python task class is not read", "class:"),
+    "custom dataset": ("custom_dataset: utils.go\n", "'custom_dataset' is not a key", "custom_dataset"),
+    "process results": ("process_results: utils.go\n", "'process_results' is not a key", "process_results"),
+    "unsafe code": ("unsafe_code: true\n", "'unsafe_code' must be false", "unsafe_code"),
+    "remote code": ("", "'dataset_kwargs.trust_remote_code' is not a key", "dataset_kwargs"),  # below
+    "cache elsewhere": ("", "'dataset_kwargs.cache_dir' is not a key", "dataset_kwargs"),  # below
+    "cache behind a merge key": ("", "'dataset_kwargs.cache_dir' is not a key", "dataset_kwargs"),  # below
+    "hf evaluate": ("metric_list:\n  - metric: exact_match\n    hf_evaluate: true\n", "sets ['hf_evaluate']",
+                    "metric_list"),
+    "unregistered metric": ("metric_list:\n  - metric: ./evil_metric\n", "is not one the harness registers",
+                            "metric_list"),
+    "custom filter": ("filter_list:\n  - name: f\n    filter:\n      - function: custom\n", "not one the harness",
+                      "filter_list"),
+    "prompt file": ("use_prompt: prompts.yaml:one\n", "'use_prompt' is not a key", "use_prompt"),
+    "template internals": ("", "reads no '_'-named attribute", "doc_to_text"),
+    "sql builder": ("", "one of the file readers", "dataset_path"),  # dataset_path replaced, below
+    "custom generate": ("generation_kwargs:\n  custom_generate: gen\n  trust_remote_code: 'no'\n",
+                        "'generation_kwargs.custom_generate' is not a key", "generation_kwargs"),
+    "include behind a merge key": ("<<: {include: evil.txt}\n", "YAML tag !function", "!function"),
+    "include out of the folder": ("include: ../../elsewhere.yaml\n", "outside the task folder", "include"),
+    "data outside the recipe": ("", "outside the recipe's folder", "dataset_kwargs"),  # below
 }
 
 
@@ -88,19 +99,43 @@ def test_every_way_a_task_file_runs_code_is_named_with_its_line(tmp_path, case):
     extra, what, on_line = CODE[case]
     text = "{{ cycler.__init__.__globals__ }}{{text}}" if case == "template internals" else "{{text}}"
     folder, marker = _folder(tmp_path, extra=extra, text=text)
+    (folder / "tasks" / "evil.txt").write_text("process_docs: !function utils.go\n")
+    (tmp_path / "elsewhere.yaml").write_text("output_type: multiple_choice\n")
     f = folder / "tasks" / "mine.yaml"
-    if case in ("remote code", "cache elsewhere"):
-        line = "trust_remote_code: true" if case == "remote code" else "cache_dir: /tmp/elsewhere"
-        f.write_text(f.read_text().replace("dataset_kwargs:\n", f"dataset_kwargs:\n  {line}\n"))
+    body = f.read_text()
+    kwargs = {"remote code": "  trust_remote_code: true\n", "cache elsewhere": "  cache_dir: /tmp/elsewhere\n",
+              "cache behind a merge key": "  <<: {cache_dir: /tmp/elsewhere}\n"}
+    if case in kwargs:
+        body = body.replace("dataset_kwargs:\n", "dataset_kwargs:\n" + kwargs[case])
     if case == "sql builder":
-        f.write_text(f.read_text().replace("dataset_path: json", "dataset_path: sql"))
-    found = task_code(folder / "tasks")
+        body = body.replace("dataset_path: json", "dataset_path: sql")
+    if case == "data outside the recipe":
+        (tmp_path / "secret.json").write_text("[]")
+        body = body.replace(str(folder / "docs.json"), "../../secret.json")
+    f.write_text(body)
+    found = task_code(folder / "tasks", folder)
     assert found, case
     assert what in found[0].what, found
     line = found[0].line
-    assert on_line in f.read_text().splitlines()[line - 1], (line, found)
-    with pytest.raises(SieveError, match=r"mine\.yaml:\d+: .*--trust-task-code"):
-        check_task_folder(folder / "tasks")
+    assert on_line in found[0].file.read_text().splitlines()[line - 1], (line, found)
+    with pytest.raises(SieveError, match=r"(mine\.yaml|evil\.txt):\d+: .*--trust-task-code"):
+        check_task_folder(folder / "tasks", folder)
+    assert not marker.exists()
+
+
+BUILTIN_OVERRIDES = {
+    # a group overriding the harness's own tasks: builtin code fed the folder's data or metadata
+    "group overrides a builtin's metadata": "group: g\ntask:\n  - task: niah_single_1\n    metadata: {tokenizer: tok}\n",
+    "group lifts a builtin's unsafe gate": "group: g\ntask:\n  - task: cruxeval_output\n    unsafe_code: false\n",
+    "task list": "task_list:\n  - task: a\n    dataset_path: json\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BUILTIN_OVERRIDES))
+def test_groups_that_could_override_the_harness_tasks_are_refused(tmp_path, case):
+    folder, marker = _folder(tmp_path, files={"tasks/group.yaml": BUILTIN_OVERRIDES[case]})
+    found = task_code(folder / "tasks", folder)
+    assert [c.file.name for c in found] == ["group.yaml"] and "not read from a shared folder" in found[0].what
     assert not marker.exists()
 
 
@@ -109,25 +144,32 @@ def test_a_plain_data_task_folder_passes(tmp_path):
 
     assert task_code(write_tasks(tmp_path / "tasks")) == []
     folder, _ = _folder(tmp_path)
-    assert task_code(folder / "tasks") == []
+    assert task_code(folder / "tasks", folder) == []
 
 
-def test_code_in_included_files_sub_folders_and_inline_group_tasks_is_found(tmp_path):
+def test_code_in_sub_folders_and_inline_group_tasks_is_found_and_includes_stay_in_the_folder(tmp_path):
     outside = tmp_path / "elsewhere.yaml"
     outside.write_text("process_results: !function utils.go\n")
+    with_fn = next(p for p in sorted(BUILTIN.rglob("*.yaml")) if "!function" in p.read_text())
     folder, marker = _folder(tmp_path, files={
         "tasks/deep/more/t2.yml": "task: t2\ninclude: ../../../../elsewhere.yaml\n",
         "tasks/group.yaml": "group: g\ntask:\n  - task: inline\n    doc_to_text: !function utils.go\n",
+        "tasks/inc.yaml": f"task: inc\ninclude: {with_fn}\n",  # even the harness's own: its code, our data
     })
-    found = {(c.file.name, c.line) for c in task_code(folder / "tasks")}
-    assert found == {("elsewhere.yaml", 1), ("group.yaml", 4)}
+    found = {(c.file.name, c.line) for c in task_code(folder / "tasks", folder)}
+    assert found == {("t2.yml", 2), ("group.yaml", 4), ("inc.yaml", 2)}
     assert not marker.exists()
 
 
-def test_the_harness_installed_tasks_are_trusted_when_included(tmp_path):
-    with_fn = next(p for p in sorted(BUILTIN.rglob("*.yaml")) if "!function" in p.read_text())
-    folder, _ = _folder(tmp_path, files={"tasks/inc.yaml": f"task: inc\ninclude: {with_fn}\n"})
-    assert task_code(folder / "tasks") == []
+def test_a_folder_task_reaches_the_harness_as_a_plain_config(tmp_path):
+    folder, _ = _folder(tmp_path, files={"tasks/base.yaml": "output_type: multiple_choice\ndoc_to_target: 1\n",
+                                         "tasks/sub/t3.yaml": "task: t3\ninclude: ../base.yaml\n<<: {num_fewshot: 0}\n"
+                                                              "dataset_path: json\ndataset_kwargs:\n"
+                                                              "  data_files: ../../docs.json\n"})
+    tasks = data_tasks(folder / "tasks", folder)
+    assert sorted(tasks) == ["mine", "t3"]
+    assert tasks["t3"] == {"task": "t3", "output_type": "multiple_choice", "doc_to_target": 1, "num_fewshot": 0,
+                           "dataset_path": "json", "dataset_kwargs": {"data_files": str((folder / "docs.json").resolve())}}
 
 
 def _recipe(folder: Path, tasks: list[str], tmp_path: Path):
@@ -216,7 +258,7 @@ def test_templates_render_in_jinja_sandbox_even_past_the_static_check(tmp_path):
     assert marker.exists()
     marker.unlink()
     folder, code_marker = _folder(tmp_path, text=payload)
-    assert task_code(folder / "tasks") == []
+    assert task_code(folder / "tasks", folder) == []
     w = load_world()
     lm = SteeredLM(model=w.model, intervention=None, layer=w.layer, batch_size=4)
     for allow in (False, True):
@@ -230,11 +272,17 @@ def test_templates_render_in_jinja_sandbox_even_past_the_static_check(tmp_path):
 
 
 def test_a_missing_data_file_is_one_clear_error(tmp_path):
+    """Read as data, a task's relative data file is relative to its task file; handed to the harness
+    (trusted), to the working directory, as the harness has it. Either way, one error naming it."""
     folder, _ = _folder(tmp_path)
     f = folder / "tasks" / "mine.yaml"
     f.write_text(f.read_text().replace(str(folder / "docs.json"), "docs.json"))
     harness_tasks(["mine"], folder / "tasks", allow_code=False)
     w = load_world()
     lm = SteeredLM(model=w.model, intervention=None, layer=w.layer, batch_size=4)
-    with pytest.raises(SieveError, match=r"lm-eval tasks \['mine'\]: FileNotFoundError: .*working directory"):
+    with pytest.raises(SieveError, match=r"lm-eval tasks \['mine'\]: FileNotFoundError: .*shared/tasks/docs.json"):
         run_harness(lm, ["mine"], include_path=folder / "tasks", allow_code=False)
+    with pytest.raises(SieveError, match=r"lm-eval tasks \['mine'\]: FileNotFoundError: .*working directory"):
+        run_harness(lm, ["mine"], include_path=folder / "tasks", allow_code=True)
+    (folder / "tasks" / "docs.json").write_text((folder / "docs.json").read_text())
+    assert len(run_harness(lm, ["mine"], include_path=folder / "tasks", allow_code=False)["tasks"]["mine"]["values"]) == 2

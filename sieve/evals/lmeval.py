@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from sieve.errors import SieveError
-from sieve.evals.task_files import check_task_folder, check_task_names, sandboxed_templates
+from sieve.evals.task_files import check_task_names, data_tasks, sandboxed_templates
 from sieve.fork import ForkSummary, _always, _layers, first_edits
 from sieve.generation import _Record
 from sieve.interventions import Intervention, Row, Steerer, as_rows
@@ -637,28 +637,43 @@ def task_manager(include_path: str | Path | None = None, include_defaults: bool 
 
 
 def harness_tasks(tasks: Sequence[str], include_path: str | Path | None = None, include_defaults: bool | None = None,
-                  *, allow_code: bool = True):
-    """The ``TaskManager`` that runs ``tasks``: the harness's own tasks only where ``include_path`` lacks
-    one of them (``include_defaults=None``). With ``allow_code=False`` the folder is checked first
-    (:func:`sieve.evals.task_files.check_task_folder`, before the harness reads it) and every task
-    must be a name it indexed. Cheap after the first call: recipes call it before any model loads.
+                  *, allow_code: bool = True, data_root: str | Path | None = None) -> tuple[Any, list[Any]]:
+    """The ``TaskManager`` that runs ``tasks``, and the task specs to give it.
+
+    With ``allow_code`` (your own folder) the harness reads ``include_path`` itself, as its
+    ``--include_path`` does, and indexes its own tasks only where the folder lacks one of them
+    (``include_defaults=None``). With ``allow_code=False`` (a folder someone else wrote) the harness
+    never sees the folder: :func:`sieve.evals.task_files.data_tasks` reads it as data (before
+    anything loads; local data files must lie inside ``data_root``, default the folder's parent) and
+    each of its tasks is given as a plain config; every other name must be one of the harness's own.
+    Cheap after the first call: recipes call it before any model loads.
 
     Example:
-        >>> harness_tasks(["world_mc"], "tasks/", allow_code=False).all_tasks  # doctest: +SKIP
-        ['world_mc', ...]
+        >>> tm, specs = harness_tasks(["world_mc"], "tasks/", allow_code=False)  # doctest: +SKIP
+        >>> specs[0]["task"]  # doctest: +SKIP
+        'world_mc'
     """
-    if not allow_code and include_path:
-        check_task_folder(include_path)
-    if include_defaults is None:
-        local = task_manager(include_path, False) if include_path else None
-        include_defaults = local is None or not set(tasks) <= set(local.all_tasks)
-    tm = task_manager(include_path, include_defaults)
-    if not allow_code:
-        check_task_names(tasks, tm.all_tasks)
-    return tm
+    if allow_code or not include_path:
+        if include_defaults is None:
+            local = task_manager(include_path, False) if include_path else None
+            include_defaults = local is None or not set(tasks) <= set(local.all_tasks)
+        tm = task_manager(include_path, include_defaults)
+        if not allow_code:
+            check_task_names(tasks, tm.all_tasks)
+        return tm, list(tasks)
+    folder = Path(include_path)
+    mine = data_tasks(folder, data_root if data_root is not None else folder.resolve().parent)
+    others = [t for t in tasks if t not in mine]
+    tm = task_manager(None, bool(others) if include_defaults is None else include_defaults)
+    check_task_names(others, [*tm.all_tasks, *mine])
+    return tm, [mine.get(t, t) for t in tasks]
 
 
-def _evaluate(lm: SteeredLM, tasks: Sequence[str], tm: Any, limit: int | float | None, num_fewshot: int | None):
+def _names(tasks: Sequence[Any]) -> list[str]:
+    return [t["task"] if isinstance(t, dict) else str(t) for t in tasks]
+
+
+def _evaluate(lm: SteeredLM, tasks: Sequence[Any], tm: Any, limit: int | float | None, num_fewshot: int | None):
     """``lm_eval.simple_evaluate`` with its templates sandboxed; a task that cannot be built (its data
     missing, a key it does not know) is one error naming the tasks."""
     import lm_eval
@@ -670,8 +685,8 @@ def _evaluate(lm: SteeredLM, tasks: Sequence[str], tm: Any, limit: int | float |
             return load(*args, **kwargs)
         except (OSError, KeyError, ValueError, TypeError, ImportError, AttributeError) as e:
             hint = (f" (the harness reads relative data_files from the working directory, {Path.cwd()})"
-                    if isinstance(e, FileNotFoundError) else "")
-            raise SieveError(f"lm-eval tasks {list(tasks)}: {type(e).__name__}: {e}{hint}") from e
+                    if isinstance(e, FileNotFoundError) and not all(isinstance(t, dict) for t in tasks) else "")
+            raise SieveError(f"lm-eval tasks {_names(tasks)}: {type(e).__name__}: {e}{hint}") from e
 
     from jinja2.exceptions import SecurityError, TemplateError
 
@@ -682,7 +697,7 @@ def _evaluate(lm: SteeredLM, tasks: Sequence[str], tm: Any, limit: int | float |
                                            num_fewshot=num_fewshot, log_samples=True, verbosity="WARNING")
     except TemplateError as e:
         what = "was refused by" if isinstance(e, SecurityError) else "failed in"
-        raise SieveError(f"lm-eval tasks {list(tasks)}: a task's template {what} Jinja's sandbox "
+        raise SieveError(f"lm-eval tasks {_names(tasks)}: a task's template {what} Jinja's sandbox "
                          f"({type(e).__name__}: {e})") from e
     finally:
         del tm.load
@@ -698,6 +713,7 @@ def run_harness(
     num_fewshot: int | None = None,
     metric: str | Mapping[str, str] = "acc",
     allow_code: bool = True,
+    data_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run harness tasks on ``lm`` and return, per task, its aggregate metrics, the per-document
     values of ``metric`` (for intervals; one name for every task, or one per task) and the model's
@@ -707,18 +723,17 @@ def run_harness(
 
     ``include_path``: a folder of task YAMLs of your own. ``include_defaults``: whether the harness's
     built-in tasks are indexed too (about 20 s, once per process); None: only when a task is not found
-    in ``include_path``. ``allow_code=False`` reads ``include_path`` as data
-    (:func:`sieve.evals.task_files.check_task_folder`: no ``!function``, Python classes, unregistered
-    metrics, unsafe-code tasks...) and takes only task names the harness indexed, not paths: for a
-    folder someone else wrote. Templates are always rendered in Jinja's sandbox.
+    in ``include_path``. ``allow_code=False`` reads ``include_path`` as data (:func:`harness_tasks`:
+    for a folder someone else wrote; its data files inside ``data_root``) and takes task names, not
+    paths. Templates are always rendered in Jinja's sandbox.
 
     Example:
         >>> out = run_harness(lm, ["world_mc"], include_path="tasks/")  # doctest: +SKIP
         >>> out["tasks"]["world_mc"]["values"][:3], out["gate"]["rows_edited"]  # doctest: +SKIP
     """
-    tm = harness_tasks(tasks, include_path, include_defaults, allow_code=allow_code)
+    tm, specs = harness_tasks(tasks, include_path, include_defaults, allow_code=allow_code, data_root=data_root)
     before = lm.gate_counts.as_dict()
-    res = _evaluate(lm, tasks, tm, limit, num_fewshot)
+    res = _evaluate(lm, specs, tm, limit, num_fewshot)
     tasks_out: dict[str, Any] = {}
     for task, samples in (res.get("samples") or {}).items():
         m = metric if isinstance(metric, str) else metric.get(task)
@@ -751,6 +766,7 @@ def run_harness_cells(
     num_fewshot: int | None = None,
     metric: str | Mapping[str, str] = "acc",
     allow_code: bool = True,
+    data_root: str | Path | None = None,
     **lm_kwargs: Any,
 ) -> tuple[list[dict[str, Any]], ForkSummary]:
     """Harness tasks under each of ``cells`` (an intervention, a list composed, or None: unsteered),
@@ -775,8 +791,8 @@ def run_harness_cells(
     does not know: there the text runs on while its batch does);
     cells under an ``always`` gate gain nothing. ``fork=False`` runs every cell in full. Other keyword
     arguments go to :class:`SteeredLM` (with ``batch_size="auto:N"``, requests scored again use one
-    detected size). Generation makes one sequence per row: beam search is refused. ``allow_code``: as
-    in :func:`run_harness`.
+    detected size). Generation makes one sequence per row: beam search is refused. ``allow_code`` and
+    ``data_root``: as in :func:`run_harness`.
 
     Example:
         >>> outs, saved = run_harness_cells(w.model, [None, iv], ["world_mc"], layer=w.layer,
@@ -788,7 +804,7 @@ def run_harness_cells(
     rows = [as_rows([list(c) if isinstance(c, (list, tuple)) else c], 1, layer, width=hidden_size(model))[0]
             for c in cells]
     kw = dict(include_path=include_path, include_defaults=include_defaults, limit=limit, num_fewshot=num_fewshot,
-              metric=metric, allow_code=allow_code)
+              metric=metric, allow_code=allow_code, data_root=data_root)
 
     def lm(row: Row) -> SteeredLM:
         return SteeredLM(model=model, intervention=list(row) or None, layer=layer, batch_size=batch_size, **lm_kwargs)

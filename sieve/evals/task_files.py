@@ -1,23 +1,30 @@
 """lm-evaluation-harness task files from a shared recipe, read as data.
 
-A harness task folder is code as much as data: a YAML ``!function utils.fn`` tag imports the Python
-file next to it, a metric the harness does not register is loaded through HF ``evaluate`` (which runs
-a script from a local folder or the hub), ``class`` and ``custom_dataset`` name Python objects,
-``unsafe_code`` tasks execute the model's output, ``trust_remote_code`` lets ``datasets`` run a
-loading script, ``use_prompt`` reads a prompt file with PyYAML's ``FullLoader``, and the harness renders
-every ``doc_to_*`` template with a plain Jinja environment, from which a template reaches Python's
-internals (``{{ cycler.__init__.__globals__.os }}``).
+A harness task folder is code as much as data. Given as ``include_path``, the harness imports the
+Python file next to a ``!function utils.fn`` tag, loads a metric it does not register through HF
+``evaluate`` (which runs a script), builds ``class`` and ``custom_dataset`` objects, passes
+``generation_kwargs`` to ``generate`` (``custom_generate`` and ``trust_remote_code`` import code),
+lets a group override the harness's own tasks (their ``metadata`` reaches builtin code that loads a
+tokenizer with ``trust_remote_code``; ``unsafe_code: false`` lifts the gate on a task that executes
+the model's output), follows ``include`` anywhere (behind a YAML merge key too), and renders every
+``doc_to_*`` template with a plain Jinja environment, from which a template reaches Python's
+internals (``{{ cycler.__init__.__globals__.os }}``). A list of what to refuse cannot keep up with
+that.
 
-So a recipe file's ``eval.lmeval_include`` is scanned before anything loads: :func:`task_code` lists
-every such construct with its file and line (following ``include:`` chains out of the folder; the
-harness's own installed tasks are trusted), and :func:`check_task_folder` refuses the folder unless
-the command line trusts it (``--trust-task-code``). And :func:`sandboxed_templates` renders the
-harness's templates in Jinja's sandbox (no attribute starting with ``_``, no unsafe callables) for
-every task sieve runs, trusted or not.
+So sieve never hands a shared folder to the harness. :func:`data_tasks` reads each task YAML itself,
+as data (PyYAML's safe loader: no tag is built; merge keys resolved; ``include`` only to files in
+the folder), keeps only the task keys and values of an allowlist (:data:`TASK_KEYS`: text templates,
+dataset files in the recipe's folder, the harness's registered metrics, filters and samplers,
+greedy or sampled generation lengths and stops...), and returns plain task configs that the harness
+builds as inline tasks. Anything else is refused before the model loads, naming the file, line and
+key (:func:`check_task_folder`); ``--trust-task-code`` on the command line hands the folder to the
+harness as it is. :func:`sandboxed_templates` renders the harness's templates in Jinja's sandbox (no
+attribute starting with ``_``, no unsafe callables) for every task sieve runs, trusted or not.
 """
 
 from __future__ import annotations
 
+import re
 import tempfile  # noqa: F401 - the doctests use it
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,38 +36,57 @@ import yaml
 
 from sieve.errors import SieveError
 
-__all__ = ["TaskCode", "task_code", "check_task_folder", "check_task_names", "sandboxed_templates"]
+__all__ = ["TaskCode", "TASK_KEYS", "data_tasks", "task_code", "check_task_folder", "check_task_names",
+           "sandboxed_templates"]
 
 # The YAML tags a data file may carry: PyYAML's safe schema (what ``yaml.safe_load`` constructs).
 _DATA_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in
-                       ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "binary", "merge",
-                        "omap", "pairs", "set"))
-# Keys whose presence makes the harness import or run Python named by the file.
-_CODE_KEYS = {
-    "class": "names a Python task class",
-    "custom_dataset": "names a Python function that builds the dataset",
-}
-# Keys that are harmless unless true.
-_CODE_FLAGS = {
-    "unsafe_code": "marks a task that executes the model's output on this machine",
-    "trust_remote_code": "lets datasets run a loading script",
-    "hf_evaluate": "loads the metric through HF evaluate, which runs a script",
-}
-# use_prompt categories the harness keeps in its own registry (anything else reads a file or promptsource)
-_PROMPT_REGISTRY = ("qa-basic",)
-# datasets' builders that read plain data files; its other packaged builders run SQL (sqlite can write
-# files), Spark, generators, caches and table formats: not from a shared folder. A hub id or a folder
-# of data files is read as data (datasets >= 4 runs no loading script; trust_remote_code is refused).
+                       ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "merge"))
+# datasets' builders that read plain data files (a hub id is data too: datasets >= 4 runs no script)
 _DATA_BUILDERS = frozenset(("json", "csv", "parquet", "text", "arrow"))
-# load_dataset arguments that write elsewhere (cache_dir, save_infos) or hand it credentials or file
-# systems of the file's choosing
-_DATASET_KWARGS_REFUSED = frozenset(("cache_dir", "save_infos", "storage_options", "download_config", "token",
-                                     "use_auth_token"))
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _builders() -> frozenset[str]:
+    """datasets' builders by name: those ``load_dataset`` takes, and those its code holds (``sql``...)."""
+    names = {"sql", "spark", "generator", "cache", "pandas", "webdataset", "iceberg", "lance"}
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+        names |= set(_PACKAGED_DATASETS_MODULES)
+    except ImportError:  # pragma: no cover - datasets renamed it
+        pass
+    return frozenset(names)
+
+
+_STR, _INT, _NUM, _BOOL = "text", "an integer", "a number", "true or false"
+_STRS = "text or a list of texts"
+# Every key a shared task may set, and what its value must be. Templates are text (rendered in the
+# sandbox); names are looked up in the harness's registries; nothing names Python.
+TASK_KEYS: dict[str, Any] = {
+    "task": _STR, "task_alias": _STR, "tag": _STRS, "dataset_path": "dataset", "dataset_name": _STR,
+    "dataset_kwargs": {"data_files": "files", "data_dir": "folder", "field": _STR, "sep": _STR, "delimiter": _STR},
+    "training_split": _STR, "validation_split": _STR, "test_split": _STR, "fewshot_split": _STR,
+    "doc_to_text": _STR, "doc_to_target": "template", "doc_to_choice": "choices", "description": _STR,
+    "target_delimiter": _STR, "fewshot_delimiter": _STR, "gen_prefix": _STR, "num_fewshot": _INT,
+    "fewshot_config": {"sampler": "sampler", "split": _STR, "fewshot_indices": "integers", "samples": "documents",
+                       "doc_to_text": _STR, "doc_to_target": "template", "doc_to_choice": "choices",
+                       "gen_prefix": _STR, "fewshot_delimiter": _STR, "target_delimiter": _STR},
+    "metric_list": "metrics", "output_type": "output type",
+    "generation_kwargs": {"until": _STRS, "max_gen_toks": _INT, "do_sample": _BOOL, "temperature": _NUM,
+                          "top_p": _NUM, "top_k": _INT, "min_p": _NUM, "repetition_penalty": _NUM},
+    "repeats": _INT, "filter_list": "filters", "should_decontaminate": _BOOL,
+    "doc_to_decontamination_query": _STR, "metadata": "scalars", "unsafe_code": "false",
+}
+_OUTPUT_TYPES = ("loglikelihood", "loglikelihood_rolling", "multiple_choice", "generate_until")
+_METRIC_KEYS = {"metric", "aggregation", "higher_is_better", "ignore_case", "ignore_punctuation",
+                "regexes_to_ignore", "ignore_numbers"}
 
 
 @dataclass(frozen=True)
 class TaskCode:
-    """One construct in a task file that would run Python: the file, its line (1-based) and what."""
+    """One thing in a task file a shared folder may not do: the file, its line (1-based) and what."""
 
     file: Path
     line: int
@@ -70,40 +96,24 @@ class TaskCode:
         return f"{self.file}:{self.line}: {self.what}"
 
 
-def _installed_tasks() -> Path | None:
-    """The harness's own task folder (its installed code: trusted like the package itself)."""
+def _registry(kind: str) -> set[str] | None:
     try:
-        import lm_eval.tasks
+        import lm_eval.api.metrics
+        import lm_eval.filters  # noqa: F401
+        from lm_eval.api import registry
+        from lm_eval.api.samplers import SAMPLER_REGISTRY
     except ImportError:  # pragma: no cover - only without the extra
         return None
-    return Path(lm_eval.tasks.__file__).resolve().parent
+    if kind == "sampler":
+        return set(SAMPLER_REGISTRY)
+    reg = {"metric": registry.metric_registry, "filter": registry.filter_registry,
+           "aggregation": getattr(registry, "aggregation_registry", None)}[kind]
+    if reg is None:
+        from lm_eval.api.registry import AGGREGATION_REGISTRY
 
-
-def _registered_metrics() -> set[str] | None:
-    try:
-        import lm_eval.api.metrics  # noqa: F401 - fills the registry
-        from lm_eval.api.registry import metric_registry
-    except ImportError:  # pragma: no cover - only without the extra
-        return None
-    return set(metric_registry.keys()) if hasattr(metric_registry, "keys") else set(metric_registry)
-
-
-_BUILDERS_IN_CODE = frozenset(("sql", "spark", "generator", "cache", "pandas", "webdataset", "iceberg", "lance"))
-
-
-def _packaged_builders() -> frozenset[str]:
-    """datasets' builders by name: those ``load_dataset`` takes, and those its code holds (``sql``...)."""
-    try:
-        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
-    except ImportError:  # pragma: no cover - datasets renamed it
-        return _BUILDERS_IN_CODE
-    return frozenset(_PACKAGED_DATASETS_MODULES) | _BUILDERS_IN_CODE
-
-
-def _truthy(node: yaml.Node) -> bool:
-    if isinstance(node, yaml.ScalarNode):
-        return str(node.value).strip().lower() not in ("", "false", "no", "off", "0", "null", "~")
-    return True
+        reg = AGGREGATION_REGISTRY
+    names = set(reg.keys()) if hasattr(reg, "keys") else set(reg)
+    return names - {"custom"}  # the custom filter calls a function named by the file
 
 
 def _template_reaches_internals(text: str) -> bool:
@@ -125,93 +135,306 @@ def _template_reaches_internals(text: str) -> bool:
     return False
 
 
-def _scan_node(node: yaml.Node, file: Path, found: list[TaskCode], metrics: set[str] | None,
-               includes: list[tuple[str, int]], top: bool) -> None:
-    line = node.start_mark.line + 1
+def _loader() -> type:
+    # the loader the harness parses with (libyaml's where PyYAML has it)
+    return yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+
+
+def _tags(node: yaml.Node, file: Path, found: list[TaskCode]) -> None:
+    """Every node whose tag is not plain data (``!function``, ``!!python/...``, on values and keys)."""
     if node.tag not in _DATA_TAGS:
         value = node.value if isinstance(node, yaml.ScalarNode) else "…"
-        found.append(TaskCode(file, line, f"YAML tag {node.tag} {value!s:.60} (the harness imports or builds "
-                                          "Python objects from tags)"))
+        found.append(TaskCode(file, node.start_mark.line + 1, f"YAML tag {node.tag} {value!s:.60} (the harness "
+                                                               "imports or builds Python objects from tags)"))
     if isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _scan_node(item, file, found, metrics, includes, False)
-        return
+            _tags(item, file, found)
+    elif isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            _tags(k, file, found)
+            _tags(v, file, found)
+
+
+def _lines(node: yaml.Node | None) -> dict[str, int]:
+    """Top-level key -> line, for naming where a key is."""
     if not isinstance(node, yaml.MappingNode):
-        return
-    for key, value in node.value:
-        if not isinstance(key, yaml.ScalarNode) or key.tag not in _DATA_TAGS:
-            _scan_node(key, file, found, metrics, includes, False)  # a tagged or complex key is built too
-        k = str(key.value) if isinstance(key, yaml.ScalarNode) else ""
-        kline = key.start_mark.line + 1
-        if k == "dataset_path" and isinstance(value, yaml.ScalarNode) and str(value.value) in _packaged_builders() \
-                and str(value.value) not in _DATA_BUILDERS:
-            found.append(TaskCode(file, kline, f"'dataset_path: {value.value}': a shared task reads its data with "
-                                  f"{sorted(_DATA_BUILDERS)}, a hub id or a folder of data files (datasets' other "
-                                  "builders run SQL, Spark, generators or other readers)"))
-        elif k == "dataset_kwargs" and isinstance(value, yaml.MappingNode):
-            for dk, _ in value.value:
-                if isinstance(dk, yaml.ScalarNode) and str(dk.value) in _DATASET_KWARGS_REFUSED:
-                    found.append(TaskCode(file, dk.start_mark.line + 1, f"'dataset_kwargs.{dk.value}' makes datasets "
-                                          "write elsewhere or use credentials or file systems the file chooses"))
-        if k in _CODE_KEYS:
-            found.append(TaskCode(file, kline, f"'{k}' {_CODE_KEYS[k]}"))
-        elif k in _CODE_FLAGS and _truthy(value):
-            found.append(TaskCode(file, kline, f"'{k}: {getattr(value, 'value', '…')}' {_CODE_FLAGS[k]}"))
-        elif k == "metric" and isinstance(value, yaml.ScalarNode) and value.tag == "tag:yaml.org,2002:str" \
-                and metrics is not None and value.value not in metrics:
-            found.append(TaskCode(file, kline, f"metric {value.value!r} is not one the harness registers: it would "
-                                               "be loaded through HF evaluate, which runs a script"))
-        elif k == "use_prompt" and isinstance(value, yaml.ScalarNode) \
-                and str(value.value).split(":")[0] not in _PROMPT_REGISTRY:
-            found.append(TaskCode(file, kline, f"'use_prompt: {value.value}' reads prompts from a file (with "
-                                               "PyYAML's FullLoader) or from promptsource"))
-        elif isinstance(value, yaml.ScalarNode) and _template_reaches_internals(str(value.value)):
-            found.append(TaskCode(file, value.start_mark.line + 1, f"the template of '{k}' reads an attribute "
-                                  "starting with '_' (Python's internals; Jinja's sandbox refuses it)"))
-        elif k == "include" and top:
-            items = value.value if isinstance(value, yaml.SequenceNode) else [value]
-            includes += [(str(i.value), i.start_mark.line + 1) for i in items if isinstance(i, yaml.ScalarNode)]
-        _scan_node(value, file, found, metrics, includes, False)
+        return {}
+    return {str(k.value): k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
 
 
-def _scan_file(path: Path, found: list[TaskCode], metrics: set[str] | None, seen: set[Path],
-               trusted: Path | None) -> None:
-    path = path.resolve()
-    if path in seen or (trusted is not None and path.is_relative_to(trusted)):
-        return
-    seen.add(path)
-    try:
-        # the loader the harness parses with (libyaml's where PyYAML has it), so both read the same nodes
-        loader = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
-        docs = list(yaml.compose_all(path.read_bytes(), Loader=loader))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        # the harness skips a file it cannot parse; one that it can, sieve must be able to read too
-        found.append(TaskCode(path, getattr(getattr(e, "problem_mark", None), "line", -1) + 1,
-                              f"cannot be read as YAML data ({type(e).__name__}: {str(e).splitlines()[0]:.80})"))
-        return
-    for doc in docs:
-        if doc is None:
-            continue
-        includes: list[tuple[str, int]] = []
-        _scan_node(doc, path, found, metrics, includes, True)
-        for inc, line in includes:
-            target = Path(inc) if Path(inc).is_absolute() else path.parent / inc
-            if target.is_file():
-                _scan_file(target, found, metrics, seen, trusted)
+class _Reader:
+    """Reads a folder's task files as data, collecting what is refused."""
+
+    def __init__(self, folder: Path, root: Path) -> None:
+        self.folder, self.root = folder.resolve(), root.resolve()
+        self.found: list[TaskCode] = []
+        self.registries = {k: _registry(k) for k in ("metric", "filter", "aggregation", "sampler")}
+
+    def refuse(self, file: Path, line: int, what: str) -> None:
+        self.found.append(TaskCode(file, line, what))
+
+    def load(self, path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any] | None, dict[str, int]]:
+        """A file's config with its includes merged in (theirs first, its own keys win, as the harness
+        does), and its keys' lines."""
+        path = path.resolve()
+        if path in seen:
+            self.refuse(path, 1, "include cycle")
+            return None, {}
+        try:
+            raw = path.read_bytes()
+            nodes = list(yaml.compose_all(raw, Loader=_loader()))
+        except (OSError, yaml.YAMLError) as e:
+            mark = getattr(e, "problem_mark", None)
+            self.refuse(path, (mark.line + 1) if mark else 1,
+                        f"cannot be read as YAML ({type(e).__name__}: {str(e).splitlines()[0]:.80})")
+            return None, {}
+        if len(nodes) != 1:
+            self.refuse(path, 1, f"holds {len(nodes)} YAML documents; a task file holds one")
+            return None, {}
+        before = len(self.found)
+        _tags(nodes[0], path, self.found)
+        if len(self.found) > before:
+            return None, {}
+        cfg = yaml.load(raw, Loader=_loader())
+        lines = _lines(nodes[0])
+        if not isinstance(cfg, dict):
+            self.refuse(path, 1, "is not a mapping of task keys")
+            return None, {}
+        includes = cfg.pop("include", None)
+        merged: dict[str, Any] = {}
+        for inc in includes if isinstance(includes, list) else [] if includes is None else [includes]:
+            line = lines.get("include", 1)
+            if not isinstance(inc, str):
+                self.refuse(path, line, f"include {inc!r} is not a file name")
+                continue
+            target = (path.parent / inc).resolve()
+            if not target.is_relative_to(self.folder):
+                self.refuse(path, line, f"include {inc!r} resolves to {target}, outside the task folder "
+                                        f"{self.folder}")
+                continue
+            if not target.is_file():
+                self.refuse(path, line, f"include {inc!r}: no such file")
+                continue
+            inc_cfg, inc_lines = self.load(target, (*seen, path))
+            if inc_cfg is not None:
+                inc_cfg.pop("task_list", None)
+                merged.update(inc_cfg)
+                lines = {**{k: v for k, v in inc_lines.items()}, **lines}
+        merged.update(cfg)
+        return merged, lines
+
+    def check(self, path: Path, cfg: dict[str, Any], lines: dict[str, int]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in cfg.items():
+            line = lines.get(str(key), 1)
+            rule = TASK_KEYS.get(key)
+            if rule is None:
+                self.refuse(path, line, f"'{key}' is not a key a shared task may set (its keys: text templates, "
+                                        "dataset files, registered metrics and filters: sieve.evals.task_files."
+                                        "TASK_KEYS); run with --trust-task-code if you trust this folder's code")
+                continue
+            ok = self.value(path, line, key, rule, value)
+            if ok is not None:
+                out[key] = ok
+        return out
+
+    def value(self, path: Path, line: int, key: str, rule: Any, v: Any) -> Any:
+        def bad(what: str) -> None:
+            self.refuse(path, line, f"'{key}' must be {what}, got {v!r:.60}")
+
+        if isinstance(rule, dict):
+            if not isinstance(v, dict):
+                return bad("a mapping")
+            res = {}
+            for k, sub in v.items():
+                if k not in rule:
+                    self.refuse(path, line, f"'{key}.{k}' is not a key a shared task may set (allowed: "
+                                            f"{sorted(rule)})")
+                    continue
+                r = self.value(path, line, f"{key}.{k}", rule[k], sub)
+                if r is not None:
+                    res[k] = r
+            return res
+        if rule == _STR or rule == "template":
+            if rule == "template" and isinstance(v, (int, list)):
+                return v  # a target index, or several targets
+            if not isinstance(v, str):
+                return bad(_STR)
+            if _template_reaches_internals(v):
+                return bad("a template that reads no '_'-named attribute (Python's internals)")
+            return v
+        if rule == _STRS:
+            if isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                return v
+            return bad(_STRS)
+        if rule == _INT:
+            return v if isinstance(v, int) and not isinstance(v, bool) else bad(_INT)
+        if rule == _NUM:
+            return v if isinstance(v, (int, float)) and not isinstance(v, bool) else bad(_NUM)
+        if rule == _BOOL:
+            return v if isinstance(v, bool) else bad(_BOOL)
+        if rule == "false":
+            return v if v is False else bad("false (a task that executes the model's output is not read from a "
+                                            "shared folder)")
+        if rule == "integers":
+            return v if isinstance(v, list) and all(isinstance(x, int) for x in v) else bad("a list of integers")
+        if rule == "scalars":
+            ok = isinstance(v, dict) and all(isinstance(x, (str, int, float, bool)) or x is None for x in v.values())
+            return v if ok else bad("a mapping of plain values")
+        if rule == "documents":
+            ok = isinstance(v, list) and all(isinstance(d, dict) for d in v)
+            return v if ok else bad("a list of documents (mappings)")
+        if rule == "choices":
+            if isinstance(v, str):
+                return self.value(path, line, key, _STR, v)
+            if isinstance(v, list) and all(isinstance(x, (str, int, float)) for x in v):
+                return v
+            if isinstance(v, dict) and all(isinstance(x, (str, int, float)) for x in v.values()):
+                return v
+            return bad("a template, or a list or mapping of choices")
+        if rule == "output type":
+            return v if v in _OUTPUT_TYPES else bad(f"one of {list(_OUTPUT_TYPES)}")
+        if rule == "sampler":
+            reg = self.registries["sampler"]
+            return v if isinstance(v, str) and (reg is None or v in reg) else bad(f"a sampler of {sorted(reg or [])}")
+        if rule == "dataset":
+            if not isinstance(v, str):
+                return bad(_STR)
+            if v in _DATA_BUILDERS:
+                return v
+            local = (path.parent / v).resolve()
+            if v in _builders() or local.exists() or not _HUB_ID.fullmatch(v):
+                return bad(f"one of the file readers {sorted(_DATA_BUILDERS)} or a hub id (datasets' other "
+                           "builders, which run SQL, Spark or generators, and local folders are not read from a "
+                           "shared folder)")
+            return v
+        if rule in ("files", "folder"):
+            return self.paths(path, line, key, v)
+        if rule == "metrics":
+            return self.entries(path, line, key, v, "metric", _METRIC_KEYS)
+        if rule == "filters":
+            if not isinstance(v, list):
+                return bad("a list of named filter pipelines")
+            res = []
+            for i, pipe in enumerate(v):
+                if not isinstance(pipe, dict) or set(pipe) - {"name", "filter"} or not isinstance(pipe.get("name"), str):
+                    self.refuse(path, line, f"'{key}[{i}]' must be {{name, filter}}, got {pipe!r:.60}")
+                    continue
+                steps = self.entries(path, line, f"{key}[{i}].filter", pipe.get("filter", []), "function", None)
+                if steps is not None:
+                    res.append({"name": pipe["name"], "filter": steps})
+            return res
+        raise AssertionError(rule)  # pragma: no cover
+
+    def entries(self, path: Path, line: int, key: str, v: Any, name_key: str, keys: set[str] | None) -> Any:
+        """A list of registry entries (metrics, filter steps): registered names, plain arguments."""
+        kind = "metric" if name_key == "metric" else "filter"
+        reg = self.registries[kind]
+        if not isinstance(v, list) or not all(isinstance(e, dict) for e in v):
+            self.refuse(path, line, f"'{key}' must be a list of mappings")
+            return None
+        res = []
+        for i, e in enumerate(v):
+            name = e.get(name_key)
+            if not isinstance(name, str) or (reg is not None and name not in reg):
+                self.refuse(path, line, f"'{key}[{i}].{name_key}' {name!r:.60} is not one the harness registers "
+                                        f"({sorted(reg or [])}): an unknown metric is loaded through HF evaluate, "
+                                        "which runs a script")
+                continue
+            extra = set(e) - (keys if keys is not None else set(e))
+            agg = e.get("aggregation")
+            if extra:
+                self.refuse(path, line, f"'{key}[{i}]' sets {sorted(extra)}: not arguments a shared task may pass")
+            elif agg is not None and not (isinstance(agg, str) and agg in (self.registries["aggregation"] or {agg})):
+                self.refuse(path, line, f"'{key}[{i}].aggregation' {agg!r:.60} is not one the harness registers")
+            elif any(not _plain(x) for k, x in e.items() if k != name_key):
+                self.refuse(path, line, f"'{key}[{i}]' passes something other than plain values")
             else:
-                found.append(TaskCode(path, line, f"include {inc!r}: no such file"))
+                res.append(e)
+        return res
+
+    def paths(self, path: Path, line: int, key: str, v: Any) -> Any:
+        """Local data files, relative to the task file's folder, inside the recipe's folder."""
+        if isinstance(v, dict):
+            return {k: self.paths(path, line, f"{key}.{k}", x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [self.paths(path, line, key, x) for x in v]
+        if not isinstance(v, str):
+            self.refuse(path, line, f"'{key}' must be a file name, got {v!r:.60}")
+            return v
+        if "://" in v:
+            self.refuse(path, line, f"'{key}' {v!r}: a shared task reads local files in its recipe's folder")
+            return v
+        p = (path.parent / Path(v).expanduser()).resolve()
+        if not p.is_relative_to(self.root):
+            self.refuse(path, line, f"'{key}' {v!r} resolves to {p}, outside the recipe's folder {self.root}")
+        return str(p)
 
 
-def task_code(folder: str | Path) -> list[TaskCode]:
-    """Every construct in a harness task folder's YAML files (``*.yaml`` and ``*.yml``, in sub-folders
-    too, and the files they ``include``) that would make the harness run Python: custom tags
-    (``!function``), ``class``, ``custom_dataset``, true ``unsafe_code`` / ``trust_remote_code`` /
-    ``hf_evaluate``, metric names the harness does not register, ``use_prompt`` files, datasets
-    builders other than the plain file readers (``sql``, ``spark``, ``generator``...), ``dataset_kwargs``
-    that write elsewhere or pass credentials (``cache_dir``, ``storage_options``...), and templates
-    that read ``_``-named attributes (which :func:`sandboxed_templates` refuses anyway). Reads the
-    files as YAML nodes only (no tag is constructed); files under the harness's installed task folder
-    are trusted and not listed.
+def _plain(x: Any) -> bool:
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return True
+    if isinstance(x, list):
+        return all(_plain(y) for y in x)
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _plain(y) for k, y in x.items())
+    return False
+
+
+def _read(folder: str | Path, root: str | Path | None) -> tuple[dict[str, dict[str, Any]], list[TaskCode]]:
+    folder = Path(folder)
+    reader = _Reader(folder, Path(root) if root is not None else folder)
+    tasks: dict[str, dict[str, Any]] = {}
+    for f in sorted(p for pattern in ("*.yaml", "*.yml") for p in folder.rglob(pattern)):
+        if not f.is_file():
+            continue
+        cfg, lines = reader.load(f)
+        if cfg is None:
+            continue
+        if "group" in cfg or "task_list" in cfg or "class" in cfg:
+            what = "a group" if "group" in cfg else "a task list" if "task_list" in cfg else "a Python task class"
+            reader.refuse(f.resolve(), lines.get("group", lines.get("task_list", lines.get("class", 1))),
+                          f"{what} is not read from a shared folder (it can override the harness's own tasks): "
+                          "list the tasks in eval.lmeval_tasks")
+            continue
+        if "task" not in cfg:
+            continue  # a file other tasks include
+        checked = reader.check(f.resolve(), cfg, lines)
+        name = checked.get("task")
+        if isinstance(name, str):
+            if name in tasks:
+                reader.refuse(f.resolve(), lines.get("task", 1), f"task {name!r} is defined twice")
+            tasks[name] = checked
+    return tasks, reader.found
+
+
+def data_tasks(folder: str | Path, root: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """The tasks of a shared task folder as plain configs for the harness (task name -> config), read
+    as data: every ``*.yaml`` / ``*.yml`` (sub-folders too), ``include`` merged from files in the
+    folder, every key and value checked against :data:`TASK_KEYS`, local data files resolved against
+    the task file's folder and required inside ``root`` (the recipe's folder; default: ``folder``).
+    Raises :class:`~sieve.errors.SieveError` naming the first thing refused (:func:`task_code`
+    lists them all).
+
+    Example:
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "docs.json").write_text('[{"q": "x"}]')
+        >>> _ = (d / "t.yaml").write_text("task: t\\ndataset_path: json\\ndataset_kwargs:\\n  data_files: docs.json\\n"
+        ...                               "output_type: multiple_choice\\ndoc_to_text: '{{q}}'\\n")
+        >>> cfg = data_tasks(d)["t"]
+        >>> cfg["dataset_kwargs"]["data_files"] == str((d / "docs.json").resolve())
+        True
+    """
+    tasks, found = _read(folder, root)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise SieveError(f"eval.lmeval_include: {found[0]}{more}. A recipe's harness tasks are read as data; if you "
+                         "trust the code in this folder, run with --trust-task-code")
+    return tasks
+
+
+def task_code(folder: str | Path, root: str | Path | None = None) -> list[TaskCode]:
+    """Everything in a task folder that :func:`data_tasks` refuses, each with its file and line.
 
     Example:
         >>> d = Path(tempfile.mkdtemp())
@@ -219,31 +442,17 @@ def task_code(folder: str | Path) -> list[TaskCode]:
         >>> [(c.line, c.what.split(" (")[0]) for c in task_code(d)]
         [(2, 'YAML tag !function utils.go')]
     """
-    folder = Path(folder)
-    found: list[TaskCode] = []
-    metrics = _registered_metrics()
-    seen: set[Path] = set()
-    trusted = _installed_tasks()
-    files = sorted(p for pattern in ("*.yaml", "*.yml") for p in folder.rglob(pattern))
-    for f in files:
-        if f.is_file():
-            _scan_file(f, found, metrics, seen, trusted)
-    return found
+    return _read(folder, root)[1]
 
 
-def check_task_folder(folder: str | Path, key: str = "eval.lmeval_include") -> None:
-    """Refuse a task folder whose files would run Python (:func:`task_code`), naming the first place
-    and how many more; a command-line flag (``--trust-task-code``) is the way to run them.
+def check_task_folder(folder: str | Path, root: str | Path | None = None) -> None:
+    """Refuse a task folder that is more than data (:func:`data_tasks`), naming the first place and how
+    many more; a command-line flag (``--trust-task-code``) is the way to run its code.
 
     Example:
         >>> check_task_folder(tempfile.mkdtemp())  # a folder of data only passes
     """
-    found = task_code(folder)
-    if not found:
-        return
-    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-    raise SieveError(f"{key}: {found[0]}{more}. A recipe's harness tasks are read as data; if you trust the "
-                     "code in this folder, run with --trust-task-code")
+    data_tasks(folder, root)
 
 
 def check_task_names(tasks: Sequence[str], known: Sequence[str], key: str = "eval.lmeval_tasks") -> None:
