@@ -322,7 +322,10 @@ def _read_state_dict(f: Path) -> dict[str, Tensor]:
     import zipfile
 
     if zipfile.is_zipfile(f):  # torch.save: its restricted unpickler only, never arbitrary objects
-        sd = torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            raise SieveError(f"{f}: not a state dict of tensors ({str(e).strip().splitlines()[0]:.200})") from e
     else:
         # Plain pickle.dump of a state dict, as the study wrote its layer files.
         try:

@@ -6,6 +6,8 @@ of everything that made them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,22 @@ def _sae(r: Recipe):
     return load_sae(_sae_source(r), r.sae.id or None, layer=r.sae.layer)
 
 
+@contextmanager
+def _model_folder_errors(where: object, src: object) -> Iterator[None]:
+    """A model folder's config, tokenizer or chat template that cannot be read (malformed JSON, a
+    template Jinja's sandbox refuses...) is one error naming ``model.source``, not a traceback."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        yield
+    except SieveError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, TemplateError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RecipeError(where, "model.source", f"{src}: its config, tokenizer or chat template cannot be used "
+                          f"({type(e).__name__}: {msg:.200})") from e
+
+
 def preflight(recipe: Recipe) -> PromptSets:
     """Check what can be checked before any weights load, and return the prompt sets: the model's and
     SAE's sources and configs (layer index, SAE width against the model's, feature index), the prompt
@@ -103,7 +121,8 @@ def preflight(recipe: Recipe) -> PromptSets:
 
     r, where = recipe, recipe.path or "<recipe>"
     src = _model_source(r)
-    config = _resolve_config(src, r.model.revision or None)
+    with _model_folder_errors(where, src):
+        config = _resolve_config(src, r.model.revision or None)
     text_config = getattr(config, "text_config", None) or config
     n_layers = getattr(text_config, "num_hidden_layers", None) or getattr(text_config, "n_layer", None)
     if isinstance(n_layers, int) and not 0 <= r.sae.layer < n_layers:
@@ -121,8 +140,9 @@ def preflight(recipe: Recipe) -> PromptSets:
         if isinstance(d_sae, int) and not 0 <= r.sae.feature < d_sae:
             raise RecipeError(where, "sae.feature", f"{r.sae.feature} is out of range: the SAE has {d_sae} features "
                               f"(0..{d_sae - 1})")
-    tok = AutoTokenizer.from_pretrained(str(src), revision=r.model.revision or None)
-    prompts = load_prompt_sets(r, tok)
+    with _model_folder_errors(where, src):
+        tok = AutoTokenizer.from_pretrained(str(src), revision=r.model.revision or None)
+        prompts = load_prompt_sets(r, tok)
     limit = getattr(text_config, "n_positions", None)
     if isinstance(limit, int):
         gen = [(f"{name} prompt {p.id!r}", p.text) for name in ("regex", "neutral") for p in getattr(prompts, name)]

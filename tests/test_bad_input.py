@@ -116,6 +116,10 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
         "a prompts file outside the recipe's folder": (
             [str(_recipe_in(tmp_path, "", "outside.toml", prompts="~/.ssh/config.toml")), out],
             "[prompts.source] '~/.ssh/config.toml' resolves to"),
+        "a model folder whose chat template the sandbox refuses": (
+            [str(RECIPE), f'model.source="{_hostile_model(tmp_path)}"', "model.chat=true",
+             f'prompts.source="{_prompts(tmp_path, PROMPTS.replace("{extra}", ""), "chat.toml")}"', out],
+            "[model.source] " + str(tmp_path / "hostile_model") + ": its config, tokenizer or chat template cannot be used (SecurityError"),
         "sbatch option a recipe file may not set": (
             [str(_recipe_in(tmp_path, '\n[launch]\nslurm = { export = "ALL,LD_PRELOAD=x.so" }\n', "sbatch.toml")), out],
             "[launch.slurm.export] changes what the job runs"),
@@ -149,6 +153,19 @@ def _no_functions() -> str:
                            "function = []\n")
 
 
+def _hostile_model(tmp_path: Path) -> Path:
+    """The world model's folder with a chat template that reaches Python's internals."""
+    from sieve.world import world_model_dir
+
+    d = tmp_path / "hostile_model"
+    if not d.exists():
+        shutil.copytree(world_model_dir(), d)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = "{{ cycler.__init__.__globals__.os.system('touch " + str(tmp_path / "pwned") + "') }}"
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
 def _wide_sae(tmp_path: Path) -> Path:
     from sieve.world import world_sae_dir
 
@@ -166,7 +183,7 @@ CASES = ["recipe not UTF-8", "prompt file not UTF-8", "missing local model folde
          "SAE width differs from the model's", "bad --shard",
          "--out where nothing can be written", "--merge of a folder that is not a run", "harness task that is code",
          "unknown harness task", "a recipe file choosing the process sandbox", "a prompts file outside the recipe's folder",
-         "sbatch option a recipe file may not set"]
+         "a model folder whose chat template the sandbox refuses", "sbatch option a recipe file may not set"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -179,6 +196,7 @@ def test_bad_input_is_one_message_and_exit_2(tmp_path, monkeypatch, capsys, name
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     with pytest.raises(SieveError):
         regex.main([*args, "--no-progress", "--debug"])
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_output_dir_from_a_shared_recipe_stays_in_its_folder(tmp_path, monkeypatch, capsys):

@@ -214,3 +214,21 @@ def test_study_layer_file_never_unpickles_code(tmp_path):
     with pytest.raises(SieveError, match="not a state dict of tensors.*refusing posix.system"):
         load_sae(folder, layer=12)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_study_layer_file_in_torch_zip_format_never_unpickles_code(tmp_path):
+    """The same payload written by ``torch.save`` (a zip): torch's weights-only unpickler refuses it,
+    as one error naming the file."""
+    import os
+
+    folder = tmp_path / "evil"
+    _study_files(folder, 12)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"W_enc_DF": Payload()}, folder / "layer_12.pt")
+    with pytest.raises(SieveError, match=r"layer_12\.pt: not a state dict of tensors"):
+        load_sae(folder, layer=12)
+    assert not (tmp_path / "pwned").exists()
