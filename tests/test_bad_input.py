@@ -119,7 +119,8 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
         "a model folder whose chat template the sandbox refuses": (
             [str(RECIPE), f'model.source="{_hostile_model(tmp_path)}"', "model.chat=true",
              f'prompts.source="{_prompts(tmp_path, PROMPTS.replace("{extra}", ""), "chat.toml")}"', out],
-            "[model.source] " + str(tmp_path / "hostile_model") + ": its config, tokenizer or chat template cannot be used (SecurityError"),
+            f"[model.source] {tmp_path / 'hostile_model'}: its config, tokenizer or chat template cannot be used "
+            "(SecurityError"),
         "sbatch option a recipe file may not set": (
             [str(_recipe_in(tmp_path, '\n[launch]\nslurm = { export = "ALL,LD_PRELOAD=x.so" }\n', "sbatch.toml")), out],
             "[launch.slurm.export] changes what the job runs"),
