@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sieve.errors import SieveError
+from sieve.errors import SieveError, printable
 from sieve.recipe import Recipe, load_recipe
 from sieve.rundir import claim, lock, output_dir
 
@@ -58,6 +58,12 @@ __all__ = ["DEFAULT_RECIPE", "RecipeCLI", "Run"]
 DEFAULT_RECIPE = Path(__file__).parent / "regex.toml"
 
 log = logging.getLogger("recipes")
+
+
+def _printable_record(record: logging.LogRecord) -> bool:
+    """A logging filter: the record's message with control characters escaped (:func:`printable`)."""
+    record.msg, record.args = printable(record.getMessage()), None
+    return True
 
 
 @dataclass
@@ -139,6 +145,8 @@ class RecipeCLI:
         """Parse, load and check the recipe, claim the output folder, run ``body``; the exit status."""
         args, path, overrides = self.parse(argv)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_printable_record)  # names from shared folders reach the terminal escaped
         try:
             recipe = load_recipe(path, overrides)
             # output.dir set on the command line (an override) is the user's, not the recipe file's.
@@ -153,5 +161,5 @@ class RecipeCLI:
         except SieveError as e:
             if args.debug:
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {printable(e)}", file=sys.stderr)
             return 2

@@ -70,7 +70,7 @@ from sieve.launch import EXECUTORS
 from sieve.prompts import user_prompt_files
 from sieve.recipe import Recipe, recipe_hash
 from sieve.results import ResultStore, merge_stores, pareto_front, parse_shard, summarize
-from sieve.rundir import check
+from sieve.rundir import check, refuse_links
 from sieve.sweep import AbilityRow, Cell, GenRow, cells, plan, shard
 
 log = logging.getLogger("recipes.regex")
@@ -461,6 +461,7 @@ def body(run: Run) -> int:
         out = Path(args.report_only) if args.report_only else out
         if not (out / "gen").is_dir():
             raise SieveError(f"--report-only {out}: not a run folder (no {out / 'gen'})")
+        refuse_links(out, "--report-only")
         saved = run_recipe(out)  # the recipe the folder was run with, where it says
         if saved is None:
             check(out, recipe)  # refuses to report another recipe's rows as this one's
@@ -478,6 +479,7 @@ def body(run: Run) -> int:
             src = Path(d)
             if not (src / "recipe.json").exists():
                 raise SieveError(f"--merge {d}: not a run folder of this recipe (no recipe.json in {src.resolve()})")
+            refuse_links(src, "--merge")
             check(src, recipe)  # refuses a shard made by another recipe
         with run.lock():
             for sub in ("gen", "ability", "judge"):

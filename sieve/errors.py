@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-__all__ = ["SieveError", "NotAvailableOffline", "RecipeError", "ShapeMismatch"]
+__all__ = ["SieveError", "NotAvailableOffline", "RecipeError", "ShapeMismatch", "printable"]
+
+
+def printable(text: object) -> str:
+    r"""``text`` with control characters (terminal escapes, newlines) written as ``\x..`` escapes: a
+    name from a shared recipe, task or run folder cannot move the cursor or retitle the terminal when
+    sieve prints it (an error message, the summary table).
+
+    Example:
+        >>> printable("m\x1b]0;title\x07")
+        'm\\x1b]0;title\\x07'
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
 class SieveError(ValueError):

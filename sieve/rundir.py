@@ -34,6 +34,7 @@ import json
 import os
 import socket
 import sys
+import tempfile  # noqa: F401 - the doctests use it
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,7 +49,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["output_dir", "check", "claim", "lock"]
+__all__ = ["output_dir", "check", "claim", "lock", "refuse_links"]
 
 
 def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool = False) -> Path:
@@ -82,6 +83,21 @@ def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool =
                           f"{raw!r} holds a symbolic link, {link} -> {os.readlink(link)}: a run from a recipe file "
                           "does not write through links. Remove it, or pass --out DIR to choose the folder yourself.")
     return path
+
+
+def refuse_links(folder: str | Path, what: str) -> None:
+    """Refuse a run folder to read (``--report-only``, ``--merge``) that holds a symbolic link: a shared
+    folder whose ``gen/part-*.parquet`` or ``prompts.parquet`` links elsewhere would copy another run's
+    texts, or any parquet file, into this run's outputs.
+
+    Example:
+        >>> refuse_links(tempfile.mkdtemp(), "--merge")  # a folder without links passes
+    """
+    link = _first_link(Path(folder))
+    if link is not None:
+        raise SieveError(f"{what} {folder}: holds a symbolic link, {link} -> {os.readlink(link)}; a run folder is read "
+                         "without following links (it would bring files from elsewhere into the outputs). Remove "
+                         "the link, or copy the folder without it.")
 
 
 def _first_link(folder: Path) -> Path | None:

@@ -12,6 +12,8 @@ from typing import Any
 
 import polars as pl
 
+from sieve.errors import printable
+
 __all__ = ["format_table", "interval", "summary_table"]
 
 
@@ -92,17 +94,6 @@ def _iv(r: Mapping[str, Any], est: str, lo: str, hi: str, signed: bool = False) 
     if a is None or b is None or a != a or b != b:
         return format(v, f)
     return f"{v:{f}} [{a:{f}}, {b:{f}}]"
-
-
-def printable(text: str) -> str:
-    r"""``text`` with control characters (terminal escapes, newlines) written as ``\x..`` escapes: a
-    name read from someone else's run folder cannot move the cursor or retitle the terminal.
-
-    Example:
-        >>> printable("m\x1b]0;title\x07")
-        'm\\x1b]0;title\\x07'
-    """
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
 def summary_table(summary: pl.DataFrame, validity: str = "syntax", *, out: Any = None,

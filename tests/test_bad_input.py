@@ -121,6 +121,8 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
              f'prompts.source="{_prompts(tmp_path, PROMPTS.replace("{extra}", ""), "chat.toml")}"', out],
             f"[model.source] {tmp_path / 'hostile_model'}: its config, tokenizer or chat template cannot be used "
             "(SecurityError"),
+        "a task key with terminal escapes": ([*_tasks_recipe(tmp_path, "\"\\e]0;TITLE\\a\\e[2J\": 1\n", "esc_tasks"), out],
+                                             "'\\x1b]0;TITLE\\x07\\x1b[2J' is not a key a shared task may set"),
         "sbatch option a recipe file may not set": (
             [str(_recipe_in(tmp_path, '\n[launch]\nslurm = { export = "ALL,LD_PRELOAD=x.so" }\n', "sbatch.toml")), out],
             "[launch.slurm.export] changes what the job runs"),
@@ -132,6 +134,7 @@ def _tasks_recipe(tmp_path: Path, extra: str, folder: str = "tasks") -> list[str
     """The shipped recipe in a shared folder, with a harness task of its own as the general ability."""
     tasks = tmp_path / "shared" / folder
     tasks.mkdir(parents=True, exist_ok=True)
+    (tasks / "docs.json").write_text('[{"text": "x"}]')
     (tasks / "mine.yaml").write_text(
         "task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: docs.json\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{text}}'\ndoc_to_choice: ['a', 'b']\n"
@@ -184,7 +187,8 @@ CASES = ["recipe not UTF-8", "prompt file not UTF-8", "missing local model folde
          "SAE width differs from the model's", "bad --shard",
          "--out where nothing can be written", "--merge of a folder that is not a run", "harness task that is code",
          "unknown harness task", "a recipe file choosing the process sandbox", "a prompts file outside the recipe's folder",
-         "a model folder whose chat template the sandbox refuses", "sbatch option a recipe file may not set"]
+         "a model folder whose chat template the sandbox refuses", "a task key with terminal escapes",
+         "sbatch option a recipe file may not set"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -195,6 +199,7 @@ def test_bad_input_is_one_message_and_exit_2(tmp_path, monkeypatch, capsys, name
     err = capsys.readouterr().err
     assert expected in err, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert all(c.isprintable() for c in err.rstrip("\n")), err  # a shared name cannot drive the terminal
     with pytest.raises(SieveError):
         regex.main([*args, "--no-progress", "--debug"])
     assert not (tmp_path / "pwned").exists()

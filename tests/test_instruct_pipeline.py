@@ -4,6 +4,7 @@ and the probe trained the study's way (sampled contrastive generations)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -35,6 +36,8 @@ def test_instruct_recipe_end_to_end(tmp_path, tiny_dirs, tiny_tokenizer):
         sae.threshold.fill_(0.1)
     save_sae(sae, tmp_path / "sae")
     recipe = tmp_path / "r.toml"
+    for f in ("prompts/regex_task.toml", "data/mmlu_fixture.json"):  # a recipe reads inputs from its own folder
+        shutil.copy(ROOT / "recipes" / f, tmp_path / Path(f).name)
     recipe.write_text(f'''
 name = "instruct-cpu"
 [model]
@@ -49,7 +52,7 @@ data = "generations"
 samples = 1
 max_new_tokens = 8
 [prompts]
-source = "{ROOT / 'recipes/prompts/regex_task.toml'}"
+source = "regex_task.toml"
 regex_limit = 3
 neutral_limit = 2
 [sweep]
@@ -63,7 +66,7 @@ add = [-4.0]
 execute = true
 timeout_s = 2.0
 general = "mmlu"
-mmlu_data = "{ROOT / 'recipes/data/mmlu_fixture.json'}"
+mmlu_data = "mmlu_fixture.json"
 [output]
 dir = "{tmp_path / 'out'}"
 charts = false

@@ -140,7 +140,8 @@ def test_report_only_rebuilds_from_the_folder(run_dir, capsys):
 def test_report_only_of_a_shared_run_writes_nothing_through_its_links(run_dir, tmp_path):
     """A run folder from someone else ships links where the report writes (its final names and the
     temporary names it used to use), one of them dangling into a place that runs code at start-up:
-    ``--report-only`` replaces the links with its files and writes nothing anywhere else."""
+    ``--report-only`` refuses the folder, and the report's writer replaces such a link, never writing
+    through it."""
     from recipes import regex
 
     shared = tmp_path / "shared-run"
@@ -155,10 +156,37 @@ def test_report_only_of_a_shared_run_writes_nothing_through_its_links(run_dir, t
     for name, target in planted.items():
         (shared / name).unlink(missing_ok=True)
         (shared / name).symlink_to(target)
-    assert regex.main(["--report-only", str(shared), "--no-progress"]) == 0
+    assert regex.main(["--report-only", str(shared), "--no-progress"]) == 2  # a folder with links is not read
     assert bashrc.read_text() == "# mine\n" and not list((home / "site-packages").iterdir())
-    for name in ("summary.csv", "summary.parquet", REPORT_NAME):
-        assert not (shared / name).is_symlink() and (shared / name).stat().st_size > 0
+    # and where a link appears after that check, no writer follows it (sieve.files.write_atomic)
+    from sieve.report import run_recipe, write_report
+    from sieve.results import ResultStore
+
+    write_report(shared, run_recipe(run_dir), pl.read_parquet(run_dir / "summary.parquet"))
+    assert bashrc.read_text() == "# mine\n" and not (shared / REPORT_NAME).is_symlink()
+    assert ResultStore(shared / "gen").table().height == ResultStore(run_dir / "gen").table().height
+
+
+def test_a_shared_run_folder_that_links_elsewhere_is_not_read(run_dir, tmp_path, capsys):
+    """A shared run folder whose parts or prompts link to another run (the user's own, private) would
+    bring that run's texts into the report: --report-only and --merge refuse it before reading."""
+    from recipes import regex
+
+    private = tmp_path / "private-run"
+    shutil.copytree(run_dir, private)
+    shared = tmp_path / "shared-run"
+    shutil.copytree(run_dir, shared)
+    part = sorted((shared / "gen").glob("part-*.parquet"))[0]
+    part.unlink()
+    part.symlink_to(private / "gen" / part.name)
+    report = (shared / REPORT_NAME).read_text()
+    assert regex.main(["--report-only", str(shared), "--no-progress"]) == 2
+    assert "holds a symbolic link" in capsys.readouterr().err
+    assert (shared / REPORT_NAME).read_text() == report  # nothing rebuilt from the linked rows
+    merged = tmp_path / "merged"
+    assert regex.main([str(RECIPE), *_overrides(merged), "--merge", str(shared), "--out", str(merged),
+                       "--no-progress"]) == 2
+    assert "--merge" in capsys.readouterr().err and not (merged / "gen").exists()
 
 
 def test_report_only_on_a_folder_without_results(tmp_path, capsys):

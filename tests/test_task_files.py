@@ -91,11 +91,15 @@ CODE = {
     "include behind a merge key": ("<<: {include: evil.txt}\n", "YAML tag !function", "!function"),
     "include out of the folder": ("include: ../../elsewhere.yaml\n", "outside the task folder", "include"),
     "data outside the recipe": ("", "outside the recipe's folder", "dataset_kwargs"),  # below
+    "data through a pattern": ("", "no pattern", "dataset_kwargs"),  # below
+    "data folder": ("", "'dataset_kwargs.data_dir' is not a key", "dataset_kwargs"),  # below
+    "local dataset folder": ("", "one of the file readers", "dataset_path"),  # below
 }
 
 
 @pytest.mark.parametrize("case", sorted(CODE))
-def test_every_way_a_task_file_runs_code_is_named_with_its_line(tmp_path, case):
+def test_every_way_a_task_file_runs_code_is_named_with_its_line(tmp_path, case, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     extra, what, on_line = CODE[case]
     text = "{{ cycler.__init__.__globals__ }}{{text}}" if case == "template internals" else "{{text}}"
     folder, marker = _folder(tmp_path, extra=extra, text=text)
@@ -112,6 +116,16 @@ def test_every_way_a_task_file_runs_code_is_named_with_its_line(tmp_path, case):
     if case == "data outside the recipe":
         (tmp_path / "secret.json").write_text("[]")
         body = body.replace(str(folder / "docs.json"), "../../secret.json")
+    if case == "data through a pattern":  # a link in the folder, reached by a pattern resolve() cannot follow
+        (tmp_path / "secret.json").write_text("[]")
+        (folder / "data").mkdir()
+        (folder / "data" / "x.json").symlink_to(tmp_path / "secret.json")
+        body = body.replace(str(folder / "docs.json"), "../data/x.jso[n]")
+    if case == "data folder":
+        body = body.replace("dataset_kwargs:\n", "dataset_kwargs:\n  data_dir: ../data\n")
+    if case == "local dataset folder":  # datasets opens ./shared/evil (from the working directory) first
+        (tmp_path / "shared" / "evil").mkdir()
+        body = body.replace("dataset_path: json", "dataset_path: shared/evil")
     f.write_text(body)
     found = task_code(folder / "tasks", folder)
     assert found, case
@@ -272,16 +286,16 @@ def test_templates_render_in_jinja_sandbox_even_past_the_static_check(tmp_path):
 
 
 def test_a_missing_data_file_is_one_clear_error(tmp_path):
-    """Read as data, a task's relative data file is relative to its task file; handed to the harness
-    (trusted), to the working directory, as the harness has it. Either way, one error naming it."""
+    """Read as data, a task's relative data file is relative to its task file, and a missing one is
+    named before anything loads; handed to the harness (trusted), relative to the working directory,
+    as the harness has it, and named when the harness reads it."""
     folder, _ = _folder(tmp_path)
     f = folder / "tasks" / "mine.yaml"
     f.write_text(f.read_text().replace(str(folder / "docs.json"), "docs.json"))
-    harness_tasks(["mine"], folder / "tasks", allow_code=False)
+    with pytest.raises(SieveError, match=r"mine\.yaml:\d+: 'dataset_kwargs.data_files.test' 'docs.json': no such file"):
+        harness_tasks(["mine"], folder / "tasks", allow_code=False)
     w = load_world()
     lm = SteeredLM(model=w.model, intervention=None, layer=w.layer, batch_size=4)
-    with pytest.raises(SieveError, match=r"lm-eval tasks \['mine'\]: FileNotFoundError: .*shared/tasks/docs.json"):
-        run_harness(lm, ["mine"], include_path=folder / "tasks", allow_code=False)
     with pytest.raises(SieveError, match=r"lm-eval tasks \['mine'\]: FileNotFoundError: .*working directory"):
         run_harness(lm, ["mine"], include_path=folder / "tasks", allow_code=True)
     (folder / "tasks" / "docs.json").write_text((folder / "docs.json").read_text())

@@ -66,7 +66,7 @@ _STRS = "text or a list of texts"
 # sandbox); names are looked up in the harness's registries; nothing names Python.
 TASK_KEYS: dict[str, Any] = {
     "task": _STR, "task_alias": _STR, "tag": _STRS, "dataset_path": "dataset", "dataset_name": _STR,
-    "dataset_kwargs": {"data_files": "files", "data_dir": "folder", "field": _STR, "sep": _STR, "delimiter": _STR},
+    "dataset_kwargs": {"data_files": "files", "field": _STR, "sep": _STR, "delimiter": _STR},
     "training_split": _STR, "validation_split": _STR, "test_split": _STR, "fewshot_split": _STR,
     "doc_to_text": _STR, "doc_to_target": "template", "doc_to_choice": "choices", "description": _STR,
     "target_delimiter": _STR, "fewshot_delimiter": _STR, "gen_prefix": _STR, "num_fewshot": _INT,
@@ -302,13 +302,14 @@ class _Reader:
                 return bad(_STR)
             if v in _DATA_BUILDERS:
                 return v
-            local = (path.parent / v).resolve()
-            if v in _builders() or local.exists() or not _HUB_ID.fullmatch(v):
+            # datasets opens a local folder before the hub, relative to the working directory
+            local = any((base / v).exists() for base in (path.parent, Path.cwd(), self.root))
+            if v in _builders() or local or not _HUB_ID.fullmatch(v):
                 return bad(f"one of the file readers {sorted(_DATA_BUILDERS)} or a hub id (datasets' other "
                            "builders, which run SQL, Spark or generators, and local folders are not read from a "
                            "shared folder)")
             return v
-        if rule in ("files", "folder"):
+        if rule == "files":
             return self.paths(path, line, key, v)
         if rule == "metrics":
             return self.entries(path, line, key, v, "metric", _METRIC_KEYS)
@@ -362,12 +363,15 @@ class _Reader:
         if not isinstance(v, str):
             self.refuse(path, line, f"'{key}' must be a file name, got {v!r:.60}")
             return v
-        if "://" in v:
-            self.refuse(path, line, f"'{key}' {v!r}: a shared task reads local files in its recipe's folder")
+        if "://" in v or any(c in v for c in "*?[]{}"):
+            self.refuse(path, line, f"'{key}' {v!r}: a shared task names its local data files one by one (no "
+                                    "URL, no pattern: a pattern is matched, and links followed, after this check)")
             return v
         p = (path.parent / Path(v).expanduser()).resolve()
         if not p.is_relative_to(self.root):
             self.refuse(path, line, f"'{key}' {v!r} resolves to {p}, outside the recipe's folder {self.root}")
+        elif not p.is_file():
+            self.refuse(path, line, f"'{key}' {v!r}: no such file ({p}; relative to the task file's folder)")
         return str(p)
 
 
