@@ -300,3 +300,21 @@ def test_a_missing_data_file_is_one_clear_error(tmp_path):
         run_harness(lm, ["mine"], include_path=folder / "tasks", allow_code=True)
     (folder / "tasks" / "docs.json").write_text((folder / "docs.json").read_text())
     assert len(run_harness(lm, ["mine"], include_path=folder / "tasks", allow_code=False)["tasks"]["mine"]["values"]) == 2
+
+
+def test_tasks_read_as_data_score_as_the_harness_reading_the_folder(tmp_path):
+    """The recipe's way (the folder read as data, each task given as a plain config) and the harness's
+    own (``--include_path``) give the same per-document values and responses: multiple choice, greedy
+    generation with stops, rolling log-likelihoods."""
+    from tests.test_lmeval import write_tasks
+
+    folder = write_tasks(tmp_path / "tasks")
+    w = load_world()
+    names = ["world_mc", "world_gen", "world_ppl"]
+    metric = {"world_mc": "acc", "world_gen": "exact_match", "world_ppl": "word_perplexity"}
+    outs = [run_harness(SteeredLM(model=w.model, intervention=None, layer=w.layer, batch_size=4), names,
+                        include_path=folder, include_defaults=False, metric=metric, allow_code=allow)
+            for allow in (True, False)]
+    for name in names:
+        assert outs[0]["tasks"][name]["values"] == outs[1]["tasks"][name]["values"], name
+        assert outs[0]["tasks"][name]["responses"] == outs[1]["tasks"][name]["responses"], name
