@@ -20,7 +20,9 @@ CAA vectors and probes are cached as safetensors under a key hashed from every i
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +34,11 @@ from torch import Tensor
 from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in notebooks
 
 from sieve.errors import SieveError
-from sieve.files import write_atomic
+from sieve.files import local_mac, write_atomic
 from sieve.interventions import Detector, eligible_mask
 from sieve.models import _last_logits_only, encode_prompts, layer, tokenize_prompts
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "last_token_activations",
@@ -396,7 +400,9 @@ def fingerprint(*parts: Any) -> str:
 
 
 def cached(path: Path, key: str, compute: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Load ``path`` if it holds tensors for ``key``; otherwise compute, save (safetensors) and return.
+    """Load ``path`` if it holds tensors for ``key`` that this user's sieve wrote (an HMAC under the
+    user's key, :func:`sieve.files.local_mac`: a cache shipped in a shared output folder is computed
+    again, not trusted); otherwise compute, save (safetensors) and return.
 
     Example:
         >>> t = cached(tmp / "caa.safetensors", fingerprint(prompts, 3), lambda: {"v": v})  # doctest: +SKIP
@@ -405,9 +411,28 @@ def cached(path: Path, key: str, compute: Callable[[], dict[str, Tensor]]) -> di
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("key") == key:
-                return load_file(str(path))
+            meta = f.metadata() or {}
+        if meta.get("key") == key:
+            t = load_file(str(path))
+            mac = local_mac(key.encode(), _tensor_bytes(t))
+            if mac is not None and hmac.compare_digest(meta.get("mac", ""), mac):
+                return t
+            log.info("%s was not written by this user's sieve (or by an older version): computed again", path)
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda p: save_file({k: v.contiguous() for k, v in out.items()}, str(p), metadata={"key": key}))
+    meta = {"key": key}
+    mac = local_mac(key.encode(), _tensor_bytes(out))
+    if mac is not None:
+        meta["mac"] = mac
+    write_atomic(path, lambda p: save_file({k: v.contiguous() for k, v in out.items()}, str(p), metadata=meta))
     return out
+
+
+def _tensor_bytes(t: dict[str, Tensor]) -> bytes:
+    """The names, dtypes, shapes and raw bytes of a dict of tensors, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(t):
+        v = t[name].detach().cpu().contiguous()
+        h.update(f"{name}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.digest()

@@ -10,12 +10,14 @@ rename replaces a link; it never writes through it). A reader never sees a half-
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "local_mac"]
 
 
 def _umask() -> int:
@@ -51,3 +53,44 @@ def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], object])
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _secret() -> bytes | None:
+    """This user's key for :func:`local_mac` (``SIEVE_SECRET_FILE``, default ``~/.cache/sieve/secret``,
+    made once with 32 random bytes, readable by the user only), or None where it cannot be kept."""
+    path = Path(os.environ.get("SIEVE_SECRET_FILE") or Path.home() / ".cache" / "sieve" / "secret")
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+        return path.read_bytes()
+    except FileExistsError:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def local_mac(*parts: bytes) -> str | None:
+    """An HMAC of ``parts`` under this user's secret key: what sieve writes into a cache it made, so
+    that a cache file shipped in a shared output folder (whose key, derived from the recipe, anyone
+    can compute) is not taken for one. None where no key can be kept (then nothing is reused).
+
+    Example:
+        >>> local_mac(b"caa", b"vector") == local_mac(b"caa", b"vector") != local_mac(b"caa", b"other")
+        True
+    """
+    secret = _secret()
+    if not secret:
+        return None
+    h = hmac.new(secret, digestmod=hashlib.sha256)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()

@@ -199,7 +199,13 @@ def lock(folder: str | Path, name: str = "run") -> Iterator[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f".lock-{name.replace('/', 'of').replace(' ', '-')}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # a link planted as the lock file would have it truncated and written wherever it points
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if path.is_symlink():
+            raise SieveError(f"{path} is a symbolic link ({os.readlink(path)}): a run does not write through links; "
+                             "remove it, or write to another folder (--out DIR)") from None
+        raise SieveError(f"{path}: cannot open the lock file ({e.strerror or e})") from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,6 +6,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# the key of sieve's cache HMACs (sieve.files.local_mac): one per test session, not the user's own
+if "SIEVE_SECRET_FILE" not in os.environ:
+    import tempfile as _tempfile
+
+    os.environ["SIEVE_SECRET_FILE"] = os.path.join(_tempfile.mkdtemp(prefix="sieve-secret-"), "secret")
 
 from pathlib import Path
 

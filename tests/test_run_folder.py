@@ -141,3 +141,39 @@ def test_writes_replace_links_planted_in_the_folder_and_never_write_through_them
     with pytest.raises(ZeroDivisionError):
         write_atomic(out / "x.parquet", lambda p: 1 / 0)
     assert not (out / "x.parquet").exists() and len(list(out.iterdir())) == 4
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_not_written_through(tmp_path):
+    victim = tmp_path / "bashrc"
+    victim.write_text("# mine\n")
+    out = tmp_path / "shared-run"
+    out.mkdir()
+    (out / ".lock-mmlu").symlink_to(victim)
+    with pytest.raises(SieveError, match=r"\.lock-mmlu is a symbolic link"):
+        with lock(out, "mmlu"):
+            pass
+    assert victim.read_text() == "# mine\n"
+
+
+def test_a_cache_shipped_in_a_shared_output_folder_is_computed_again(tmp_path, caplog):
+    """Its key comes from the recipe and prompts, which anyone can compute; the HMAC under this user's
+    key cannot be: a planted CAA vector is not used, the user's own cache is."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sieve.detectors import cached
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"v": torch.ones(4)}
+
+    planted = tmp_path / "cache" / "caa.safetensors"
+    planted.parent.mkdir()
+    save_file({"v": torch.full((4,), -9.0)}, str(planted), metadata={"key": "k1", "mac": "0" * 64})
+    with caplog.at_level(logging.INFO, logger="sieve.detectors"):
+        assert cached(planted, "k1", compute)["v"].tolist() == [1.0] * 4
+    assert calls == [1] and "not written by this user's sieve" in caplog.text
+    assert cached(planted, "k1", compute)["v"].tolist() == [1.0] * 4 and calls == [1]  # its own: reused
+    assert cached(planted, "k2", compute) and calls == [1, 1]  # another key: computed

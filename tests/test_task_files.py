@@ -24,6 +24,7 @@ from sieve.recipe import load_recipe
 from sieve.world import load_world
 
 BUILTIN = Path(lm_eval.tasks.__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _task(name: str, data: Path, extra: str = "", text: str = "{{text}}") -> str:
@@ -318,3 +319,27 @@ def test_tasks_read_as_data_score_as_the_harness_reading_the_folder(tmp_path):
     for name in names:
         assert outs[0]["tasks"][name]["values"] == outs[1]["tasks"][name]["values"], name
         assert outs[0]["tasks"][name]["responses"] == outs[1]["tasks"][name]["responses"], name
+
+
+def test_a_folder_in_the_working_directory_cannot_stand_in_for_a_hub_dataset(tmp_path, monkeypatch):
+    """Run from a shared folder that ships ``./allenai/ai2_arc`` or ``./cais/mmlu`` (a README whose data
+    files point anywhere), the harness's own tasks and sieve's MMLU would read it instead of the hub's:
+    refused before the model loads, and at load time."""
+    import datasets
+
+    from sieve.evals.mmlu import load_mmlu
+
+    for name in ("allenai/ai2_arc", "cais/mmlu"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: ../../x.jsonl\n---\n")
+    monkeypatch.chdir(tmp_path)
+    folder, _ = _folder(tmp_path)
+    with pytest.raises(SieveError, match=r"'allenai/ai2_arc': a folder .* would be read instead of the hub's"):
+        harness_tasks(["mine", "arc_easy"], folder / "tasks", allow_code=False)
+    with sandboxed_templates(), pytest.raises(SieveError, match="would be read instead"):
+        from sieve.evals.task_files import hub_datasets_checked
+
+        with hub_datasets_checked():
+            datasets.load_dataset("allenai/ai2_arc")
+    with pytest.raises(SieveError, match=r"MMLU .*'cais/mmlu': a folder"):
+        load_mmlu(load_recipe(ROOT / "recipes/regex_gemma2_2b.toml", ["eval.general=\"mmlu\""]))

@@ -38,6 +38,7 @@ Needs the ``lmeval`` extra (``pip install -e ".[lmeval]"`` in a clone).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import warnings
@@ -53,7 +54,13 @@ import torch
 from torch import Tensor
 
 from sieve.errors import SieveError
-from sieve.evals.task_files import check_task_names, data_tasks, sandboxed_templates
+from sieve.evals.task_files import (
+    check_hub_id,
+    check_task_names,
+    data_tasks,
+    hub_datasets_checked,
+    sandboxed_templates,
+)
 from sieve.fork import ForkSummary, _always, _layers, first_edits
 from sieve.generation import _Record
 from sieve.interventions import Intervention, Row, Steerer, as_rows
@@ -666,14 +673,39 @@ def harness_tasks(tasks: Sequence[str], include_path: str | Path | None = None, 
     others = [t for t in tasks if t not in mine]
     tm = task_manager(None, bool(others) if include_defaults is None else include_defaults)
     check_task_names(others, [*tm.all_tasks, *mine])
+    for path in sorted(_dataset_paths(tm, others)):  # early notice; hub_datasets_checked refuses at load
+        check_hub_id(path, "lm-eval dataset_path")
     return tm, [mine.get(t, t) for t in tasks]
+
+
+def _dataset_paths(tm: Any, names: Sequence[str]) -> set[str]:
+    """The ``dataset_path`` of every task the harness's own ``names`` expand to (groups, tags), from
+    its index (read without building a task)."""
+    index = getattr(tm, "_index", {})
+    seen: set[str] = set()
+    paths: set[str] = set()
+    todo = [n for n in names if isinstance(n, str)]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in index:
+            continue
+        seen.add(name)
+        entry = index[name]
+        cfg = entry.cfg or {}
+        if isinstance(cfg.get("dataset_path"), str):
+            paths.add(cfg["dataset_path"])
+        members = cfg.get("task") if isinstance(cfg.get("task"), list) else []
+        todo += [m if isinstance(m, str) else m.get("task", m.get("group")) for m in members if isinstance(m, (str, dict))]
+        todo += sorted(entry.tags or ()) if getattr(entry.kind, "name", "") == "TAG" else []
+    return paths
 
 
 def _names(tasks: Sequence[Any]) -> list[str]:
     return [t["task"] if isinstance(t, dict) else str(t) for t in tasks]
 
 
-def _evaluate(lm: SteeredLM, tasks: Sequence[Any], tm: Any, limit: int | float | None, num_fewshot: int | None):
+def _evaluate(lm: SteeredLM, tasks: Sequence[Any], tm: Any, limit: int | float | None, num_fewshot: int | None,
+              shared: bool = False):
     """``lm_eval.simple_evaluate`` with its templates sandboxed; a task that cannot be built (its data
     missing, a key it does not know) is one error naming the tasks."""
     import lm_eval
@@ -692,7 +724,7 @@ def _evaluate(lm: SteeredLM, tasks: Sequence[Any], tm: Any, limit: int | float |
 
     tm.load = loading
     try:
-        with sandboxed_templates():
+        with sandboxed_templates(), hub_datasets_checked() if shared else contextlib.nullcontext():
             return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit,
                                            num_fewshot=num_fewshot, log_samples=True, verbosity="WARNING")
     except TemplateError as e:
@@ -733,7 +765,7 @@ def run_harness(
     """
     tm, specs = harness_tasks(tasks, include_path, include_defaults, allow_code=allow_code, data_root=data_root)
     before = lm.gate_counts.as_dict()
-    res = _evaluate(lm, specs, tm, limit, num_fewshot)
+    res = _evaluate(lm, specs, tm, limit, num_fewshot, shared=not allow_code)
     tasks_out: dict[str, Any] = {}
     for task, samples in (res.get("samples") or {}).items():
         m = metric if isinstance(metric, str) else metric.get(task)

@@ -89,6 +89,9 @@ def load_mmlu(recipe: Any) -> list[Question]:
             from datasets import load_dataset
         except ImportError as e:  # pragma: no cover
             raise SieveError("datasets is needed to fetch cais/mmlu") from e
+        from sieve.evals.task_files import check_hub_id
+
+        check_hub_id("cais/mmlu", "MMLU (eval.mmlu_data empty: the hub's)")
         qs = []
         for subject in ev.mmlu_subjects or ["all"]:
             try:

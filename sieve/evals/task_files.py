@@ -37,7 +37,7 @@ import yaml
 from sieve.errors import SieveError
 
 __all__ = ["TaskCode", "TASK_KEYS", "data_tasks", "task_code", "check_task_folder", "check_task_names",
-           "sandboxed_templates"]
+           "check_hub_id", "hub_datasets_checked", "sandboxed_templates"]
 
 # The YAML tags a data file may carry: PyYAML's safe schema (what ``yaml.safe_load`` constructs).
 _DATA_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in
@@ -479,6 +479,47 @@ def check_task_names(tasks: Sequence[str], known: Sequence[str], key: str = "eva
             hint = f"; did you mean {close}?" if close else ""
             raise SieveError(f"{key}: {t!r} is not a task the harness knows (neither its own nor in "
                              f"eval.lmeval_include){hint}")
+
+
+def check_hub_id(dataset: str, what: str = "dataset") -> None:
+    """Refuse a hub dataset id that names a folder relative to the working directory: ``datasets``
+    opens a local folder ``./org/name`` before the hub, and that folder's README can point its data
+    files anywhere, so a shared folder you run from would replace ``cais/mmlu`` or a harness task's
+    data with its own (or another file of yours).
+
+    Example:
+        >>> check_hub_id("cais/mmlu")  # no such folder here: the hub's (or its cache's)
+    """
+    if dataset in _builders() or Path(dataset).is_absolute() or not _HUB_ID.fullmatch(dataset):
+        return
+    if Path(dataset).exists():
+        raise SieveError(f"{what} {dataset!r}: a folder {Path(dataset).resolve()} in the working directory would be "
+                         "read instead of the hub's dataset (datasets opens local folders first); run from "
+                         "another folder")
+
+
+@contextmanager
+def hub_datasets_checked() -> Iterator[None]:
+    """Within the block, ``datasets.load_dataset`` refuses a hub id that a folder in the working
+    directory shadows (:func:`check_hub_id`), for the harness's own tasks as for a shared folder's.
+
+    Example:
+        >>> with hub_datasets_checked():
+        ...     pass
+    """
+    import datasets
+
+    original = datasets.load_dataset
+
+    def load_dataset(path: str, *args: Any, **kwargs: Any) -> Any:
+        check_hub_id(str(path), "lm-eval dataset_path")
+        return original(path, *args, **kwargs)
+
+    datasets.load_dataset = load_dataset
+    try:
+        yield
+    finally:
+        datasets.load_dataset = original
 
 
 @contextmanager
