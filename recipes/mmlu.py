@@ -34,8 +34,8 @@ def run(recipe: Recipe, progress: bool = True, cache_dir=None) -> pl.DataFrame:
     """Accuracy per cell (the unsteered baseline first), with Wilson 95% intervals."""
     from sieve.setting import load_setting
 
+    qs = load_mmlu(recipe)  # a bad data source fails here, before the model loads
     setting = load_setting(recipe, progress=progress, with_probe=needs_detector(recipe, "probe"), cache_dir=cache_dir)
-    qs = load_mmlu(recipe)
     rows = []
     cs = cells(recipe, baseline=True)
     kw = dict(chat=recipe.model.chat, shots=recipe.eval.mmlu_shots, batch_size=recipe.forward_batch_size)

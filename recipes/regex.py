@@ -348,7 +348,12 @@ def _harness_kwargs(recipe: Recipe, trust_task_code: bool) -> dict[str, Any]:
 
 def check_harness(recipe: Recipe, trust_task_code: bool = False) -> None:
     """Before any model loads: the recipe's harness task folder holds data only (unless
-    ``trust_task_code``) and names every task it asks for."""
+    ``trust_task_code``) and names every task it asks for; the hub datasets the general-ability axis
+    reads are not shadowed by folders in the working directory."""
+    if recipe.eval.general == "mmlu" and not recipe.eval.mmlu_data:
+        from sieve.evals.task_files import check_hub_id
+
+        check_hub_id("cais/mmlu", "MMLU (eval.mmlu_data empty: the hub's)")
     if recipe.eval.general != "lmeval":
         return
     from sieve.evals.lmeval import harness_tasks

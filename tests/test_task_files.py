@@ -343,3 +343,7 @@ def test_a_folder_in_the_working_directory_cannot_stand_in_for_a_hub_dataset(tmp
             datasets.load_dataset("allenai/ai2_arc")
     with pytest.raises(SieveError, match=r"MMLU .*'cais/mmlu': a folder"):
         load_mmlu(load_recipe(ROOT / "recipes/regex_gemma2_2b.toml", ["eval.general=\"mmlu\""]))
+    # a recipe says so before the model loads, with or without a task folder of its own
+    for ov in (['eval.general="mmlu"', 'eval.mmlu_data=""'], ['eval.general="lmeval"', 'eval.lmeval_tasks=["arc_easy"]']):
+        with pytest.raises(SieveError, match="would be read instead of the hub's"):
+            regex.check_harness(load_recipe(ROOT / "recipes/regex.toml", ov))

@@ -667,6 +667,8 @@ def harness_tasks(tasks: Sequence[str], include_path: str | Path | None = None, 
         tm = task_manager(include_path, include_defaults)
         if not allow_code:
             check_task_names(tasks, tm.all_tasks)
+            for path in sorted(_dataset_paths(tm, tasks)):  # early notice; hub_datasets_checked refuses at load
+                check_hub_id(path, "lm-eval dataset_path")
         return tm, list(tasks)
     folder = Path(include_path)
     mine = data_tasks(folder, data_root if data_root is not None else folder.resolve().parent)
@@ -715,6 +717,8 @@ def _evaluate(lm: SteeredLM, tasks: Sequence[Any], tm: Any, limit: int | float |
     def loading(*args: Any, **kwargs: Any):
         try:
             return load(*args, **kwargs)
+        except SieveError:
+            raise
         except (OSError, KeyError, ValueError, TypeError, ImportError, AttributeError) as e:
             hint = (f" (the harness reads relative data_files from the working directory, {Path.cwd()})"
                     if isinstance(e, FileNotFoundError) and not all(isinstance(t, dict) for t in tasks) else "")
