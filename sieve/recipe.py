@@ -519,7 +519,8 @@ _FOLDER_INPUTS = (("prompts", "source"), ("prompts", "regex_file"), ("prompts", 
 
 def check_file_settings(data: dict[str, Any], where: object, folder: Path | None = None) -> None:
     """What a recipe file may not set, being shared data; the command line (overrides, flags) may: the
-    weaker sandbox (``eval.sandbox = "process"`` runs generated code with no filesystem isolation),
+    weaker sandbox (``eval.sandbox = "process"`` runs generated code with no filesystem isolation), the
+    API judge (``eval.judge = "openai"`` sends prompts and tests out under the user's key),
     sbatch options beyond resources and accounting (:func:`sieve.launch.check_recipe_launch`), and
     prompt, MMLU and harness-task inputs outside the file's ``folder`` (links followed: a link
     shipped in the folder that points out is refused too).
@@ -534,6 +535,9 @@ def check_file_settings(data: dict[str, Any], where: object, folder: Path | None
     if isinstance(ev, dict) and ev.get("sandbox") == "process":
         raise RecipeError(where, "eval.sandbox", f"a recipe file cannot choose {ev['sandbox']!r}: generated code runs "
                           "under bubblewrap unless the command line says otherwise (eval.sandbox=process)")
+    if isinstance(ev, dict) and ev.get("judge") == "openai":
+        raise RecipeError(where, "eval.judge", "a recipe file cannot turn on the API judge: it sends the run's prompts "
+                          "and tests to an API under your key; give eval.judge=openai on the command line if you mean it")
     check_recipe_launch(data, where)
     if folder is None:
         return

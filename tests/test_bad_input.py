@@ -113,6 +113,9 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
         "a recipe file choosing the process sandbox": (
             [str(_recipe_in(tmp_path, '\n[eval]\nsandbox = "process"\n', "process.toml")), out],
             "[eval.sandbox] a recipe file cannot choose 'process'"),
+        "a recipe file turning on the API judge": (
+            [str(_recipe_in(tmp_path, '\n[eval]\njudge = "openai"\n', "judge.toml")), out],
+            "[eval.judge] a recipe file cannot turn on the API judge"),
         "a prompts file outside the recipe's folder": (
             [str(_recipe_in(tmp_path, "", "outside.toml", prompts="~/.ssh/config.toml")), out],
             "[prompts.source] '~/.ssh/config.toml' resolves to"),
@@ -186,7 +189,8 @@ CASES = ["recipe not UTF-8", "prompt file not UTF-8", "missing local model folde
          "empty scale list", "timeout_s <= 0", "memory_mb <= 0", "layer out of range", "feature out of range",
          "SAE width differs from the model's", "bad --shard",
          "--out where nothing can be written", "--merge of a folder that is not a run", "harness task that is code",
-         "unknown harness task", "a recipe file choosing the process sandbox", "a prompts file outside the recipe's folder",
+         "unknown harness task", "a recipe file choosing the process sandbox", "a recipe file turning on the API judge",
+         "a prompts file outside the recipe's folder",
          "a model folder whose chat template the sandbox refuses", "a task key with terminal escapes",
          "sbatch option a recipe file may not set"]
 
