@@ -256,7 +256,8 @@ class _Reader:
                     res[k] = r
             return res
         if rule == _STR or rule == "template":
-            if rule == "template" and isinstance(v, (int, list)):
+            if rule == "template" and (isinstance(v, int) and not isinstance(v, bool)
+                                       or isinstance(v, list) and all(isinstance(x, (int, str)) for x in v)):
                 return v  # a target index, or several targets
             if not isinstance(v, str):
                 return bad(_STR)
