@@ -506,6 +506,13 @@ def body(run: Run) -> int:
         tag = f"{part[0]}of{part[1]}"
         with run.lock(f"shard-{tag}"):
             t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+            foreign = {sub: len(ResultStore(out / sub, tag).foreign_parts()) for sub in ("gen", "ability", "judge")
+                       if (out / sub).is_dir()}
+            if any(foreign.values()):
+                log.warning("%s holds result parts this user's sieve did not write (%s: a folder shipped or copied "
+                            "from elsewhere, or written before parts were signed); their rows are kept, not generated "
+                            "again. To generate every row here, write to a fresh folder (--out DIR).", out,
+                            ", ".join(f"{k}: {v}" for k, v in foreign.items() if v))
             setting = load_setting(recipe, progress=run.progress, cache_dir=out / "cache")
             write_prompts(setting, out)
             work = ForkSummary() if recipe.sweep.fork else None
@@ -521,7 +528,8 @@ def body(run: Run) -> int:
             log.info("sweep finished in %.0fs; results in %s", time.time() - t0, out)
             record_run(out, recipe, overrides=run.overrides, started=started,
                        finished=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), seconds=time.time() - t0,
-                       shard=f"{part[0]}/{part[1]}", rows=n, work=work.as_dict() if work is not None else None)
+                       shard=f"{part[0]}/{part[1]}", rows=n, work=work.as_dict() if work is not None else None,
+                       foreign_parts={k: v for k, v in foreign.items() if v})
         if part[1] > 1:
             log.info("shard %s done; merge shards with --merge", args.shard)
             return 0

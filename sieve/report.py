@@ -101,9 +101,12 @@ def _now() -> str:
 
 
 def record_run(out: Path, recipe: Recipe, *, overrides: Sequence[str] = (), started: str, finished: str,
-               seconds: float, shard: str = "0/1", rows: int = 0, work: dict[str, Any] | None = None) -> Path:
+               seconds: float, shard: str = "0/1", rows: int = 0, work: dict[str, Any] | None = None,
+               foreign_parts: dict[str, int] | None = None) -> Path:
     """Add one session (a run or a resume of it) to ``out/run.json``, with the resolved recipe;
-    ``work``: what forked generation saved in it (:class:`sieve.fork.ForkSummary`), when it ran.
+    ``work``: what forked generation saved in it (:class:`sieve.fork.ForkSummary`), when it ran;
+    ``foreign_parts``: result parts per store that this user's sieve did not write, found when it
+    started (:meth:`sieve.results.ResultStore.foreign_parts`).
 
     Example:
         >>> record_run(out, recipe, started=t0, finished=t1, seconds=12.5, rows=96)  # doctest: +SKIP
@@ -116,7 +119,8 @@ def record_run(out: Path, recipe: Recipe, *, overrides: Sequence[str] = (), star
                 "file": str(recipe.path) if recipe.path else None})
     run.setdefault("sessions", []).append({"started": started, "finished": finished, "seconds": round(seconds, 1),
                                            "shard": shard, "rows": int(rows), "overrides": list(overrides)}
-                                          | ({"work": work} if work is not None else {}))
+                                          | ({"work": work} if work is not None else {})
+                                          | ({"foreign_parts": foreign_parts} if foreign_parts else {}))
     return write_atomic(path, json.dumps(run, indent=1))
 
 

@@ -14,6 +14,8 @@ column types.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import itertools
 import logging
 import os
@@ -26,7 +28,7 @@ import polars as pl
 
 from sieve.errors import SieveError
 from sieve.evals.metrics import mean_ci, wilson
-from sieve.files import write_atomic
+from sieve.files import local_mac, write_atomic
 from sieve.stats import DEFAULT_BOOTSTRAP, cluster_rate, paired_difference
 from sieve.sweep import UNSTEERED, columns, schema
 
@@ -84,7 +86,33 @@ class ResultStore:
         else:
             df = pl.DataFrame(list(rows), infer_schema_length=None)
         name = f"part-{self.shard}-{next(self._counter):06d}-{uuid.uuid4().hex[:8]}.parquet"
-        return write_atomic(self.folder / name, df.write_parquet)
+        path = write_atomic(self.folder / name, df.write_parquet)
+        mac = _part_mac(path)
+        if mac is not None:
+            write_atomic(path.with_name(f".{name}.mac"), mac)
+        return path
+
+    def foreign_parts(self) -> list[Path]:
+        """The parts this user's sieve did not write (no valid HMAC beside them,
+        :func:`sieve.files.local_mac`): a folder shipped with a shared recipe, copied from someone
+        else, or written by a version of sieve before the HMACs. Their rows count as done like any
+        others; a run says how many there are.
+
+        Example:
+            >>> s = ResultStore(tmp_path / "gen"); _ = s.append([{"key": "a"}]); s.foreign_parts()  # doctest: +SKIP
+            []
+        """
+        out = []
+        for p in self.parts():
+            side = p.with_name(f".{p.name}.mac")
+            mac = _part_mac(p)
+            try:
+                ok = mac is not None and not side.is_symlink() and hmac.compare_digest(side.read_text(), mac)
+            except (OSError, UnicodeDecodeError):
+                ok = False
+            if not ok:
+                out.append(p)
+        return out
 
     def table(self) -> pl.DataFrame:
         """All rows, one per key (the first written wins), in key order of writing."""
@@ -98,6 +126,11 @@ class ResultStore:
         """The keys of every stored row."""
         frames = self._read(["key"])
         return set(pl.concat(frames)["key"].to_list()) if frames else set()
+
+
+def _part_mac(path: Path) -> str | None:
+    """The HMAC of a part file's name and bytes under this user's key."""
+    return local_mac(b"part", path.name.encode(), hashlib.sha256(path.read_bytes()).digest())
 
 
 def merge_stores(folders: Iterable[str | Path], out: str | Path) -> pl.DataFrame:

@@ -177,3 +177,45 @@ def test_a_cache_shipped_in_a_shared_output_folder_is_computed_again(tmp_path, c
     assert calls == [1] and "not written by this user's sieve" in caplog.text
     assert cached(planted, "k1", compute)["v"].tolist() == [1.0] * 4 and calls == [1]  # its own: reused
     assert cached(planted, "k2", compute) and calls == [1, 1]  # another key: computed
+
+
+def test_result_parts_this_user_did_not_write_are_named(tmp_path):
+    """A folder shipped with a shared recipe can hold result parts (rows a run would resume as its own):
+    parts carry an HMAC under this user's key, so a shipped, renamed or edited part is found."""
+    import shutil
+
+    store = ResultStore(tmp_path / "gen")
+    mine = [store.append([{"key": f"{i}", "x": i}]) for i in range(2)]
+    assert store.foreign_parts() == []
+    planted = tmp_path / "gen" / "part-0of1-000009-feedbeef.parquet"
+    pl.DataFrame([{"key": "9", "x": 9}]).write_parquet(planted)  # shipped: no HMAC
+    renamed = tmp_path / "gen" / "part-0of1-000010-deadbeef.parquet"
+    shutil.copy(mine[0], renamed)  # a signed part's bytes under another name, its HMAC file beside it
+    shutil.copy(mine[0].with_name(f".{mine[0].name}.mac"), renamed.with_name(f".{renamed.name}.mac"))
+    edited = mine[1]
+    pl.DataFrame([{"key": "1", "x": 100}]).write_parquet(edited)  # a signed part rewritten
+    assert sorted(p.name for p in ResultStore(tmp_path / "gen").foreign_parts()) == sorted(
+        [planted.name, renamed.name, edited.name])
+    merged = tmp_path / "merged"
+    from sieve.results import merge_stores
+
+    merge_stores([tmp_path / "gen"], merged)  # a merge the command line asked for writes its own parts
+    assert ResultStore(merged).foreign_parts() == []
+
+
+def test_a_run_says_when_its_folder_holds_rows_it_did_not_write(tmp_path, caplog):
+    from sieve.report import load_run
+
+    out = tmp_path / "out"
+    args = [str(ROOT / "recipes/regex.toml"), 'sweep.methods=["unsteered"]', "sweep.samples=1",
+            "sweep.max_new_tokens=4", "prompts.regex_limit=1", "prompts.neutral_limit=1", 'eval.general="none"',
+            f'output.dir="{out}"', "--no-progress"]
+    assert regex.main(args) == 0
+    assert "did not write" not in caplog.text and "foreign_parts" not in load_run(out)["sessions"][-1]
+    gen = ResultStore(out / "gen")
+    row = pl.read_parquet(gen.parts()[0]).head(1).with_columns(pl.lit("planted").alias("key"))
+    row.write_parquet(out / "gen" / "part-0of1-000099-0badc0de.parquet")
+    with caplog.at_level(logging.WARNING, logger="recipes"):
+        assert regex.main(args) == 0
+    assert "result parts this user's sieve did not write (gen: 1" in caplog.text
+    assert load_run(out)["sessions"][-1]["foreign_parts"] == {"gen": 1}
