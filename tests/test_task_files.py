@@ -347,3 +347,32 @@ def test_a_folder_in_the_working_directory_cannot_stand_in_for_a_hub_dataset(tmp
     for ov in (['eval.general="mmlu"', 'eval.mmlu_data=""'], ['eval.general="lmeval"', 'eval.lmeval_tasks=["arc_easy"]']):
         with pytest.raises(SieveError, match="would be read instead of the hub's"):
             regex.check_harness(load_recipe(ROOT / "recipes/regex.toml", ov))
+
+
+def test_a_grader_cannot_evaluate_the_models_answer_as_python(tmp_path):
+    """Some of the harness's own math graders parse the answer with sympy's ``parse_expr`` (an
+    ``eval``): the model's output would run in sieve's process. Refused when a recipe names such a
+    task, and at run time even where a grader catches every ``Exception``."""
+    from sympy.parsing.sympy_parser import parse_expr
+
+    from sieve.evals.task_files import TextEvaluated, no_text_evaluation
+
+    marker = tmp_path / "EVALUATED"
+    answer = f"__import__('pathlib').Path({str(marker)!r}).write_text('x')"
+    parse_expr(answer)  # the attack is real: sympy runs it
+    assert marker.exists()
+    marker.unlink()
+
+    def grader(text: str) -> bool:
+        try:
+            return parse_expr(text) == 1
+        except Exception:  # as the harness's graders do: a failure scores the answer wrong
+            return False
+
+    with pytest.raises(TextEvaluated), no_text_evaluation():
+        grader(answer)
+    assert not marker.exists()
+    assert parse_expr("x + 1") is not None  # and sympy is itself again
+    with pytest.raises(SieveError, match="grade answers with sympy's text parser"):
+        regex.check_harness(load_recipe(ROOT / "recipes/regex.toml", ['eval.general="lmeval"',
+                                                                      'eval.lmeval_tasks=["prompt_robustness_math_algebra"]']))

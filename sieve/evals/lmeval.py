@@ -55,10 +55,12 @@ from torch import Tensor
 
 from sieve.errors import SieveError
 from sieve.evals.task_files import (
+    TextEvaluated,
     check_hub_id,
     check_task_names,
     data_tasks,
     hub_datasets_checked,
+    no_text_evaluation,
     sandboxed_templates,
 )
 from sieve.fork import ForkSummary, _always, _layers, first_edits
@@ -667,25 +669,42 @@ def harness_tasks(tasks: Sequence[str], include_path: str | Path | None = None, 
         tm = task_manager(include_path, include_defaults)
         if not allow_code:
             check_task_names(tasks, tm.all_tasks)
-            for path in sorted(_dataset_paths(tm, tasks)):  # early notice; hub_datasets_checked refuses at load
-                check_hub_id(path, "lm-eval dataset_path")
+            _builtin_checks(tm, tasks)
         return tm, list(tasks)
     folder = Path(include_path)
     mine = data_tasks(folder, data_root if data_root is not None else folder.resolve().parent)
     others = [t for t in tasks if t not in mine]
     tm = task_manager(None, bool(others) if include_defaults is None else include_defaults)
     check_task_names(others, [*tm.all_tasks, *mine])
-    for path in sorted(_dataset_paths(tm, others)):  # early notice; hub_datasets_checked refuses at load
-        check_hub_id(path, "lm-eval dataset_path")
+    _builtin_checks(tm, others)
     return tm, [mine.get(t, t) for t in tasks]
 
 
-def _dataset_paths(tm: Any, names: Sequence[str]) -> set[str]:
-    """The ``dataset_path`` of every task the harness's own ``names`` expand to (groups, tags), from
-    its index (read without building a task)."""
+def _builtin_checks(tm: Any, names: Sequence[str]) -> None:
+    """Before any model loads, for the harness's own tasks a recipe names: no hub dataset shadowed by
+    a folder in the working directory, and no grader that evaluates the model's answer as Python
+    (its task family's code calls sympy's ``parse_expr``/``sympify``; :func:`no_text_evaluation`
+    refuses it at run time too)."""
+    paths, files = _task_sources(tm, names)
+    for path in sorted(paths):
+        check_hub_id(path, "lm-eval dataset_path")
+    for folder in sorted({f.parent for f in files}):
+        for code in sorted(folder.glob("*.py")):
+            text = code.read_text(encoding="utf-8", errors="replace")
+            if "parse_expr" in text or "sympify(" in text:
+                raise SieveError(f"lm-eval tasks {sorted(set(names))}: the harness's tasks in {folder.name}/ grade "
+                                 f"answers with sympy's text parser ({code.name}), which evaluates the model's output "
+                                 "as Python in this process; sieve runs model output only in its sandbox, so these "
+                                 "tasks are not run here")
+
+
+def _task_sources(tm: Any, names: Sequence[str]) -> tuple[set[str], set[Path]]:
+    """The ``dataset_path`` of every task the harness's own ``names`` expand to (groups, tags), and
+    their YAML files, from its index (read without building a task)."""
     index = getattr(tm, "_index", {})
     seen: set[str] = set()
     paths: set[str] = set()
+    files: set[Path] = set()
     todo = [n for n in names if isinstance(n, str)]
     while todo:
         name = todo.pop()
@@ -693,13 +712,15 @@ def _dataset_paths(tm: Any, names: Sequence[str]) -> set[str]:
             continue
         seen.add(name)
         entry = index[name]
+        if entry.yaml_path is not None:
+            files.add(Path(entry.yaml_path).resolve())
         cfg = entry.cfg or {}
         if isinstance(cfg.get("dataset_path"), str):
             paths.add(cfg["dataset_path"])
         members = cfg.get("task") if isinstance(cfg.get("task"), list) else []
         todo += [m if isinstance(m, str) else m.get("task", m.get("group")) for m in members if isinstance(m, (str, dict))]
         todo += sorted(entry.tags or ()) if getattr(entry.kind, "name", "") == "TAG" else []
-    return paths
+    return paths, files
 
 
 def _names(tasks: Sequence[Any]) -> list[str]:
@@ -728,9 +749,12 @@ def _evaluate(lm: SteeredLM, tasks: Sequence[Any], tm: Any, limit: int | float |
 
     tm.load = loading
     try:
-        with sandboxed_templates(), hub_datasets_checked() if shared else contextlib.nullcontext():
+        with sandboxed_templates(), no_text_evaluation(), hub_datasets_checked() if shared else contextlib.nullcontext():
             return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit,
                                            num_fewshot=num_fewshot, log_samples=True, verbosity="WARNING")
+    except TextEvaluated as e:
+        raise SieveError(f"lm-eval tasks {_names(tasks)}: a task's grader evaluates text as Python ({e}); sieve never "
+                         "runs the model's output outside the sandbox, so this task is not run here") from None
     except TemplateError as e:
         what = "was refused by" if isinstance(e, SecurityError) else "failed in"
         raise SieveError(f"lm-eval tasks {_names(tasks)}: a task's template {what} Jinja's sandbox "

@@ -37,7 +37,7 @@ import yaml
 from sieve.errors import SieveError
 
 __all__ = ["TaskCode", "TASK_KEYS", "data_tasks", "task_code", "check_task_folder", "check_task_names",
-           "check_hub_id", "hub_datasets_checked", "sandboxed_templates"]
+           "check_hub_id", "hub_datasets_checked", "no_text_evaluation", "TextEvaluated", "sandboxed_templates"]
 
 # The YAML tags a data file may carry: PyYAML's safe schema (what ``yaml.safe_load`` constructs).
 _DATA_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in
@@ -521,6 +521,40 @@ def hub_datasets_checked() -> Iterator[None]:
         yield
     finally:
         datasets.load_dataset = original
+
+
+class TextEvaluated(BaseException):
+    """Raised where a harness task's grader asked sympy to evaluate text as Python (``parse_expr``,
+    ``sympify`` of a string: ``eval``): a ``BaseException``, so that graders which catch every
+    ``Exception`` and score the answer wrong cannot hide it."""
+
+
+@contextmanager
+def no_text_evaluation() -> Iterator[None]:
+    """Within the block, sympy refuses to evaluate text as Python (:class:`TextEvaluated`). Several of
+    the harness's own math graders (``minerva_math``'s relatives in ``score``, ``leaderboard_math``'s
+    checks) parse the model's answer with ``parse_expr``, which ``eval``s it in sieve's process: the
+    model's output would run outside the sandbox.
+
+    Example:
+        >>> with no_text_evaluation():
+        ...     pass
+    """
+    try:
+        from sympy.parsing import sympy_parser
+    except ImportError:  # pragma: no cover - no sympy, no parse_expr
+        yield
+        return
+    original = sympy_parser.eval_expr
+
+    def eval_expr(code: str, local_dict: Any, global_dict: Any) -> Any:
+        raise TextEvaluated(f"sympy was asked to evaluate {str(code)[:80]!r} as Python")
+
+    sympy_parser.eval_expr = eval_expr
+    try:
+        yield
+    finally:
+        sympy_parser.eval_expr = original
 
 
 @contextmanager
