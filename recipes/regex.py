@@ -468,8 +468,7 @@ def body(run: Run) -> int:
             raise SieveError(f"--report-only {out}: not a run folder (no {out / 'gen'})")
         refuse_links(out, "--report-only")
         saved = run_recipe(out)  # the recipe the folder was run with, where it says
-        if saved is None:
-            check(out, recipe)  # refuses to report another recipe's rows as this one's
+        check(out, saved or recipe)  # refuses to report another recipe's rows (or run.json's) as this one's
         report(saved or recipe, out)
         return 0
     user_prompt_files(recipe)  # a bad prompt file fails here, before any model is loaded
@@ -489,7 +488,7 @@ def body(run: Run) -> int:
         with run.lock():
             for sub in ("gen", "ability", "judge"):
                 merge_stores([Path(d) / sub for d in args.merge if (Path(d) / sub).is_dir()], out / sub)
-            merge_runs([Path(d) for d in args.merge], out)
+            merge_runs([Path(d) for d in args.merge], out, recipe)
             report(recipe, out)
         return 0
     if args.report_only is None:

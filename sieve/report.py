@@ -141,8 +141,11 @@ def run_recipe(out: Path) -> Recipe | None:
     return recipe_from_dict(run["recipe"], Path(file) if file else None)
 
 
-def merge_runs(folders: Sequence[Path], out: Path) -> None:
-    """Combine the ``run.json`` (sessions) and ``prompts.parquet`` of shard folders into ``out``."""
+def merge_runs(folders: Sequence[Path], out: Path, recipe: Recipe | None = None) -> None:
+    """Combine the ``run.json`` (sessions) and ``prompts.parquet`` of shard folders into ``out``. With
+    ``recipe`` (the merge's own, checked against each shard's ``recipe.json``), the merged run.json
+    names it, whatever a shard's run.json says (a shard's run.json is not checked, and decides how
+    the merged folder is reported later)."""
     sessions, base = [], None
     for d in folders:
         run = load_run(d)
@@ -154,6 +157,11 @@ def merge_runs(folders: Sequence[Path], out: Path) -> None:
         known = {json.dumps(s, sort_keys=True) for s in have.get("sessions", [])}
         merged = {**base, **{k: v for k, v in have.items() if k != "sessions"}}
         merged["sessions"] = have.get("sessions", []) + [s for s in sessions if json.dumps(s, sort_keys=True) not in known]
+        if recipe is not None:
+            from sieve.recipe import recipe_dict
+
+            merged.update({"recipe": recipe_dict(recipe), "hash": recipe_hash(recipe),
+                           "file": str(recipe.path) if recipe.path else None})
         write_atomic(Path(out) / RUN_FILE, json.dumps(merged, indent=1))
     frames = [pl.read_parquet(Path(d) / "prompts.parquet") for d in folders if (Path(d) / "prompts.parquet").exists()]
     if frames:

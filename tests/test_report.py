@@ -189,6 +189,28 @@ def test_a_shared_run_folder_that_links_elsewhere_is_not_read(run_dir, tmp_path,
     assert "--merge" in capsys.readouterr().err and not (merged / "gen").exists()
 
 
+def test_a_shards_run_json_does_not_decide_how_a_merged_folder_is_reported(run_dir, tmp_path, capsys):
+    """A shard's recipe.json is checked at --merge; its run.json, which carries the recipe the report
+    reads later, was not: an edited one relabelled the user's merged folder (another model, the loss
+    called MMLU accuracy, the Pareto front flipped)."""
+    from recipes import regex
+
+    shard = tmp_path / "shard"
+    shutil.copytree(run_dir, shard)
+    run = json.loads((shard / "run.json").read_text())
+    run["recipe"]["name"], run["recipe"]["eval"]["general"] = "someone else's study", "mmlu"
+    (shard / "run.json").write_text(json.dumps(run))
+    merged = tmp_path / "merged"
+    assert regex.main([str(RECIPE), *_overrides(merged), "--merge", str(shard), "--out", str(merged),
+                       "--no-progress"]) == 0
+    assert load_run(merged)["recipe"]["name"] != "someone else's study"
+    assert load_run(merged)["hash"] == json.loads((merged / "recipe.json").read_text())["hash"]
+    # and a folder whose run.json names another recipe than its recipe.json is not reported as either
+    (merged / "run.json").write_text(json.dumps({**load_run(merged), "recipe": run["recipe"]}))
+    assert regex.main(["--report-only", str(merged), "--no-progress"]) == 2
+    assert "holds results of another recipe" in capsys.readouterr().err
+
+
 def test_report_only_on_a_folder_without_results(tmp_path, capsys):
     from recipes import regex
 
