@@ -52,12 +52,21 @@ def _looks_local(r: Recipe, value: str) -> bool:
 def _source(r: Recipe, value: str, key: str) -> str | Path:
     """A local folder (relative to the recipe's folder) when it exists, else a hub id; a value that can
     only be a path but names no folder is an error (it would otherwise be asked of the hub)."""
+    where = r.path or "<recipe>"
     p = r.resolve(value)
+    hub_like = "/" in value and not value.startswith(("/", ".", "~")) and value.count("/") == 1
     if p.exists():
+        if hub_like and not Path(value).is_absolute():
+            # 'org/name' beside the recipe: the run would say it used the hub's 'org/name'
+            raise RecipeError(where, key, f"{value!r} is both a hub id and the folder {p}: write './{value}' for the "
+                              "folder (the run and its report would otherwise name the hub's)")
         return p
     if _looks_local(r, value):
-        raise RecipeError(r.path or "<recipe>", key, f"{value!r}: local folder {p} not found (relative paths are "
+        raise RecipeError(where, key, f"{value!r}: local folder {p} not found (relative paths are "
                           "relative to the recipe's folder; a hub id looks like 'org/name')")
+    if hub_like and Path(value).exists():  # transformers and sae-lens open a local folder before the hub
+        raise RecipeError(where, key, f"{value!r}: a folder {Path(value).resolve()} in the working directory would be "
+                          "read instead of the hub's; run from another folder")
     return value
 
 

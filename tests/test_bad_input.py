@@ -71,7 +71,10 @@ def _recipe_in(tmp_path: Path, extra: str = "", name: str = "r.toml", prompts: s
 
 
 def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
-    """The arguments of one bad-input case and a part of the message it must give."""
+    """The arguments of one bad-input case and a part of the message it must give (run from
+    ``tmp_path``)."""
+    (tmp_path / "shared" / "openai-community" / "gpt2").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "tilde-research" / "sieve_coding").mkdir(parents=True, exist_ok=True)
     out = f'output.dir="{tmp_path / "out"}"'
     long_fn = "def long_one(x):\n" + "".join(f"    y{i} = x + {i}\n" for i in range(400))
     latin1 = _write(tmp_path / "latin1.toml", b'name = "caf\xe9"\n')
@@ -124,6 +127,12 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
              f'prompts.source="{_prompts(tmp_path, PROMPTS.replace("{extra}", ""), "chat.toml")}"', out],
             f"[model.source] {tmp_path / 'hostile_model'}: its config, tokenizer or chat template cannot be used "
             "(SecurityError"),
+        "a hub model id that is also a folder beside the recipe": (
+            [str(_recipe_in(tmp_path, "", "shadow.toml")), 'model.source="openai-community/gpt2"', out],
+            "[model.source] 'openai-community/gpt2' is both a hub id and the folder"),
+        "a hub SAE id that a folder in the working directory shadows": (
+            [str(RECIPE), 'sae.source="tilde-research/sieve_coding"', "sae.layer=2", "sae.feature=5", out],
+            "[sae.source] 'tilde-research/sieve_coding': a folder"),
         "a task key with terminal escapes": ([*_tasks_recipe(tmp_path, "\"\\e]0;TITLE\\a\\e[2J\": 1\n", "esc_tasks"), out],
                                              "'\\x1b]0;TITLE\\x07\\x1b[2J' is not a key a shared task may set"),
         "sbatch option a recipe file may not set": (
@@ -191,7 +200,8 @@ CASES = ["recipe not UTF-8", "prompt file not UTF-8", "missing local model folde
          "--out where nothing can be written", "--merge of a folder that is not a run", "harness task that is code",
          "unknown harness task", "a recipe file choosing the process sandbox", "a recipe file turning on the API judge",
          "a prompts file outside the recipe's folder",
-         "a model folder whose chat template the sandbox refuses", "a task key with terminal escapes",
+         "a model folder whose chat template the sandbox refuses", "a hub model id that is also a folder beside the recipe",
+         "a hub SAE id that a folder in the working directory shadows", "a task key with terminal escapes",
          "sbatch option a recipe file may not set"]
 
 
