@@ -147,6 +147,7 @@ def merge_stores(folders: Iterable[str | Path], out: str | Path) -> pl.DataFrame
     store = ResultStore(out, shard="merged")
     for p in store.parts():
         p.unlink()
+        p.with_name(f".{p.name}.mac").unlink(missing_ok=True)
     store.append(df.to_dicts())
     return df
 

@@ -201,6 +201,8 @@ def test_result_parts_this_user_did_not_write_are_named(tmp_path):
 
     merge_stores([tmp_path / "gen"], merged)  # a merge the command line asked for writes its own parts
     assert ResultStore(merged).foreign_parts() == []
+    merge_stores([tmp_path / "gen"], merged)  # merged again: the old parts go, with their HMAC files
+    assert len(list(merged.glob(".part-*.mac"))) == len(ResultStore(merged).parts()) == 1
 
 
 def test_a_run_says_when_its_folder_holds_rows_it_did_not_write(tmp_path, caplog):
