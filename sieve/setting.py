@@ -66,7 +66,8 @@ def _source(r: Recipe, value: str, key: str) -> str | Path:
                           "relative to the recipe's folder; a hub id looks like 'org/name')")
     if hub_like and Path(value).exists():  # transformers and sae-lens open a local folder before the hub
         raise RecipeError(where, key, f"{value!r}: a folder {Path(value).resolve()} in the working directory would be "
-                          "read instead of the hub's; run from another folder")
+                          f"read instead of the hub's; run from another folder, or give {key}=\"{Path(value).resolve()}\" "
+                          "to read that folder")
     return value
 
 
