@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-__all__ = ["SieveError", "NotAvailableOffline", "RecipeError", "ShapeMismatch", "printable"]
+__all__ = ["SieveError", "NotAvailableOffline", "RecipeError", "ShapeMismatch", "printable", "first_line"]
+
+
+def first_line(exc: BaseException) -> str:
+    r"""The first line of an exception's message ("" when it has none): what a one-line error quotes
+    of a library's multi-line one.
+
+    Example:
+        >>> first_line(ValueError("bad value\n  at line 3")), first_line(OSError())
+        ('bad value', '')
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def printable(text: object) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from sieve.errors import SieveError
+from sieve.errors import SieveError, first_line
 from sieve.evals.metrics import mean_ci, wilson
 from sieve.files import local_mac, write_atomic
 from sieve.stats import DEFAULT_BOOTSTRAP, cluster_rate, paired_difference
@@ -71,7 +71,7 @@ class ResultStore:
                     continue
                 quarantine.mkdir(exist_ok=True)
                 os.replace(p, quarantine / p.name)
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+                reason = first_line(e) or e.__class__.__name__
                 log.warning("%s cannot be read (%s); moved to %s, its rows will be generated again",
                             p, reason, quarantine / p.name)
         return frames
@@ -105,10 +105,10 @@ class ResultStore:
         out = []
         for p in self.parts():
             side = p.with_name(f".{p.name}.mac")
-            mac = _part_mac(p)
             try:
-                ok = mac is not None and not side.is_symlink() and hmac.compare_digest(side.read_text(), mac)
-            except (OSError, UnicodeDecodeError):
+                ok = side.is_file() and not side.is_symlink() and hmac.compare_digest(side.read_text(),
+                                                                                      _part_mac(p) or "")
+            except (OSError, UnicodeDecodeError, TypeError):  # TypeError: a file of non-ASCII text
                 ok = False
             if not ok:
                 out.append(p)

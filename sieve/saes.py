@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sieve.errors import NotAvailableOffline, ShapeMismatch, SieveError
+from sieve.errors import NotAvailableOffline, ShapeMismatch, SieveError, first_line
 from sieve.models import _offline, hidden_size
 
 __all__ = ["load_sae", "load_gemma_scope", "Feature", "feature", "check_compatible", "save_sae", "convert_study_sae"]
@@ -325,7 +325,7 @@ def _read_state_dict(f: Path) -> dict[str, Tensor]:
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-            raise SieveError(f"{f}: not a state dict of tensors ({str(e).strip().splitlines()[0]:.200})") from e
+            raise SieveError(f"{f}: not a state dict of tensors ({first_line(e):.200})") from e
     else:
         # Plain pickle.dump of a state dict, as the study wrote its layer files.
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sieve.detectors import caa_detector, feature_detector, probe_detector, probe_training_data
-from sieve.errors import RecipeError, SieveError
+from sieve.errors import RecipeError, SieveError, first_line
 from sieve.interventions import SAECode
 from sieve.methods import Parts
 from sieve.prompts import PromptSets, load_prompt_sets
@@ -56,7 +56,7 @@ def _source(r: Recipe, value: str, key: str) -> str | Path:
     p = r.resolve(value)
     hub_like = "/" in value and not value.startswith(("/", ".", "~")) and value.count("/") == 1
     if p.exists():
-        if hub_like and not Path(value).is_absolute():
+        if hub_like:
             # 'org/name' beside the recipe: the run would say it used the hub's 'org/name'
             raise RecipeError(where, key, f"{value!r} is both a hub id and the folder {p}: write './{value}' for the "
                               "folder (the run and its report would otherwise name the hub's)")
@@ -104,9 +104,8 @@ def _model_folder_errors(where: object, src: object) -> Iterator[None]:
     except SieveError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError, TemplateError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise RecipeError(where, "model.source", f"{src}: its config, tokenizer or chat template cannot be used "
-                          f"({type(e).__name__}: {msg:.200})") from e
+                          f"({type(e).__name__}: {first_line(e):.200})") from e
 
 
 def preflight(recipe: Recipe) -> PromptSets:

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from sieve.errors import SieveError
+from sieve.errors import SieveError, first_line
 
 __all__ = ["TaskCode", "TASK_KEYS", "data_tasks", "task_code", "check_task_folder", "check_task_names",
            "check_hub_id", "hub_datasets_checked", "no_text_evaluation", "TextEvaluated", "sandboxed_templates"]
@@ -107,11 +107,7 @@ def _registry(kind: str) -> set[str] | None:
     if kind == "sampler":
         return set(SAMPLER_REGISTRY)
     reg = {"metric": registry.metric_registry, "filter": registry.filter_registry,
-           "aggregation": getattr(registry, "aggregation_registry", None)}[kind]
-    if reg is None:
-        from lm_eval.api.registry import AGGREGATION_REGISTRY
-
-        reg = AGGREGATION_REGISTRY
+           "aggregation": registry.aggregation_registry}[kind]
     names = set(reg.keys()) if hasattr(reg, "keys") else set(reg)
     return names - {"custom"}  # the custom filter calls a function named by the file
 
@@ -186,7 +182,7 @@ class _Reader:
         except (OSError, yaml.YAMLError) as e:
             mark = getattr(e, "problem_mark", None)
             self.refuse(path, (mark.line + 1) if mark else 1,
-                        f"cannot be read as YAML ({type(e).__name__}: {str(e).splitlines()[0]:.80})")
+                        f"cannot be read as YAML ({type(e).__name__}: {first_line(e):.80})")
             return None, {}
         if len(nodes) != 1:
             self.refuse(path, 1, f"holds {len(nodes)} YAML documents; a task file holds one")
@@ -219,7 +215,7 @@ class _Reader:
             if inc_cfg is not None:
                 inc_cfg.pop("task_list", None)
                 merged.update(inc_cfg)
-                lines = {**{k: v for k, v in inc_lines.items()}, **lines}
+                lines = {**inc_lines, **lines}
         merged.update(cfg)
         return merged, lines
 
