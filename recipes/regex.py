@@ -63,7 +63,7 @@ from tqdm.std import tqdm
 from recipes.cli import RecipeCLI, Run
 from sieve.errors import SieveError
 from sieve.evals.code import answer_validity, evaluate_code, function_validity
-from sieve.files import write_atomic
+from sieve.files import local_mac, write_atomic
 from sieve.fork import ForkSummary, generate_forked
 from sieve.generation import default_batch_size, generate
 from sieve.launch import EXECUTORS
@@ -91,6 +91,10 @@ CLI.add_argument("--trust-task-code", action="store_true",
                  help="run the Python that the recipe's harness task folder (eval.lmeval_include) names: "
                       "!function tags, task classes, metrics loaded through HF evaluate. Without it a recipe's "
                       "task files are read as data and any such construct is refused before the model loads")
+CLI.add_argument("--keep-foreign-parts", action="store_true",
+                 help="resume the rows of result parts in the output folder that this user's sieve did not write "
+                      "(a folder copied from elsewhere, or written before parts were signed); without it such parts "
+                      "are moved to <store>/foreign/ and their rows generated again")
 CLI.add_argument("--launch", action="store_true",
                  help="run every shard as a job (a SLURM job array, or processes on this machine; submitit), wait, "
                       "then merge them into the output folder and report; settings from the recipe's [launch] "
@@ -440,6 +444,41 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
     return summary
 
 
+def foreign_parts(out: Path, tag: str, *, keep: bool) -> dict[str, Any]:
+    """Result parts in ``out`` that this user's sieve did not write (no valid HMAC: a folder shipped
+    with a shared recipe or copied from elsewhere, or parts written before parts were signed). They
+    are set aside into ``<store>/foreign/`` so that their rows are generated here, unless ``keep``
+    (``--keep-foreign-parts``) or this user has no key to sign with (then nothing can be told apart
+    and they are kept, with a warning). Returns what ``run.json`` records (empty when there were none).
+
+    Example:
+        >>> foreign_parts(Path("runs/shared"), "0of1", keep=False)  # doctest: +SKIP
+        {'gen': 3, 'kept': False}
+    """
+    stores = {sub: ResultStore(out / sub, tag) for sub in ("gen", "ability", "judge") if (out / sub).is_dir()}
+    for s in stores.values():
+        s.done_keys()  # a part that cannot be read goes to quarantine first, named as such
+    found = {sub: s.foreign_parts() for sub, s in stores.items()}
+    counts = {sub: len(v) for sub, v in found.items() if v}
+    if not counts:
+        return {}
+    listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
+    if keep or local_mac(b"part") is None:
+        why = ("--keep-foreign-parts" if keep else
+               "no key to tell them apart: ~/.cache/sieve/secret (or SIEVE_SECRET_FILE) cannot be kept")
+        log.warning("%s holds result parts this user's sieve did not write (%s); their rows are kept, not generated "
+                    "again (%s). To generate every row here, write to a fresh folder (--out DIR).", out, listed, why)
+        return counts | {"kept": True}
+    for sub, parts in found.items():
+        if parts:
+            stores[sub].set_aside(parts)
+    log.warning("%s holds result parts this user's sieve did not write (%s: a folder shipped or copied from "
+                "elsewhere, or written before parts were signed); set aside in %s, their rows will be generated "
+                "again. To resume them as they are, run again with --keep-foreign-parts after moving them back.",
+                out, listed, " and ".join(f"{out / sub / 'foreign'}" for sub in counts))
+    return counts | {"kept": False}
+
+
 def launch_shards(run: Run) -> int:
     """``--launch``: every shard of this run as a submitit job, then their merge (:mod:`sieve.launch`)."""
     from sieve.launch import launch
@@ -451,6 +490,7 @@ def launch_shards(run: Run) -> int:
         raise SieveError("--launch needs the recipe as a file: the jobs read it")
     check_harness(run.recipe, args.trust_task_code)  # before any job starts
     trust = ["--trust-task-code"] if args.trust_task_code else []
+    trust += ["--keep-foreign-parts"] if args.keep_foreign_parts else []
     launch("recipes.regex", [str(run.recipe.path), *run.overrides, *trust], run.out, run.recipe.launch)
     return 0
 
@@ -505,13 +545,7 @@ def body(run: Run) -> int:
         tag = f"{part[0]}of{part[1]}"
         with run.lock(f"shard-{tag}"):
             t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-            foreign = {sub: len(ResultStore(out / sub, tag).foreign_parts()) for sub in ("gen", "ability", "judge")
-                       if (out / sub).is_dir()}
-            if any(foreign.values()):
-                log.warning("%s holds result parts this user's sieve did not write (%s: a folder shipped or copied "
-                            "from elsewhere, or written before parts were signed); their rows are kept, not generated "
-                            "again. To generate every row here, write to a fresh folder (--out DIR).", out,
-                            ", ".join(f"{k}: {v}" for k, v in foreign.items() if v))
+            foreign = foreign_parts(out, tag, keep=args.keep_foreign_parts)
             setting = load_setting(recipe, progress=run.progress, cache_dir=out / "cache")
             write_prompts(setting, out)
             work = ForkSummary() if recipe.sweep.fork else None
@@ -528,7 +562,7 @@ def body(run: Run) -> int:
             record_run(out, recipe, overrides=run.overrides, started=started,
                        finished=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()), seconds=time.time() - t0,
                        shard=f"{part[0]}/{part[1]}", rows=n, work=work.as_dict() if work is not None else None,
-                       foreign_parts={k: v for k, v in foreign.items() if v})
+                       foreign_parts=foreign)
         if part[1] > 1:
             log.info("shard %s done; merge shards with --merge", args.shard)
             return 0

@@ -102,11 +102,11 @@ def _now() -> str:
 
 def record_run(out: Path, recipe: Recipe, *, overrides: Sequence[str] = (), started: str, finished: str,
                seconds: float, shard: str = "0/1", rows: int = 0, work: dict[str, Any] | None = None,
-               foreign_parts: dict[str, int] | None = None) -> Path:
+               foreign_parts: dict[str, Any] | None = None) -> Path:
     """Add one session (a run or a resume of it) to ``out/run.json``, with the resolved recipe;
     ``work``: what forked generation saved in it (:class:`sieve.fork.ForkSummary`), when it ran;
     ``foreign_parts``: result parts per store that this user's sieve did not write, found when it
-    started (:meth:`sieve.results.ResultStore.foreign_parts`).
+    started (:meth:`sieve.results.ResultStore.foreign_parts`), and whether their rows were ``kept``.
 
     Example:
         >>> record_run(out, recipe, started=t0, finished=t1, seconds=12.5, rows=96)  # doctest: +SKIP

@@ -63,18 +63,41 @@ class ResultStore:
             try:
                 frames.append(pl.read_parquet(p, columns=columns))
             except (pl.exceptions.PolarsError, OSError) as e:
-                quarantine = self.folder / "quarantine"
-                if quarantine.is_symlink() or (quarantine.exists() and not quarantine.is_dir()):
-                    # a shipped link would move the file wherever it points: leave the part where it is
-                    log.warning("%s cannot be read (%s) and %s is not a folder of this store: part skipped",
-                                p, e.__class__.__name__, quarantine)
-                    continue
-                quarantine.mkdir(exist_ok=True)
-                os.replace(p, quarantine / p.name)
                 reason = first_line(e) or e.__class__.__name__
+                try:
+                    moved = self.set_aside([p], "quarantine")
+                except SieveError:  # a shipped link would move the file wherever it points: leave the part
+                    log.warning("%s cannot be read (%s) and %s is not a folder of this store: part skipped",
+                                p, e.__class__.__name__, self.folder / "quarantine")
+                    continue
                 log.warning("%s cannot be read (%s); moved to %s, its rows will be generated again",
-                            p, reason, quarantine / p.name)
+                            p, reason, moved / p.name)
         return frames
+
+    def set_aside(self, parts: Sequence[Path], into: str = "foreign") -> Path:
+        """Move ``parts`` of this store, with their HMAC files, into ``<folder>/<into>/``: out of the
+        table, so their rows count as not done; nothing is deleted (a name already there gets a suffix).
+        Returns that folder. Raises :class:`SieveError` where it is a link or not a folder (moving
+        into it would put the files wherever a shipped link points).
+
+        Example:
+            >>> s = ResultStore(tmp_path / "gen"); s.set_aside(s.foreign_parts()).name  # doctest: +SKIP
+            'foreign'
+        """
+        dest = self.folder / into
+        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+            raise SieveError(f"{dest} is not a folder of this result store (a link or a file): parts cannot be "
+                             "set aside there; remove it, or write to a fresh folder (--out DIR)")
+        dest.mkdir(exist_ok=True)
+        for p in parts:
+            target, n = dest / p.name, 1
+            while target.exists() or target.is_symlink():
+                target, n = dest / f"{p.stem}.{n}{p.suffix}", n + 1
+            os.replace(p, target)
+            side = p.with_name(f".{p.name}.mac")
+            if side.is_file() or side.is_symlink():
+                os.replace(side, target.with_name(f".{target.name}.mac"))
+        return dest
 
     def append(self, rows: Sequence[Any]) -> Path | None:
         """Write ``rows`` (typed row dataclasses, or dicts) as one new part, atomically (temp file,
@@ -95,8 +118,9 @@ class ResultStore:
     def foreign_parts(self) -> list[Path]:
         """The parts this user's sieve did not write (no valid HMAC beside them,
         :func:`sieve.files.local_mac`): a folder shipped with a shared recipe, copied from someone
-        else, or written by a version of sieve before the HMACs. Their rows count as done like any
-        others; a run says how many there are.
+        else, or written by a version of sieve before the HMACs (every part, where this user has no
+        key: :func:`sieve.files.local_mac` gives None). A run sets them aside (:meth:`set_aside`)
+        unless told to keep them.
 
         Example:
             >>> s = ResultStore(tmp_path / "gen"); _ = s.append([{"key": "a"}]); s.foreign_parts()  # doctest: +SKIP

@@ -205,7 +205,10 @@ def test_result_parts_this_user_did_not_write_are_named(tmp_path):
     assert len(list(merged.glob(".part-*.mac"))) == len(ResultStore(merged).parts()) == 1
 
 
-def test_a_run_says_when_its_folder_holds_rows_it_did_not_write(tmp_path, caplog):
+def test_rows_a_run_did_not_write_are_generated_again_unless_kept(tmp_path, caplog):
+    """A shared recipe shipping its own output folder with result parts (rows a run would resume as the
+    user's own, under the run's real keys): the parts are set aside and their rows generated here;
+    --keep-foreign-parts resumes them, and run.json says which."""
     from sieve.report import load_run
 
     out = tmp_path / "out"
@@ -215,9 +218,52 @@ def test_a_run_says_when_its_folder_holds_rows_it_did_not_write(tmp_path, caplog
     assert regex.main(args) == 0
     assert "did not write" not in caplog.text and "foreign_parts" not in load_run(out)["sessions"][-1]
     gen = ResultStore(out / "gen")
-    row = pl.read_parquet(gen.parts()[0]).head(1).with_columns(pl.lit("planted").alias("key"))
-    row.write_parquet(out / "gen" / "part-0of1-000099-0badc0de.parquet")
+    real = pl.concat([pl.read_parquet(p) for p in gen.parts()])
+    # forged: every row the run makes, with a completion of the sender's choosing, and no HMAC
+    forged = real.with_columns(pl.lit("FORGED").alias("text"))
+    for p in gen.parts():
+        p.unlink()
+    forged.write_parquet(out / "gen" / "part-0of1-000000-0badc0de.parquet")
+    assert [p.name for p in gen.foreign_parts()] == ["part-0of1-000000-0badc0de.parquet"]
+
+    def completions():
+        return set(ResultStore(out / "gen").table()["text"].to_list())
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="recipes"):
+        assert regex.main([*args, "--keep-foreign-parts"]) == 0
+    assert "did not write (gen: 1); their rows are kept" in caplog.text
+    assert load_run(out)["sessions"][-1]["foreign_parts"] == {"gen": 1, "kept": True}
+    assert completions() == {"FORGED"}  # kept on request: nothing generated again
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="recipes"):
         assert regex.main(args) == 0
-    assert "result parts this user's sieve did not write (gen: 1" in caplog.text
-    assert load_run(out)["sessions"][-1]["foreign_parts"] == {"gen": 1}
+    assert "did not write (gen: 1" in caplog.text and "set aside in" in caplog.text
+    assert load_run(out)["sessions"][-1]["foreign_parts"] == {"gen": 1, "kept": False}
+    assert "FORGED" not in completions() and len(ResultStore(out / "gen").table()) == len(real)
+    assert (out / "gen" / "foreign" / "part-0of1-000000-0badc0de.parquet").is_file()  # moved, not deleted
+    assert ResultStore(out / "gen").foreign_parts() == []  # the rows made again are this user's
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="recipes"):
+        assert regex.main(args) == 0  # a resume of a folder that is now all this user's says nothing
+    assert "did not write" not in caplog.text
+
+
+def test_setting_aside_refuses_a_shipped_link(tmp_path):
+    """``gen/foreign`` shipped as a link would move the parts wherever it points: refused, nothing moved."""
+    store = ResultStore(tmp_path / "gen")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "gen" / "foreign").symlink_to(elsewhere)
+    planted = tmp_path / "gen" / "part-0of1-000000-feedbeef.parquet"
+    pl.DataFrame([{"key": "a"}]).write_parquet(planted)
+    with pytest.raises(SieveError, match="not a folder of this result store"):
+        store.set_aside(store.foreign_parts())
+    assert planted.is_file() and list(elsewhere.iterdir()) == []
+    (tmp_path / "gen" / "foreign").unlink()
+    (tmp_path / "gen" / "foreign").mkdir()
+    (tmp_path / "gen" / "foreign" / planted.name).write_text("an earlier one")
+    assert store.set_aside([planted]) == tmp_path / "gen" / "foreign"
+    assert sorted(p.name for p in (tmp_path / "gen" / "foreign").iterdir()) == [
+        "part-0of1-000000-feedbeef.1.parquet", planted.name]  # nothing overwritten
+    assert store.done_keys() == set()
