@@ -267,3 +267,13 @@ def test_setting_aside_refuses_a_shipped_link(tmp_path):
     assert sorted(p.name for p in (tmp_path / "gen" / "foreign").iterdir()) == [
         "part-0of1-000000-feedbeef.1.parquet", planted.name]  # nothing overwritten
     assert store.done_keys() == set()
+
+
+def test_launch_passes_keep_foreign_parts_on_to_every_shard(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("sieve.launch.launch", lambda module, argv, out, spec: seen.setdefault("argv", argv))
+    assert regex.main([str(ROOT / "recipes/regex.toml"), "--out", str(tmp_path / "o"), "--launch"]) == 0
+    assert "--keep-foreign-parts" not in seen.pop("argv")
+    assert regex.main([str(ROOT / "recipes/regex.toml"), "--out", str(tmp_path / "o"), "--launch",
+                       "--keep-foreign-parts"]) == 0
+    assert seen["argv"][-1] == "--keep-foreign-parts"
