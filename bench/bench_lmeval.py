@@ -151,6 +151,7 @@ def main() -> None:
     import torch
 
     from sieve.evals.lmeval import run_harness_cells, task_manager
+    from sieve.models import underlying
     from sieve.recipe import load_recipe
     from sieve.setting import load_setting
     from sieve.sweep import cells
@@ -187,6 +188,9 @@ def main() -> None:
                                  text=True).stdout.strip(),
         "cells": len(cs), "steered_cells": sum(c.steered for c in cs), "documents": docs,
         "threads": torch.get_num_threads(),
+        "device": str(next(underlying(setting.model).parameters()).device)
+        + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
+        "torch": torch.__version__,
         "seconds": times, "median_full": statistics.median(times["full"]),
         "median_forked": statistics.median(times["forked"]),
         "speedup": statistics.median(times["full"]) / statistics.median(times["forked"]),

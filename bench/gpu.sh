@@ -7,6 +7,9 @@
 #    steered vs plain generate per gate/edit kind, and the sweep vs the study's loop, forked included.
 # 2. bench/bench_steering.py --recipe-prompts: the default recipe's own rows (the embedded world's model
 #    on the GPU): the study's loop, the sweep as it was, forking, the engine, both.
+# 3. bench/bench_lmeval.py: the recipe's cells on three local harness tasks (the world's model on the GPU),
+#    each cell in full against forked (run_harness_cells). Not in the default STEPS (the three steps'
+#    limits add up to more than one 10-minute device call): STEPS=3 bash bench/gpu.sh runs it alone.
 #
 # Wheels in .whl/ (bench/gpu_wheels.sh; README: "Carrying sieve to an offline GPU machine") are installed
 # into a fresh scratch folder first. Each step has a time limit (STEP1_S, STEP2_S seconds) and prints each
@@ -14,7 +17,7 @@
 # Settings (environment): PYTHON (python3), CONFIG (gemma2-2b), DEVICE (cuda), REPEATS (4),
 # RECIPE_PROMPTS (2), RECIPE_REPEATS (1), RECIPE_CACHE (detector cache; /tmp/sieve-recipe-cache),
 # STEP1_ARGS and STEP2_ARGS (more bench_steering.py arguments, e.g. STEP1_ARGS="--engines none grow"),
-# WHEELS (1: install .whl/*.whl when present).
+# STEPS (which steps, "1 2"), STEP3_S, LMEVAL_REPEATS (1), WHEELS (1: install .whl/*.whl when present).
 set -uo pipefail
 out=$(mkdir -p "${1:-runs/gpu}" && cd "${1:-runs/gpu}" && pwd) || exit 1
 cd "$(dirname "$0")/.."
@@ -38,11 +41,20 @@ torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_availab
 } 2>&1 | tee "$out/env.txt"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "bench/gpu.sh: torch, transformers or nnsight do not import" >&2; exit 1; }
 rc=0
+steps=" ${STEPS:-1 2} "
+if [[ $steps == *" 1 "* ]]; then
 # shellcheck disable=SC2086  # STEP*_ARGS are word lists
 timeout "${STEP1_S:-330}" "$py" bench/bench_steering.py --config "$config" --device "$device" --repeats "${REPEATS:-4}" \
     ${STEP1_ARGS:-} --out "$out/$config.json" 2>&1 | tee "$out/$config.log" || rc=1
+fi
+if [[ $steps == *" 2 "* ]]; then
 # shellcheck disable=SC2086
 timeout "${STEP2_S:-150}" "$py" bench/bench_steering.py --recipe-prompts "${RECIPE_PROMPTS:-2}" \
     --repeats "${RECIPE_REPEATS:-1}" --cache "${RECIPE_CACHE:-/tmp/sieve-recipe-cache}" ${STEP2_ARGS:-} \
     --out "$out/recipe.json" 2>&1 | tee "$out/recipe.log" || rc=1
+fi
+if [[ $steps == *" 3 "* ]]; then
+timeout "${STEP3_S:-300}" "$py" bench/bench_lmeval.py --repeats "${LMEVAL_REPEATS:-1}" \
+    --cache "${RECIPE_CACHE:-/tmp/sieve-recipe-cache}" --out "$out/lmeval.json" 2>&1 | tee "$out/lmeval.log" || rc=1
+fi
 exit $rc
