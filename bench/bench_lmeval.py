@@ -138,6 +138,40 @@ def compare(full: list[dict], forked: list[dict], tol: float = 1e-4) -> dict[str
     return out
 
 
+def first_edits(model, ivs: list, kw: dict) -> dict:
+    """Where each (generation request, replayable cell) pair of ``world_regex_gen`` first edits in the
+    unsteered run's replay: ``never`` (the request reuses the unsteered answer), ``prompt``, or at a
+    generated token (``generated``; ``tokens_before``: the tokens up to and including it, which a
+    continuation from the first edit would not generate again). Cells under an ``always`` gate are not
+    replayed (they edit from the first token)."""
+    import sieve.evals.lmeval as lmeval
+
+    out = {"never": 0, "prompt": 0, "generated": 0, "tokens_before": 0}
+    note = lmeval._Fork.note
+
+    def counting(self, keys, tokens, steers):
+        note(self, keys, tokens, steers)
+        if not (keys and isinstance(keys[0], tuple) and isinstance(keys[0][0], str)):
+            return  # log-likelihood rows
+        for s in steers.values():
+            k, pos = s.counts(), s.positions()
+            for b in range(len(keys)):
+                if k["prompt_edited"][b]:
+                    out["prompt"] += 1
+                elif pos["gen_edited"][b]:
+                    out["generated"] += 1
+                    out["tokens_before"] += pos["gen_edited"][b][0] + 1
+                else:
+                    out["never"] += 1
+
+    lmeval._Fork.note = counting
+    try:
+        lmeval.run_harness_cells(model, ivs, ["world_regex_gen"], **kw)
+    finally:
+        lmeval._Fork.note = note
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=2)
@@ -146,6 +180,10 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "regex.toml"))
     ap.add_argument("--cache", default=None, help="detector cache folder (trained there if absent)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--first-edits", action="store_true",
+                    help="only count, for the generation task, where each replayed (request, cell) first edits: "
+                         "never, in the prompt, or at a generated token (what continuing from the first edit "
+                         "could save)")
     args = ap.parse_args()
 
     import torch
@@ -166,6 +204,9 @@ def main() -> None:
     kw = dict(layer=setting.layer, include_path=folder, include_defaults=False, batch_size=args.batch,
               metric=METRICS)
     print(f"{len(cs)} cells; documents {docs}; torch threads {torch.get_num_threads()}", flush=True)
+    if args.first_edits:
+        print(json.dumps(first_edits(setting.model, ivs, kw), indent=1))
+        return
     times: dict[str, list[float]] = {"full": [], "forked": []}
     results: dict[str, list] = {}
     saved = None
