@@ -6,7 +6,8 @@ nothing yet computes exactly what the unsteered row computes: the same activatio
 tokens. :func:`generate_forked` gives the completions :func:`~sieve.generation.generate` gives, doing
 only that work:
 
-1. every (prompt, temperature, seed) that has a gated or unsteered row is generated once, unsteered,
+1. every (prompt, temperature, seed) that has a gated or unsteered row is generated once, unsteered
+   (greedy rows of a prompt share one, whatever their seeds: a seed moves no greedy token),
    keeping the outputs of the layers its gated rows read and edit, at every forward (a group with no
    unsteered row first reads its prompt alone, and its rows that edit there skip to 5);
 2. each gated row's interventions are replayed over those outputs (a
@@ -241,8 +242,8 @@ def generate_forked(
 ) -> tuple[list[Completion], ForkSummary]:
     """:func:`~sieve.generation.generate` (same arguments, same completions; with ``cascade``, on by
     default on a CPU, a forked row and its full twin differ by float noise: the forked row attends over
-    its kept keys whole, the full one in two parts), doing only the work the
-    gates cause: rows that share a prompt, temperature and seed share their unsteered trajectory until
+    its kept keys whole, the full one in two parts), doing only the work the gates cause: rows that
+    share a prompt, temperature and seed (any seed where greedy) share their unsteered trajectory until
     their interventions first edit (module docstring). Returns the completions in input order and a
     :class:`ForkSummary` of the work saved.
 
@@ -258,7 +259,7 @@ def generate_forked(
         >>> len(outs), summary.trajectories
         (3, 1)
     """
-    prep = _prepare(model, prompts, interventions, layer_index=layer_index, max_new_tokens=max_new_tokens,
+    prep = _prepare(model, prompts, interventions, layer_index=layer_index, max_new_tokens=max_new_tokens, top_p=top_p,
                     temperature=temperature, seeds=seeds, stop=stop, token_healing=token_healing)
     n = len(prep.prompts)
     summary = ForkSummary(rows=n)
@@ -271,15 +272,17 @@ def generate_forked(
         if on_batch is not None:
             on_batch(k)
 
-    # Rows that share a trajectory: same prompt text (so the same ids and heal), temperature and seed.
-    groups: dict[tuple[str, float, int], list[int]] = {}
+    # Rows that share a trajectory: same prompt text (so the same ids and heal), temperature and seed; a
+    # greedy row's tokens do not depend on its seed (every row draws one uniform per step; argmax decides).
+    groups: dict[tuple[str, float, int | None], list[int]] = {}
     full: list[int] = []
     for j in range(n):
         if _always(prep.rows[j]):
             full.append(j)
             summary.full_always += 1
         else:
-            groups.setdefault((prep.prompts[j], prep.temps[j], prep.seeds[j]), []).append(j)
+            groups.setdefault((prep.prompts[j], prep.temps[j], prep.seeds[j] if prep.temps[j] > 0 else None),
+                              []).append(j)
     results: dict[int, Completion] = {}
     fed: dict[int, list[int]] = {}
     continued: dict[int, int] = {}

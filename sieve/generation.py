@@ -28,6 +28,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -919,15 +920,16 @@ def check_prompts(prompts: Any) -> list[str]:
     return out
 
 
-def check_layers(model, rows: list[Row]) -> None:
-    """Every layer an intervention reads or edits exists in ``model`` (a clear range error otherwise)."""
+def check_layers(model, rows: list[Row], where: str = "row {i}") -> None:
+    """Every layer an intervention reads or edits exists in ``model`` (a clear range error otherwise,
+    starting with ``where``, formatted with the row index ``i``)."""
     n = num_layers(model)
     for i, row in enumerate(rows):
         for iv in row:
             for L in {*iv.layers, iv.reads_at}:  # type: ignore[misc]
                 if L >= n:
-                    raise SieveError(f"row {i}: {iv!r} uses layer {L}, but the model has {n} decoder layers "
-                                     f"(0..{n - 1})")
+                    raise SieveError(f"{where.format(i=i)}: {iv!r} uses layer {L}, but the model has {n} decoder "
+                                     f"layers (0..{n - 1})")
 
 
 def per_row(value: Any, n: int, what: str, cast) -> list:
@@ -1040,7 +1042,7 @@ class _Prepared:
 
 def _prepare(model, prompts: Any, interventions: Any, *, layer_index: int | None, max_new_tokens: int,
              temperature: float | Sequence[float], seeds: Sequence[int] | int, stop: Sequence[str],
-             token_healing: bool) -> _Prepared:
+             token_healing: bool, top_p: float = 1.0) -> _Prepared:
     prompts = check_prompts(prompts)
     n = len(prompts)
     if max_new_tokens < 1:
@@ -1053,8 +1055,11 @@ def _prepare(model, prompts: Any, interventions: Any, *, layer_index: int | None
     # Prompt gates (the lexical baseline) read the prompt as written, before healing touches its tokens.
     rows, gates_opened = resolve_prompt_gates(rows, prompts)
     temps = per_row(temperature, n, "temperature", float)
-    if any(t < 0 for t in temps):
-        raise SieveError(f"temperature must be >= 0, got {min(temps)}")
+    bad = [t for t in temps if not math.isfinite(t) or t < 0]
+    if bad:
+        raise SieveError(f"temperature must be a finite number >= 0 (0: greedy), got {bad[0]}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):  # NaN fails too
+        raise SieveError(f"top_p must be in (0, 1] (1: no nucleus cut), got {top_p!r}")
     seed_list = [int(seeds) + i for i in range(n)] if isinstance(seeds, int) else per_row(seeds, n, "seeds", int)
     stop_criterion = _stop_criterion(model.tokenizer, stop)
     if n == 0:
@@ -1198,8 +1203,9 @@ def generate(
     ``interventions`` is one per prompt (an :class:`~sieve.interventions.Intervention`, a list of them
     composed on that row, or None: unsteered), or one for all. Each intervention carries its layers;
     ``layer_index`` binds those that carry none. ``seeds`` is one per prompt
-    (or a base seed: row i gets base + i). A row ends at EOS or once its text ends with one of ``stop``
-    (kept in the text; e.g. ``["```"]`` ends a fenced code block). ``batch_size=None`` takes
+    (or a base seed: row i gets base + i). A row ends at EOS or at the token whose text completes one of
+    ``stop`` (kept in the text, with whatever else that token carries: a token ``"\n\n   "`` ends a
+    row at ``"\n\n"`` with its spaces; e.g. ``["```"]`` ends a fenced code block). ``batch_size=None`` takes
     :func:`default_batch_size` and halves it when CUDA runs out of memory. Rows are grouped by prompt
     length to limit padding; results come back in the input order. ``on_batch(n)`` is called after each
     batch with its number of rows (e.g. a caller's own progress bar's ``update``).
@@ -1239,7 +1245,7 @@ def generate(
         >>> outs[0].healed, len(outs[0].token_ids) <= 8 + 1  # "\\n" re-spelled, then 8 tokens at most
         ('\\n', True)
     """
-    prep = _prepare(model, prompts, interventions, layer_index=layer_index, max_new_tokens=max_new_tokens,
+    prep = _prepare(model, prompts, interventions, layer_index=layer_index, max_new_tokens=max_new_tokens, top_p=top_p,
                     temperature=temperature, seeds=seeds, stop=stop, token_healing=token_healing)
     n = len(prep.prompts)
     if n == 0:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,7 +44,7 @@ from sieve.errors import ShapeMismatch, SieveError
 __all__ = [
     "Detector", "SAECode", "Gate", "Always", "Fires", "And", "Or", "Not", "Latch", "Edit", "LatentEdit",
     "Intervention", "GATES", "EDITS", "LATENT_OPS", "Row", "as_rows", "eligible_mask", "Steerer", "sae_rule",
-    "resolve_prompt_gates",
+    "resolve_prompt_gates", "UnmaskedPrompt",
 ]
 
 GateKind = Literal["always", "token", "input"]
@@ -759,14 +760,21 @@ class _Group:
         return self.features.index(f)
 
 
+class UnmaskedPrompt(UserWarning):
+    """A :class:`Steerer` without the batch's encoding read a prompt of several rows: padding and BOS
+    were treated as tokens."""
+
+
 class Steerer:
     """Applies each batch row's interventions at every forward of a trace, keeping the latches.
 
     ``rows``: one per batch row, each an :class:`Intervention`, a list of them, or None (or one
     Intervention for all rows). ``layer``: binds interventions that carry no layer. The first forward
-    is the prefill (``[B, T_prompt, D]``): padding and BOS are masked using the prompt ``encoding``;
-    later forwards are decode steps whose new tokens are all real. Counts of detector firings and edits
-    (prompt and generated, per row) are kept.
+    is the prefill (``[B, T_prompt, D]``): padding and BOS are masked using the prompt ``encoding``
+    (and the ``tokenizer``'s BOS id); later forwards are decode steps whose new tokens are all real.
+    Without an encoding every position is a token (one row, or tensors of your own): :meth:`forward`
+    on several rows is then refused, and a prompt of several rows warns (:class:`UnmaskedPrompt`).
+    Counts of detector firings and edits (prompt and generated, per row) are kept.
 
     Inside a trace, call :meth:`forward` once per forward (it visits every layer the interventions
     touch, in order), or ``steer(model.layers[L].output, layer=L)`` yourself for each of
@@ -981,6 +989,7 @@ class Steerer:
         self._prompt_fired: Tensor | None = None
         self._prompt_edited: Tensor | None = None
         self._gen_marks: list[Tensor] = []
+        self._warned = False
         # The rows still in the forwards (indices into :attr:`rows`) once some have left (:meth:`keep_rows`);
         # None: all of them.
         self._present: Tensor | None = None
@@ -1011,6 +1020,12 @@ class Steerer:
 
     def _prompt_eligible(self, B: int, T: int, device: torch.device) -> Tensor:
         if self.encoding is None:
+            if B > 1 and T > 1 and not self._warned:
+                self._warned = True
+                warnings.warn(f"Steerer without the batch's encoding: every position of this {B} x {T} prompt counts "
+                              "as a token, padding and BOS included (they can open gates and be edited); give "
+                              "Steerer(rows, enc, model.tokenizer) the enc the trace runs on", UnmaskedPrompt,
+                              stacklevel=3)
             return torch.ones(B, T, dtype=torch.bool, device=device)
         ids = self.encoding["input_ids"]
         W = ids.shape[1]
@@ -1119,6 +1134,10 @@ class Steerer:
         read late."""
         from sieve.models import layer as layer_of
 
+        if self.encoding is None and self.calls == 0 and len(self.rows) > 1:
+            raise SieveError(f"Steerer.forward(model) on {len(self.rows)} rows needs the batch's encoding, to keep "
+                             "padding and BOS out of gates and edits: Steerer(rows, enc, model.tokenizer), with the "
+                             "enc the trace runs on")
         for L in self.layers:
             target = layer_of(model, L)
             target.output = self(target.output, counted, layer=L)

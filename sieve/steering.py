@@ -36,10 +36,12 @@ class LiveSteering:
     and the :class:`~sieve.interventions.Steerer` of the latest one (a new one at each prefill)."""
 
     def __init__(self, model: Any, interventions: Sequence[Intervention], layer: int | None) -> None:
+        from sieve.generation import check_layers
         from sieve.models import hidden_size
 
         self.model = model
         self.template = as_rows([list(interventions)], 1, layer, width=hidden_size(model))[0]
+        check_layers(model, [self.template], "steering")  # a layer the model lacks: refused before any trace
         self.steerer: Steerer | None = None
         self.traces = 0
 

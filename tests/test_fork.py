@@ -301,3 +301,20 @@ def test_continued_rows_never_run_past_learned_positions(world):
     k = len(prompts) * 2
     bad, noisy = _unexplained(full, forked, k)
     assert [i for i in bad if i < 3 * k] == [] and len(noisy) <= 2 and summary.forked > 0, (bad, noisy)
+
+
+def test_greedy_rows_share_one_trajectory_whatever_their_seeds(world):
+    """A seed moves no greedy token, so greedy rows of one prompt share their trajectory even with the
+    default seeds (0 + i, one per row): still exactly the completions of generate."""
+    parts = _parts(world)
+    prompts = _prompts("intent_regex", 3)
+    ivs = [None, build("conditional_per_input", parts, -8.0), build("conditional_per_token", parts, -8.0)]
+    rows = [(p, iv) for iv in ivs for p in prompts]
+    args = ([p for p, _ in rows], [iv for _, iv in rows])
+    full = generate(world.model, *args, max_new_tokens=16, progress=False, cascade=False)
+    forked, summary = generate_forked(world.model, *args, max_new_tokens=16, progress=False, cascade=False)
+    assert summary.trajectories == len(prompts) and summary.extra_trajectories == 0
+    assert _same(full, forked) == []
+    # sampled, a row's seed draws its tokens: rows with different seeds do not share a trajectory
+    _, sampled = generate_forked(world.model, *args, max_new_tokens=4, temperature=0.8, progress=False)
+    assert sampled.trajectories > len(prompts)

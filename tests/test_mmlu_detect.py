@@ -103,6 +103,10 @@ def test_mmlu_cells_forked_equal_one_cell_at_a_time():
              Intervention("always", Edit("add", w.feature.direction, -20.0), layers=w.layer)]
     per_cell, saved = mmlu_accuracy_cells(w.model, qs, cells, batch_size=4)
     assert per_cell == [mmlu_accuracy(w.model, qs, iv, batch_size=4) for iv in cells]
+    # a composed pair as a tuple is the pair composed, as a list is (not one intervention per question)
+    pair = (cells[1], cells[3])
+    assert mmlu_accuracy(w.model, qs, pair, batch_size=4) == mmlu_accuracy(w.model, qs, list(pair), batch_size=4) \
+        == mmlu_accuracy_cells(w.model, qs, [pair], batch_size=4)[0][0]
     n = len([q for q in qs if q.split != "dev"])
     # the gate that never opens reuses every unsteered answer; the always-on edit none
     assert saved.texts == 3 * n and n <= saved.texts_reused < 3 * n

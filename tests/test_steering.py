@@ -107,3 +107,51 @@ def test_reprs_are_compact(tiny_models):
     p = Parts(layer=2)
     p.add_direction("sae", torch.ones(192))
     assert len(repr(p)) < 200
+
+
+def test_sampling_settings_outside_their_range_are_refused_before_any_batch(tiny_models):
+    """top_p <= 0 kept no token (every row became the vocabulary's last id) and a NaN temperature decoded
+    greedily: both, and their like, are refused by generate and generate_forked alike."""
+    from sieve.fork import generate_forked
+
+    model = tiny_models["llama"]
+    for fn in (generate, lambda *a, **k: generate_forked(*a, **k)[0]):
+        for bad in (0.0, -1.0, 1.5, float("nan")):
+            with pytest.raises(SieveError, match="top_p must be in"):
+                fn(model, PROMPTS[:2], None, max_new_tokens=2, temperature=1.0, top_p=bad, progress=False)
+        for t in (float("nan"), float("inf"), -0.5):
+            with pytest.raises(SieveError, match="temperature must be a finite number"):
+                fn(model, PROMPTS[:2], None, max_new_tokens=2, temperature=t, progress=False)
+    assert len(generate(model, PROMPTS[:2], None, max_new_tokens=2, temperature=1.0, top_p=0.5, progress=False)) == 2
+
+
+def test_steering_refuses_a_layer_the_model_lacks_on_entry(tiny_models):
+    model = tiny_models["llama"]
+    d = underlying(model).config.hidden_size
+    iv = Intervention("always", Edit("add", torch.ones(d), -1.0), layers=99)
+    with pytest.raises(SieveError, match=r"^steering: .* uses layer 99, but the model has 3 decoder layers"):
+        with steering(model, iv):
+            raise AssertionError("the block must not run")
+
+
+def test_a_steerer_without_the_batch_encoding_is_refused_or_warns(tiny_models):
+    """Without the encoding a padded batch's padding and BOS would open gates and be edited: forward(model)
+    refuses several rows, a prompt of several rows given by hand warns, one row is fine."""
+    from sieve.interventions import Steerer, UnmaskedPrompt
+
+    model = tiny_models["llama"]
+    d = underlying(model).config.hidden_size
+    iv = Intervention("token", Edit("add", torch.ones(d), -1.0), Detector(torch.ones(d)), 0.0, layers=1)
+    enc = encode_prompts(model.tokenizer, PROMPTS[:2])
+    steer = Steerer([iv] * 2, layer=1)
+    with pytest.raises(SieveError, match="needs the batch's encoding"):
+        with model.trace(enc):
+            steer.forward(model)
+    with pytest.warns(UnmaskedPrompt, match="padding and BOS included"):
+        Steerer([iv] * 2, layer=1)(torch.zeros(2, 5, d))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Steerer([iv], layer=1)(torch.zeros(1, 5, d))  # one row of the user's own: no padding to mistake
+        Steerer([iv] * 2, enc, model.tokenizer, layer=1)(torch.zeros(*enc["input_ids"].shape, d))

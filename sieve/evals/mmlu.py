@@ -188,7 +188,7 @@ def mmlu_accuracy(
     batch_size: int = 16,
 ) -> list[bool]:
     """Whether each test question is answered right under the intervention (one forward each, batched;
-    ``intervention`` is one Intervention, a list composed on every row, or None).
+    ``intervention`` is one Intervention, a list or tuple composed on every row, or None).
 
     Example:
         >>> correct = mmlu_accuracy(model, qs, None, layer_index=2)  # doctest: +SKIP
@@ -197,8 +197,8 @@ def mmlu_accuracy(
     texts, test = _texts(model.tokenizer, questions, chat, shots)
     answer = _answers(letter_token_ids(model.tokenizer))
     out: list[bool] = []
-    for i, enc, last in steered_logits(model, texts, intervention if not isinstance(intervention, list)
-                                       else [intervention] * len(texts), layer_index=layer_index,
+    for i, enc, last in steered_logits(model, texts, intervention if not isinstance(intervention, (list, tuple))
+                                       else [list(intervention)] * len(texts), layer_index=layer_index,
                                        batch_size=batch_size, last_only=True):
         out += [p == q.answer for p, q in zip(answer(enc, last), test[i : i + batch_size])]
     return out
