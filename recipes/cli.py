@@ -151,7 +151,7 @@ class RecipeCLI:
             recipe = load_recipe(path, overrides)
             # output.dir set on the command line (an override) is the user's, not the recipe file's.
             trusted = any(o.split("=", 1)[0].strip() in ("output.dir", "output") for o in overrides)
-            out = output_dir(recipe, args.out, trusted=trusted)
+            out = output_dir(recipe, args.out, trusted=trusted, claiming=self.claims_folder(args))
             try:
                 if self.claims_folder(args):
                     claim(out, recipe, overrides)

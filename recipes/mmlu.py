@@ -21,7 +21,7 @@ from tqdm.std import tqdm
 from recipes.cli import RecipeCLI, Run
 from sieve.evals.metrics import wilson
 from sieve.evals.mmlu import load_mmlu, mmlu_accuracy, mmlu_accuracy_cells
-from sieve.files import write_atomic
+from sieve.files import sign, write_atomic
 from sieve.recipe import Recipe, recipe_hash
 from sieve.sweep import cells, needs_detector
 
@@ -55,7 +55,7 @@ def run(recipe: Recipe, progress: bool = True, cache_dir=None) -> pl.DataFrame:
 def body(r: Run) -> int:
     with r.lock("mmlu"):
         table = run(r.recipe, progress=r.progress, cache_dir=r.out / "cache")
-        write_atomic(r.out / "mmlu.parquet", table.write_parquet)
+        sign(write_atomic(r.out / "mmlu.parquet", table.write_parquet))  # a later run reads only what is signed
     from sieve.methods import family
     from sieve.tables import format_table, interval
 

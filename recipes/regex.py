@@ -63,7 +63,7 @@ from tqdm.std import tqdm
 from recipes.cli import RecipeCLI, Run
 from sieve.errors import SieveError
 from sieve.evals.code import answer_validity, evaluate_code, function_validity
-from sieve.files import local_mac, write_atomic
+from sieve.files import write_atomic
 from sieve.fork import ForkSummary, generate_forked
 from sieve.generation import default_batch_size, generate
 from sieve.launch import EXECUTORS
@@ -422,10 +422,11 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
     title = ("held-out loss on regex-free code (nats, lower is better)" if lower
              else f"lm-eval {recipe.eval.lmeval_metric} ({', '.join(recipe.eval.lmeval_tasks)})"
              if recipe.eval.general == "lmeval" else "MMLU accuracy")
+    written: list[Path] = []  # a chart left from an earlier report (or shipped) is not this one's
     if charts and recipe.output.charts:
         from sieve.plots import pareto_chart, save_chart
 
-        save_chart(pareto_chart(summary, ability_title=title), out / "pareto")
+        written = list(save_chart(pareto_chart(summary, ability_title=title), out / "pareto"))
     from sieve.report import write_report
 
     path = write_report(out, recipe, summary, validity=validity, ability_title=title)
@@ -434,7 +435,7 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
         from sieve.tables import summary_table
 
         ability_name = "held-out loss" if lower else "lm-eval" if recipe.eval.general == "lmeval" else "MMLU"
-        print(summary_table(summary, validity, out=out, ability_name=ability_name))
+        print(summary_table(summary, validity, out=out, ability_name=ability_name, charts=written))
         if "empty_n" in summary.columns:
             n_empty, n_all = int(summary["empty_n"].fill_null(0).sum()), int(summary["n"].sum())
             if n_empty:
@@ -444,38 +445,63 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
     return summary
 
 
+# Files of a run folder that a run reads back (beside the result parts): signed by the writer
+# (sieve.files.sign), set aside when this user's sieve did not write them.
+READ_BACK = ("run.json", "detect.parquet", "detect_curves.parquet", "mmlu.parquet")
+
+
 def foreign_parts(out: Path, tag: str, *, keep: bool) -> dict[str, Any]:
-    """Result parts in ``out`` that this user's sieve did not write (no valid HMAC: a folder shipped
-    with a shared recipe or copied from elsewhere, or parts written before parts were signed). They
-    are set aside into ``<store>/foreign/`` so that their rows are generated here, unless ``keep``
-    (``--keep-foreign-parts``) or this user has no key to sign with (then nothing can be told apart
-    and they are kept, with a warning). Returns what ``run.json`` records (empty when there were none).
+    """Result parts and files in ``out`` that this user's sieve did not write (no valid HMAC under the
+    user's key, :func:`sieve.files.signed`: a folder shipped with a shared recipe or copied from
+    elsewhere, a file edited, or one written before sieve signed them). Parts are set aside into
+    ``<store>/foreign/`` so that their rows are generated here; the files the run reads back
+    (``run.json``, the detector and MMLU tables: :data:`READ_BACK`) into ``<out>/foreign/``. Unless
+    ``keep`` (``--keep-foreign-parts``): then they stay, with a warning. A shard (``tag`` ``iofn``, n > 1)
+    leaves the parts of the other shards of its n alone: they are not its rows, and shards may run on
+    machines with other keys. With no key to tell them apart the run is refused (unless ``keep``), naming
+    why. Returns what ``run.json`` records (empty when there were none).
 
     Example:
         >>> foreign_parts(Path("runs/shared"), "0of1", keep=False)  # doctest: +SKIP
         {'gen': 3, 'kept': False}
     """
+    import re
+
+    from sieve.files import key_problem, move_aside, signed
+
+    m = re.fullmatch(r"(\d+)of(\d+)", tag)
+    siblings = re.compile(rf"part-\d+of{m.group(2)}-") if m and int(m.group(2)) > 1 else None
     stores = {sub: ResultStore(out / sub, tag) for sub in ("gen", "ability", "judge") if (out / sub).is_dir()}
     for s in stores.values():
         s.done_keys()  # a part that cannot be read goes to quarantine first, named as such
-    found = {sub: s.foreign_parts() for sub, s in stores.items()}
-    counts = {sub: len(v) for sub, v in found.items() if v}
+    found = {sub: [p for p in s.foreign_parts() if not (siblings and siblings.match(p.name)
+                                                        and not p.name.startswith(f"part-{tag}-"))]
+             for sub, s in stores.items()}
+    files = [out / name for name in READ_BACK if (out / name).exists() or (out / name).is_symlink()]
+    files = [f for f in files if not signed(f)]
+    counts = {sub: len(v) for sub, v in found.items() if v} | ({"files": len(files)} if files else {})
     if not counts:
         return {}
     listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
-    if keep or local_mac(b"part") is None:
-        why = ("--keep-foreign-parts" if keep else
-               "no key to tell them apart: ~/.cache/sieve/secret (or SIEVE_SECRET_FILE) cannot be kept")
-        log.warning("%s holds result parts this user's sieve did not write (%s); their rows are kept, not generated "
-                    "again (%s). To generate every row here, write to a fresh folder (--out DIR).", out, listed, why)
+    if keep:
+        log.warning("%s holds result parts or files this user's sieve did not write (%s); kept as they are "
+                    "(--keep-foreign-parts): their rows are not generated again.", out, listed)
         return counts | {"kept": True}
+    problem = key_problem()
+    if problem:
+        raise SieveError(f"{out} holds result parts or files ({listed}) that may not be this user's, and sieve has no "
+                         f"key to tell: {problem}. Fix that (or set SIEVE_SECRET_FILE to a file sieve may create), "
+                         "write to a fresh folder (--out DIR), or keep them as they are with --keep-foreign-parts")
     for sub, parts in found.items():
         if parts:
             stores[sub].set_aside(parts)
-    log.warning("%s holds result parts this user's sieve did not write (%s: a folder shipped or copied from "
-                "elsewhere, or written before parts were signed); set aside in %s, their rows will be generated "
-                "again. To resume them as they are, run again with --keep-foreign-parts after moving them back.",
-                out, listed, " and ".join(f"{out / sub / 'foreign'}" for sub in counts))
+    if files:
+        move_aside(files, out / "foreign")
+    where = [str(out / sub / "foreign") for sub in found if found[sub]] + ([str(out / "foreign")] if files else [])
+    log.warning("%s holds result parts or files this user's sieve did not write (%s: a folder shipped or copied "
+                "from elsewhere, or written before sieve signed them); set aside in %s, their rows will be "
+                "generated again. To use them as they are, move them back and run with --keep-foreign-parts.",
+                out, listed, " and ".join(where))
     return counts | {"kept": False}
 
 
@@ -526,6 +552,8 @@ def body(run: Run) -> int:
             refuse_links(src, "--merge")
             check(src, recipe)  # refuses a shard made by another recipe
         with run.lock():
+            # the merged folder holds the shards' rows alone: what it held that this user did not write goes
+            foreign_parts(out, "merged", keep=args.keep_foreign_parts)
             for sub in ("gen", "ability", "judge"):
                 merge_stores([Path(d) / sub for d in args.merge if (Path(d) / sub).is_dir()], out / sub)
             merge_runs([Path(d) for d in args.merge], out, recipe)

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomic", "local_mac"]
+__all__ = ["write_atomic", "local_mac", "key_problem", "secret_path", "sign", "signed", "mac_path", "move_aside"]
 
 
 def _umask() -> int:
@@ -55,26 +55,57 @@ def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], object])
     return path
 
 
-def _secret() -> bytes | None:
-    """This user's key for :func:`local_mac` (``SIEVE_SECRET_FILE``, default ``~/.cache/sieve/secret``,
-    made once with 32 random bytes, readable by the user only), or None where it cannot be kept."""
-    path = Path(os.environ.get("SIEVE_SECRET_FILE") or Path.home() / ".cache" / "sieve" / "secret")
+def secret_path() -> Path:
+    """Where this user's key lives: ``SIEVE_SECRET_FILE``, default ``~/.cache/sieve/secret``.
+
+    Example:
+        >>> secret_path().name  # doctest: +SKIP
+        'secret'
+    """
+    return Path(os.environ.get("SIEVE_SECRET_FILE") or Path.home() / ".cache" / "sieve" / "secret").expanduser()
+
+
+def _load_secret() -> tuple[bytes | None, str]:
+    """This user's key (made once with 32 random bytes, readable by the user only), or None and why not."""
+    path = secret_path()
     try:
-        return path.read_bytes()
+        key = path.read_bytes()
     except FileNotFoundError:
-        pass
-    except OSError:
-        return None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(32))
-        return path.read_bytes()
-    except FileExistsError:
-        return path.read_bytes()
-    except OSError:
-        return None
+        key = None
+    except OSError as e:
+        return None, f"{path} cannot be read ({e.strerror or e})"
+    if key is None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+            key = path.read_bytes()
+        except FileExistsError:
+            try:
+                key = path.read_bytes()
+            except OSError as e:
+                return None, f"{path} cannot be read ({e.strerror or e})"
+        except OSError as e:
+            return None, f"{path} cannot be made ({e.strerror or e})"
+    if len(key) < 16:
+        return None, f"{path} holds {len(key)} bytes, too few for a key (sieve writes 32)"
+    return key, ""
+
+
+def _secret() -> bytes | None:
+    return _load_secret()[0]
+
+
+def key_problem() -> str:
+    """Why this user has no key for :func:`local_mac` (empty when there is one): e.g. its path is a
+    folder, or cannot be written. Where there is none, nothing sieve signed can be told from a copy.
+
+    Example:
+        >>> key_problem()  # doctest: +SKIP
+        ''
+    """
+    return _load_secret()[1]
 
 
 def local_mac(*parts: bytes) -> str | None:
@@ -94,3 +125,77 @@ def local_mac(*parts: bytes) -> str | None:
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return h.hexdigest()
+
+
+def _file_mac(path: Path, kind: bytes) -> str | None:
+    return local_mac(kind, path.name.encode("utf-8", "surrogateescape"), hashlib.sha256(path.read_bytes()).digest())
+
+
+def mac_path(path: str | Path) -> Path:
+    """The HMAC file beside ``path``: ``.<name>.mac``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.mac")
+
+
+def sign(path: str | Path, kind: bytes = b"file") -> Path:
+    """Write the HMAC of ``path``'s name and bytes under this user's key beside it (``.<name>.mac``), so
+    that a later run tells the file from one shipped or edited by someone else (:func:`signed`).
+    Nothing is written where there is no key. Returns ``path``.
+
+    Example:
+        >>> d = Path(tempfile.mkdtemp()); f = write_atomic(d / "run.json", "{}")
+        >>> signed(sign(f)), signed(write_atomic(d / "other.json", "{}"))
+        (True, False)
+    """
+    path = Path(path)
+    mac = _file_mac(path, kind)
+    if mac is not None:
+        write_atomic(mac_path(path), mac)
+    return path
+
+
+def signed(path: str | Path, kind: bytes = b"file") -> bool:
+    """Whether ``path`` is a regular file with a valid HMAC beside it under this user's key (written by
+    :func:`sign`); False for anything else (no key, no HMAC file, a link, a folder, a FIFO).
+
+    Example:
+        >>> signed(Path(tempfile.mkdtemp()) / "absent.parquet")
+        False
+    """
+    path = Path(path)
+    side = mac_path(path)
+    try:
+        if path.is_symlink() or not path.is_file() or side.is_symlink() or not side.is_file():
+            return False
+        mac = _file_mac(path, kind)
+        return mac is not None and hmac.compare_digest(side.read_text(encoding="ascii"), mac)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
+def move_aside(paths: list[Path], dest: Path) -> Path:
+    """Move ``paths`` (with their HMAC files, :func:`mac_path`) into the folder ``dest``, made if
+    needed; nothing is deleted (a name already there gets a suffix). Returns ``dest``. Refused
+    (:class:`~sieve.errors.SieveError`) where ``dest`` is a link or not a folder: moving into it would
+    put the files wherever a shipped link points.
+
+    Example:
+        >>> d = Path(tempfile.mkdtemp()); f = write_atomic(d / "run.json", "{}")
+        >>> move_aside([f], d / "foreign").name, (d / "foreign" / "run.json").exists()
+        ('foreign', True)
+    """
+    from sieve.errors import SieveError
+
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise SieveError(f"{dest} is not a folder of this run (a link or a file): files cannot be set aside "
+                         "there; remove it, or write to a fresh folder (--out DIR)")
+    dest.mkdir(exist_ok=True)
+    for p in paths:
+        target, n = dest / p.name, 1
+        while target.exists() or target.is_symlink():
+            target, n = dest / f"{p.stem}.{n}{p.suffix}", n + 1
+        os.replace(p, target)
+        side = mac_path(p)
+        if side.is_file() or side.is_symlink():
+            os.replace(side, mac_path(target))
+    return dest

@@ -21,6 +21,7 @@ import importlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -266,7 +267,12 @@ def launch(module: str, base_argv: list[str], out: Path, spec: LaunchSpec, *, wa
     out = Path(out)
     n = spec.shards
     argvs = [shard_argv(base_argv, out, i, n) for i in range(n)]
-    folder = out / "launch" / "%j"
+    # submitit's pickles (the jobs, their results) in a folder this launch makes anew, under a name no
+    # one can guess: a result file shipped in a shared output folder is never loaded as a job's result
+    (out / "launch").mkdir(parents=True, exist_ok=True)
+    fresh = out / "launch" / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(6)}"
+    fresh.mkdir(mode=0o700)
+    folder = fresh / "%j"
     executor = make_executor(spec, folder)
     job = ShardJob(module)
     name = type(executor).__name__

@@ -27,6 +27,7 @@ import datetime as dt
 import functools
 import gzip
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -36,7 +37,8 @@ from typing import Any
 
 import polars as pl
 
-from sieve.files import write_atomic
+from sieve.errors import first_line
+from sieve.files import sign, write_atomic
 from sieve.methods import FAMILIES, family
 from sieve.recipe import Recipe, recipe_from_dict, recipe_hash
 
@@ -44,6 +46,8 @@ __all__ = [
     "REPORT_NAME", "RUN_FILE", "DEFAULT_BUDGET", "token_ends", "record_run", "load_run", "run_recipe",
     "report_data", "render_report", "write_report",
 ]
+
+log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 RUN_FILE = "run.json"
@@ -121,7 +125,7 @@ def record_run(out: Path, recipe: Recipe, *, overrides: Sequence[str] = (), star
                                            "shard": shard, "rows": int(rows), "overrides": list(overrides)}
                                           | ({"work": work} if work is not None else {})
                                           | ({"foreign_parts": foreign_parts} if foreign_parts else {}))
-    return write_atomic(path, json.dumps(run, indent=1))
+    return sign(write_atomic(path, json.dumps(run, indent=1)))
 
 
 def load_run(out: Path) -> dict[str, Any] | None:
@@ -162,7 +166,7 @@ def merge_runs(folders: Sequence[Path], out: Path, recipe: Recipe | None = None)
 
             merged.update({"recipe": recipe_dict(recipe), "hash": recipe_hash(recipe),
                            "file": str(recipe.path) if recipe.path else None})
-        write_atomic(Path(out) / RUN_FILE, json.dumps(merged, indent=1))
+        sign(write_atomic(Path(out) / RUN_FILE, json.dumps(merged, indent=1)))
     frames = [pl.read_parquet(Path(d) / "prompts.parquet") for d in folders if (Path(d) / "prompts.parquet").exists()]
     if frames:
         df = pl.concat(frames, how="diagonal_relaxed").unique(subset=["set", "prompt_index"], keep="first")
@@ -184,7 +188,14 @@ def _clean(x: Any) -> Any:
 
 
 def _read(path: Path) -> pl.DataFrame | None:
-    return pl.read_parquet(path) if path.exists() else None
+    """A table the page shows, or None (absent, or unreadable: named in a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        return pl.read_parquet(path)
+    except (Exception, pl.exceptions.PanicException) as e:  # a crafted file can make polars panic
+        log.warning("%s cannot be read (%s): left out of the report", path, first_line(e) or e.__class__.__name__)
+        return None
 
 
 def _store(folder: Path) -> pl.DataFrame:

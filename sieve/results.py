@@ -14,11 +14,8 @@ column types.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
 import itertools
 import logging
-import os
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,7 +25,7 @@ import polars as pl
 
 from sieve.errors import SieveError, first_line
 from sieve.evals.metrics import mean_ci, wilson
-from sieve.files import local_mac, write_atomic
+from sieve.files import mac_path, move_aside, sign, signed, write_atomic
 from sieve.stats import DEFAULT_BOOTSTRAP, cluster_rate, paired_difference
 from sieve.sweep import UNSTEERED, columns, schema
 
@@ -53,7 +50,16 @@ class ResultStore:
         self._counter = itertools.count(len(list(self.folder.glob("part-*.parquet"))))
 
     def parts(self) -> list[Path]:
-        return sorted(self.folder.glob("part-*.parquet"))
+        """The part files, in name order: regular files only (a FIFO or folder named like a part is not
+        read, so it cannot hang or stop a run)."""
+        out = []
+        for p in sorted(self.folder.glob("part-*.parquet")):
+            try:
+                if p.is_file():
+                    out.append(p)
+            except OSError:
+                continue
+        return out
 
     def _read(self, columns: list[str] | None = None) -> list[pl.DataFrame]:
         """Every readable part; an unreadable one is quarantined (named in a warning), so its rows are
@@ -62,7 +68,7 @@ class ResultStore:
         for p in self.parts():
             try:
                 frames.append(pl.read_parquet(p, columns=columns))
-            except (pl.exceptions.PolarsError, OSError) as e:
+            except (Exception, pl.exceptions.PanicException) as e:  # a crafted file can make polars panic
                 reason = first_line(e) or e.__class__.__name__
                 try:
                     moved = self.set_aside([p], "quarantine")
@@ -84,24 +90,14 @@ class ResultStore:
             >>> s = ResultStore(tmp_path / "gen"); s.set_aside(s.foreign_parts()).name  # doctest: +SKIP
             'foreign'
         """
-        dest = self.folder / into
-        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-            raise SieveError(f"{dest} is not a folder of this result store (a link or a file): parts cannot be "
-                             "set aside there; remove it, or write to a fresh folder (--out DIR)")
-        dest.mkdir(exist_ok=True)
-        for p in parts:
-            target, n = dest / p.name, 1
-            while target.exists() or target.is_symlink():
-                target, n = dest / f"{p.stem}.{n}{p.suffix}", n + 1
-            os.replace(p, target)
-            side = p.with_name(f".{p.name}.mac")
-            if side.is_file() or side.is_symlink():
-                os.replace(side, target.with_name(f".{target.name}.mac"))
-        return dest
+        try:
+            return move_aside(list(parts), self.folder / into)
+        except SieveError as e:
+            raise SieveError(str(e).replace("a folder of this run", "a folder of this result store")) from None
 
     def append(self, rows: Sequence[Any]) -> Path | None:
         """Write ``rows`` (typed row dataclasses, or dicts) as one new part, atomically (temp file,
-        then rename)."""
+        then rename), with its HMAC under this user's key beside it (:func:`sieve.files.sign`)."""
         if not rows:
             return None
         if dataclasses.is_dataclass(rows[0]):
@@ -109,11 +105,7 @@ class ResultStore:
         else:
             df = pl.DataFrame(list(rows), infer_schema_length=None)
         name = f"part-{self.shard}-{next(self._counter):06d}-{uuid.uuid4().hex[:8]}.parquet"
-        path = write_atomic(self.folder / name, df.write_parquet)
-        mac = _part_mac(path)
-        if mac is not None:
-            write_atomic(path.with_name(f".{name}.mac"), mac)
-        return path
+        return sign(write_atomic(self.folder / name, df.write_parquet), b"part")
 
     def foreign_parts(self) -> list[Path]:
         """The parts this user's sieve did not write (no valid HMAC beside them,
@@ -126,17 +118,7 @@ class ResultStore:
             >>> s = ResultStore(tmp_path / "gen"); _ = s.append([{"key": "a"}]); s.foreign_parts()  # doctest: +SKIP
             []
         """
-        out = []
-        for p in self.parts():
-            side = p.with_name(f".{p.name}.mac")
-            try:
-                ok = side.is_file() and not side.is_symlink() and hmac.compare_digest(side.read_text(),
-                                                                                      _part_mac(p) or "")
-            except (OSError, UnicodeDecodeError, TypeError):  # TypeError: a file of non-ASCII text
-                ok = False
-            if not ok:
-                out.append(p)
-        return out
+        return [p for p in self.parts() if not signed(p, b"part")]
 
     def table(self) -> pl.DataFrame:
         """All rows, one per key (the first written wins), in key order of writing."""
@@ -152,11 +134,6 @@ class ResultStore:
         return set(pl.concat(frames)["key"].to_list()) if frames else set()
 
 
-def _part_mac(path: Path) -> str | None:
-    """The HMAC of a part file's name and bytes under this user's key."""
-    return local_mac(b"part", path.name.encode(), hashlib.sha256(path.read_bytes()).digest())
-
-
 def merge_stores(folders: Iterable[str | Path], out: str | Path) -> pl.DataFrame:
     """Combine several stores (e.g. one per shard) into ``out``, dropping duplicate keys.
 
@@ -165,13 +142,13 @@ def merge_stores(folders: Iterable[str | Path], out: str | Path) -> pl.DataFrame
     """
     frames = [ResultStore(f).table() for f in folders]
     frames = [f for f in frames if f.height]
+    store = ResultStore(out, shard="merged")
+    for p in store.parts():  # the merge's rows are the shards' alone, whatever ``out`` held before
+        p.unlink()
+        mac_path(p).unlink(missing_ok=True)
     if not frames:
         return pl.DataFrame()
     df = pl.concat(frames, how="diagonal_relaxed").unique(subset="key", keep="first", maintain_order=True)
-    store = ResultStore(out, shard="merged")
-    for p in store.parts():
-        p.unlink()
-        p.with_name(f".{p.name}.mac").unlink(missing_ok=True)
     store.append(df.to_dicts())
     return df
 
@@ -330,11 +307,11 @@ def pareto_front(summary: pl.DataFrame, *, lower_ability_is_better: bool) -> pl.
     """
     if not summary.height:
         return summary
-    sign = -1.0 if lower_ability_is_better else 1.0
+    direction = -1.0 if lower_ability_is_better else 1.0
 
     def objectives(r: dict[str, Any]) -> tuple[float, float, float]:
         ab = r.get("ability")
-        return (-r["regex_rate"], r["valid_rate"], sign * ab if ab is not None else 0.0)
+        return (-r["regex_rate"], r["valid_rate"], direction * ab if ab is not None else 0.0)
 
     recs = summary.to_dicts()
     objs = [objectives(r) for r in recs]

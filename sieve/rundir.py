@@ -52,10 +52,31 @@ else:  # pragma: no cover
 __all__ = ["output_dir", "check", "claim", "lock", "refuse_links"]
 
 
-def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool = False) -> Path:
+# What a run folder holds (sieve.report, recipes.regex, recipes.detect, recipes.mmlu, sieve.launch), beside
+# recipe.toml and recipe.json; dot files (locks, HMAC files, temporary files) too.
+RUN_FOLDER_NAMES = frozenset({
+    "cache", "gen", "ability", "judge", "launch", "shards", "foreign", "quarantine", "prompts.parquet", "run.json",
+    "summary.csv", "summary.parquet", "pareto.html", "pareto.png", "report.html", "detect.parquet",
+    "detect_curves.parquet", "detect_pr.html", "detect_pr.png", "mmlu.parquet",
+})
+
+
+def _not_run_files(path: Path) -> list[str]:
+    """The entries of ``path`` that no run makes, where it is not a run folder yet (no recipe.json)."""
+    if not path.is_dir() or (path / "recipe.json").is_file():
+        return []
+    return sorted(p.name for p in path.iterdir() if p.name not in RUN_FOLDER_NAMES and not p.name.startswith("."))
+
+
+def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool = False,
+               claiming: bool = True) -> Path:
     """The run's output folder: ``out`` when given (the command line's ``--out``), else the recipe's
     ``output.dir`` relative to the working directory. Unless ``trusted`` (the value came from the
-    command line), it must lie inside the working directory or the recipe file's folder.
+    command line), it must lie inside the working directory or the recipe file's folder, not in the
+    folder of sieve's key (:func:`sieve.files.secret_path`), and, when the run will write there
+    (``claiming``), be new, a run folder already (a ``recipe.json``), or hold only what runs make
+    (:data:`RUN_FOLDER_NAMES`, e.g. a detector cache): a run writes ``recipe.toml``, ``report.html``…
+    and would overwrite such files elsewhere.
 
     Example:
         >>> from sieve.recipe import load_recipe
@@ -77,6 +98,20 @@ def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool =
         raise RecipeError(recipe.path or "<recipe>", "output.dir",
                           f"{raw!r} resolves to {path}, outside the working directory ({cwd}) and the recipe's "
                           "folder: a recipe file may only write there. Pass --out DIR to write elsewhere.")
+    from sieve.files import secret_path
+
+    keys = secret_path().parent.resolve()
+    if path.is_relative_to(keys):
+        raise RecipeError(recipe.path or "<recipe>", "output.dir",
+                          f"{raw!r} resolves to {path}, beside sieve's key ({secret_path()}): a recipe file may not "
+                          "write there. Pass --out DIR to write elsewhere.")
+    other = _not_run_files(path) if claiming else []
+    if other:
+        raise RecipeError(recipe.path or "<recipe>", "output.dir",
+                          f"{raw!r} resolves to {path}, a folder that holds files a run did not make "
+                          f"({', '.join(other[:3])}{', …' if len(other) > 3 else ''}) and no recipe.json: a recipe "
+                          "file may only write into a new folder or a run folder, so that it overwrites nothing else "
+                          "there. Pass --out DIR to choose the folder.")
     link = _first_link(path)
     if link is not None:  # a shared folder that ships ``out/gen -> ~/somewhere`` would write there
         raise RecipeError(recipe.path or "<recipe>", "output.dir",

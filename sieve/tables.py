@@ -97,10 +97,11 @@ def _iv(r: Mapping[str, Any], est: str, lo: str, hi: str, signed: bool = False) 
 
 
 def summary_table(summary: pl.DataFrame, validity: str = "syntax", *, out: Any = None,
-                  ability_name: str = "ability") -> str:
+                  ability_name: str = "ability", charts: Sequence[Any] | None = None) -> str:
     """The printed summary of a regex study: each method's Pareto-front scales, labelled as such, by
     family, with prompt-clustered 95% intervals where the summary has them (Wilson otherwise), and where
-    the full table and the charts are (``out``: the run folder).
+    the full table and the charts are (``out``: the run folder; ``charts``: the chart files this report
+    wrote, else those found in ``out``).
 
     Example:
         >>> s = pl.DataFrame([{"method": "unsteered", "scale": 0.0, "n": 8, "regex_rate": 0.5, "regex_lo": 0.2,
@@ -149,7 +150,8 @@ def summary_table(summary: pl.DataFrame, validity: str = "syntax", *, out: Any =
         from pathlib import Path
 
         o = Path(out)
-        charts = [p for p in (o / "pareto.html", o / "pareto.png") if p.exists()]
+        if charts is None:
+            charts = [p for p in (o / "pareto.html", o / "pareto.png") if p.exists()]
         lines += ["", f"Every cell, with Wilson and prompt-clustered intervals: {o / 'summary.csv'} (and summary.parquet)"]
         lines.append(f"Charts: {', '.join(str(p) for p in charts)}" if charts
                      else "Charts: not written (output.charts = false)")

@@ -239,7 +239,9 @@ def test_the_cascade_is_off_where_asked_or_where_attention_is_not_sdpa(tiny_mode
 def test_forked_rows_read_their_prefix_from_a_cascade_trajectory(monkeypatch):
     """With the cascade, a trajectory's keys are a shared prefix plus each row's own: a forked row's kept
     prefix is put together from both (:meth:`CascadeLayer.row_kv`, rows that left the batch early
-    included), and the forked sweep gives what it gives without the cascade (greedy: no near-tie)."""
+    included), and the forked sweep gives what it gives without the cascade (a temperature so low it picks
+    the top token unless two are within float noise: none here; greedy rows of a prompt would share one
+    trajectory, and the cascade needs trajectories that share a prompt)."""
     from sieve.fork import generate_forked
     from sieve.methods import build
     from sieve.world import load_world
@@ -250,7 +252,7 @@ def test_forked_rows_read_their_prefix_from_a_cascade_trajectory(monkeypatch):
     parts = _parts(w)
     ivs = [None, build("conditional_per_token", parts, -8.0), build("sae_code_clamping", parts, -3.0)]
     texts, rows, seeds = _rows(w, _prompts("intent_regex", 4), ivs, 3)
-    kw = dict(max_new_tokens=32, temperature=0.0, seeds=seeds, progress=False, stop=["\n\n"])
+    kw = dict(max_new_tokens=32, temperature=1e-3, seeds=seeds, progress=False, stop=["\n\n"])
     calls = []
     real = CascadeLayer.row_kv
 

@@ -232,7 +232,7 @@ def test_rows_a_run_did_not_write_are_generated_again_unless_kept(tmp_path, capl
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="recipes"):
         assert regex.main([*args, "--keep-foreign-parts"]) == 0
-    assert "did not write (gen: 1); their rows are kept" in caplog.text
+    assert "did not write (gen: 1); kept as they are" in caplog.text
     assert load_run(out)["sessions"][-1]["foreign_parts"] == {"gen": 1, "kept": True}
     assert completions() == {"FORGED"}  # kept on request: nothing generated again
     caplog.clear()
