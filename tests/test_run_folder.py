@@ -277,3 +277,179 @@ def test_launch_passes_keep_foreign_parts_on_to_every_shard(tmp_path, monkeypatc
     assert regex.main([str(ROOT / "recipes/regex.toml"), "--out", str(tmp_path / "o"), "--launch",
                        "--keep-foreign-parts"]) == 0
     assert seen["argv"][-1] == "--keep-foreign-parts"
+
+
+def _tiny(out, *more):
+    return [str(ROOT / "recipes/regex.toml"), 'sweep.methods=["unsteered"]', "sweep.samples=1", "sweep.max_new_tokens=4",
+            "prompts.regex_limit=1", "prompts.neutral_limit=1", 'eval.general="none"', "--out", str(out),
+            "--no-progress", *more]
+
+
+def test_files_a_run_reads_back_are_set_aside_unless_this_user_wrote_them(tmp_path):
+    """A shipped output folder's detector table, MMLU table and run.json (forged numbers, sessions) went
+    into the user's report: unsigned, they are set aside; the ones sieve wrote (signed) are kept."""
+    import json
+    import re
+
+    from sieve.files import sign, write_atomic
+
+    out = tmp_path / "out"
+    assert regex.main(_tiny(out)) == 0
+    forged = {"detector": ["sae"], "level": ["token"], "threshold": [3.0], "precision": [0.987654],
+              "recall": [0.987654], "f1": [0.987654], "auroc": [0.987654], "positives": [1], "n": [2]}
+    pl.DataFrame(forged).write_parquet(out / "detect.parquet")
+    pl.DataFrame({"method": ["unsteered"], "scale": [0.0], "accuracy": [0.987654], "lo": [0.9], "hi": [1.0],
+                  "n": [42]}).write_parquet(out / "mmlu.parquet")
+    run = json.loads((out / "run.json").read_text())
+    run["sessions"].append({"started": "2026-01-01T00:00:00+00:00", "seconds": 987654.0, "overrides": ["FORGED"]})
+    (out / "run.json").write_text(json.dumps(run))  # edited: its HMAC no longer matches
+    assert regex.main(_tiny(out)) == 0
+    assert sorted(p.name for p in (out / "foreign").iterdir() if not p.name.startswith(".")) == [
+        "detect.parquet", "mmlu.parquet", "run.json"]
+    page = (out / "report.html").read_text()
+    assert "0.987654" not in page and "FORGED" not in page and "987654" not in (out / "run.json").read_text()
+    assert json.loads((out / "run.json").read_text())["sessions"][-1]["foreign_parts"] == {"files": 3, "kept": False}
+    # the user's own table, signed when written (as recipes.detect does), stays and is shown
+    sign(write_atomic(out / "detect.parquet", pl.DataFrame(forged | {"precision": [0.5]}).write_parquet))
+    assert regex.main(_tiny(out)) == 0
+    assert (out / "detect.parquet").exists()
+    meta = json.loads(re.search(r'<script type="application/json" id="meta">(.*?)</script>', (out / "report.html")
+                                .read_text(), re.S).group(1))
+    assert [r["precision"] for r in meta["detect"]] == [0.5]
+
+
+def test_a_merge_destination_keeps_only_the_shards_rows(tmp_path):
+    """Verdicts and ability rows shipped in a merge's destination (stores the shards do not have) came
+    through the merge into the summary; now the destination holds the shards' rows alone."""
+    shard, dest = tmp_path / "shard", tmp_path / "dest"
+    assert regex.main(_tiny(shard)) == 0
+    keys = ResultStore(shard / "gen").table()["key"].to_list()
+    for sub, rows in (("judge", [{"key": k, "judge_follows": True, "judge_sensible": True} for k in keys]),
+                      ("ability", [{"key": "ability|unsteered|0", "method": "unsteered", "scale": 0.0,
+                                    "metric": "mmlu", "value": 0.987654}])):
+        (dest / sub).mkdir(parents=True)
+        pl.DataFrame(rows).write_parquet(dest / sub / "part-0of1-000000-00000000.parquet")
+    assert regex.main(_tiny(dest, "--merge", str(shard))) == 0
+    assert ResultStore(dest / "judge").table().height == 0 and ResultStore(dest / "ability").table().height == 0
+    assert "0.987654" not in (dest / "summary.csv").read_text()
+    assert ResultStore(dest / "gen").table()["key"].to_list() == keys
+
+
+def test_sibling_shards_on_machines_with_other_keys_leave_each_other_alone(tmp_path, monkeypatch):
+    """Shards of one run written into one folder from two machines (two keys): neither sets the other's
+    parts aside, and a part shipped under a shard's own tag is still set aside by that shard."""
+    out = tmp_path / "out"
+    for machine, sh in (("a", "0/2"), ("b", "1/2"), ("a", "0/2")):
+        monkeypatch.setenv("SIEVE_SECRET_FILE", str(tmp_path / f"key-{machine}"))
+        assert regex.main(_tiny(out, "--shard", sh)) == 0
+    assert not (out / "gen" / "foreign").exists()
+    tags = {p.name.split("-")[1] for p in ResultStore(out / "gen").parts()}
+    assert tags == {"0of2", "1of2"}
+    row = pl.read_parquet(ResultStore(out / "gen").parts()[0]).head(1)
+    row.write_parquet(out / "gen" / "part-0of2-000099-0badc0de.parquet")  # shipped under shard 0's tag
+    assert regex.main(_tiny(out, "--shard", "0/2")) == 0
+    assert [p.name for p in (out / "gen" / "foreign").glob("part-*")] == ["part-0of2-000099-0badc0de.parquet"]
+
+
+def test_without_a_key_a_folder_with_parts_is_refused_naming_why(tmp_path, monkeypatch, capsys):
+    """A shared recipe once made the key's path a folder (its output.dir), so that no key could be kept
+    and shipped parts were kept: now no key means a refusal that says why, and the key's folder is not a
+    place a recipe file may write."""
+    out = tmp_path / "out"
+    assert regex.main(_tiny(out)) == 0
+    key = tmp_path / "home" / ".cache" / "sieve" / "secret"
+    key.mkdir(parents=True)  # a folder where the key should be
+    monkeypatch.setenv("SIEVE_SECRET_FILE", str(key))
+    assert regex.main(_tiny(out)) == 2
+    err = capsys.readouterr().err
+    assert "no key to tell" in err and str(key) in err and "--keep-foreign-parts" in err
+    assert regex.main(_tiny(out, "--keep-foreign-parts")) == 0  # kept on request
+    monkeypatch.chdir(tmp_path / "home")
+    shared = tmp_path / "home" / "shared.toml"
+    shared.write_text((ROOT / "recipes/regex.toml").read_text().replace('dir = "runs/regex-world"',
+                                                                        'dir = ".cache/sieve/secret/x"'))
+    args = [a for a in _tiny(out) if a not in ("--out", str(out))]
+    assert regex.main([str(shared), *args[1:]]) == 2
+    assert "beside sieve's key" in capsys.readouterr().err
+
+
+def test_a_recipe_file_may_not_write_into_a_folder_of_other_files(tmp_path, monkeypatch, capsys):
+    """output.dir = "." in a folder of the user's own files would overwrite its recipe.toml, report.html,
+    summary.csv...: refused; a folder holding only what runs make (a detector cache) is fine."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe.toml").write_text("# the user's own\n")
+    shared = tmp_path / "shared" / "recipe.toml"
+    shared.parent.mkdir()
+    text = (ROOT / "recipes/regex.toml").read_text()
+    assert 'dir = "runs/regex-world"' in text
+    small = ['sweep.methods=["unsteered"]', "sweep.samples=1", "sweep.max_new_tokens=4", "prompts.regex_limit=1",
+             "prompts.neutral_limit=1", 'eval.general="none"', "--no-progress"]
+    shared.write_text(text.replace('dir = "runs/regex-world"', f'dir = "{tmp_path}"'))
+    assert regex.main([str(shared), *small]) == 2
+    assert "holds files a run did not make (recipe.toml, shared)" in capsys.readouterr().err
+    assert (tmp_path / "recipe.toml").read_text() == "# the user's own\n"
+    (tmp_path / "cached" / "cache").mkdir(parents=True)
+    shared.write_text(text.replace('dir = "runs/regex-world"', f'dir = "{tmp_path / "cached"}"'))
+    assert regex.main([str(shared), *small]) == 0
+
+
+def test_parts_that_are_not_files_or_cannot_be_read_stop_nothing(tmp_path, monkeypatch):
+    """A FIFO named like a part hung the run; a part name that is not UTF-8, or a file that makes polars
+    panic, stopped it with a traceback: now the FIFO is not a part and the others are quarantined."""
+    store = ResultStore(tmp_path / "gen")
+    store.append([{"key": "a"}])
+    os.mkfifo(tmp_path / "gen" / "part-0of1-000001-fifo0000.parquet")
+    bad = os.fsencode(str(tmp_path / "gen")) + b"/part-\xff.parquet"
+    with open(bad, "wb") as f:
+        f.write(b"not parquet")
+    panicky = tmp_path / "gen" / "part-0of1-000002-panic000.parquet"
+    pl.DataFrame([{"key": "p"}]).write_parquet(panicky)
+    real = pl.read_parquet
+
+    def read(path, *a, **k):
+        if Path(path) == panicky:
+            raise pl.exceptions.PanicException("crafted")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(pl, "read_parquet", read)
+    assert store.done_keys() == {"a"}
+    assert sorted(os.listdir(os.fsencode(str(tmp_path / "gen" / "quarantine")))) == sorted(
+        [b"part-\xff.parquet", panicky.name.encode()])
+
+
+def test_launch_never_reads_job_files_shipped_in_the_output_folder(tmp_path, monkeypatch):
+    """submitit's job and result pickles live in a folder each launch makes anew under a random name, so
+    a result pickle shipped as out/launch/<job id>/<job id>_0_result.pkl is never loaded."""
+    from sieve import launch as launch_mod
+
+    out = tmp_path / "out"
+    (out / "launch" / "4242").mkdir(parents=True)
+    (out / "launch" / "4242" / "4242_0_result.pkl").write_bytes(b"planted")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def executor(spec, folder):
+        seen.append(Path(folder))
+        raise Stop
+
+    monkeypatch.setattr(launch_mod, "make_executor", executor)
+    for _ in range(2):
+        with pytest.raises(Stop):
+            launch_mod.launch("recipes.regex", ["recipes/regex.toml"], out, launch_mod.LaunchSpec(executor="debug"))
+    a, b = (p.parent for p in seen)
+    assert a != b and a.parent == b.parent == out / "launch" and seen[0].name == "%j"
+    assert len(a.name) > 12 and list(a.iterdir()) == [] and (a.stat().st_mode & 0o777) == 0o700
+
+
+def test_the_summary_names_only_the_charts_this_report_wrote(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pareto.html").write_text("<p>shipped</p>")
+    args = _tiny(out)
+    assert regex.main([args[0], "output.charts=false", *args[1:]]) == 0
+    printed = capsys.readouterr().out
+    assert "Charts: not written (output.charts = false)" in printed and "pareto.html" not in printed
+    assert regex.main(_tiny(out)) == 0
+    assert f"Charts: {out / 'pareto.html'}, {out / 'pareto.png'}" in capsys.readouterr().out
