@@ -26,7 +26,7 @@ import polars as pl
 from sieve.errors import SieveError, first_line
 from sieve.evals.metrics import mean_ci, wilson
 from sieve.files import mac_path, move_aside, sign, signed, write_atomic
-from sieve.stats import DEFAULT_BOOTSTRAP, cluster_rate, paired_difference
+from sieve.stats import DEFAULT_BOOTSTRAP, cluster_rate, paired_difference, sign_flip
 from sieve.sweep import UNSTEERED, columns, schema
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,9 @@ def summarize(
     95% interval (``*_lo``/``*_hi``: every completion counted as independent) and a prompt-clustered
     bootstrap interval (``*_clo``/``*_chi``: prompts resampled, see :mod:`sieve.stats`); the paired
     difference from unsteered on the same (prompt, sample) (``regex_diff``, ``valid_diff`` with clustered
-    intervals); empty completions (``empty_n``, ``empty_rate``: never valid) and how valid splits
+    intervals, the sign-flip test's two-sided p over prompts, ``*_diff_p``, and the prompts that differ
+    at all, ``*_diff_prompts``: an interval resting on a handful of prompts is rough, :mod:`sieve.stats`);
+    empty completions (``empty_n``, ``empty_rate``: never valid) and how valid splits
     (``complete_rate``: the code ended and parses; ``prefix_rate``: valid so far when the token budget
     ran out). General ability (mean and CI). Side effects on the neutral set: detector firings per
     completion, the share of completions changed from unsteered with the same seed (with a clustered
@@ -262,9 +264,11 @@ def summarize(
         if "prompt_gate_opened" in grp.columns and grp["prompt_gate_opened"].drop_nulls().len():
             row["gate_open_rate"] = float(grp["prompt_gate_opened"].drop_nulls().cast(pl.Float64).mean())
         # Paired with unsteered: the same prompt and sample (hence the same seed).
-        diff: dict[str, Any] = {"regex_diff": None, "regex_diff_lo": None, "regex_diff_hi": None}
+        diff: dict[str, Any] = {"regex_diff": None, "regex_diff_lo": None, "regex_diff_hi": None,
+                                "regex_diff_p": None, "regex_diff_prompts": None}
         if has_valid:
-            diff.update({"valid_diff": None, "valid_diff_lo": None, "valid_diff_hi": None})
+            diff.update({"valid_diff": None, "valid_diff_lo": None, "valid_diff_hi": None,
+                         "valid_diff_p": None, "valid_diff_prompts": None})
         if method != UNSTEERED and base_rx:
             pairs = [(r, base_rx[(r["prompt_index"], r["sample"])]) for r in grp.iter_rows(named=True)
                      if (r["prompt_index"], r["sample"]) in base_rx]
@@ -272,9 +276,12 @@ def summarize(
             for name, col in cols:
                 ok = [(a, b) for a, b in pairs if a[col] is not None and b[col] is not None]
                 if ok:
-                    d = paired_difference([bool(a[col]) for a, _ in ok], [bool(b[col]) for _, b in ok],
-                                          [a["prompt_index"] for a, _ in ok], **boot)
-                    diff.update({f"{name}_diff": d.estimate, f"{name}_diff_lo": d.lo, f"{name}_diff_hi": d.hi})
+                    args = ([bool(a[col]) for a, _ in ok], [bool(b[col]) for _, b in ok],
+                            [a["prompt_index"] for a, _ in ok])
+                    d = paired_difference(*args, **boot)
+                    t = sign_flip(*args, seed=seed)
+                    diff.update({f"{name}_diff": d.estimate, f"{name}_diff_lo": d.lo, f"{name}_diff_hi": d.hi,
+                                 f"{name}_diff_p": t.p, f"{name}_diff_prompts": t.clusters})
         row.update(diff)
         ng = nt.filter((pl.col("method") == method) & (pl.col("scale") == scale))
         if ng.height:

@@ -13,8 +13,14 @@ every method runs on the same random numbers. Two consequences for the statistic
   own difficulty cancels.
 
 Both are percentile intervals of a seeded bootstrap (same data and seed, same interval). With few
-prompts (fewer than about 20) any prompt-level interval is rough; when every prompt has the same rate
-(e.g. no event at all) the bootstrap interval collapses to a point, so read the Wilson bound there.
+prompts (fewer than about 20) any prompt-level interval is rough, and so is a paired interval when
+only a few prompts differ at all: if 4 of 56 prompts each lose one regex completion, a replicate
+misses all four with probability (52/56)^56 < 0.025, so the percentile interval excludes 0 however
+weak the evidence. :func:`sign_flip` is the test for that case: under "the method changes nothing",
+each prompt's summed difference is as likely negative as positive, so its two-sided p-value counts
+the sign assignments whose total is at least as far from 0 (exact over up to 20 differing prompts);
+:func:`summarize` reports it with the number of prompts that differ. When every prompt has the same
+rate (e.g. no event at all) the bootstrap interval collapses to a point, so read the Wilson bound there.
 :func:`cluster_se` is the cluster-robust (sandwich, CR1) standard error of a mean, the analytic
 counterpart the bootstrap is checked against in the tests.
 
@@ -34,7 +40,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Interval", "cluster_rate", "paired_difference", "cluster_se", "DEFAULT_BOOTSTRAP"]
+__all__ = ["Interval", "cluster_rate", "paired_difference", "sign_flip", "SignFlip", "cluster_se",
+           "DEFAULT_BOOTSTRAP"]
 
 DEFAULT_BOOTSTRAP = 2000
 
@@ -125,6 +132,58 @@ def paired_difference(
     diffs = [float(a) - float(b) for a, b in zip(values, baseline)]
     sums, counts = _sums(diffs, clusters)
     return _bootstrap(sums, counts, n_boot, seed, level)
+
+
+class SignFlip(NamedTuple):
+    """A paired sign-flip test over clusters: the two-sided ``p``, the ``clusters`` whose summed
+    difference is not 0 (the only ones that carry evidence), and whether ``p`` is ``exact``."""
+
+    p: float
+    clusters: int
+    exact: bool
+
+
+EXACT_SIGN_FLIP = 20  # clusters that differ: up to 2^20 sign assignments are enumerated
+
+
+def sign_flip(
+    values: Sequence[float | bool],
+    baseline: Sequence[float | bool],
+    clusters: Sequence[Hashable],
+    *,
+    n_perm: int = 20000,
+    seed: int = 0,
+) -> SignFlip:
+    """Two-sided sign-flip (paired permutation) test of ``values - baseline`` over ``clusters``
+    (prompts): under the null the distribution of each prompt's summed difference is symmetric about
+    0, so every assignment of signs to the prompts' sums is equally likely. ``p`` is the share of
+    assignments whose |total| reaches the observed |total|: exact over all ``2^k`` assignments of the
+    ``k`` prompts that differ when ``k <= 20``, else from ``n_perm`` seeded random ones (with the
+    observed one counted). p = 1 when no prompt differs.
+
+    Example:
+        >>> steered, unsteered = [0, 0, 0, 0, 1, 1], [1, 0, 1, 0, 1, 1]
+        >>> t = sign_flip(steered, unsteered, [0, 0, 1, 1, 2, 2])
+        >>> t.p, t.clusters, t.exact
+        (0.5, 2, True)
+    """
+    if len(values) != len(baseline):
+        raise ValueError(f"{len(values)} values for {len(baseline)} baseline values")
+    sums, _ = _sums([float(a) - float(b) for a, b in zip(values, baseline)], clusters)
+    d = sums[np.abs(sums) > 1e-12]
+    k = len(d)
+    if k == 0:
+        return SignFlip(1.0, 0, True)
+    observed = abs(float(d.sum())) - 1e-9 * max(1.0, float(np.abs(d).sum()))  # ties count as extreme
+    if k <= EXACT_SIGN_FLIP:
+        totals = np.zeros(1)
+        for x in d:  # every sign assignment's total, 2^k of them (8 MB at k = 20)
+            totals = np.concatenate([totals + x, totals - x])
+        return SignFlip(float((np.abs(totals) >= observed).mean()), k, True)
+    rng = np.random.default_rng(seed)
+    signs = rng.choice(np.array([-1.0, 1.0]), size=(n_perm, k))
+    hits = int((np.abs(signs @ d) >= observed).sum())
+    return SignFlip((hits + 1) / (n_perm + 1), k, False)
 
 
 def cluster_se(values: Sequence[float | bool], clusters: Sequence[Hashable]) -> float:

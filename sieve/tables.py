@@ -120,6 +120,8 @@ def summary_table(summary: pl.DataFrame, validity: str = "syntax", *, out: Any =
         row = {
             "family": family(r["method"]), "method": printable(r["method"]), "scale": r["scale"],
             "regex": _iv(r, "regex_rate", rlo, rhi), "dregex": _iv(r, "regex_diff", "regex_diff_lo", "regex_diff_hi", True),
+            "pregex": (f"{r['regex_diff_p']:.3g} ({r['regex_diff_prompts']})" if r.get("regex_diff_p") is not None
+                       else "-"),
             "valid": _iv(r, "valid_rate", vlo, vhi), "dvalid": _iv(r, "valid_diff", "valid_diff_lo", "valid_diff_hi", True),
             "ability": _iv(r, "ability", "ability_lo", "ability_hi"),
             "neutral": (f"{r['neutral_changed']:.2f} / {r['neutral_moved']:.2f}"
@@ -131,7 +133,8 @@ def summary_table(summary: pl.DataFrame, validity: str = "syntax", *, out: Any =
     rows.sort(key=lambda x: (FAMILIES.index(x["family"]) if x["family"] in FAMILIES else len(FAMILIES),
                              x["method"], abs(x["scale"])))
     cols = {"family": "family", "method": "method", "scale": "scale", "regex": "regex rate [95%]",
-            "dregex": "Δ regex vs unsteered", "valid": f"{validity} rate [95%]", "dvalid": f"Δ {validity}"}
+            "dregex": "Δ regex vs unsteered", "pregex": "p (prompts differing)",
+            "valid": f"{validity} rate [95%]", "dvalid": f"Δ {validity}"}
     if any("split" in r for r in rows):
         cols["split"] = "complete/prefix/empty"
     cols.update({"ability": f"{ability_name} [95%]", "neutral": "neutral changed / moved"})

@@ -115,3 +115,50 @@ def test_bootstrap_is_seeded_and_rejects_mismatched_input():
     with pytest.raises(ValueError, match="baseline"):
         paired_difference([1, 0], [1], [0, 0])
     assert math.isnan(cluster_rate([], []).estimate)
+
+
+def test_sign_flip_is_exact_against_enumeration_by_hand():
+    import itertools
+
+    from sieve.stats import sign_flip
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        G, k = 9, 4
+        prompts = np.repeat(np.arange(G), k)
+        a, b = rng.random(G * k) < 0.3, rng.random(G * k) < 0.3
+        sums = np.bincount(prompts, weights=a.astype(float) - b.astype(float))
+        d = sums[sums != 0]
+        hits = sum(abs(sum(s * x for s, x in zip(signs, d))) >= abs(d.sum()) - 1e-9
+                   for signs in itertools.product([1, -1], repeat=len(d)))
+        t = sign_flip(a, b, prompts)
+        assert t.exact and t.clusters == len(d) and t.p == pytest.approx(hits / 2 ** len(d))
+
+
+def test_sign_flip_few_prompts_differing_is_not_significant_where_the_bootstrap_says_so():
+    """The case the percentile bootstrap gets wrong: 5 completions of 4 prompts out of 56 lose their
+    regex use. The bootstrap interval excludes 0; the exact test gives 2/16."""
+    from sieve.stats import sign_flip
+
+    prompts = [i // 16 for i in range(56 * 16)]
+    base = [1 if i in (0, 16, 32, 48, 49) else 0 for i in range(56 * 16)]
+    steered = [0] * len(base)
+    d = paired_difference(steered, base, prompts, seed=0)
+    assert d.hi < 0  # the bootstrap interval excludes 0...
+    t = sign_flip(steered, base, prompts)
+    assert (t.p, t.clusters, t.exact) == (0.125, 4, True)  # ...on evidence a sign test calls weak
+    assert sign_flip(base, base, prompts) == (1.0, 0, True)
+
+
+def test_sign_flip_by_sampling_agrees_with_the_exact_test(monkeypatch):
+    import sieve.stats as stats
+
+    rng = np.random.default_rng(5)
+    prompts = np.repeat(np.arange(14), 6)
+    a, b = rng.random(84) < 0.45, rng.random(84) < 0.3
+    exact = stats.sign_flip(a, b, prompts)
+    monkeypatch.setattr(stats, "EXACT_SIGN_FLIP", 0)
+    sampled = stats.sign_flip(a, b, prompts, n_perm=40000, seed=1)
+    assert exact.exact and not sampled.exact and abs(exact.p - sampled.p) < 0.01
+    with pytest.raises(ValueError):
+        stats.sign_flip([1, 0], [1], [0, 0])
