@@ -26,7 +26,7 @@ import polars as pl
 from sieve.errors import SieveError, first_line
 from sieve.evals.metrics import mean_ci, wilson
 from sieve.files import mac_path, move_aside, sign, signed, write_atomic
-from sieve.stats import DEFAULT_BOOTSTRAP, cluster_rate, paired_difference, sign_flip
+from sieve.stats import DEFAULT_BOOTSTRAP, cluster_rate, paired_difference, rate_difference, sign_flip
 from sieve.sweep import UNSTEERED, columns, schema
 
 log = logging.getLogger(__name__)
@@ -212,9 +212,12 @@ def summarize(
     (``complete_rate``: the code ended and parses; ``prefix_rate``: valid so far when the token budget
     ran out). General ability (mean and CI). Side effects on the neutral set: detector firings per
     completion, the share of completions changed from unsteered with the same seed (with a clustered
-    interval) and how far (the share of the unsteered text lost after the first difference), empties.
-    Methods with a prompt gate (the lexical baseline) also get the share of prompts it opened for
-    (``gate_open_rate``, ``neutral_gate_open_rate``).
+    interval) and how far (the share of the unsteered text lost after the first difference), empties,
+    regex use (``neutral_regex_rate`` with a clustered interval) and how much more the regex-prone
+    prompts use it (``regex_gap``: regex-prone minus neutral rate, prompts of each set resampled).
+    The share of rows the intervention edited at all (``edited_rate``, ``neutral_edited_rate``: for a
+    gated method, the rows whose gate opened in time). Methods with a prompt gate (the lexical
+    baseline) also get the share of prompts it opened for (``gate_open_rate``, ``neutral_gate_open_rate``).
 
     ``validity``: the column that says a completion is valid (``syntax`` or ``executed``). Bootstrap
     intervals use ``n_boot`` replicates from ``seed`` (same data, same numbers).
@@ -261,6 +264,8 @@ def summarize(
         if "empty" in grp.columns:
             row["empty_n"] = int(sum(_flags(grp["empty"])))
             row["empty_rate"] = row["empty_n"] / grp.height
+        if "gen_edited" in grp.columns:  # rows the intervention edited at all (a gate that opened in time)
+            row["edited_rate"] = float(((grp["prompt_edited"] + grp["gen_edited"]) > 0).cast(pl.Float64).mean())
         if "prompt_gate_opened" in grp.columns and grp["prompt_gate_opened"].drop_nulls().len():
             row["gate_open_rate"] = float(grp["prompt_gate_opened"].drop_nulls().cast(pl.Float64).mean())
         # Paired with unsteered: the same prompt and sample (hence the same seed).
@@ -294,6 +299,13 @@ def summarize(
             # How far they moved: the share of the unsteered completion lost after the first difference.
             row["neutral_moved"] = (sum(_moved(a, b) for a, b, _ in paired) / len(paired)) if paired else float("nan")
             row["neutral_regex_rate"] = float(ng["regex"].mean())
+            if "gen_edited" in ng.columns:
+                row["neutral_edited_rate"] = float(((ng["prompt_edited"] + ng["gen_edited"]) > 0).cast(pl.Float64).mean())
+            # How much more the regex-prone prompts use re than the neutral ones (distinct prompts: unpaired)
+            nr = cluster_rate(_flags(ng["regex"]), ng["prompt_index"].to_list(), **boot)
+            gap = rate_difference(_flags(grp["regex"]), prompts, _flags(ng["regex"]), ng["prompt_index"].to_list(), **boot)
+            row.update({"neutral_regex_clo": nr.lo, "neutral_regex_chi": nr.hi, "regex_gap": gap.estimate,
+                        "regex_gap_lo": gap.lo, "regex_gap_hi": gap.hi})
             if "empty" in ng.columns:
                 row["neutral_empty_rate"] = float(ng["empty"].cast(pl.Float64).mean())
             if "prompt_gate_opened" in ng.columns and ng["prompt_gate_opened"].drop_nulls().len():

@@ -40,8 +40,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Interval", "cluster_rate", "paired_difference", "sign_flip", "SignFlip", "cluster_se",
-           "DEFAULT_BOOTSTRAP"]
+__all__ = ["Interval", "cluster_rate", "paired_difference", "rate_difference", "sign_flip", "SignFlip",
+           "cluster_se", "DEFAULT_BOOTSTRAP"]
 
 DEFAULT_BOOTSTRAP = 2000
 
@@ -70,16 +70,20 @@ def _sums(values: Sequence[float], clusters: Sequence[Hashable]) -> tuple[np.nda
     return sums, counts
 
 
+def _replicates(sums: np.ndarray, counts: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    G = len(sums)
+    # Each replicate draws G prompts with replacement: a multinomial count per prompt.
+    w = rng.multinomial(G, np.full(G, 1.0 / G), size=n_boot).astype(np.float64)
+    return (w @ sums) / np.maximum(w @ counts, 1e-300)
+
+
 def _bootstrap(sums: np.ndarray, counts: np.ndarray, n_boot: int, seed: int, level: float) -> Interval:
     G = len(sums)
     n = int(counts.sum())
     if G == 0 or n == 0:
         return _NAN
     est = float(sums.sum() / counts.sum())
-    rng = np.random.default_rng(seed)
-    # Each replicate draws G prompts with replacement: a multinomial count per prompt.
-    w = rng.multinomial(G, np.full(G, 1.0 / G), size=n_boot).astype(np.float64)
-    reps = (w @ sums) / np.maximum(w @ counts, 1e-300)
+    reps = _replicates(sums, counts, n_boot, np.random.default_rng(seed))
     a = (1.0 - level) / 2.0
     lo, hi = np.quantile(reps, [a, 1.0 - a])
     return Interval(est, float(lo), float(hi), n, G)
@@ -132,6 +136,37 @@ def paired_difference(
     diffs = [float(a) - float(b) for a, b in zip(values, baseline)]
     sums, counts = _sums(diffs, clusters)
     return _bootstrap(sums, counts, n_boot, seed, level)
+
+
+def rate_difference(
+    values: Sequence[float | bool],
+    clusters: Sequence[Hashable],
+    other: Sequence[float | bool],
+    other_clusters: Sequence[Hashable],
+    *,
+    n_boot: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
+    """The mean of ``values`` minus the mean of ``other``, two sets of distinct prompts (not paired: e.g.
+    regex use on regex-prone against neutral prompts), with a percentile interval from resampling each
+    set's prompts independently. ``n`` and ``clusters`` count both sets.
+
+    Example:
+        >>> d = rate_difference([1, 1, 0, 1], ["a", "a", "b", "b"], [0, 0, 0, 1], ["c", "c", "d", "d"], seed=0)
+        >>> d.estimate, d.clusters
+        (0.5, 4)
+    """
+    if not len(values) or not len(other):
+        return _NAN
+    a_sums, a_counts = _sums([float(v) for v in values], clusters)
+    b_sums, b_counts = _sums([float(v) for v in other], other_clusters)
+    rng = np.random.default_rng(seed)
+    reps = _replicates(a_sums, a_counts, n_boot, rng) - _replicates(b_sums, b_counts, n_boot, rng)
+    est = float(a_sums.sum() / a_counts.sum() - b_sums.sum() / b_counts.sum())
+    q = (1.0 - level) / 2.0
+    lo, hi = np.quantile(reps, [q, 1.0 - q])
+    return Interval(est, float(lo), float(hi), len(values) + len(other), len(a_sums) + len(b_sums))
 
 
 class SignFlip(NamedTuple):

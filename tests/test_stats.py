@@ -162,3 +162,19 @@ def test_sign_flip_by_sampling_agrees_with_the_exact_test(monkeypatch):
     assert exact.exact and not sampled.exact and abs(exact.p - sampled.p) < 0.01
     with pytest.raises(ValueError):
         stats.sign_flip([1, 0], [1], [0, 0])
+
+
+def test_rate_difference_of_two_prompt_sets_resamples_each_set():
+    from sieve.stats import rate_difference
+
+    rng = np.random.default_rng(2)
+    a_cl, b_cl = np.repeat(np.arange(30), 8), np.repeat(np.arange(30, 60), 8)
+    a = rng.random(240) < np.repeat(rng.uniform(0.1, 0.5, 30), 8)  # prompt effects in both sets
+    b = rng.random(240) < np.repeat(rng.uniform(0.0, 0.2, 30), 8)
+    d = rate_difference(a, a_cl, b, b_cl, seed=0)
+    assert d.estimate == pytest.approx(a.mean() - b.mean()) and d.clusters == 60 and d.n == 480
+    # its half-width is about that of independent cluster intervals combined (sqrt of summed squares)
+    ra, rb = cluster_rate(a, a_cl, seed=0), cluster_rate(b, b_cl, seed=1)
+    combined = math.hypot((ra.hi - ra.lo) / 2, (rb.hi - rb.lo) / 2)
+    assert (d.hi - d.lo) / 2 == pytest.approx(combined, rel=0.15)
+    assert rate_difference(a, a_cl, b, b_cl, seed=0) == d and math.isnan(rate_difference([], [], b, b_cl).estimate)
