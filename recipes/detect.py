@@ -68,8 +68,9 @@ def run(recipe: Recipe, progress: bool = True, cache_dir=None) -> tuple[pl.DataF
 def body(r: Run) -> int:
     with r.lock("detect"):
         metrics, curves = run(r.recipe, progress=r.progress, cache_dir=r.out / "cache")
-        sign(write_atomic(r.out / "detect.parquet", metrics.write_parquet))  # a later run reads only what is signed
-        sign(write_atomic(r.out / "detect_curves.parquet", curves.write_parquet))  # the run report draws them
+        rh = recipe_hash(r.recipe)  # a later run reads only what is signed for its recipe
+        sign(write_atomic(r.out / "detect.parquet", metrics.write_parquet), context=rh)
+        sign(write_atomic(r.out / "detect_curves.parquet", curves.write_parquet), context=rh)  # the run report draws them
         if r.recipe.output.charts:
             from sieve.plots import pr_chart, save_chart
 

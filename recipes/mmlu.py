@@ -55,7 +55,8 @@ def run(recipe: Recipe, progress: bool = True, cache_dir=None) -> pl.DataFrame:
 def body(r: Run) -> int:
     with r.lock("mmlu"):
         table = run(r.recipe, progress=r.progress, cache_dir=r.out / "cache")
-        sign(write_atomic(r.out / "mmlu.parquet", table.write_parquet))  # a later run reads only what is signed
+        # a later run reads only what is signed for its recipe
+        sign(write_atomic(r.out / "mmlu.parquet", table.write_parquet), context=recipe_hash(r.recipe))
     from sieve.methods import family
     from sieve.tables import format_table, interval
 

@@ -258,7 +258,8 @@ def run_judge(recipe: Recipe, setting, judge, out: Path, part: tuple[int, int], 
     gen = ResultStore(out / "gen").table()
     rows = [{"key": r["key"], "function": setting.prompts.regex[r["prompt_index"]].setup, "code": r["code"]}
             for r in gen.iter_rows(named=True) if r["key"] in mine and r["code"]]
-    judged, failed = judge_rows(judge, rows, ResultStore(out / "judge", f"{part[0]}of{part[1]}"), progress=progress)
+    judged, failed = judge_rows(judge, rows, ResultStore(out / "judge", f"{part[0]}of{part[1]}", recipe_hash(recipe)),
+                                progress=progress)
     log.info("judge: %d tests judged now, %d could not be judged%s", judged, failed,
              " (run the same command again to retry them)" if failed else "")
 
@@ -450,35 +451,31 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
 READ_BACK = ("run.json", "detect.parquet", "detect_curves.parquet", "mmlu.parquet")
 
 
-def foreign_parts(out: Path, tag: str, *, keep: bool) -> dict[str, Any]:
-    """Result parts and files in ``out`` that this user's sieve did not write (no valid HMAC under the
-    user's key, :func:`sieve.files.signed`: a folder shipped with a shared recipe or copied from
-    elsewhere, a file edited, or one written before sieve signed them). Parts are set aside into
-    ``<store>/foreign/`` so that their rows are generated here; the files the run reads back
-    (``run.json``, the detector and MMLU tables: :data:`READ_BACK`) into ``<out>/foreign/``. Unless
-    ``keep`` (``--keep-foreign-parts``): then they stay, with a warning. A shard (``tag`` ``iofn``, n > 1)
-    leaves the parts of the other shards of its n alone: they are not its rows, and shards may run on
-    machines with other keys. With no key to tell them apart the run is refused (unless ``keep``), naming
-    why. Returns what ``run.json`` records (empty when there were none).
+def foreign_parts(out: Path, tag: str, recipe: Recipe, *, keep: bool) -> dict[str, Any]:
+    """Result parts and files in ``out`` that this user's sieve did not write for ``recipe`` (no valid
+    HMAC under the user's key bound to the recipe's hash, :func:`sieve.files.signed`: a folder shipped
+    with a shared recipe or copied from elsewhere, a file edited, the user's own files of another
+    study, or files written before sieve signed them). Parts are set aside into ``<store>/foreign/`` so
+    that their rows are generated here; the files the run reads back (``run.json``, the detector and
+    MMLU tables: :data:`READ_BACK`) into ``<out>/foreign/``. Unless ``keep`` (``--keep-foreign-parts``):
+    then they stay, with a warning. Every part counts, whatever shard ``tag`` it names: shards writing
+    into one folder share one key (one home folder, or ``SIEVE_SECRET_FILE``). With no key to tell them
+    apart the run is refused (unless ``keep``), naming why. Returns what ``run.json`` records (empty
+    when there were none).
 
     Example:
-        >>> foreign_parts(Path("runs/shared"), "0of1", keep=False)  # doctest: +SKIP
+        >>> foreign_parts(Path("runs/shared"), "0of1", recipe, keep=False)  # doctest: +SKIP
         {'gen': 3, 'kept': False}
     """
-    import re
-
     from sieve.files import key_problem, move_aside, signed
 
-    m = re.fullmatch(r"(\d+)of(\d+)", tag)
-    siblings = re.compile(rf"part-\d+of{m.group(2)}-") if m and int(m.group(2)) > 1 else None
-    stores = {sub: ResultStore(out / sub, tag) for sub in ("gen", "ability", "judge") if (out / sub).is_dir()}
+    rh = recipe_hash(recipe)
+    stores = {sub: ResultStore(out / sub, tag, rh) for sub in ("gen", "ability", "judge") if (out / sub).is_dir()}
     for s in stores.values():
         s.done_keys()  # a part that cannot be read goes to quarantine first, named as such
-    found = {sub: [p for p in s.foreign_parts() if not (siblings and siblings.match(p.name)
-                                                        and not p.name.startswith(f"part-{tag}-"))]
-             for sub, s in stores.items()}
+    found = {sub: s.foreign_parts() for sub, s in stores.items()}
     files = [out / name for name in READ_BACK if (out / name).exists() or (out / name).is_symlink()]
-    files = [f for f in files if not signed(f)]
+    files = [f for f in files if not signed(f, context=rh)]
     counts = {sub: len(v) for sub, v in found.items() if v} | ({"files": len(files)} if files else {})
     if not counts:
         return {}
@@ -535,6 +532,13 @@ def body(run: Run) -> int:
         refuse_links(out, "--report-only")
         saved = run_recipe(out)  # the recipe the folder was run with, where it says
         check(out, saved or recipe)  # refuses to report another recipe's rows (or run.json's) as this one's
+        rh = recipe_hash(saved or recipe)
+        unsigned = {sub: len(ResultStore(out / sub, context=rh).foreign_parts()) for sub in ("gen", "ability", "judge")
+                    if (out / sub).is_dir()}
+        if any(unsigned.values()):  # reported as they are (that is what --report-only is for), but said
+            log.warning("%s: result parts this user's sieve did not write for this recipe (%s): the report shows "
+                        "another run's rows, as they are", out,
+                        ", ".join(f"{k}: {v}" for k, v in unsigned.items() if v))
         report(saved or recipe, out)
         return 0
     user_prompt_files(recipe)  # a bad prompt file fails here, before any model is loaded
@@ -553,9 +557,10 @@ def body(run: Run) -> int:
             check(src, recipe)  # refuses a shard made by another recipe
         with run.lock():
             # the merged folder holds the shards' rows alone: what it held that this user did not write goes
-            foreign_parts(out, "merged", keep=args.keep_foreign_parts)
+            foreign_parts(out, "merged", recipe, keep=args.keep_foreign_parts)
             for sub in ("gen", "ability", "judge"):
-                merge_stores([Path(d) / sub for d in args.merge if (Path(d) / sub).is_dir()], out / sub)
+                merge_stores([Path(d) / sub for d in args.merge if (Path(d) / sub).is_dir()], out / sub,
+                             recipe_hash(recipe))
             merge_runs([Path(d) for d in args.merge], out, recipe)
             report(recipe, out)
         return 0
@@ -573,15 +578,16 @@ def body(run: Run) -> int:
         tag = f"{part[0]}of{part[1]}"
         with run.lock(f"shard-{tag}"):
             t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-            foreign = foreign_parts(out, tag, keep=args.keep_foreign_parts)
+            foreign = foreign_parts(out, tag, recipe, keep=args.keep_foreign_parts)
             setting = load_setting(recipe, progress=run.progress, cache_dir=out / "cache")
             write_prompts(setting, out)
             work = ForkSummary() if recipe.sweep.fork else None
-            n = run_generation(recipe, setting, ResultStore(out / "gen", tag), part, run.progress, work)
+            rh = recipe_hash(recipe)  # parts are signed for this recipe: another study's do not pass as its own
+            n = run_generation(recipe, setting, ResultStore(out / "gen", tag, rh), part, run.progress, work)
             if work is not None and work.rows:
                 log.info("forked generation: %s", work)
             run_judge(recipe, setting, judge, out, part, run.progress)
-            run_ability(recipe, setting, ResultStore(out / "ability", tag), part, run.progress, work,
+            run_ability(recipe, setting, ResultStore(out / "ability", tag, rh), part, run.progress, work,
                         args.trust_task_code)
             if work is not None and work.texts:
                 log.info("forked general ability: %d of %d (%s, cell) pairs reused the unsteered answer",

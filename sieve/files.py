@@ -127,8 +127,9 @@ def local_mac(*parts: bytes) -> str | None:
     return h.hexdigest()
 
 
-def _file_mac(path: Path, kind: bytes) -> str | None:
-    return local_mac(kind, path.name.encode("utf-8", "surrogateescape"), hashlib.sha256(path.read_bytes()).digest())
+def _file_mac(path: Path, kind: bytes, context: str) -> str | None:
+    return local_mac(kind, context.encode(), path.name.encode("utf-8", "surrogateescape"),
+                     hashlib.sha256(path.read_bytes()).digest())
 
 
 def mac_path(path: str | Path) -> Path:
@@ -137,10 +138,12 @@ def mac_path(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.mac")
 
 
-def sign(path: str | Path, kind: bytes = b"file") -> Path:
+def sign(path: str | Path, kind: bytes = b"file", context: str = "") -> Path:
     """Write the HMAC of ``path``'s name and bytes under this user's key beside it (``.<name>.mac``), so
     that a later run tells the file from one shipped or edited by someone else (:func:`signed`).
-    Nothing is written where there is no key. Returns ``path``.
+    ``context`` binds it to what the file belongs to (a run's recipe hash): the user's own file of
+    another study, copied into this one's folder, does not pass as this one's. Nothing is written where
+    there is no key. Returns ``path``.
 
     Example:
         >>> d = Path(tempfile.mkdtemp()); f = write_atomic(d / "run.json", "{}")
@@ -148,15 +151,16 @@ def sign(path: str | Path, kind: bytes = b"file") -> Path:
         (True, False)
     """
     path = Path(path)
-    mac = _file_mac(path, kind)
+    mac = _file_mac(path, kind, context)
     if mac is not None:
         write_atomic(mac_path(path), mac)
     return path
 
 
-def signed(path: str | Path, kind: bytes = b"file") -> bool:
+def signed(path: str | Path, kind: bytes = b"file", context: str = "") -> bool:
     """Whether ``path`` is a regular file with a valid HMAC beside it under this user's key (written by
-    :func:`sign`); False for anything else (no key, no HMAC file, a link, a folder, a FIFO).
+    :func:`sign` with the same ``kind`` and ``context``); False for anything else (no key, no HMAC
+    file, another context, a link, a folder, a FIFO).
 
     Example:
         >>> signed(Path(tempfile.mkdtemp()) / "absent.parquet")
@@ -167,7 +171,7 @@ def signed(path: str | Path, kind: bytes = b"file") -> bool:
     try:
         if path.is_symlink() or not path.is_file() or side.is_symlink() or not side.is_file():
             return False
-        mac = _file_mac(path, kind)
+        mac = _file_mac(path, kind, context)
         return mac is not None and hmac.compare_digest(side.read_text(encoding="ascii"), mac)
     except (OSError, UnicodeDecodeError, ValueError):
         return False

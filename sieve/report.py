@@ -125,7 +125,7 @@ def record_run(out: Path, recipe: Recipe, *, overrides: Sequence[str] = (), star
                                            "shard": shard, "rows": int(rows), "overrides": list(overrides)}
                                           | ({"work": work} if work is not None else {})
                                           | ({"foreign_parts": foreign_parts} if foreign_parts else {}))
-    return sign(write_atomic(path, json.dumps(run, indent=1)))
+    return sign(write_atomic(path, json.dumps(run, indent=1)), context=recipe_hash(recipe))
 
 
 def load_run(out: Path) -> dict[str, Any] | None:
@@ -166,7 +166,8 @@ def merge_runs(folders: Sequence[Path], out: Path, recipe: Recipe | None = None)
 
             merged.update({"recipe": recipe_dict(recipe), "hash": recipe_hash(recipe),
                            "file": str(recipe.path) if recipe.path else None})
-        sign(write_atomic(Path(out) / RUN_FILE, json.dumps(merged, indent=1)))
+        sign(write_atomic(Path(out) / RUN_FILE, json.dumps(merged, indent=1)),
+             context=recipe_hash(recipe) if recipe is not None else "")
     frames = [pl.read_parquet(Path(d) / "prompts.parquet") for d in folders if (Path(d) / "prompts.parquet").exists()]
     if frames:
         df = pl.concat(frames, how="diagonal_relaxed").unique(subset=["set", "prompt_index"], keep="first")

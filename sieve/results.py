@@ -43,10 +43,11 @@ class ResultStore:
         {'a'}
     """
 
-    def __init__(self, folder: str | Path, shard: str = "0of1") -> None:
+    def __init__(self, folder: str | Path, shard: str = "0of1", context: str = "") -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.shard = shard
+        self.context = context  # what its parts' HMACs are bound to: the run's recipe hash
         self._counter = itertools.count(len(list(self.folder.glob("part-*.parquet"))))
 
     def parts(self) -> list[Path]:
@@ -105,20 +106,20 @@ class ResultStore:
         else:
             df = pl.DataFrame(list(rows), infer_schema_length=None)
         name = f"part-{self.shard}-{next(self._counter):06d}-{uuid.uuid4().hex[:8]}.parquet"
-        return sign(write_atomic(self.folder / name, df.write_parquet), b"part")
+        return sign(write_atomic(self.folder / name, df.write_parquet), b"part", self.context)
 
     def foreign_parts(self) -> list[Path]:
-        """The parts this user's sieve did not write (no valid HMAC beside them,
-        :func:`sieve.files.local_mac`): a folder shipped with a shared recipe, copied from someone
-        else, or written by a version of sieve before the HMACs (every part, where this user has no
-        key: :func:`sieve.files.local_mac` gives None). A run sets them aside (:meth:`set_aside`)
-        unless told to keep them.
+        """The parts this user's sieve did not write for this store's ``context`` (no valid HMAC beside
+        them, :func:`sieve.files.signed`): a folder shipped with a shared recipe, copied from someone
+        else, the user's own parts of another study (another recipe hash), or parts written by a
+        version of sieve before the HMACs (every part, where this user has no key). A run sets them
+        aside (:meth:`set_aside`) unless told to keep them.
 
         Example:
             >>> s = ResultStore(tmp_path / "gen"); _ = s.append([{"key": "a"}]); s.foreign_parts()  # doctest: +SKIP
             []
         """
-        return [p for p in self.parts() if not signed(p, b"part")]
+        return [p for p in self.parts() if not signed(p, b"part", self.context)]
 
     def table(self) -> pl.DataFrame:
         """All rows, one per key (the first written wins), in key order of writing."""
@@ -134,15 +135,16 @@ class ResultStore:
         return set(pl.concat(frames)["key"].to_list()) if frames else set()
 
 
-def merge_stores(folders: Iterable[str | Path], out: str | Path) -> pl.DataFrame:
-    """Combine several stores (e.g. one per shard) into ``out``, dropping duplicate keys.
+def merge_stores(folders: Iterable[str | Path], out: str | Path, context: str = "") -> pl.DataFrame:
+    """Combine several stores (e.g. one per shard) into ``out``, dropping duplicate keys; the merged
+    part is signed for ``context`` (the run's recipe hash, :class:`ResultStore`).
 
     Example:
         >>> merge_stores(["runs/a/gen", "runs/b/gen"], "runs/merged/gen")  # doctest: +SKIP
     """
     frames = [ResultStore(f).table() for f in folders]
     frames = [f for f in frames if f.height]
-    store = ResultStore(out, shard="merged")
+    store = ResultStore(out, shard="merged", context=context)
     for p in store.parts():  # the merge's rows are the shards' alone, whatever ``out`` held before
         p.unlink()
         mac_path(p).unlink(missing_ok=True)

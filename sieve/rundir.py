@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import sys
 import tempfile  # noqa: F401 - the doctests use it
 import time
@@ -52,20 +53,18 @@ else:  # pragma: no cover
 __all__ = ["output_dir", "check", "claim", "lock", "refuse_links"]
 
 
-# What a run folder holds (sieve.report, recipes.regex, recipes.detect, recipes.mmlu, sieve.launch), beside
-# recipe.toml and recipe.json; dot files (locks, HMAC files, temporary files) too.
-RUN_FOLDER_NAMES = frozenset({
-    "cache", "gen", "ability", "judge", "launch", "shards", "foreign", "quarantine", "prompts.parquet", "run.json",
-    "summary.csv", "summary.parquet", "pareto.html", "pareto.png", "report.html", "detect.parquet",
-    "detect_curves.parquet", "detect_pr.html", "detect_pr.png", "mmlu.parquet",
-})
+# What a folder may hold before it is a run folder (no recipe.json yet): the detector cache that
+# sieve.setting.load_setting keeps there, and lock files.
+BEFORE_A_RUN = frozenset({"cache"})
 
 
 def _not_run_files(path: Path) -> list[str]:
-    """The entries of ``path`` that no run makes, where it is not a run folder yet (no recipe.json)."""
+    """The entries of ``path`` that may not be overwritten, where it is not a run folder yet (no
+    recipe.json): anything but a detector cache and lock files (a folder of your own summary.csv,
+    report.html... from elsewhere is not a run's)."""
     if not path.is_dir() or (path / "recipe.json").is_file():
         return []
-    return sorted(p.name for p in path.iterdir() if p.name not in RUN_FOLDER_NAMES and not p.name.startswith("."))
+    return sorted(p.name for p in path.iterdir() if p.name not in BEFORE_A_RUN and not p.name.startswith(".lock-"))
 
 
 def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool = False,
@@ -73,10 +72,10 @@ def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool =
     """The run's output folder: ``out`` when given (the command line's ``--out``), else the recipe's
     ``output.dir`` relative to the working directory. Unless ``trusted`` (the value came from the
     command line), it must lie inside the working directory or the recipe file's folder, not in the
-    folder of sieve's key (:func:`sieve.files.secret_path`), and, when the run will write there
-    (``claiming``), be new, a run folder already (a ``recipe.json``), or hold only what runs make
-    (:data:`RUN_FOLDER_NAMES`, e.g. a detector cache): a run writes ``recipe.toml``, ``report.html``…
-    and would overwrite such files elsewhere.
+    folder of sieve's key (:func:`sieve.files.secret_path`) nor in any hidden folder, and, when the run
+    will write there (``claiming``), be new, a run folder already (a ``recipe.json``), or hold only a
+    detector cache (:data:`BEFORE_A_RUN`): a run writes ``recipe.toml``, ``report.html``… and would
+    overwrite such files elsewhere.
 
     Example:
         >>> from sieve.recipe import load_recipe
@@ -98,6 +97,13 @@ def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool =
         raise RecipeError(recipe.path or "<recipe>", "output.dir",
                           f"{raw!r} resolves to {path}, outside the working directory ({cwd}) and the recipe's "
                           "folder: a recipe file may only write there. Pass --out DIR to write elsewhere.")
+    root = next(r for r in roots if path == r or path.is_relative_to(r))
+    hidden = [part for part in path.relative_to(root).parts if part.startswith(".")]
+    if hidden:  # ~/.bashrc.d, ~/.config/...: folders whose files other programs read or run
+        raise RecipeError(recipe.path or "<recipe>", "output.dir",
+                          f"{raw!r} resolves to {path}, inside a hidden folder ({hidden[0]}): other programs read "
+                          "such folders (a shell sources every file in ~/.bashrc.d), so a recipe file may not write "
+                          "there. Pass --out DIR to write there yourself.")
     from sieve.files import secret_path
 
     keys = secret_path().parent.resolve()
@@ -242,6 +248,11 @@ def lock(folder: str | Path, name: str = "run") -> Iterator[Path]:
                              "remove it, or write to another folder (--out DIR)") from None
         raise SieveError(f"{path}: cannot open the lock file ({e.strerror or e})") from e
     try:
+        st = os.fstat(fd)
+        if st.st_nlink > 1 or not stat.S_ISREG(st.st_mode):  # a hard link to a file elsewhere would be emptied
+            raise SieveError(f"{path} is not a lock file of this folder ({'a hard link' if st.st_nlink > 1 else 'not a file'}"
+                             "): a run writes its lock there and would change the file it is linked to; remove it, or "
+                             "write to another folder (--out DIR)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -242,7 +242,10 @@ def test_rows_a_run_did_not_write_are_generated_again_unless_kept(tmp_path, capl
     assert load_run(out)["sessions"][-1]["foreign_parts"] == {"gen": 1, "kept": False}
     assert "FORGED" not in completions() and len(ResultStore(out / "gen").table()) == len(real)
     assert (out / "gen" / "foreign" / "part-0of1-000000-0badc0de.parquet").is_file()  # moved, not deleted
-    assert ResultStore(out / "gen").foreign_parts() == []  # the rows made again are this user's
+    import json
+
+    rh = json.loads((out / "recipe.json").read_text())["hash"]  # parts are signed for the run's recipe
+    assert ResultStore(out / "gen", context=rh).foreign_parts() == []  # the rows made again are this user's
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="recipes"):
         assert regex.main(args) == 0  # a resume of a folder that is now all this user's says nothing
@@ -309,8 +312,13 @@ def test_files_a_run_reads_back_are_set_aside_unless_this_user_wrote_them(tmp_pa
     page = (out / "report.html").read_text()
     assert "0.987654" not in page and "FORGED" not in page and "987654" not in (out / "run.json").read_text()
     assert json.loads((out / "run.json").read_text())["sessions"][-1]["foreign_parts"] == {"files": 3, "kept": False}
-    # the user's own table, signed when written (as recipes.detect does), stays and is shown
-    sign(write_atomic(out / "detect.parquet", pl.DataFrame(forged | {"precision": [0.5]}).write_parquet))
+    # the user's own table, signed for this recipe when written (as recipes.detect does), stays and is shown
+    rh = json.loads((out / "recipe.json").read_text())["hash"]
+    mine = pl.DataFrame(forged | {"precision": [0.5]}).write_parquet
+    sign(write_atomic(out / "detect.parquet", mine))  # signed for no study in particular: not this one's
+    assert regex.main(_tiny(out)) == 0
+    assert not (out / "detect.parquet").exists()
+    sign(write_atomic(out / "detect.parquet", mine), context=rh)
     assert regex.main(_tiny(out)) == 0
     assert (out / "detect.parquet").exists()
     meta = json.loads(re.search(r'<script type="application/json" id="meta">(.*?)</script>', (out / "report.html")
@@ -335,20 +343,66 @@ def test_a_merge_destination_keeps_only_the_shards_rows(tmp_path):
     assert ResultStore(dest / "gen").table()["key"].to_list() == keys
 
 
-def test_sibling_shards_on_machines_with_other_keys_leave_each_other_alone(tmp_path, monkeypatch):
-    """Shards of one run written into one folder from two machines (two keys): neither sets the other's
-    parts aside, and a part shipped under a shard's own tag is still set aside by that shard."""
+def test_shards_in_one_folder_keep_their_rows_and_a_part_shipped_under_any_shard_tag_is_set_aside(tmp_path):
+    """Shards of one run written into one folder (one key) leave each other's parts alone; a part shipped
+    under another shard's tag (a first fix exempted those, and shard 0 then counted the forged rows as
+    done and the merge took them) is set aside by whichever shard finds it."""
     out = tmp_path / "out"
-    for machine, sh in (("a", "0/2"), ("b", "1/2"), ("a", "0/2")):
-        monkeypatch.setenv("SIEVE_SECRET_FILE", str(tmp_path / f"key-{machine}"))
+    for sh in ("0/2", "1/2"):
         assert regex.main(_tiny(out, "--shard", sh)) == 0
-    assert not (out / "gen" / "foreign").exists()
-    tags = {p.name.split("-")[1] for p in ResultStore(out / "gen").parts()}
-    assert tags == {"0of2", "1of2"}
-    row = pl.read_parquet(ResultStore(out / "gen").parts()[0]).head(1)
-    row.write_parquet(out / "gen" / "part-0of2-000099-0badc0de.parquet")  # shipped under shard 0's tag
+    real = ResultStore(out / "gen").table()
+    assert not (out / "gen" / "foreign").exists() and {p.name.split("-")[1] for p in ResultStore(out / "gen").parts()} \
+        == {"0of2", "1of2"}
+    forged = real.with_columns(pl.lit(True).alias("regex"), pl.lit("FORGED").alias("text"))
+    for p in ResultStore(out / "gen").parts():
+        p.unlink()
+    forged.write_parquet(out / "gen" / "part-1of2-000000-deadbeef.parquet")  # every row, under shard 1's tag
     assert regex.main(_tiny(out, "--shard", "0/2")) == 0
-    assert [p.name for p in (out / "gen" / "foreign").glob("part-*")] == ["part-0of2-000099-0badc0de.parquet"]
+    assert [p.name for p in (out / "gen" / "foreign").glob("part-*")] == ["part-1of2-000000-deadbeef.parquet"]
+    assert regex.main(_tiny(out, "--shard", "1/2")) == 0
+    merged = tmp_path / "merged"
+    assert regex.main(_tiny(merged, "--merge", str(out))) == 0
+    table = ResultStore(merged / "gen").table()
+    assert table.height == real.height and "FORGED" not in table["text"].to_list()
+
+
+def test_launch_sets_aside_a_part_shipped_in_a_shard_folder(tmp_path, monkeypatch):
+    """The same under --launch: a part shipped in the output folder's shards/0of2/gen under shard 1's tag
+    (every row of the run, regex everywhere) reached the merged summary; now shard 0 sets it aside."""
+    out = tmp_path / "out"
+    assert regex.main(_tiny(tmp_path / "clean")) == 0
+    forged = ResultStore(tmp_path / "clean" / "gen").table().with_columns(pl.lit(True).alias("regex"))
+    (out / "shards" / "0of2" / "gen").mkdir(parents=True)
+    forged.write_parquet(out / "shards" / "0of2" / "gen" / "part-1of2-000000-deadbeef.parquet")
+    args = _tiny(out)
+    assert regex.main([*args, "--launch", "--executor", "debug", "--shards", "2"]) == 0
+    summary = pl.read_csv(out / "summary.csv")
+    assert summary["regex_rate"].to_list() == pl.read_csv(tmp_path / "clean" / "summary.csv")["regex_rate"].to_list()
+    assert (out / "shards" / "0of2" / "gen" / "foreign" / "part-1of2-000000-deadbeef.parquet").is_file()
+
+
+def test_the_users_own_parts_of_another_study_do_not_pass_as_this_ones(tmp_path):
+    """Parts are signed for the recipe they were made for: the user's own signed parts of study X, shipped
+    back in a folder of study Y (with Y's recipe.json), are set aside, not resumed as Y's rows."""
+    import json
+    import shutil
+
+    x = tmp_path / "x"
+    assert regex.main(_tiny(x)) == 0
+    y = tmp_path / "y"
+    args = _tiny(y)
+    y_args = [args[0], "sweep.seed=7", *args[1:]]
+    assert regex.main(y_args) == 0
+    rh_y = json.loads((y / "recipe.json").read_text())["hash"]
+    shutil.rmtree(y / "gen")
+    shutil.copytree(x / "gen", y / "gen")  # X's parts and their HMAC files
+    shutil.copy(x / "run.json", y / "run.json")
+    shutil.copy(x / ".run.json.mac", y / ".run.json.mac")
+    assert regex.main(y_args) == 0
+    rows = ResultStore(y / "gen").table()
+    assert set(rows["recipe_hash"].to_list()) == {rh_y}
+    assert len(list((y / "gen" / "foreign").glob("part-*"))) == len(ResultStore(x / "gen").parts())
+    assert (y / "foreign" / "run.json").is_file()
 
 
 def test_without_a_key_a_folder_with_parts_is_refused_naming_why(tmp_path, monkeypatch, capsys):
@@ -369,6 +423,10 @@ def test_without_a_key_a_folder_with_parts_is_refused_naming_why(tmp_path, monke
     shared.write_text((ROOT / "recipes/regex.toml").read_text().replace('dir = "runs/regex-world"',
                                                                         'dir = ".cache/sieve/secret/x"'))
     args = [a for a in _tiny(out) if a not in ("--out", str(out))]
+    assert regex.main([str(shared), *args[1:]]) == 2
+    assert "inside a hidden folder (.cache)" in capsys.readouterr().err
+    monkeypatch.setenv("SIEVE_SECRET_FILE", str(tmp_path / "home" / "keys" / "secret"))  # a key in plain sight
+    shared.write_text((ROOT / "recipes/regex.toml").read_text().replace('dir = "runs/regex-world"', 'dir = "keys/x"'))
     assert regex.main([str(shared), *args[1:]]) == 2
     assert "beside sieve's key" in capsys.readouterr().err
 
@@ -453,3 +511,51 @@ def test_the_summary_names_only_the_charts_this_report_wrote(tmp_path, capsys):
     assert "Charts: not written (output.charts = false)" in printed and "pareto.html" not in printed
     assert regex.main(_tiny(out)) == 0
     assert f"Charts: {out / 'pareto.html'}, {out / 'pareto.png'}" in capsys.readouterr().out
+
+
+def test_a_lock_file_hard_linked_to_a_file_elsewhere_is_refused_and_left_alone(tmp_path):
+    """A shipped .lock-shard-0of1 that is a hard link to the user's ~/.bashrc was emptied by the run."""
+    bashrc = tmp_path / "home" / ".bashrc"
+    bashrc.parent.mkdir()
+    bashrc.write_text("# mine\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(bashrc, out / ".lock-shard-0of1")
+    with pytest.raises(SieveError, match="a hard link"):
+        with lock(out, "shard-0of1"):
+            pass
+    assert bashrc.read_text() == "# mine\n"
+
+
+def test_a_recipe_file_may_not_write_into_hidden_folders_nor_over_your_files(tmp_path, monkeypatch, capsys):
+    """output.dir = ".bashrc.d" from the home folder: a shell then sourced the run's recipe.toml (the
+    recipe's own strings); a folder of the user's own summary.csv/report.html was overwritten."""
+    monkeypatch.chdir(tmp_path)
+    shared = tmp_path / "shared" / "recipe.toml"
+    shared.parent.mkdir()
+    text = (ROOT / "recipes/regex.toml").read_text()
+    small = ['sweep.methods=["unsteered"]', "sweep.samples=1", "sweep.max_new_tokens=4", "prompts.regex_limit=1",
+             "prompts.neutral_limit=1", 'eval.general="none"', "--no-progress"]
+    for target in (".bashrc.d", "shared/.hidden/out", ".config/sieve"):
+        shared.write_text(text.replace('dir = "runs/regex-world"', f'dir = "{target}"'))
+        assert regex.main([str(shared), *small]) == 2
+        assert "inside a hidden folder" in capsys.readouterr().err
+        assert not (tmp_path / target).exists()
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    for name in ("summary.csv", "report.html"):
+        (paper / name).write_text("mine")
+    shared.write_text(text.replace('dir = "runs/regex-world"', 'dir = "paper"'))
+    assert regex.main([str(shared), *small]) == 2
+    assert "holds files a run did not make (report.html, summary.csv)" in capsys.readouterr().err
+    assert (paper / "summary.csv").read_text() == "mine"
+
+
+def test_report_only_of_a_folder_of_rows_this_user_did_not_write_says_so(tmp_path, caplog):
+    out = tmp_path / "out"
+    assert regex.main(_tiny(out)) == 0
+    for p in ResultStore(out / "gen").parts():
+        (p.parent / f".{p.name}.mac").unlink()  # as a folder from someone else arrives
+    with caplog.at_level(logging.WARNING, logger="recipes"):
+        assert regex.main(["--report-only", str(out), "--no-progress"]) == 0
+    assert "the report shows another run's rows, as they are" in caplog.text
