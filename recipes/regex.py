@@ -61,9 +61,9 @@ import polars as pl
 from tqdm.std import tqdm
 
 from recipes.cli import RecipeCLI, Run
-from sieve.errors import SieveError
+from sieve.errors import SieveError, printable
 from sieve.evals.code import answer_validity, evaluate_code, function_validity
-from sieve.files import write_atomic
+from sieve.files import sign, write_atomic
 from sieve.fork import ForkSummary, generate_forked
 from sieve.generation import default_batch_size, generate
 from sieve.launch import EXECUTORS
@@ -157,9 +157,11 @@ def _evaluate_text(recipe: Recipe, prompt, text: str, finished: bool) -> dict[st
     }
 
 
-def write_prompts(setting, out: Path) -> Path:
+def write_prompts(setting, out: Path, context: str | None = None) -> Path:
     """``out/prompts.parquet``: each prompt's text as the model reads it and where its tokens end (the
-    report marks detector firings on it)."""
+    report marks detector firings on it), signed for ``context`` (the run's recipe hash). With a
+    ``context``, a run refuses a folder whose rows were made on other texts under the same prompt ids
+    (an edited prompts file: the recipe's hash covers file names, not content)."""
     from sieve.models import tokenize_prompts
     from sieve.report import token_ends
 
@@ -175,7 +177,30 @@ def write_prompts(setting, out: Path) -> Path:
     path = out / "prompts.parquet"
     df = pl.DataFrame(rows, schema={"set": pl.Utf8, "prompt_index": pl.Int64, "prompt_id": pl.Utf8, "text": pl.Utf8,
                                     "token_ends": pl.List(pl.Int64)})
-    return write_atomic(path, df.write_parquet)
+    if context is not None:
+        _same_prompts(path, df, out, context)
+    return sign(write_atomic(path, df.write_parquet), context=context or "")
+
+
+def _same_prompts(path: Path, df: pl.DataFrame, out: Path, context: str) -> None:
+    """Refuse to resume rows made on other prompt texts: a recipe names its prompt files, not their
+    content, so an edited prompts file keeps the recipe's hash and its rows' keys (set, prompt, id)."""
+    from sieve.files import signed
+
+    if not path.is_file() or not signed(path, context=context) or not ResultStore(out / "gen").parts():
+        return
+    try:
+        old = pl.read_parquet(path, columns=["set", "prompt_index", "prompt_id", "text"])
+    except (Exception, pl.exceptions.PanicException):
+        return
+    was = {(r["set"], r["prompt_index"], r["prompt_id"]): r["text"] for r in old.iter_rows(named=True)}
+    for r in df.iter_rows(named=True):
+        before = was.get((r["set"], r["prompt_index"], r["prompt_id"]))
+        if before is not None and before != r["text"]:
+            raise SieveError(f"{out} holds rows made on other prompt texts: {r['set']} prompt {r['prompt_index']} "
+                             f"({printable(r['prompt_id'])}) now reads {printable(r['text'][:60])!r}, before "
+                             f"{printable(before[:60])!r}. The prompt files changed since; write to a fresh folder "
+                             "(--out DIR), or restore them")
 
 
 def run_generation(recipe: Recipe, setting, store: ResultStore, part: tuple[int, int], progress: bool,
@@ -580,9 +605,9 @@ def body(run: Run) -> int:
             t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
             foreign = foreign_parts(out, tag, recipe, keep=args.keep_foreign_parts)
             setting = load_setting(recipe, progress=run.progress, cache_dir=out / "cache")
-            write_prompts(setting, out)
-            work = ForkSummary() if recipe.sweep.fork else None
             rh = recipe_hash(recipe)  # parts are signed for this recipe: another study's do not pass as its own
+            write_prompts(setting, out, rh)
+            work = ForkSummary() if recipe.sweep.fork else None
             n = run_generation(recipe, setting, ResultStore(out / "gen", tag, rh), part, run.progress, work)
             if work is not None and work.rows:
                 log.info("forked generation: %s", work)

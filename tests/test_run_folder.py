@@ -559,3 +559,24 @@ def test_report_only_of_a_folder_of_rows_this_user_did_not_write_says_so(tmp_pat
     with caplog.at_level(logging.WARNING, logger="recipes"):
         assert regex.main(["--report-only", str(out), "--no-progress"]) == 0
     assert "the report shows another run's rows, as they are" in caplog.text
+
+
+def test_rows_made_on_other_prompt_texts_are_not_resumed(tmp_path, capsys):
+    """A recipe names its prompt files, not their content: after an edit under the same ids, the folder's
+    rows were resumed as the new prompts' completions. Now the run refuses, naming the prompt."""
+    import json
+
+    prompts = tmp_path / "mine.jsonl"
+    first = [{"id": "emails", "prompt": "def find_emails(text):\n    \"\"\"Return the e-mail addresses in text.\"\"\"\n   "}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in first))
+    out = tmp_path / "out"
+    args = _tiny(out, "--regex-prompts", str(prompts))
+    assert regex.main(args) == 0
+    prompts.write_text(json.dumps({"id": "emails", "prompt": "def mean(xs):\n    \"\"\"The mean of xs.\"\"\"\n   "}) + "\n")
+    before = ResultStore(out / "gen").table()
+    assert regex.main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds rows made on other prompt texts: regex prompt 0 (emails)" in err and "def mean" in err
+    assert ResultStore(out / "gen").table().equals(before)  # nothing lost, nothing added
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in first))
+    assert regex.main(args) == 0
