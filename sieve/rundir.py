@@ -111,6 +111,11 @@ def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool =
         raise RecipeError(recipe.path or "<recipe>", "output.dir",
                           f"{raw!r} resolves to {path}, beside sieve's key ({secret_path()}): a recipe file may not "
                           "write there. Pass --out DIR to write elsewhere.")
+    link = _first_link(path)
+    if link is not None:  # a shared folder that ships ``out/gen -> ~/somewhere`` would write there
+        raise RecipeError(recipe.path or "<recipe>", "output.dir",
+                          f"{raw!r} holds a symbolic link, {link} -> {os.readlink(link)}: a run from a recipe file "
+                          "does not write through links. Remove it, or pass --out DIR to choose the folder yourself.")
     other = _not_run_files(path) if claiming else []
     if other:
         raise RecipeError(recipe.path or "<recipe>", "output.dir",
@@ -118,11 +123,6 @@ def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool =
                           f"({', '.join(other[:3])}{', …' if len(other) > 3 else ''}) and no recipe.json: a recipe "
                           "file may only write into a new folder or a run folder, so that it overwrites nothing else "
                           "there. Pass --out DIR to choose the folder.")
-    link = _first_link(path)
-    if link is not None:  # a shared folder that ships ``out/gen -> ~/somewhere`` would write there
-        raise RecipeError(recipe.path or "<recipe>", "output.dir",
-                          f"{raw!r} holds a symbolic link, {link} -> {os.readlink(link)}: a run from a recipe file "
-                          "does not write through links. Remove it, or pass --out DIR to choose the folder yourself.")
     return path
 
 
