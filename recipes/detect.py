@@ -23,7 +23,7 @@ from recipes.cli import RecipeCLI, Run
 from sieve.detectors import token_activations, token_labels
 from sieve.evals.metrics import binary_metrics, pr_curve
 from sieve.evals.regex_use import find_regex_use
-from sieve.files import sign, write_atomic
+from sieve.files import write_signed
 from sieve.recipe import Recipe, recipe_hash
 
 CLI = RecipeCLI("recipes.detect", __doc__)
@@ -69,8 +69,8 @@ def body(r: Run) -> int:
     with r.lock("detect"):
         metrics, curves = run(r.recipe, progress=r.progress, cache_dir=r.out / "cache")
         rh = recipe_hash(r.recipe)  # a later run reads only what is signed for its recipe
-        sign(write_atomic(r.out / "detect.parquet", metrics.write_parquet), context=rh)
-        sign(write_atomic(r.out / "detect_curves.parquet", curves.write_parquet), context=rh)  # the run report draws them
+        write_signed(r.out / "detect.parquet", metrics.write_parquet, context=rh)
+        write_signed(r.out / "detect_curves.parquet", curves.write_parquet, context=rh)  # the run report draws them
         if r.recipe.output.charts:
             from sieve.plots import pr_chart, save_chart
 

@@ -21,7 +21,7 @@ from tqdm.std import tqdm
 from recipes.cli import RecipeCLI, Run
 from sieve.evals.metrics import wilson
 from sieve.evals.mmlu import load_mmlu, mmlu_accuracy, mmlu_accuracy_cells
-from sieve.files import sign, write_atomic
+from sieve.files import write_signed
 from sieve.recipe import Recipe, recipe_hash
 from sieve.sweep import cells, needs_detector
 
@@ -56,7 +56,7 @@ def body(r: Run) -> int:
     with r.lock("mmlu"):
         table = run(r.recipe, progress=r.progress, cache_dir=r.out / "cache")
         # a later run reads only what is signed for its recipe
-        sign(write_atomic(r.out / "mmlu.parquet", table.write_parquet), context=recipe_hash(r.recipe))
+        write_signed(r.out / "mmlu.parquet", table.write_parquet, context=recipe_hash(r.recipe))
     from sieve.methods import family
     from sieve.tables import format_table, interval
 

@@ -63,7 +63,7 @@ from tqdm.std import tqdm
 from recipes.cli import RecipeCLI, Run
 from sieve.errors import SieveError, printable
 from sieve.evals.code import answer_validity, evaluate_code, function_validity
-from sieve.files import sign, write_atomic
+from sieve.files import write_atomic, write_signed
 from sieve.fork import ForkSummary, generate_forked
 from sieve.generation import default_batch_size, generate
 from sieve.launch import EXECUTORS
@@ -179,7 +179,7 @@ def write_prompts(setting, out: Path, context: str | None = None) -> Path:
                                     "token_ends": pl.List(pl.Int64)})
     if context is not None:
         _same_prompts(path, df, out, context)
-    return sign(write_atomic(path, df.write_parquet), context=context or "")
+    return write_signed(path, df.write_parquet, context=context or "")
 
 
 def _same_prompts(path: Path, df: pl.DataFrame, out: Path, context: str) -> None:
@@ -187,8 +187,13 @@ def _same_prompts(path: Path, df: pl.DataFrame, out: Path, context: str) -> None
     content, so an edited prompts file keeps the recipe's hash and its rows' keys (set, prompt, id)."""
     from sieve.files import signed
 
-    if not path.is_file() or not signed(path, context=context) or not ResultStore(out / "gen").parts():
-        return
+    store = ResultStore(out / "gen", context=context)
+    if len(store.parts()) == len(store.foreign_parts()):
+        return  # no rows of this user's for this recipe yet (others were set aside, or kept on request)
+    if not signed(path, context=context):
+        raise SieveError(f"{out} holds rows of this recipe but not the prompt texts they were made on (its "
+                         "prompts.parquet is missing, or was not written by this user's sieve for this recipe), so "
+                         "whether the prompt files changed since cannot be told: write to a fresh folder (--out DIR)")
     try:
         old = pl.read_parquet(path, columns=["set", "prompt_index", "prompt_id", "text"])
     except (Exception, pl.exceptions.PanicException):
@@ -557,13 +562,16 @@ def body(run: Run) -> int:
         refuse_links(out, "--report-only")
         saved = run_recipe(out)  # the recipe the folder was run with, where it says
         check(out, saved or recipe)  # refuses to report another recipe's rows (or run.json's) as this one's
+        from sieve.files import signed
+
         rh = recipe_hash(saved or recipe)
         unsigned = {sub: len(ResultStore(out / sub, context=rh).foreign_parts()) for sub in ("gen", "ability", "judge")
                     if (out / sub).is_dir()}
-        if any(unsigned.values()):  # reported as they are (that is what --report-only is for), but said
-            log.warning("%s: result parts this user's sieve did not write for this recipe (%s): the report shows "
-                        "another run's rows, as they are", out,
-                        ", ".join(f"{k}: {v}" for k, v in unsigned.items() if v))
+        unsigned_files = [n for n in (*READ_BACK, "prompts.parquet") if (out / n).exists() and not signed(out / n, context=rh)]
+        if any(unsigned.values()) or unsigned_files:  # reported as they are (--report-only is for that), but said
+            log.warning("%s: result parts or files this user's sieve did not write for this recipe (%s): the report "
+                        "shows them as they are", out,
+                        ", ".join([f"{k}: {v}" for k, v in unsigned.items() if v] + unsigned_files))
         report(saved or recipe, out)
         return 0
     user_prompt_files(recipe)  # a bad prompt file fails here, before any model is loaded

@@ -17,7 +17,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomic", "local_mac", "key_problem", "secret_path", "sign", "signed", "mac_path", "move_aside"]
+__all__ = ["write_atomic", "local_mac", "key_problem", "secret_path", "sign", "signed", "mac_path", "move_aside",
+           "write_signed"]
 
 
 def _umask() -> int:
@@ -26,10 +27,12 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], object]) -> Path:
+def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], object],
+                 before_rename: Callable[[Path], object] | None = None) -> Path:
     """Write ``path`` with ``data`` (text as UTF-8, bytes, or a function that writes the file at the
     path it is given: ``df.write_parquet``, ``chart.save``) through a new temporary file in the same
     folder, renamed over ``path``; the file gets the usual permissions (0666 less the umask).
+    ``before_rename(tmp)`` runs on the finished temporary file just before (:func:`write_signed`).
 
     Example:
         >>> d = Path(tempfile.mkdtemp())
@@ -48,6 +51,8 @@ def write_atomic(path: str | Path, data: str | bytes | Callable[[Path], object])
             with os.fdopen(fd, "wb") as f:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.chmod(tmp, 0o666 & ~_umask())
+        if before_rename is not None:
+            before_rename(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -127,9 +132,31 @@ def local_mac(*parts: bytes) -> str | None:
     return h.hexdigest()
 
 
-def _file_mac(path: Path, kind: bytes, context: str) -> str | None:
+def _file_mac(path: Path, kind: bytes, context: str, data: Path | None = None) -> str | None:
     return local_mac(kind, context.encode(), path.name.encode("utf-8", "surrogateescape"),
-                     hashlib.sha256(path.read_bytes()).digest())
+                     hashlib.sha256((data or path).read_bytes()).digest())
+
+
+def write_signed(path: str | Path, data: str | bytes | Callable[[Path], object], kind: bytes = b"file",
+                 context: str = "") -> Path:
+    """:func:`write_atomic` and :func:`sign` in the order that leaves no moment where the file stands
+    without its HMAC: the HMAC of the finished temporary file is written first, then the file is
+    renamed into place (a run of another shard checking the folder meanwhile never takes it for a
+    file someone else put there).
+
+    Example:
+        >>> d = Path(tempfile.mkdtemp())
+        >>> signed(write_signed(d / "run.json", "{}", context="abc"), context="abc")
+        True
+    """
+    path = Path(path)
+
+    def sign_first(tmp: Path) -> None:
+        mac = _file_mac(path, kind, context, data=tmp)
+        if mac is not None:
+            write_atomic(mac_path(path), mac)
+
+    return write_atomic(path, data, before_rename=sign_first)
 
 
 def mac_path(path: str | Path) -> Path:

@@ -38,7 +38,7 @@ from typing import Any
 import polars as pl
 
 from sieve.errors import first_line
-from sieve.files import sign, write_atomic
+from sieve.files import write_atomic, write_signed
 from sieve.methods import FAMILIES, family
 from sieve.recipe import Recipe, recipe_from_dict, recipe_hash
 
@@ -125,7 +125,7 @@ def record_run(out: Path, recipe: Recipe, *, overrides: Sequence[str] = (), star
                                            "shard": shard, "rows": int(rows), "overrides": list(overrides)}
                                           | ({"work": work} if work is not None else {})
                                           | ({"foreign_parts": foreign_parts} if foreign_parts else {}))
-    return sign(write_atomic(path, json.dumps(run, indent=1)), context=recipe_hash(recipe))
+    return write_signed(path, json.dumps(run, indent=1), context=recipe_hash(recipe))
 
 
 def load_run(out: Path) -> dict[str, Any] | None:
@@ -166,12 +166,13 @@ def merge_runs(folders: Sequence[Path], out: Path, recipe: Recipe | None = None)
 
             merged.update({"recipe": recipe_dict(recipe), "hash": recipe_hash(recipe),
                            "file": str(recipe.path) if recipe.path else None})
-        sign(write_atomic(Path(out) / RUN_FILE, json.dumps(merged, indent=1)),
-             context=recipe_hash(recipe) if recipe is not None else "")
+        write_signed(Path(out) / RUN_FILE, json.dumps(merged, indent=1),
+                     context=recipe_hash(recipe) if recipe is not None else "")
     frames = [pl.read_parquet(Path(d) / "prompts.parquet") for d in folders if (Path(d) / "prompts.parquet").exists()]
     if frames:
         df = pl.concat(frames, how="diagonal_relaxed").unique(subset=["set", "prompt_index"], keep="first")
-        write_atomic(Path(out) / "prompts.parquet", df.sort(["set", "prompt_index"]).write_parquet)
+        write_signed(Path(out) / "prompts.parquet", df.sort(["set", "prompt_index"]).write_parquet,
+                     context=recipe_hash(recipe) if recipe is not None else "")
 
 
 # --- the data the page shows ----------------------------------------------------------------------

@@ -25,7 +25,7 @@ import polars as pl
 
 from sieve.errors import SieveError, first_line
 from sieve.evals.metrics import mean_ci, wilson
-from sieve.files import mac_path, move_aside, sign, signed, write_atomic
+from sieve.files import mac_path, move_aside, signed, write_signed
 from sieve.stats import DEFAULT_BOOTSTRAP, cluster_rate, paired_difference, rate_difference, sign_flip
 from sieve.sweep import UNSTEERED, columns, schema
 
@@ -106,7 +106,7 @@ class ResultStore:
         else:
             df = pl.DataFrame(list(rows), infer_schema_length=None)
         name = f"part-{self.shard}-{next(self._counter):06d}-{uuid.uuid4().hex[:8]}.parquet"
-        return sign(write_atomic(self.folder / name, df.write_parquet), b"part", self.context)
+        return write_signed(self.folder / name, df.write_parquet, b"part", self.context)  # HMAC first: no race
 
     def foreign_parts(self) -> list[Path]:
         """The parts this user's sieve did not write for this store's ``context`` (no valid HMAC beside
@@ -137,7 +137,8 @@ class ResultStore:
 
 def merge_stores(folders: Iterable[str | Path], out: str | Path, context: str = "") -> pl.DataFrame:
     """Combine several stores (e.g. one per shard) into ``out``, dropping duplicate keys; the merged
-    part is signed for ``context`` (the run's recipe hash, :class:`ResultStore`).
+    part is signed for ``context`` (the run's recipe hash, :class:`ResultStore`). Parts ``out`` held
+    before go: an earlier merge's own (signed) part is deleted, anything else moved to ``replaced/``.
 
     Example:
         >>> merge_stores(["runs/a/gen", "runs/b/gen"], "runs/merged/gen")  # doctest: +SKIP
@@ -145,9 +146,17 @@ def merge_stores(folders: Iterable[str | Path], out: str | Path, context: str = 
     frames = [ResultStore(f).table() for f in folders]
     frames = [f for f in frames if f.height]
     store = ResultStore(out, shard="merged", context=context)
-    for p in store.parts():  # the merge's rows are the shards' alone, whatever ``out`` held before
+    # The merge's rows are the shards' alone, whatever ``out`` held before: an earlier merge's own part
+    # goes (the shards hold its rows), any other part is moved to ``replaced/``, never deleted.
+    earlier = [p for p in store.parts() if p.name.startswith("part-merged-") and signed(p, b"part", context)]
+    for p in earlier:
         p.unlink()
         mac_path(p).unlink(missing_ok=True)
+    others = store.parts()
+    if others:
+        store.set_aside(others, "replaced")
+        log.warning("%s held %d result parts besides an earlier merge's: moved to %s", out, len(others),
+                    store.folder / "replaced")
     if not frames:
         return pl.DataFrame()
     df = pl.concat(frames, how="diagonal_relaxed").unique(subset="key", keep="first", maintain_order=True)

@@ -558,7 +558,7 @@ def test_report_only_of_a_folder_of_rows_this_user_did_not_write_says_so(tmp_pat
         (p.parent / f".{p.name}.mac").unlink()  # as a folder from someone else arrives
     with caplog.at_level(logging.WARNING, logger="recipes"):
         assert regex.main(["--report-only", str(out), "--no-progress"]) == 0
-    assert "the report shows another run's rows, as they are" in caplog.text
+    assert "the report shows them as they are" in caplog.text
 
 
 def test_rows_made_on_other_prompt_texts_are_not_resumed(tmp_path, capsys):
@@ -580,3 +580,55 @@ def test_rows_made_on_other_prompt_texts_are_not_resumed(tmp_path, capsys):
     assert ResultStore(out / "gen").table().equals(before)  # nothing lost, nothing added
     prompts.write_text("".join(json.dumps(r) + "\n" for r in first))
     assert regex.main(args) == 0
+
+
+def test_report_only_names_read_back_files_this_user_did_not_write(tmp_path, caplog):
+    out = tmp_path / "out"
+    assert regex.main(_tiny(out)) == 0
+    pl.DataFrame({"method": ["unsteered"], "scale": [0.0], "accuracy": [0.987654], "lo": [0.9], "hi": [1.0],
+                  "n": [42]}).write_parquet(out / "mmlu.parquet")
+    (out / ".prompts.parquet.mac").unlink()  # prompts.parquet edited by someone: its HMAC no longer fits
+    with caplog.at_level(logging.WARNING, logger="recipes"):
+        assert regex.main(["--report-only", str(out), "--no-progress"]) == 0
+    assert "mmlu.parquet, prompts.parquet): the report shows them as they are" in caplog.text
+
+
+def test_a_folder_whose_prompt_texts_cannot_be_told_is_not_resumed(tmp_path, capsys):
+    """The user's own signed rows with their prompts.parquet removed (so no edit can be seen) are refused."""
+    out = tmp_path / "out"
+    assert regex.main(_tiny(out)) == 0
+    (out / "prompts.parquet").unlink()
+    assert regex.main(_tiny(out)) == 2
+    assert "not the prompt texts they were made on" in capsys.readouterr().err
+
+
+def test_a_merge_moves_parts_it_did_not_make_aside_instead_of_deleting_them(tmp_path):
+    from sieve.results import merge_stores
+
+    a, dest = ResultStore(tmp_path / "a"), ResultStore(tmp_path / "dest")
+    a.append([{"key": "1", "x": 1}])
+    mine = dest.append([{"key": "2", "x": 2}])  # rows the user computed in the destination
+    merge_stores([tmp_path / "a"], tmp_path / "dest")
+    assert (tmp_path / "dest" / "replaced" / mine.name).is_file()
+    assert ResultStore(tmp_path / "dest").table()["key"].to_list() == ["1"]
+    merge_stores([tmp_path / "a"], tmp_path / "dest")  # merged again: the earlier merge's part goes
+    assert len(ResultStore(tmp_path / "dest").parts()) == 1 and len(list((tmp_path / "dest" / "replaced").iterdir())) == 2
+
+
+def test_a_part_never_stands_without_its_hmac(tmp_path, monkeypatch):
+    """A shard checking the folder while a sibling appends saw the new part before its HMAC and set it
+    aside: the HMAC is now written before the part is renamed into place."""
+    import sieve.files as files
+
+    store = ResultStore(tmp_path / "gen", context="h")
+    seen = []
+    real = files.os.replace
+
+    def replace(src, dst, *a, **k):
+        if str(dst).endswith(".parquet") and not Path(dst).name.startswith("."):
+            seen.append(files.mac_path(Path(dst)).is_file())  # the HMAC is there before the part
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    store.append([{"key": "a"}])
+    assert seen == [True] and store.foreign_parts() == []
