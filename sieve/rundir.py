@@ -97,8 +97,9 @@ def output_dir(recipe: Recipe, out: str | Path | None = None, *, trusted: bool =
         raise RecipeError(recipe.path or "<recipe>", "output.dir",
                           f"{raw!r} resolves to {path}, outside the working directory ({cwd}) and the recipe's "
                           "folder: a recipe file may only write there. Pass --out DIR to write elsewhere.")
-    root = next(r for r in roots if path == r or path.is_relative_to(r))
-    hidden = [part for part in path.relative_to(root).parts if part.startswith(".")]
+    # hidden components below the root the folder lies in (the recipe's own folder may itself be hidden)
+    hidden = min(([part for part in path.relative_to(r).parts if part.startswith(".")] for r in roots
+                  if path.is_relative_to(r)), key=len)
     if hidden:  # ~/.bashrc.d, ~/.config/...: folders whose files other programs read or run
         raise RecipeError(recipe.path or "<recipe>", "output.dir",
                           f"{raw!r} resolves to {path}, inside a hidden folder ({hidden[0]}): other programs read "

@@ -632,3 +632,22 @@ def test_a_part_never_stands_without_its_hmac(tmp_path, monkeypatch):
     monkeypatch.setattr(files.os, "replace", replace)
     store.append([{"key": "a"}])
     assert seen == [True] and store.foreign_parts() == []
+
+
+def test_a_recipe_in_a_hidden_folder_may_write_beside_itself(tmp_path, monkeypatch):
+    """The hidden-folder rule reads below the root the output lies in: a recipe kept in ~/.recipes/ may
+    write its own out/ there, run from the home folder."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / ".recipes" / "study" / "recipe.toml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text((ROOT / "recipes/regex.toml").read_text().replace('dir = "runs/regex-world"', 'dir = "out"'))
+    from sieve.rundir import output_dir
+
+    assert output_dir(load_recipe(recipe)) == tmp_path / "out"  # relative to the working directory
+    recipe.write_text((ROOT / "recipes/regex.toml").read_text().replace(
+        'dir = "runs/regex-world"', f'dir = "{recipe.parent / "out"}"'))
+    assert output_dir(load_recipe(recipe)) == recipe.parent / "out"  # inside the recipe's own (hidden) folder
+    recipe.write_text((ROOT / "recipes/regex.toml").read_text().replace(
+        'dir = "runs/regex-world"', f'dir = "{recipe.parent / ".inner"}"'))
+    with pytest.raises(SieveError, match="inside a hidden folder"):
+        output_dir(load_recipe(recipe))
