@@ -53,6 +53,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -157,11 +158,12 @@ def _evaluate_text(recipe: Recipe, prompt, text: str, finished: bool) -> dict[st
     }
 
 
-def write_prompts(setting, out: Path, context: str | None = None) -> Path:
+def write_prompts(setting, out: Path, context: str = "", resumed: bool = False) -> Path:
     """``out/prompts.parquet``: each prompt's text as the model reads it and where its tokens end (the
-    report marks detector firings on it), signed for ``context`` (the run's recipe hash). With a
-    ``context``, a run refuses a folder whose rows were made on other texts under the same prompt ids
-    (an edited prompts file: the recipe's hash covers file names, not content)."""
+    report marks detector firings on it), signed for ``context`` (the run's recipe hash). Where the
+    run resumes rows of this user's (``resumed``), it refuses a folder whose rows were made on other
+    texts under the same prompt ids (an edited prompts file: the recipe's hash covers file names, not
+    content)."""
     from sieve.models import tokenize_prompts
     from sieve.report import token_ends
 
@@ -177,9 +179,9 @@ def write_prompts(setting, out: Path, context: str | None = None) -> Path:
     path = out / "prompts.parquet"
     df = pl.DataFrame(rows, schema={"set": pl.Utf8, "prompt_index": pl.Int64, "prompt_id": pl.Utf8, "text": pl.Utf8,
                                     "token_ends": pl.List(pl.Int64)})
-    if context is not None:
+    if resumed:
         _same_prompts(path, df, out, context)
-    return write_signed(path, df.write_parquet, context=context or "")
+    return write_signed(path, df.write_parquet, context=context)
 
 
 def _same_prompts(path: Path, df: pl.DataFrame, out: Path, context: str) -> None:
@@ -187,9 +189,6 @@ def _same_prompts(path: Path, df: pl.DataFrame, out: Path, context: str) -> None
     content, so an edited prompts file keeps the recipe's hash and its rows' keys (set, prompt, id)."""
     from sieve.files import signed
 
-    store = ResultStore(out / "gen", context=context)
-    if len(store.parts()) == len(store.foreign_parts()):
-        return  # no rows of this user's for this recipe yet (others were set aside, or kept on request)
     if not signed(path, context=context):
         raise SieveError(f"{out} holds rows of this recipe but not the prompt texts they were made on (its "
                          "prompts.parquet is missing, or was not written by this user's sieve for this recipe), so "
@@ -481,6 +480,22 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
 READ_BACK = ("run.json", "detect.parquet", "detect_curves.parquet", "mmlu.parquet")
 
 
+def _not_signed(out: Path, rh: str, names: Sequence[str], *, tag: str = "0of1", quarantine: bool = False
+                ) -> tuple[dict[str, ResultStore], dict[str, list[Path]], list[Path]]:
+    """The result stores of ``out``, the parts of each that this user's sieve did not sign for recipe
+    hash ``rh``, and which of the files ``names`` are unsigned. ``quarantine``: unreadable parts are
+    quarantined first (named as such, not as someone else's)."""
+    from sieve.files import signed
+
+    stores = {sub: ResultStore(out / sub, tag, rh) for sub in ("gen", "ability", "judge") if (out / sub).is_dir()}
+    if quarantine:
+        for s in stores.values():
+            s.done_keys()
+    found = {sub: s.foreign_parts() for sub, s in stores.items()}
+    files = [out / n for n in names if ((out / n).exists() or (out / n).is_symlink()) and not signed(out / n, context=rh)]
+    return stores, found, files
+
+
 def foreign_parts(out: Path, tag: str, recipe: Recipe, *, keep: bool) -> dict[str, Any]:
     """Result parts and files in ``out`` that this user's sieve did not write for ``recipe`` (no valid
     HMAC under the user's key bound to the recipe's hash, :func:`sieve.files.signed`: a folder shipped
@@ -497,15 +512,9 @@ def foreign_parts(out: Path, tag: str, recipe: Recipe, *, keep: bool) -> dict[st
         >>> foreign_parts(Path("runs/shared"), "0of1", recipe, keep=False)  # doctest: +SKIP
         {'gen': 3, 'kept': False}
     """
-    from sieve.files import key_problem, move_aside, signed
+    from sieve.files import key_problem, move_aside
 
-    rh = recipe_hash(recipe)
-    stores = {sub: ResultStore(out / sub, tag, rh) for sub in ("gen", "ability", "judge") if (out / sub).is_dir()}
-    for s in stores.values():
-        s.done_keys()  # a part that cannot be read goes to quarantine first, named as such
-    found = {sub: s.foreign_parts() for sub, s in stores.items()}
-    files = [out / name for name in READ_BACK if (out / name).exists() or (out / name).is_symlink()]
-    files = [f for f in files if not signed(f, context=rh)]
+    stores, found, files = _not_signed(out, recipe_hash(recipe), READ_BACK, tag=tag, quarantine=True)
     counts = {sub: len(v) for sub, v in found.items() if v} | ({"files": len(files)} if files else {})
     if not counts:
         return {}
@@ -562,16 +571,11 @@ def body(run: Run) -> int:
         refuse_links(out, "--report-only")
         saved = run_recipe(out)  # the recipe the folder was run with, where it says
         check(out, saved or recipe)  # refuses to report another recipe's rows (or run.json's) as this one's
-        from sieve.files import signed
-
-        rh = recipe_hash(saved or recipe)
-        unsigned = {sub: len(ResultStore(out / sub, context=rh).foreign_parts()) for sub in ("gen", "ability", "judge")
-                    if (out / sub).is_dir()}
-        unsigned_files = [n for n in (*READ_BACK, "prompts.parquet") if (out / n).exists() and not signed(out / n, context=rh)]
-        if any(unsigned.values()) or unsigned_files:  # reported as they are (--report-only is for that), but said
+        _, unsigned, files = _not_signed(out, recipe_hash(saved or recipe), (*READ_BACK, "prompts.parquet"))
+        if any(unsigned.values()) or files:  # reported as they are (--report-only is for that), but said
             log.warning("%s: result parts or files this user's sieve did not write for this recipe (%s): the report "
                         "shows them as they are", out,
-                        ", ".join([f"{k}: {v}" for k, v in unsigned.items() if v] + unsigned_files))
+                        ", ".join([f"{k}: {len(v)}" for k, v in unsigned.items() if v] + [f.name for f in files]))
         report(saved or recipe, out)
         return 0
     user_prompt_files(recipe)  # a bad prompt file fails here, before any model is loaded
@@ -614,7 +618,9 @@ def body(run: Run) -> int:
             foreign = foreign_parts(out, tag, recipe, keep=args.keep_foreign_parts)
             setting = load_setting(recipe, progress=run.progress, cache_dir=out / "cache")
             rh = recipe_hash(recipe)  # parts are signed for this recipe: another study's do not pass as its own
-            write_prompts(setting, out, rh)
+            # rows of this user's to resume: every part left after foreign_parts, but those kept on request
+            kept = foreign.get("gen", 0) if foreign.get("kept") else 0
+            write_prompts(setting, out, rh, resumed=len(ResultStore(out / "gen").parts()) > kept)
             work = ForkSummary() if recipe.sweep.fork else None
             n = run_generation(recipe, setting, ResultStore(out / "gen", tag, rh), part, run.progress, work)
             if work is not None and work.rows:

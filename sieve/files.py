@@ -137,6 +137,14 @@ def _file_mac(path: Path, kind: bytes, context: str, data: Path | None = None) -
                      hashlib.sha256((data or path).read_bytes()).digest())
 
 
+def _write_mac(path: Path, kind: bytes, context: str, data: Path | None = None) -> None:
+    """Write ``path``'s HMAC file (of ``data``'s bytes where given: a temporary file about to become
+    ``path``); nothing where there is no key."""
+    mac = _file_mac(path, kind, context, data)
+    if mac is not None:
+        write_atomic(mac_path(path), mac)
+
+
 def write_signed(path: str | Path, data: str | bytes | Callable[[Path], object], kind: bytes = b"file",
                  context: str = "") -> Path:
     """:func:`write_atomic` and :func:`sign` in the order that leaves no moment where the file stands
@@ -150,13 +158,7 @@ def write_signed(path: str | Path, data: str | bytes | Callable[[Path], object],
         True
     """
     path = Path(path)
-
-    def sign_first(tmp: Path) -> None:
-        mac = _file_mac(path, kind, context, data=tmp)
-        if mac is not None:
-            write_atomic(mac_path(path), mac)
-
-    return write_atomic(path, data, before_rename=sign_first)
+    return write_atomic(path, data, before_rename=lambda tmp: _write_mac(path, kind, context, data=tmp))
 
 
 def mac_path(path: str | Path) -> Path:
@@ -178,9 +180,7 @@ def sign(path: str | Path, kind: bytes = b"file", context: str = "") -> Path:
         (True, False)
     """
     path = Path(path)
-    mac = _file_mac(path, kind, context)
-    if mac is not None:
-        write_atomic(mac_path(path), mac)
+    _write_mac(path, kind, context)
     return path
 
 
@@ -204,11 +204,11 @@ def signed(path: str | Path, kind: bytes = b"file", context: str = "") -> bool:
         return False
 
 
-def move_aside(paths: list[Path], dest: Path) -> Path:
+def move_aside(paths: list[Path], dest: Path, owner: str = "this run") -> Path:
     """Move ``paths`` (with their HMAC files, :func:`mac_path`) into the folder ``dest``, made if
     needed; nothing is deleted (a name already there gets a suffix). Returns ``dest``. Refused
-    (:class:`~sieve.errors.SieveError`) where ``dest`` is a link or not a folder: moving into it would
-    put the files wherever a shipped link points.
+    (:class:`~sieve.errors.SieveError`, naming ``dest`` as a folder of ``owner``) where ``dest`` is a
+    link or not a folder: moving into it would put the files wherever a shipped link points.
 
     Example:
         >>> d = Path(tempfile.mkdtemp()); f = write_atomic(d / "run.json", "{}")
@@ -218,7 +218,7 @@ def move_aside(paths: list[Path], dest: Path) -> Path:
     from sieve.errors import SieveError
 
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise SieveError(f"{dest} is not a folder of this run (a link or a file): files cannot be set aside "
+        raise SieveError(f"{dest} is not a folder of {owner} (a link or a file): files cannot be set aside "
                          "there; remove it, or write to a fresh folder (--out DIR)")
     dest.mkdir(exist_ok=True)
     for p in paths:

@@ -91,10 +91,7 @@ class ResultStore:
             >>> s = ResultStore(tmp_path / "gen"); s.set_aside(s.foreign_parts()).name  # doctest: +SKIP
             'foreign'
         """
-        try:
-            return move_aside(list(parts), self.folder / into)
-        except SieveError as e:
-            raise SieveError(str(e).replace("a folder of this run", "a folder of this result store")) from None
+        return move_aside(list(parts), self.folder / into, "this result store")
 
     def append(self, rows: Sequence[Any]) -> Path | None:
         """Write ``rows`` (typed row dataclasses, or dicts) as one new part, atomically (temp file,
@@ -133,6 +130,11 @@ class ResultStore:
         """The keys of every stored row."""
         frames = self._read(["key"])
         return set(pl.concat(frames)["key"].to_list()) if frames else set()
+
+
+def _edited_share(rows: pl.DataFrame) -> float:
+    """The share of ``rows`` the intervention edited at all (for a gated method: the gate opened in time)."""
+    return float(((rows["prompt_edited"] + rows["gen_edited"]) > 0).cast(pl.Float64).mean())
 
 
 def merge_stores(folders: Iterable[str | Path], out: str | Path, context: str = "") -> pl.DataFrame:
@@ -275,8 +277,8 @@ def summarize(
         if "empty" in grp.columns:
             row["empty_n"] = int(sum(_flags(grp["empty"])))
             row["empty_rate"] = row["empty_n"] / grp.height
-        if "gen_edited" in grp.columns:  # rows the intervention edited at all (a gate that opened in time)
-            row["edited_rate"] = float(((grp["prompt_edited"] + grp["gen_edited"]) > 0).cast(pl.Float64).mean())
+        if "gen_edited" in grp.columns:
+            row["edited_rate"] = _edited_share(grp)
         if "prompt_gate_opened" in grp.columns and grp["prompt_gate_opened"].drop_nulls().len():
             row["gate_open_rate"] = float(grp["prompt_gate_opened"].drop_nulls().cast(pl.Float64).mean())
         # Paired with unsteered: the same prompt and sample (hence the same seed).
@@ -311,7 +313,7 @@ def summarize(
             row["neutral_moved"] = (sum(_moved(a, b) for a, b, _ in paired) / len(paired)) if paired else float("nan")
             row["neutral_regex_rate"] = float(ng["regex"].mean())
             if "gen_edited" in ng.columns:
-                row["neutral_edited_rate"] = float(((ng["prompt_edited"] + ng["gen_edited"]) > 0).cast(pl.Float64).mean())
+                row["neutral_edited_rate"] = _edited_share(ng)
             # How much more the regex-prone prompts use re than the neutral ones (distinct prompts: unpaired)
             nr = cluster_rate(_flags(ng["regex"]), ng["prompt_index"].to_list(), **boot)
             gap = rate_difference(_flags(grp["regex"]), prompts, _flags(ng["regex"]), ng["prompt_index"].to_list(), **boot)
