@@ -158,37 +158,34 @@ def _evaluate_text(recipe: Recipe, prompt, text: str, finished: bool) -> dict[st
     }
 
 
-def write_prompts(setting, out: Path, context: str = "", resumed: bool = False) -> Path:
-    """``out/prompts.parquet``: each prompt's text as the model reads it and where its tokens end (the
-    report marks detector firings on it), signed for ``context`` (the run's recipe hash). Where the
-    run resumes rows of this user's (``resumed``), it refuses a folder whose rows were made on other
-    texts under the same prompt ids (an edited prompts file: the recipe's hash covers file names, not
-    content)."""
+def prompt_table(tokenizer, prompts) -> pl.DataFrame:
+    """Each generation prompt's text as the model reads it and where its tokens end (the report marks
+    detector firings on it): the rows of ``prompts.parquet``."""
     from sieve.models import tokenize_prompts
     from sieve.report import token_ends
 
-    tok = setting.model.tokenizer
     rows = []
-    for set_name, items in (("regex", setting.prompts.regex), ("neutral", setting.prompts.neutral)):
+    for set_name, items in (("regex", prompts.regex), ("neutral", prompts.neutral)):
         if not items:
             continue
-        ids = tokenize_prompts(tok, [p.text for p in items])
-        texts = tok.batch_decode(ids, skip_special_tokens=True)
-        for i, (p, text, ends) in enumerate(zip(items, texts, token_ends(tok, ids, texts))):
+        ids = tokenize_prompts(tokenizer, [p.text for p in items])
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        for i, (p, text, ends) in enumerate(zip(items, texts, token_ends(tokenizer, ids, texts))):
             rows.append({"set": set_name, "prompt_index": i, "prompt_id": p.id, "text": text, "token_ends": ends})
-    path = out / "prompts.parquet"
-    df = pl.DataFrame(rows, schema={"set": pl.Utf8, "prompt_index": pl.Int64, "prompt_id": pl.Utf8, "text": pl.Utf8,
-                                    "token_ends": pl.List(pl.Int64)})
-    if resumed:
-        _same_prompts(path, df, out, context)
-    return write_signed(path, df.write_parquet, context=context)
+    return pl.DataFrame(rows, schema={"set": pl.Utf8, "prompt_index": pl.Int64, "prompt_id": pl.Utf8,
+                                      "text": pl.Utf8, "token_ends": pl.List(pl.Int64)})
 
 
-def _same_prompts(path: Path, df: pl.DataFrame, out: Path, context: str) -> None:
-    """Refuse to resume rows made on other prompt texts: a recipe names its prompt files, not their
-    content, so an edited prompts file keeps the recipe's hash and its rows' keys (set, prompt, id)."""
+def check_inputs(out: Path, table: pl.DataFrame, sources: dict, context: str) -> None:
+    """Before the weights load, refuse to resume this user's rows in ``out`` where they were made on
+    other inputs under the same recipe: other prompt texts under the same prompt ids (a recipe names
+    its prompt files, not their content), or another model, SAE or MMLU data under the same name
+    (``sources.json``, :func:`sieve.setting.sources_identity`: a model retrained in its folder, a hub
+    id whose ``main`` moved)."""
     from sieve.files import signed
+    from sieve.report import SOURCES_FILE
 
+    path = out / "prompts.parquet"
     if not signed(path, context=context):
         raise SieveError(f"{out} holds rows of this recipe but not the prompt texts they were made on (its "
                          "prompts.parquet is missing, or was not written by this user's sieve for this recipe), so "
@@ -196,15 +193,68 @@ def _same_prompts(path: Path, df: pl.DataFrame, out: Path, context: str) -> None
     try:
         old = pl.read_parquet(path, columns=["set", "prompt_index", "prompt_id", "text"])
     except (Exception, pl.exceptions.PanicException):
-        return
-    was = {(r["set"], r["prompt_index"], r["prompt_id"]): r["text"] for r in old.iter_rows(named=True)}
-    for r in df.iter_rows(named=True):
+        old = None
+    rows = old.iter_rows(named=True) if old is not None else ()
+    was = {(r["set"], r["prompt_index"], r["prompt_id"]): r["text"] for r in rows}
+    for r in table.iter_rows(named=True):
         before = was.get((r["set"], r["prompt_index"], r["prompt_id"]))
         if before is not None and before != r["text"]:
             raise SieveError(f"{out} holds rows made on other prompt texts: {r['set']} prompt {r['prompt_index']} "
                              f"({printable(r['prompt_id'])}) now reads {printable(r['text'][:60])!r}, before "
                              f"{printable(before[:60])!r}. The prompt files changed since; write to a fresh folder "
                              "(--out DIR), or restore them")
+    spath = out / SOURCES_FILE
+    if not signed(spath, context=context):
+        raise SieveError(f"{out} holds rows of this recipe but no record of the model, SAE and data they were made "
+                         f"with (its {SOURCES_FILE} is missing, or was not written by this user's sieve for this "
+                         "recipe), so whether they changed since cannot be told: write to a fresh folder (--out DIR)")
+    try:
+        before_s = json.loads(spath.read_text())
+    except (OSError, ValueError):
+        before_s = None
+    if before_s != sources:
+        raise SieveError(f"{out} holds rows made with other inputs: {sources_change(before_s, sources)}. Rows of "
+                         "both would mix: write to a fresh folder (--out DIR), or restore them")
+
+
+_PART_NAMES = {"model": "the model", "sae": "the SAE", "judge": "the judge model", "mmlu_data": "the MMLU data"}
+
+
+def sources_change(before: object, now: dict) -> str:
+    """What changed between two :func:`sieve.setting.sources_identity` records, in words.
+
+    Example:
+        >>> sources_change({"model": {"files": {"model.safetensors": "ab"}}, "sae": {}},
+        ...                {"model": {"files": {"model.safetensors": "cd"}}, "sae": {}})
+        'the model: model.safetensors changed'
+    """
+    if not isinstance(before, dict):
+        return "the record of the model, SAE and data is not readable"
+    said = []
+    for part in dict.fromkeys([*now, *before]):
+        old, new, name = before.get(part), now.get(part), _PART_NAMES.get(part, printable(part))
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict) and "files" in old and "files" in new:
+            o, n = old["files"], new["files"]
+            names = [f"{printable(k)} changed" for k in n if k in o and o[k] != n[k]]
+            names += [f"{printable(k)} is new" for k in n if k not in o]
+            names += [f"{printable(k)} is gone" for k in o if k not in n]
+            said.append(f"{name}: " + ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else ""))
+        elif isinstance(old, dict) and isinstance(new, dict) and "commit" in new and old.get("hub") == new.get("hub"):
+            said.append(f"{name}: {printable(new.get('hub'))} was at commit {printable(old.get('commit'))}, now "
+                        f"{printable(new.get('commit'))}")
+        else:
+            said.append(f"{name}'s source")
+    return "; ".join(said) or "the record differs"
+
+
+def write_inputs(out: Path, table: pl.DataFrame, sources: dict, context: str) -> None:
+    """Write ``prompts.parquet`` and ``sources.json``, signed for ``context`` (the run's recipe hash)."""
+    from sieve.report import SOURCES_FILE
+
+    write_signed(out / "prompts.parquet", table.write_parquet, context=context)
+    write_signed(out / SOURCES_FILE, json.dumps(sources, indent=1, sort_keys=True), context=context)
 
 
 def run_generation(recipe: Recipe, setting, store: ResultStore, part: tuple[int, int], progress: bool,
@@ -383,11 +433,15 @@ def _harness_kwargs(recipe: Recipe, trust_task_code: bool) -> dict[str, Any]:
 def check_harness(recipe: Recipe, trust_task_code: bool = False) -> None:
     """Before any model loads: the recipe's harness task folder holds data only (unless
     ``trust_task_code``) and names every task it asks for; the hub datasets the general-ability axis
-    reads are not shadowed by folders in the working directory."""
+    reads are not shadowed by folders in the working directory; a local MMLU file reads as questions."""
     if recipe.eval.general == "mmlu" and not recipe.eval.mmlu_data:
         from sieve.evals.task_files import check_hub_id
 
         check_hub_id("cais/mmlu", "MMLU (eval.mmlu_data empty: the hub's)")
+    if recipe.eval.general == "mmlu" and recipe.eval.mmlu_data:
+        from sieve.evals.mmlu import load_questions
+
+        load_questions(recipe.resolve(recipe.eval.mmlu_data))  # a malformed row fails here, not after the sweep
     if recipe.eval.general != "lmeval":
         return
     from sieve.evals.lmeval import harness_tasks
@@ -582,9 +636,14 @@ def body(run: Run) -> int:
     check_harness(recipe, args.trust_task_code)  # so do harness tasks that are code, or unknown
     from sieve.evals.judge import make_judge
 
-    judge = make_judge(recipe.eval.judge, recipe.eval.judge_model)  # a bad judge setting, likewise
+    judge_model = recipe.eval.judge_model
+    if recipe.eval.judge == "hf" and judge_model:
+        from sieve.setting import judge_source
+
+        judge_model = str(judge_source(recipe))  # a folder beside the recipe, or a hub id no folder stands in for
+    judge = make_judge(recipe.eval.judge, judge_model)  # a bad judge setting, likewise
     if args.merge:
-        from sieve.report import merge_runs
+        from sieve.report import merge_runs, shard_inputs
 
         for d in args.merge:
             src = Path(d)
@@ -592,6 +651,7 @@ def body(run: Run) -> int:
                 raise SieveError(f"--merge {d}: not a run folder of this recipe (no recipe.json in {src.resolve()})")
             refuse_links(src, "--merge")
             check(src, recipe)  # refuses a shard made by another recipe
+        shard_inputs([Path(d) for d in args.merge])  # or on other prompt texts, or from other sources
         with run.lock():
             # the merged folder holds the shards' rows alone: what it held that this user did not write goes
             foreign_parts(out, "merged", recipe, keep=args.keep_foreign_parts)
@@ -603,7 +663,7 @@ def body(run: Run) -> int:
         return 0
     if args.report_only is None:
         from sieve.report import record_run
-        from sieve.setting import load_setting
+        from sieve.setting import checked_inputs, load_setting, sources_identity
 
         part = parse_shard(args.shard)
         if recipe.eval.execute and recipe.prompts.source != "world":  # generated tests will run
@@ -616,11 +676,15 @@ def body(run: Run) -> int:
         with run.lock(f"shard-{tag}"):
             t0, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
             foreign = foreign_parts(out, tag, recipe, keep=args.keep_foreign_parts)
-            setting = load_setting(recipe, progress=run.progress, cache_dir=out / "cache")
             rh = recipe_hash(recipe)  # parts are signed for this recipe: another study's do not pass as its own
+            tok, prompts = checked_inputs(recipe)  # bad input fails here, before the weights load
+            table, sources = prompt_table(tok, prompts), sources_identity(recipe)
             # rows of this user's to resume: every part left after foreign_parts, but those kept on request
             kept = foreign.get("gen", 0) if foreign.get("kept") else 0
-            write_prompts(setting, out, rh, resumed=len(ResultStore(out / "gen").parts()) > kept)
+            if len(ResultStore(out / "gen").parts()) > kept:
+                check_inputs(out, table, sources, rh)  # made on other prompt texts, weights or data: refused
+            setting = load_setting(recipe, progress=run.progress, cache_dir=out / "cache", checked=True)
+            write_inputs(out, table, sources, rh)
             work = ForkSummary() if recipe.sweep.fork else None
             n = run_generation(recipe, setting, ResultStore(out / "gen", tag, rh), part, run.progress, work)
             if work is not None and work.rows:

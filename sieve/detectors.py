@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.std import tqdm  # text bars everywhere: tqdm.auto needs ipywidgets in notebooks
 
-from sieve.errors import SieveError
+from sieve.errors import SieveError, first_line
 from sieve.files import local_mac, write_atomic
 from sieve.interventions import Detector, eligible_mask
 from sieve.models import _last_logits_only, encode_prompts, layer, tokenize_prompts
@@ -407,11 +407,15 @@ def cached(path: Path, key: str, compute: Callable[[], dict[str, Tensor]]) -> di
     Example:
         >>> t = cached(tmp / "caa.safetensors", fingerprint(prompts, 3), lambda: {"v": v})  # doctest: +SKIP
     """
-    if path.exists():
-        from safetensors import safe_open
+    if path.is_file():  # not a FIFO or a folder shipped under its name
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as e:
+            log.info("%s is not a readable cache (%s): computed again", path, first_line(e))
+            meta = {}
         if meta.get("key") == key:
             t = load_file(str(path))
             mac = local_mac(key.encode(), _tensor_bytes(t))

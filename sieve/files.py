@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["write_atomic", "local_mac", "key_problem", "secret_path", "sign", "signed", "mac_path", "move_aside",
-           "write_signed"]
+           "write_signed", "folder_digest"]
 
 
 def _umask() -> int:
@@ -230,3 +230,58 @@ def move_aside(paths: list[Path], dest: Path, owner: str = "this run") -> Path:
         if side.is_file() or side.is_symlink():
             os.replace(side, mac_path(target))
     return dest
+
+
+def _digest_cache() -> Path:
+    return secret_path().parent / "digests.json"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_digest(folder: str | Path, keep: Callable[[str], bool] | None = None) -> dict[str, str]:
+    """The SHA-256 of each file directly in ``folder`` (hidden names skipped, links followed; ``keep``
+    picks by name), by name: what identifies a local model's or SAE's weights, config and tokenizer.
+    A file is read once: its digest is kept beside sieve's key (``~/.cache/sieve/digests.json``) under its resolved
+    path, size, modification time and inode, and read again only when one of them changes.
+
+    Example:
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "model.safetensors").write_bytes(b"weights")
+        >>> folder_digest(d)["model.safetensors"][:12]
+        '9a129038d9a0'
+    """
+    import json
+
+    folder = Path(folder)
+    cache_path = _digest_cache()
+    try:
+        cache = json.loads(cache_path.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    out, changed = {}, False
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or not f.is_file() or (keep is not None and not keep(f.name)):
+            continue
+        real = f.resolve()
+        st = real.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = cache.get(str(real))
+        if isinstance(hit, dict) and hit.get("stat") == stamp and isinstance(hit.get("sha256"), str):
+            out[f.name] = hit["sha256"]
+            continue
+        out[f.name] = digest = _file_sha256(real)
+        cache[str(real)] = {"stat": stamp, "sha256": digest}
+        changed = True
+    if changed:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cache_path, json.dumps(cache))
+        except OSError:
+            pass  # no cache: the files are read again next time
+    return out

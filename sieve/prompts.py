@@ -123,8 +123,9 @@ def _task_sets(r: Any, tokenizer: Any) -> PromptSets:
     from sieve.models import chat_prompt
 
     path = r.resolve(r.prompts.source)
-    if not path.exists():
-        raise RecipeError(r.path or "<recipe>", "prompts.source", f"prompt file {path} not found")
+    if not path.is_file():
+        raise RecipeError(r.path or "<recipe>", "prompts.source",
+                          f"prompt file {path} " + ("is not a file" if path.exists() else "not found"))
     try:
         spec = tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as e:

@@ -452,9 +452,16 @@ def _validate(r: Recipe) -> Recipe:
     if r.sweep.temperature == 0 and r.sweep.samples > 1:
         raise RecipeError(where, "sweep.samples", f"is {r.sweep.samples} but sweep.temperature = 0 (greedy) makes "
                           "every sample identical: set samples = 1 or a temperature > 0")
-    for key, v in (("eval.timeout_s", r.eval.timeout_s), ("eval.memory_mb", r.eval.memory_mb)):
-        if v <= 0:
-            raise RecipeError(where, key, f"must be > 0, got {v}")
+    for key, v, hi in (("eval.timeout_s", r.eval.timeout_s, MAX_TIMEOUT_S), ("eval.memory_mb", r.eval.memory_mb,
+                                                                             MAX_MEMORY_MB)):
+        if not 0 < v <= hi:
+            raise RecipeError(where, key, f"must be > 0 and at most {hi}, got {v}")
+    for key, v, hi in (("sweep.samples", r.sweep.samples, MAX_SAMPLES),
+                       ("sweep.max_new_tokens", r.sweep.max_new_tokens, MAX_NEW_TOKENS),
+                       ("probe.samples", r.probe.samples, MAX_SAMPLES),
+                       ("probe.max_new_tokens", r.probe.max_new_tokens, MAX_NEW_TOKENS)):
+        if v > hi:
+            raise RecipeError(where, key, f"must be at most {hi}, got {v}")
     for key, v in (("prompts.regex_limit", r.prompts.regex_limit), ("prompts.neutral_limit", r.prompts.neutral_limit),
                    ("prompts.code_limit", r.prompts.code_limit), ("eval.mmlu_shots", r.eval.mmlu_shots),
                    ("eval.mmlu_limit", r.eval.mmlu_limit)):
@@ -510,6 +517,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe_from_dict(data, path)
 
 
+# Bounds on what any recipe may ask (the sandbox's own limits on one evaluation; rows per prompt).
+MAX_TIMEOUT_S, MAX_MEMORY_MB, MAX_SAMPLES, MAX_NEW_TOKENS = 86_400, 1 << 20, 100_000, 1_000_000
+# What a recipe FILE may ask of the sandbox: the limits contain code its own prompts file brings, so
+# larger ones come from the command line only.
+FILE_MAX_TIMEOUT_S, FILE_MAX_MEMORY_MB = 60.0, 4096
+
 # A recipe file's inputs whose contents reach its outputs (prompts.parquet, report.html, generated text):
 # from a file, they must lie in its folder, so a shared recipe cannot copy ~/.ssh or a project's
 # settings into results that are shared back.
@@ -520,7 +533,8 @@ _FOLDER_INPUTS = (("prompts", "source"), ("prompts", "regex_file"), ("prompts", 
 def check_file_settings(data: dict[str, Any], where: object, folder: Path | None = None) -> None:
     """What a recipe file may not set, being shared data; the command line (overrides, flags) may: the
     weaker sandbox (``eval.sandbox = "process"`` runs generated code with no filesystem isolation), the
-    API judge (``eval.judge = "openai"`` sends prompts and tests out under the user's key),
+    API judge (``eval.judge = "openai"`` sends prompts and tests out under the user's key), sandbox
+    limits above :data:`FILE_MAX_TIMEOUT_S` and :data:`FILE_MAX_MEMORY_MB` per evaluation,
     sbatch options beyond resources and accounting (:func:`sieve.launch.check_recipe_launch`), and
     prompt, MMLU and harness-task inputs outside the file's ``folder`` (links followed: a link
     shipped in the folder that points out is refused too).
@@ -538,6 +552,14 @@ def check_file_settings(data: dict[str, Any], where: object, folder: Path | None
     if isinstance(ev, dict) and ev.get("judge") == "openai":
         raise RecipeError(where, "eval.judge", "a recipe file cannot turn on the API judge: it sends the run's prompts "
                           "and tests to an API under your key; give eval.judge=openai on the command line if you mean it")
+    if isinstance(ev, dict):
+        for key, hi, top, unit in (("timeout_s", FILE_MAX_TIMEOUT_S, MAX_TIMEOUT_S, "s"),
+                                   ("memory_mb", FILE_MAX_MEMORY_MB, MAX_MEMORY_MB, "MB")):
+            v = ev.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > hi:
+                raise RecipeError(where, f"eval.{key}", f"a recipe file may ask for at most {hi:g} {unit} per evaluation, "
+                                  f"got {v:g}: these limits contain the code its own prompts file brings; give "
+                                  f"eval.{key}={min(v, top):g} on the command line if you mean it")
     check_recipe_launch(data, where)
     if folder is None:
         return

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import functools
 import gzip
@@ -37,20 +38,21 @@ from typing import Any
 
 import polars as pl
 
-from sieve.errors import first_line
+from sieve.errors import SieveError, first_line
 from sieve.files import write_atomic, write_signed
 from sieve.methods import FAMILIES, family
 from sieve.recipe import Recipe, recipe_from_dict, recipe_hash
 
 __all__ = [
     "REPORT_NAME", "RUN_FILE", "DEFAULT_BUDGET", "token_ends", "record_run", "load_run", "run_recipe",
-    "report_data", "render_report", "write_report",
+    "report_data", "render_report", "write_report", "SOURCES_FILE", "shard_inputs", "merge_runs",
 ]
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 RUN_FILE = "run.json"
+SOURCES_FILE = "sources.json"  # what identifies the model, SAE and data the rows were made with
 # The issue's budget is 5 MB for the default run; keep a margin for what the page adds around the data.
 DEFAULT_BUDGET = 4_800_000
 _GEN_POSITIONS = ("prompt_fired_at", "gen_fired_at", "gen_edited_at")
@@ -129,11 +131,21 @@ def record_run(out: Path, recipe: Recipe, *, overrides: Sequence[str] = (), star
 
 
 def load_run(out: Path) -> dict[str, Any] | None:
-    """``out/run.json`` as a dict, or None when the folder has none."""
+    """``out/run.json`` as a dict, or None when the folder has none; a :class:`~sieve.errors.SieveError`
+    naming the file where it is not a JSON object in a regular file."""
     path = Path(out) / RUN_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
-    return json.loads(path.read_text())
+    try:
+        if not path.is_file():  # a FIFO would hang the read
+            raise ValueError("not a regular file")
+        run = json.loads(path.read_text())
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise SieveError(f"{path} is not readable ({first_line(e):.120}): it records the folder's sessions and "
+                         "recipe; restore it, or move it away to report without it") from None
+    if not isinstance(run, dict):
+        raise SieveError(f"{path} is not a JSON object: restore it, or move it away to report without it")
+    return run
 
 
 def run_recipe(out: Path) -> Recipe | None:
@@ -142,6 +154,9 @@ def run_recipe(out: Path) -> Recipe | None:
     if not run or "recipe" not in run:
         return None
     file = run.get("file")
+    if not isinstance(run["recipe"], dict) or not isinstance(file, (str, type(None))):
+        raise SieveError(f"{Path(out) / RUN_FILE}: its recipe is not a table of settings: restore it, or move it "
+                         "away to report without it")
     return recipe_from_dict(run["recipe"], Path(file) if file else None)
 
 
@@ -168,11 +183,54 @@ def merge_runs(folders: Sequence[Path], out: Path, recipe: Recipe | None = None)
                            "file": str(recipe.path) if recipe.path else None})
         write_signed(Path(out) / RUN_FILE, json.dumps(merged, indent=1),
                      context=recipe_hash(recipe) if recipe is not None else "")
-    frames = [pl.read_parquet(Path(d) / "prompts.parquet") for d in folders if (Path(d) / "prompts.parquet").exists()]
+    context = recipe_hash(recipe) if recipe is not None else ""
+    df, weights = shard_inputs(folders)
+    if df is not None:
+        write_signed(Path(out) / "prompts.parquet", df.write_parquet, context=context)
+    if weights is not None:
+        write_signed(Path(out) / SOURCES_FILE, json.dumps(weights, indent=1, sort_keys=True), context=context)
+
+
+def shard_inputs(folders: Sequence[Path]) -> tuple[pl.DataFrame | None, dict | None]:
+    """The prompt texts and the record of the model, SAE and data (``sources.json``) that shard folders
+    share; refused (:class:`~sieve.errors.SieveError`) where shards were made on other prompt texts or
+    from other sources. The record is None unless every shard has one.
+
+    Example:
+        >>> import tempfile
+        >>> shard_inputs([Path(tempfile.mkdtemp())])
+        (None, None)
+    """
+    frames = []
+    for d in folders:
+        path = Path(d) / "prompts.parquet"
+        if not path.exists():
+            continue
+        try:
+            if not path.is_file():
+                raise ValueError("not a regular file")
+            frames.append((d, pl.read_parquet(path)))
+        except (Exception, pl.exceptions.PanicException) as e:
+            raise SieveError(f"--merge: {path} cannot be read ({type(e).__name__}: {first_line(e):.120})") from None
+    df = None
     if frames:
-        df = pl.concat(frames, how="diagonal_relaxed").unique(subset=["set", "prompt_index"], keep="first")
-        write_signed(Path(out) / "prompts.parquet", df.sort(["set", "prompt_index"]).write_parquet,
-                     context=recipe_hash(recipe) if recipe is not None else "")
+        df = pl.concat([f for _, f in frames], how="diagonal_relaxed")
+        clash = df.group_by(["set", "prompt_index"]).agg(pl.col("text").n_unique().alias("n")).filter(pl.col("n") > 1)
+        if clash.height:
+            row = clash.sort(["set", "prompt_index"]).row(0, named=True)
+            raise SieveError(f"--merge: the shards were made on other prompt texts ({row['set']} prompt "
+                             f"{row['prompt_index']} differs between {', '.join(str(d) for d, _ in frames)}): "
+                             "their rows are not one study")
+        df = df.unique(subset=["set", "prompt_index"], keep="first").sort(["set", "prompt_index"])
+    weights = {}
+    for d in folders:
+        if (Path(d) / SOURCES_FILE).is_file():
+            with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
+                weights[str(d)] = json.loads((Path(d) / SOURCES_FILE).read_text())
+    if len({json.dumps(w, sort_keys=True) for w in weights.values()}) > 1:
+        raise SieveError(f"--merge: the shards were made with another model, SAE or data (their {SOURCES_FILE} differ: "
+                         f"{', '.join(weights)}): their rows are not one study")
+    return df, (next(iter(weights.values())) if weights and len(weights) == len(folders) else None)
 
 
 # --- the data the page shows ----------------------------------------------------------------------

@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sieve.errors import RecipeError, SieveError
+from sieve.errors import RecipeError, SieveError, first_line
 from sieve.files import write_atomic
 from sieve.recipe import Recipe, recipe_dict, recipe_hash
 
@@ -183,10 +183,14 @@ def check(folder: str | Path, recipe: Recipe) -> None:
     if not meta_path.exists() or not _has_results(folder):
         return
     try:
+        if not meta_path.is_file():  # a FIFO would hang the read
+            raise ValueError("not a regular file")
         meta = json.loads(meta_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SieveError(f"{meta_path} is not readable JSON ({e}); it says which recipe made this folder: "
-                         "restore it or use another output folder") from None
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise SieveError(f"{meta_path} is not readable JSON ({first_line(e):.120}); it says which recipe made this "
+                         "folder: restore it or use another output folder") from None
     h = recipe_hash(recipe)
     if meta.get("hash") == h:
         return

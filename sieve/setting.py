@@ -19,7 +19,7 @@ from sieve.methods import Parts
 from sieve.prompts import PromptSets, load_prompt_sets
 from sieve.recipe import Recipe
 
-__all__ = ["Setting", "load_setting", "preflight"]
+__all__ = ["Setting", "load_setting", "preflight", "checked_inputs", "sources_identity", "judge_source"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,30 @@ def _sae_source(r: Recipe) -> str | Path:
     return _source(r, r.sae.source, "sae.source")
 
 
+def judge_source(r: Recipe) -> str | Path:
+    """``eval.judge_model`` as the judge will read it: a folder relative to the recipe's folder, or a
+    hub id (refused where a folder of that name beside the recipe or in the working directory would
+    stand in for the hub's model, as for ``model.source``).
+
+    Example:
+        >>> from sieve.recipe import load_recipe
+        >>> judge_source(load_recipe("recipes/regex.toml", ['eval.judge_model="Qwen/Qwen2.5-0.5B-Instruct"']))
+        'Qwen/Qwen2.5-0.5B-Instruct'
+    """
+    return _source(r, r.eval.judge_model, "eval.judge_model")
+
+
+def _identity(src: str | Path, revision: str | None = None) -> dict[str, Any]:
+    """:func:`sources_identity`'s record of one model: its files' digests, or its hub commit."""
+    from sieve.files import folder_digest
+    from sieve.models import _resolve_config
+
+    if isinstance(src, Path):
+        return {"files": folder_digest(src)}
+    _resolve_config(src, revision)  # fetched into the hub cache where it is not there
+    return {"hub": src, "revision": revision or "main", "commit": _hub_commit(src, "config.json", revision)}
+
+
 def _sae(r: Recipe):
     from sieve.saes import load_sae
 
@@ -109,14 +133,27 @@ def _model_folder_errors(where: object, src: object) -> Iterator[None]:
 
 
 def preflight(recipe: Recipe) -> PromptSets:
-    """Check what can be checked before any weights load, and return the prompt sets: the model's and
-    SAE's sources and configs (layer index, SAE width against the model's, feature index), the prompt
-    files, and that every text fits a model with learned positions (prompts with ``max_new_tokens``).
-    Each problem is a :class:`~sieve.errors.RecipeError` naming the recipe key or prompt.
+    """The prompt sets of :func:`checked_inputs`, after its checks.
 
     Example:
         >>> from sieve.recipe import load_recipe
         >>> len(preflight(load_recipe("recipes/regex.toml")).regex) > 0
+        True
+    """
+    return checked_inputs(recipe)[1]
+
+
+def checked_inputs(recipe: Recipe) -> tuple[Any, PromptSets]:
+    """Check what can be checked before any weights load, and return the prompt sets: the model's and
+    SAE's sources and configs (layer index, SAE width against the model's, feature index), the prompt
+    files, and that every text fits a model with learned positions (prompts with ``max_new_tokens``).
+    Each problem is a :class:`~sieve.errors.RecipeError` naming the recipe key or prompt. Returns the
+    model's tokenizer (as read from its folder or the hub) and the prompt sets.
+
+    Example:
+        >>> from sieve.recipe import load_recipe
+        >>> tok, prompts = checked_inputs(load_recipe("recipes/regex.toml"))
+        >>> len(prompts.regex) > 0
         True
         >>> preflight(load_recipe("recipes/regex.toml", ["sae.layer=9"]))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
@@ -171,24 +208,77 @@ def preflight(recipe: Recipe) -> PromptSets:
                                       name, f"needs {need} = {len(ids) + extra} positions, but the model has "
                                       f"{limit} (learned positions): shorten it (e.g. a shorter function) or lower "
                                       "sweep.max_new_tokens")
-    return prompts
+    return tok, prompts
 
 
-def _weights_fingerprint(source: str | Path) -> list:
-    """What identifies the weights behind a source: for a local folder, its weight files' names, sizes
-    and modification times (a rebuilt model in the same folder must not reuse a stale cache)."""
-    p = Path(source)
-    if not p.exists():
-        return [str(source)]
-    files = sorted(f for f in p.rglob("*") if f.suffix in {".safetensors", ".bin", ".pt", ".npz"})
-    return [str(p)] + [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files]
+def _sae_files(r: Recipe, src: Path):
+    """The folder holding the SAE a recipe reads from a local source, and which of its files count
+    (the study's layout keeps every layer's weights in one folder: only this layer's count)."""
+    import re
+
+    leaf = src / r.sae.id if r.sae.id and (src / r.sae.id).is_dir() else src
+    if src.is_file():
+        return src.parent, lambda name: name == src.name
+
+    def keep(name: str) -> bool:
+        m = re.fullmatch(r"layer_(\d+)\.\w+", name)
+        return m is None or int(m.group(1)) == r.sae.layer
+
+    return leaf, keep
+
+
+def _hub_commit(repo: str, filename: str, revision: str | None) -> str | None:
+    """The commit of the hub cache's snapshot that holds ``filename`` of ``repo`` (None where the
+    cache does not hold it)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo, filename, revision=revision)
+    except (ValueError, OSError):
+        return None
+    return Path(path).parent.name if isinstance(path, str) and "snapshots" in Path(path).parts else None
+
+
+def sources_identity(recipe: Recipe) -> dict[str, Any]:
+    """What identifies the model, SAE, judge model and MMLU data a recipe reads, beyond the names the recipe gives
+    them: for a local folder (the embedded world's included) the SHA-256 of each of its files
+    (:func:`sieve.files.folder_digest`, read once per file and kept by size, time and inode); for a
+    hub model, the commit its config came from; for ``eval.mmlu_data``, the file's SHA-256. Rows made
+    from other sources under the same names are not resumed (a model retrained in its folder, a hub
+    id whose ``main`` moved). A sae-lens release or hub SAE is identified by its name and id only.
+
+    Example:
+        >>> from sieve.recipe import load_recipe
+        >>> sorted(sources_identity(load_recipe("recipes/regex.toml"))["model"]["files"])[:2]
+        ['config.json', 'generation_config.json']
+    """
+    from sieve.files import folder_digest
+
+    r = recipe
+    out: dict[str, Any] = {}
+    out["model"] = _identity(_model_source(r), r.model.revision or None)
+    sae_src = _sae_source(r)
+    if isinstance(sae_src, Path):
+        folder, keep = _sae_files(r, sae_src)
+        out["sae"] = {"files": folder_digest(folder, keep)}
+    else:
+        out["sae"] = {"hub": sae_src, "id": r.sae.id}
+    if r.eval.judge == "hf" and r.eval.judge_model:
+        out["judge"] = _identity(judge_source(r))
+    if r.eval.general == "mmlu" and r.eval.mmlu_data:
+        data = r.resolve(r.eval.mmlu_data)
+        out["mmlu_data"] = {"files": folder_digest(data) if data.is_dir() else
+                            folder_digest(data.parent, lambda name: name == data.name)}
+    return out
 
 
 def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = True,
-                 cache_dir: str | Path | None = None) -> Setting:
+                 cache_dir: str | Path | None = None, checked: bool = False) -> Setting:
     """Load model, SAE, feature and build every detector and direction the recipe's methods use.
 
     CAA vectors and probes are cached in ``cache_dir`` (default: ``cache`` in the recipe's output folder).
+    The recipe's inputs are checked first (:func:`checked_inputs`) unless ``checked`` says the caller
+    just did.
 
     Example:
         >>> from sieve.recipe import load_recipe
@@ -206,7 +296,8 @@ def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = Tr
 
         cache_dir = output_dir(r) / "cache"
     cache_dir = Path(cache_dir)
-    preflight(r)  # bad input fails here, before the weights load
+    if not checked:
+        checked_inputs(r)  # bad input fails here, before the weights load
     model = load_model(_model_source(r), device=r.model.device, dtype=r.model.dtype,
                        revision=r.model.revision or None)
     layer_of(model, r.sae.layer)  # range check with a clear error
@@ -223,9 +314,8 @@ def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = Tr
         parts.add_latents("sae", sae, [r.sae.feature])
     except SieveError as e:
         log.warning("SAE-space methods are not available with this SAE: %s", e)
-    sae_src = r.resolve(r.sae.source) if r.sae.source != "world" else None
-    key_base = [_weights_fingerprint(_model_source(r)), _weights_fingerprint(sae_src or "world-sae"),
-                r.sae.id, r.sae.layer]
+    ident = sources_identity(r)
+    key_base = [ident["model"], ident["sae"], r.sae.id, r.sae.layer]
 
     # CAA: mean difference at the last prompt token over contrastive pairs; its threshold fires as often
     # as the SAE feature over the calibration prompts' tokens (or is set in the recipe).

@@ -98,8 +98,26 @@ def _case(tmp_path: Path, name: str) -> tuple[list[str], str]:
         "temperature 0 with samples > 1": ([str(RECIPE), "sweep.temperature=0", "sweep.samples=4", out],
                                            "[sweep.samples] is 4 but sweep.temperature = 0"),
         "empty scale list": ([str(RECIPE), "sweep.scales.add=[]", out], "[sweep.scales.add] is empty"),
-        "timeout_s <= 0": ([str(RECIPE), "eval.timeout_s=0", out], "[eval.timeout_s] must be > 0, got 0.0"),
-        "memory_mb <= 0": ([str(RECIPE), "eval.memory_mb=-5", out], "[eval.memory_mb] must be > 0, got -5"),
+        "timeout_s <= 0": ([str(RECIPE), "eval.timeout_s=0", out], "[eval.timeout_s] must be > 0 and at most 86400, got 0.0"),
+        "memory_mb <= 0": ([str(RECIPE), "eval.memory_mb=-5", out], "[eval.memory_mb] must be > 0 and at most 1048576, got -5"),
+        "timeout_s the sandbox cannot keep": ([str(RECIPE), "eval.timeout_s=1e7", out],
+                                              "[eval.timeout_s] must be > 0 and at most 86400, got 10000000.0"),
+        "samples beyond any machine": ([str(RECIPE), "sweep.samples=1000000000000", out],
+                                       "[sweep.samples] must be at most 100000, got 1000000000000"),
+        "a recipe file setting the sandbox's time limit": (
+            [str(_recipe_in(tmp_path, '\n[eval]\ntimeout_s = 999999\n', "slow.toml")), out],
+            "[eval.timeout_s] a recipe file may ask for at most 60 s per evaluation, got 999999"),
+        "a recipe file setting the sandbox's memory limit": (
+            [str(_recipe_in(tmp_path, '\n[eval]\nmemory_mb = 100000\n', "big.toml")), out],
+            "[eval.memory_mb] a recipe file may ask for at most 4096 MB per evaluation, got 100000"),
+        "a hub judge model id that a folder in the working directory shadows": (
+            [str(RECIPE), 'eval.judge="hf"', 'eval.judge_model="tilde-research/sieve_coding"', out],
+            "[eval.judge_model] 'tilde-research/sieve_coding': a folder"),
+        "a prompts file that is a FIFO": ([str(RECIPE), f'prompts.source="{_fifo(tmp_path / "fifo.toml")}"', out],
+                                          "fifo.toml is not a file"),
+        "an MMLU file whose answer is not a choice": (
+            [str(RECIPE), 'eval.general="mmlu"', f'eval.mmlu_data="{_mmlu_e(tmp_path)}"', out],
+            "row 0 needs 4 choices and an answer in 0..3 or A..D, got 'E'"),
         "layer out of range": ([str(RECIPE), "sae.layer=9", out], "[sae.layer] 9 is out of range: the model has 4"),
         "feature out of range": ([str(RECIPE), "sae.feature=100000", out], "[sae.feature] 100000 is out of range"),
         "SAE width differs from the model's": ([str(RECIPE), f'sae.source="{_wide_sae(tmp_path)}"', "sae.layer=2",
@@ -155,6 +173,20 @@ def _tasks_recipe(tmp_path: Path, extra: str, folder: str = "tasks") -> list[str
             f'eval.lmeval_include="{folder}"']
 
 
+def _fifo(path: Path) -> Path:
+    import os
+
+    if not path.exists():
+        os.mkfifo(path)
+    return path
+
+
+def _mmlu_e(tmp_path: Path) -> Path:
+    p = tmp_path / "mmlu_e.json"
+    p.write_text(json.dumps([{"question": "q", "choices": ["a", "b", "c", "d"], "answer": "E", "subject": "s"}]))
+    return p
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
@@ -195,7 +227,11 @@ def _wide_sae(tmp_path: Path) -> Path:
 
 CASES = ["recipe not UTF-8", "prompt file not UTF-8", "missing local model folder", "missing local SAE folder",
          "function longer than the context", "empty prompt set", "no methods", "temperature 0 with samples > 1",
-         "empty scale list", "timeout_s <= 0", "memory_mb <= 0", "layer out of range", "feature out of range",
+         "empty scale list", "timeout_s <= 0", "memory_mb <= 0", "timeout_s the sandbox cannot keep",
+         "samples beyond any machine", "a recipe file setting the sandbox's time limit",
+         "a recipe file setting the sandbox's memory limit",
+         "a hub judge model id that a folder in the working directory shadows", "a prompts file that is a FIFO",
+         "an MMLU file whose answer is not a choice", "layer out of range", "feature out of range",
          "SAE width differs from the model's", "bad --shard",
          "--out where nothing can be written", "--merge of a folder that is not a run", "harness task that is code",
          "unknown harness task", "a recipe file choosing the process sandbox", "a recipe file turning on the API judge",

@@ -651,3 +651,183 @@ def test_a_recipe_in_a_hidden_folder_may_write_beside_itself(tmp_path, monkeypat
         'dir = "runs/regex-world"', f'dir = "{recipe.parent / ".inner"}"'))
     with pytest.raises(SieveError, match="inside a hidden folder"):
         output_dir(load_recipe(recipe))
+
+
+def test_edited_prompt_texts_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import json
+
+    import sieve.setting
+
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text(json.dumps({"id": "emails", "prompt": "def find_emails(text):\n   "}) + "\n")
+    out = tmp_path / "out"
+    args = _tiny(out, "--regex-prompts", str(prompts))
+    assert regex.main(args) == 0
+    prompts.write_text(json.dumps({"id": "emails", "prompt": "def mean(xs):\n   "}) + "\n")
+
+    def no_weights(*a, **k):
+        raise AssertionError("the model was loaded before the prompt texts were checked")
+
+    monkeypatch.setattr(sieve.setting, "load_model", no_weights, raising=False)
+    monkeypatch.setattr("sieve.models.load_model", no_weights)
+    assert regex.main(args) == 2
+    assert "holds rows made on other prompt texts" in capsys.readouterr().err
+
+
+def _world_copy(dest: Path) -> Path:
+    import shutil
+
+    from sieve.world import world_model_dir
+
+    shutil.copytree(world_model_dir(), dest)  # a plain copy: new times and inodes, same bytes
+    return dest
+
+
+def test_rows_made_with_other_weights_under_the_same_name_are_not_resumed(tmp_path, capsys):
+    """A recipe names its model folder, not its content: a model retrained in place kept the recipe's
+    hash and its rows were resumed as the new model's. Now the run refuses, naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    model = _world_copy(tmp_path / "model")
+    out = tmp_path / "out"
+    args = _tiny(out)
+    args.insert(1, f'model.source="{model}"')
+    assert regex.main(args) == 0
+    record = (out / "sources.json").read_text()
+    assert "model.safetensors" in record
+    assert regex.main(args) == 0  # unchanged: resumed
+    # the same bytes in a new folder at the same path (copied, not moved): still the same weights
+    import shutil
+
+    shutil.rmtree(model)
+    _world_copy(model)
+    assert regex.main(args) == 0
+    before = ResultStore(out / "gen").table()
+    w = load_file(model / "model.safetensors")
+    name = next(iter(w))
+    w[name] = w[name] + 0.01  # retrained in place
+    save_file(w, model / "model.safetensors", metadata={"format": "pt"})
+    assert regex.main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds rows made with other inputs: the model: model.safetensors changed" in err
+    assert ResultStore(out / "gen").table().equals(before)  # nothing lost, nothing added
+    assert (out / "sources.json").read_text() == record
+
+
+def test_a_folder_with_no_record_of_its_weights_is_not_resumed(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert regex.main(_tiny(out)) == 0
+    (out / "sources.json").write_text('{"model": {}, "sae": {}}')  # edited: its HMAC no longer fits
+    assert regex.main(_tiny(out)) == 2
+    assert "no record of the model, SAE and data they were made with" in capsys.readouterr().err
+
+
+def test_shards_made_with_other_weights_or_prompts_are_not_merged(tmp_path, capsys):
+    import json
+
+    a, b, dest = tmp_path / "a", tmp_path / "b", tmp_path / "dest"
+    assert regex.main(_tiny(a, "--shard", "0/2")) == 0
+    assert regex.main(_tiny(b, "--shard", "1/2")) == 0
+    w = json.loads((b / "sources.json").read_text())
+    w["model"]["files"]["model.safetensors"] = "0" * 64
+    (b / "sources.json").write_text(json.dumps(w))
+    assert regex.main(_tiny(dest, "--merge", str(a), str(b))) == 2
+    assert "the shards were made with another model, SAE or data" in capsys.readouterr().err
+    assert not (dest / "gen").exists() or not ResultStore(dest / "gen").parts()
+    (b / "sources.json").write_text((a / "sources.json").read_text())
+    df = pl.read_parquet(b / "prompts.parquet").with_columns(pl.lit("def other():").alias("text"))
+    df.write_parquet(b / "prompts.parquet")
+    assert regex.main(_tiny(dest, "--merge", str(a), str(b))) == 2
+    assert "the shards were made on other prompt texts" in capsys.readouterr().err
+
+
+def test_a_hub_models_record_is_the_commit_its_files_came_from(tmp_path, monkeypatch):
+    """A hub id names a repository, not its weights: when its main moves, the record says so."""
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    from sieve.setting import sources_identity
+    from sieve.world import world_model_dir
+    from tests.test_sae_layouts import _fake_hub_cache
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _fake_hub_cache(cache, "org/model", {p.name: p for p in world_model_dir().iterdir()})
+    r = load_recipe(ROOT / "recipes/regex.toml", ['model.source="org/model"'])
+    first = sources_identity(r)
+    base = cache / "models--org--model"
+    old = (base / "refs" / "main").read_text()
+    assert first["model"] == {"hub": "org/model", "revision": "main", "commit": old}
+    shutil.copytree(base / "snapshots" / old, base / "snapshots" / ("1" * 40), symlinks=True)
+    (base / "refs" / "main").write_text("1" * 40)  # a new commit on the hub, fetched
+    now = sources_identity(r)
+    assert now["model"]["commit"] == "1" * 40
+    assert regex.sources_change(first, now) == f"the model: org/model was at commit {old}, now {'1' * 40}"
+
+
+def test_a_cache_file_that_is_a_fifo_or_garbage_is_computed_again(tmp_path):
+    """A shipped ``cache/caa.safetensors`` that is a FIFO hung the run; one of garbage bytes stopped it
+    with a traceback. Both are now computed again (and replaced)."""
+    import signal
+
+    import torch
+
+    from sieve.detectors import cached
+
+    def stuck(*a):
+        raise TimeoutError("reading the cache hung")
+
+    fifo, junk = tmp_path / "fifo.safetensors", tmp_path / "junk.safetensors"
+    os.mkfifo(fifo)
+    junk.write_bytes(b"\xff" * 64)
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(20)
+    try:
+        for path in (fifo, junk):
+            t = cached(path, "k", lambda: {"v": torch.ones(2)})
+            assert torch.equal(t["v"], torch.ones(2)) and path.is_file()
+            assert torch.equal(cached(path, "k", lambda: {"v": torch.zeros(2)})["v"], torch.ones(2))  # now reused
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("bad", ["fifo", "{not json", '{"recipe": 5}', "[]"])
+def test_report_only_of_a_folder_with_an_unreadable_run_json_is_one_message(tmp_path, capsys, bad):
+    out = tmp_path / "out"
+    assert regex.main(_tiny(out)) == 0
+    (out / "run.json").unlink()
+    if bad == "fifo":
+        os.mkfifo(out / "run.json")
+    else:
+        (out / "run.json").write_text(bad)
+    capsys.readouterr()
+    assert regex.main(["--report-only", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "run.json" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("bad", ["fifo", "[]"])
+def test_a_recipe_json_that_is_not_a_json_object_is_one_message(tmp_path, capsys, bad):
+    out = tmp_path / "out"
+    assert regex.main(_tiny(out)) == 0
+    (out / "recipe.json").unlink()
+    if bad == "fifo":
+        os.mkfifo(out / "recipe.json")
+    else:
+        (out / "recipe.json").write_text(bad)
+    assert regex.main(_tiny(out)) == 2
+    assert "recipe.json is not readable JSON" in capsys.readouterr().err
+
+
+def test_a_merge_of_a_shard_with_a_corrupt_prompts_file_is_one_message(tmp_path, capsys):
+    a, dest = tmp_path / "a", tmp_path / "dest"
+    assert regex.main(_tiny(a)) == 0
+    (a / "prompts.parquet").write_bytes(b"PAR1 not really")
+    capsys.readouterr()
+    assert regex.main(_tiny(dest, "--merge", str(a))) == 2
+    err = capsys.readouterr().err
+    assert "prompts.parquet cannot be read" in err and "Traceback" not in err

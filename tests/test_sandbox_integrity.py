@@ -99,6 +99,57 @@ ATTEMPTS = {
             loc['write'](3, b'P')
             loc['exit_'](0)
         """) + FALSE,
+    # an import named like a refused builtin, bound only in a function never called, left the builtin free
+    "builtin_freed_by_an_import_in_an_uncalled_function": textwrap.dedent("""
+        import sys
+        def _never_called():
+            from string import Template as vars
+        def test_fuzz():
+            fr = vars(sys)['_get' + 'frame'](0)
+            FT = vars(type(fr))
+            while fr is not None and 'code _worker' not in repr(fr):
+                fr = FT['f_b' + 'ack'].__get__(fr)
+            loc = FT['f_lo' + 'cals'].__get__(fr)
+            loc['write'](3, b'P')
+            loc['exit_'](0)
+        """) + FALSE,
+    # functools.update_wrapper told to copy a computed name: a getattr and setattr with computed names
+    "update_wrapper_copies_a_computed_name": textwrap.dedent("""
+        import functools
+        import sys
+        def ga(obj, name):
+            box = []
+            W = type('W', (), {name: property(None, lambda s, v: box.append(v))})
+            functools.update_wrapper(W(), obj, assigned=(name,), updated=())
+            return box[0]
+        def test_fuzz():
+            fr = ga(sys, '_get' + 'frame')(0)
+            while fr is not None and 'code _worker' not in repr(fr):
+                fr = ga(fr, 'f_b' + 'ack')
+            loc = ga(fr, 'f_lo' + 'cals')
+            loc['write'](3, b'P')
+            loc['exit_'](0)
+        """) + FALSE,
+    "generator_test_never_runs_its_body": "def test_fuzz():\n" + FALSE + "    yield\n",
+    "async_generator_test_never_runs_its_body": "async def test_fuzz():\n" + FALSE + "    yield\n",
+    "decorator_swallows_the_failure": textwrap.dedent("""
+        import functools
+        def checked(fn):
+            @functools.wraps(fn)
+            def run():
+                try:
+                    fn()
+                except (AssertionError, ValueError):
+                    pass
+            return run
+        @checked
+        def test_fuzz():
+        """) + FALSE,
+    "test_name_rebound_after_its_def": "def test_fuzz():\n" + FALSE + "test_fuzz = print\n",
+    "private_module_state_poisoned": "import re\ndef test_fuzz():\n    re.sub('x', '', '')\n"
+                                     "    re._cache[(str, r'\\D', 0)] = re.compile('x')\n"
+                                     "    assert normalize_phone('1-2-3-4-5-6-7') == '1-2-3-4-5-6-7'\n",
+    "nested_statement_deeper_than_the_screen_follows": "import re\ndef test_fuzz():\n    re.x[" + "-" * 900 + "1].y = 1\n",
 }
 
 
@@ -169,7 +220,8 @@ OS_PROBE = textwrap.dedent('''
                                ("execveat", 322, (-100, 0, 0, 0, 0)), ("clone_newuser", 56, (0x10000000 | 17, 0, 0, 0, 0)),
                                ("unshare_newuser", 272, (0x10000000,)), ("socket_inet", 41, (2, 1, 0)),
                                ("socket_netlink", 41, (16, 3, 0)), ("chroot", 161, (b"/sandbox",)), ("setuid0", 105, (0,)),
-                               ("mknod_char_device", 133, (b"/sandbox/n", 0o20666, 0x103))]:
+                               ("mknod_char_device", 133, (b"/sandbox/n", 0o20666, 0x103)),
+                               ("memfd_create", 319, (b"m", 0))]:
             v = libc.syscall(nr, *args)
             if v == 0 and nr in (57, 58):
                 libc.syscall(60, 0)  # a child (never expected) leaves at once
@@ -187,13 +239,31 @@ def test_process_namespace_and_device_calls_fail_under_the_os_layers_alone():
     got = ast.literal_eval(r.output.split("GOT ", 1)[1].splitlines()[0])
     assert got["clone3"] == (-1, 38)  # ENOSYS: the C library falls back to clone, which is checked
     for name in ("vfork", "fork", "io_uring_setup", "execveat", "clone_newuser", "unshare_newuser", "chroot",
-                 "mknod_char_device"):
+                 "mknod_char_device", "memfd_create"):  # memfd pages lie outside the address-space limit
         assert got[name] == (-1, 1), (name, got[name])  # EPERM
     assert got["socket_inet"] == (-1, 13) and got["socket_netlink"] == (-1, 13)  # EACCES
     assert got["setuid0"][0] == -1
 
 
 SETUP_FORGERIES = {
+    "update_wrapper_walks_to_the_worker": textwrap.dedent("""
+        import functools
+        import sys
+        def f(x):
+            return x
+        def _ga(obj, name):
+            box = []
+            W = type('W', (), {name: property(None, lambda s, v: box.append(v))})
+            functools.update_wrapper(W(), obj, assigned=(name,), updated=())
+            return box[0]
+        _fr = _ga(sys, '_get' + 'frame')(0)
+        while _fr is not None and 'code _worker' not in repr(_fr):
+            _fr = _ga(_fr, 'f_b' + 'ack')
+        if _fr is not None:
+            _loc = _ga(_fr, 'f_lo' + 'cals')
+            _loc['write'](3, b'P')
+            _loc['exit_'](0)
+        """),
     "inspect_stack": "import inspect\nfor fi in inspect.stack():\n    loc = fi.frame.f_locals\n    if 'exit_' in loc:\n"
                      "        loc['write'](3, b'P')\n        loc['exit_'](0)\ndef f(x):\n    return x\n",
     "traceback_walk_stack": "import traceback\nfor fr, _ in traceback.walk_stack(None):\n    loc = fr.f_locals\n"
@@ -208,3 +278,52 @@ def test_a_prompt_files_code_under_test_cannot_pass_every_test(name):
     itself: the generated test's false assertion still does not pass."""
     e = evaluate_code("def test_a():\n    assert f(1) == 2\n", setup=SETUP_FORGERIES[name], execute=True, timeout_s=3.0)
     assert e.executed is False and e.exec_status in ("tampered", "error"), (name, e)
+
+
+CLASSIFY = textwrap.dedent('''
+    import re
+
+    class Rules:
+        table = {"digits": r"\\d+"}
+
+    _rules = Rules()
+    _rules.extra = [r"^x$"]
+
+    def classify(s):
+        if re.fullmatch(Rules.table["digits"], s):
+            return "number"
+        if any(re.fullmatch(p, s) for p in _rules.extra):
+            return "x"
+        return "other"
+''')
+DATA_THROUGH_LOCAL_NAMES = {
+    "class_data": "def test_a():\n    t = Rules.table\n    t['digits'] = r'[a-z]+'\n    assert classify('hello') == 'number'\n",
+    "object_attribute": "def test_a():\n    r = _rules\n    r.extra = [r'.*']\n    assert classify('hello') == 'x'\n",
+    "object_data": "def test_a():\n    e = _rules.extra\n    e.append(r'.*')\n    assert classify('hello') == 'x'\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATA_THROUGH_LOCAL_NAMES))
+@pytest.mark.parametrize("screen_code", [True, False])
+def test_the_code_under_tests_class_and_object_data_changed_through_local_names(name, screen_code):
+    """A false assertion made true by changing the data of a class or an object of the code under test
+    through a local name (no alias the screen can see): the snapshot compares their contents."""
+    r = _run(DATA_THROUGH_LOCAL_NAMES[name], CLASSIFY, None, 3.0, 512, 8, None, "bwrap", screen_code=screen_code,
+             audit_hook=True)
+    assert r.status == "tampered" and ("__sieve_setup__.Rules.table" in r.detail or "_rules" in r.detail), r
+    assert run_sandboxed("def test_a():\n    assert classify('12') == 'number' and classify('x') == 'x'\n",
+                         setup=CLASSIFY, timeout_s=5).ok
+
+
+def test_the_attempts_that_the_screen_alone_stops_work_without_it():
+    """Control: with the screen off, these attempts do pass their false assertion (the screen is what
+    stops them), so the checks above can fail."""
+    for name in ("builtin_freed_by_an_import_in_an_uncalled_function", "update_wrapper_copies_a_computed_name"):
+        r = _run(ATTEMPTS[name], SETUP, None, 3.0, 512, 8, None, "bwrap", screen_code=False, audit_hook=True)
+        assert r.ok, (name, r)
+
+
+def test_a_prompt_files_code_under_test_nested_too_deeply_is_refused_not_a_crash():
+    setup = "import re\nre.x[" + "-" * 900 + "1].y = 1\ndef f(x):\n    return x\n"
+    e = evaluate_code("def test_a():\n    assert f(1) == 1\n", setup=setup, execute=True, timeout_s=3.0)
+    assert e.exec_status == "tampered"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sieve.errors import NotAvailableOffline, SieveError
+from sieve.errors import NotAvailableOffline, SieveError, first_line, printable
 from sieve.generation import steered_logits
 from sieve.models import chat_prompt
 
@@ -41,15 +41,22 @@ class Question:
 
 def _rows_to_questions(rows: list[dict[str, Any]], where: str) -> list[Question]:
     out = []
+    if not isinstance(rows, list):
+        raise SieveError(f"{where}: holds no list of questions (schema: question, subject, choices, answer)")
     for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise SieveError(f"{where}: row {i} is not a question (schema: question, subject, choices, answer)")
         for k in ("question", "choices", "answer"):
             if k not in r:
                 raise SieveError(f"{where}: row {i} has no {k!r} (schema: question, subject, choices, answer)")
-        choices = tuple(str(c) for c in r["choices"])
-        ans = r["answer"]
-        ans = LETTERS.index(ans) if isinstance(ans, str) else int(ans)
-        if len(choices) != 4 or not 0 <= ans < 4:
-            raise SieveError(f"{where}: row {i} needs 4 choices and an answer in 0..3")
+        ans, choices = r["answer"], r["choices"]
+        if isinstance(ans, str) and len(ans) == 1 and ans in LETTERS:
+            ans = LETTERS.index(ans)
+        if (not isinstance(choices, (list, tuple)) or len(choices) != 4 or isinstance(ans, bool)
+                or not isinstance(ans, int) or not 0 <= ans < 4):
+            raise SieveError(f"{where}: row {i} needs 4 choices and an answer in 0..3 or A..D, got "
+                             f"{printable(repr(ans)[:20])}")
+        choices = tuple(str(c) for c in choices)
         out.append(Question(str(r["question"]), choices, ans, str(r.get("subject", "")), str(r.get("split", "test"))))
     return out
 
@@ -63,16 +70,19 @@ def load_questions(path: str | Path, subjects: list[str] | None = None) -> list[
         True
     """
     path = Path(path)
-    if not path.exists():
-        raise SieveError(f"MMLU file {path} not found")
-    if path.suffix == ".parquet":
-        import polars as pl
+    if not path.is_file():
+        raise SieveError(f"MMLU file {path} " + ("is not a file" if path.exists() else "not found"))
+    try:
+        if path.suffix == ".parquet":
+            import polars as pl
 
-        rows = pl.read_parquet(path).to_dicts()
-    elif path.suffix == ".json":
-        rows = json.loads(path.read_text())
-    else:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = pl.read_parquet(path).to_dicts()
+        elif path.suffix == ".json":
+            rows = json.loads(path.read_text())
+        else:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (ValueError, OSError, UnicodeDecodeError) as e:  # polars' errors are ValueErrors or OSErrors too
+        raise SieveError(f"MMLU file {path} cannot be read ({type(e).__name__}: {first_line(e):.200})") from None
     qs = _rows_to_questions(rows, str(path))
     if subjects:
         qs = [q for q in qs if q.subject in subjects]

@@ -200,6 +200,65 @@ def screen(code: str, setup: str = "", *, generated: bool = True) -> str | None:
         'line 2: uses os._exit'
     """
     try:
+        return _screen(code, setup, generated)
+    except (RecursionError, MemoryError):  # nesting deeper than the screen can follow is no honest test
+        return "nested too deeply to screen"
+
+
+def _private(attr: str) -> bool:
+    """A module's private name (``_cache``), not a dunder (``__version__``)."""
+    return attr.startswith("_") and not (attr.startswith("__") and attr.endswith("__"))
+
+
+def _root(node: ast.AST) -> ast.AST:
+    """The name an attribute or subscript chain starts from (``Rules`` in ``Rules.table["d"]``)."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node
+
+
+def _computed_copy(call: ast.Call) -> bool:
+    """``functools.update_wrapper``/``wraps`` told which attributes to copy by anything but string
+    constants: a getattr and setattr with computed names (``assigned=(name,)``)."""
+    f = call.func
+    name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+    if name not in ("update_wrapper", "wraps"):
+        return False
+    given = call.args[2 if name == "update_wrapper" else 1:] + [k.value for k in call.keywords]
+    return any(not (isinstance(v, (ast.Tuple, ast.List)) and all(
+        isinstance(e, ast.Constant) and isinstance(e.value, str) for e in v.elts)) for v in given)
+
+
+def _binding_counts(tree: ast.Module) -> dict[str, int]:
+    """How often each name is bound anywhere in ``tree``, counting only a plain top-level import as
+    a binding that keeps the name's meaning (any other binding, ``del`` or ``global`` counts twice)."""
+    count: dict[str, int] = {}
+    top = {id(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for a in node.names:
+                bound = a.asname or a.name.split(".")[0]
+                count[bound] = count.get(bound, 0) + (1 if id(node) in top else 2)
+        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            count[node.id] = count.get(node.id, 0) + 2
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            count[node.name] = count.get(node.name, 0) + 2
+        elif isinstance(node, ast.arg):
+            count[node.arg] = count.get(node.arg, 0) + 2
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            for n in node.names:
+                count[n] = count.get(n, 0) + 2
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            count[node.name] = count.get(node.name, 0) + 2
+        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+            count[node.name] = count.get(node.name, 0) + 2
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            count[node.rest] = count.get(node.rest, 0) + 2
+    return count
+
+
+def _screen(code: str, setup: str, generated: bool) -> str | None:
+    try:
         tree = _parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
         return f"does not parse: {e.msg if isinstance(e, SyntaxError) else type(e).__name__}"
@@ -217,6 +276,9 @@ def screen(code: str, setup: str = "", *, generated: bool = True) -> str | None:
     # getattr is fine only when called with a constant name (which the string rule then screens)
     plain_getattr = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call) and len(n.args) >= 2
                      and isinstance(n.args[1], ast.Constant) and isinstance(n.args[1].value, str)}
+    # an import named like a refused builtin (``from re import compile``) stands for it only where it is
+    # the name's one binding, at the top of the module (not in a function never called)
+    bindings = _binding_counts(tree)
 
     def bad_module(name: str) -> bool:
         parts = name.split(".")
@@ -251,7 +313,7 @@ def screen(code: str, setup: str = "", *, generated: bool = True) -> str | None:
                 if (a.asname or a.name) in protected:
                     return rebinds(a.asname or a.name, line)
         elif isinstance(node, ast.Name):
-            if node.id in unambiguous or generated and node.id in _BUILTINS and node.id not in aliases:
+            if node.id in unambiguous or generated and node.id in _BUILTINS and bindings.get(node.id) != 1:
                 return f"line {line}: uses {node.id!r}"
             if generated and node.id == "getattr" and id(node) not in plain_getattr:
                 return f"line {line}: getattr with a computed name"
@@ -262,21 +324,26 @@ def screen(code: str, setup: str = "", *, generated: bool = True) -> str | None:
             if node.attr in unambiguous or raw(base, node.attr) or generated and (
                     node.attr in _MODULE_ATTRS or node.attr in _ATTRS_ANYWHERE):
                 return f"line {line}: uses {base + '.' if base else ''}{node.attr}"
-            root = node.value
-            while isinstance(root, (ast.Attribute, ast.Subscript)):
-                root = root.value
+            if generated and isinstance(node.value, ast.Name) and node.value.id in aliases and _private(node.attr):
+                return f"line {line}: uses {base}.{node.attr}, a module's private state"  # re._cache
+            root = _root(node)
             if not isinstance(node.ctx, ast.Load) and isinstance(root, ast.Name) and (
                     root.id in protected or root.id in aliases):
-                return f"line {line}: changes {ast.unparse(node)}, which it imported or the code under test defines"
+                return f"line {line}: changes {root.id}.{node.attr}, which it imported or the code under test defines"
         elif isinstance(node, ast.Subscript):
-            if not isinstance(node.ctx, ast.Load) and isinstance(node.value, ast.Name) and node.value.id in protected:
-                return f"line {line}: changes {node.value.id}[...], which the code under test defines"
+            root = _root(node)
+            if not isinstance(node.ctx, ast.Load) and isinstance(root, ast.Name) and (
+                    root.id in protected or generated and root.id in aliases):
+                return f"line {line}: changes {root.id}...[...], which it imported or the code under test defines"
+        elif isinstance(node, ast.Call) and _computed_copy(node):
+            return f"line {line}: copies attributes by computed names"
         elif isinstance(node, ast.Call) and generated:
             f = node.func
             if id(f) in plain_getattr:  # getattr(x, "name") is x.name: the same rules
                 const, obj = node.args[1].value, node.args[0]
                 base = aliases.get(obj.id, obj.id) if isinstance(obj, ast.Name) else ""
-                if const in _MODULE_ATTRS or const in _ATTRS_ANYWHERE or raw(base, const) or const in _BUILTINS:
+                if const in _MODULE_ATTRS or const in _ATTRS_ANYWHERE or raw(base, const) or const in _BUILTINS or (
+                        isinstance(obj, ast.Name) and obj.id in aliases and _private(const)):
                     return f"line {line}: uses {base + '.' if base else ''}{const}"
             name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
             if name == "open" and node.args and isinstance(node.args[0], ast.Constant) and isinstance(
@@ -352,7 +419,8 @@ def _seccomp():
                   socket=41, pidfd_getfd=438, open_by_handle_at=304, open_tree=428, move_mount=429,
                   fsopen=430, fsmount=432, mount_setattr=442, kcmp=312, process_madvise=440,
                   io_uring_setup=425, io_uring_enter=426, io_uring_register=427, keyctl=250, add_key=248,
-                  request_key=249, perf_event_open=298, bpf=321, userfaultfd=323)
+                  request_key=249, perf_event_open=298, bpf=321, userfaultfd=323, memfd_create=319,
+                  memfd_secret=447)
     elif machine == "aarch64":
         arch, x32 = 0xC00000B7, False
         nr = dict(clone=220, execve=221, execveat=281, clone3=435, ptrace=117, process_vm_readv=270,
@@ -360,7 +428,7 @@ def _seccomp():
                   open_by_handle_at=265, open_tree=428, move_mount=429, fsopen=430, fsmount=432,
                   mount_setattr=442, kcmp=272, process_madvise=440, io_uring_setup=425, io_uring_enter=426,
                   io_uring_register=427, keyctl=219, add_key=217, request_key=218, perf_event_open=241,
-                  bpf=280, userfaultfd=282)
+                  bpf=280, userfaultfd=282, memfd_create=279, memfd_secret=447)
     else:
         raise OSError("no seccomp filter for machine " + machine)
     ALLOW, KILL, EPERM, ENOSYS, EACCES = 0x7FFF0000, 0x80000000, 0x50001, 0x50026, 0x5000D
@@ -558,6 +626,13 @@ def _watcher(setup_ns):
                 snap["function " + k] = dict_(enumerate_(fn_state(v)))
             elif isinstance_(v, (list_, dict_, set_, bytearray_)):
                 snap["value " + k] = {0: contents(v)}
+            elif not isinstance_(v, (type_, module)) and type_(v) not in scalars:
+                od = getattr_(v, "__dict__", None)  # an object the code under test made: its attributes
+                if isinstance_(od, dict_):
+                    snap["object " + k] = dict_(items(od))
+                    for kk, vv in list_(items(od)):
+                        if isinstance_(vv, (list_, dict_, set_, bytearray_)):
+                            snap["value " + k + "." + str_(kk)] = {0: contents(vv)}
         for c in list_(values(seen_classes)):
             try:
                 cd = dict_(c.__dict__) if isinstance_(c.__dict__, mappingproxy) else {}
@@ -572,6 +647,8 @@ def _watcher(setup_ns):
                 for k, v in list_(items(cd)):
                     if isinstance_(v, function):
                         snap["function " + cname + "." + str_(k)] = dict_(enumerate_(fn_state(v)))
+                    elif isinstance_(v, (list_, dict_, set_, bytearray_)):  # its data (Rules.table)
+                        snap["value " + cname + "." + str_(k)] = {0: contents(v)}
         return snap
 
     def same(a, b):
@@ -589,7 +666,7 @@ def _watcher(setup_ns):
         out = []
         for label, old in items(before):
             new = after.get(label, {})
-            strict = label in ("the code under test",) or label.startswith(("function ", "value ", "class "))
+            strict = label in ("the code under test",) or label.startswith(("function ", "value ", "class ", "object "))
             for k, v in items(old):
                 if k not in new or not same(v, new[k]):
                     out.append(label + ": " + str_(k))
@@ -619,6 +696,11 @@ def _worker(job, name, report, result_fd):
             del sys.modules[mod]
         setup_code = compile(job["setup"], "<under_test>", "exec")
         test_code = compile(job["code"], "<generated>", "exec")
+        # the code objects of the module's own top-level ``def name``: what may run as the test
+        own_codes = [c for c in test_code.co_consts if type(c) is type(test_code) and c.co_name == name]
+        type_, function_, getattr_, isinstance_ = type, type(_worker), getattr, isinstance
+        from types import AsyncGeneratorType, CoroutineType, GeneratorType
+        deferred = (GeneratorType, AsyncGeneratorType, CoroutineType)
         out, err = sys.stdout, sys.stderr
         import _imp
         import posix
@@ -650,13 +732,17 @@ def _worker(job, name, report, result_fd):
         fn = ns.get(name)
         if not callable(fn):
             raise NameError("test function " + repr(name) + " is not defined")
+        if not (type_(fn) is function_ and getattr_(fn, "__code__", None) in own_codes):
+            # rebound after its def (test_x = print), or wrapped by a decorator that may swallow failures
+            raise TypeError("test function " + repr(name) + " is not the function its def defines "
+                            "(decorated or rebound): not run")
         ret = fn()
         changed = [k for k, v in originals.items() if ns.get(k) is not v or getattr(v, "__code__", None) is not codes[k]]
         changed += diff(before, snapshot())
         if changed:
             msg = b"T" + encode("changed " + ", ".join(changed[:6]), "utf-8", "replace")
-        elif ret is not None and hasattr(type(ret), "__await__"):
-            msg = b"Fasync test functions are not run"
+        elif ret is not None and isinstance_(ret, deferred):
+            msg = b"Fgenerator and async test functions are not run (their body never ran)"
         else:
             msg = b"P"
     except BaseException as e:
