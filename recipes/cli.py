@@ -128,7 +128,7 @@ class RecipeCLI:
 
     def parse(self, argv: list[str] | None = None) -> tuple[argparse.Namespace, Path, list[str]]:
         """The parsed arguments, the recipe file and the overrides to apply."""
-        args = self.parser.parse_args(argv)
+        args = self.parser.parse_intermixed_args(argv)  # overrides may follow options: --out X key=value
         overrides = list(args.overrides)
         for dest, key, is_path in self._override_options:
             value = getattr(args, dest)

@@ -21,6 +21,7 @@ from sieve.errors import NotAvailableOffline, SieveError
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "load_model",
+    "check_device",
     "layer",
     "hidden_size",
     "num_layers",
@@ -68,6 +69,8 @@ def _resolve_config(source: str | Path, revision: str | None):
     from transformers import AutoConfig
 
     path = Path(source)
+    if not path.exists() and (str(source).startswith(("/", ".", "~")) or str(source).count("/") > 1):
+        raise SieveError(f"model folder {path} not found (a hub id looks like 'org/name')")
     if path.exists():
         if not (path / "config.json").exists():
             raise SieveError(f"model directory {path} has no config.json; expected a save_pretrained dir")
@@ -96,6 +99,35 @@ def choose_attention(model_type: str, device: str) -> str | None:
     if device.startswith("cuda") and torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
         return "flash_attention_2"
     return None
+
+
+def check_device(device: str) -> None:
+    """Refuse (:class:`~sieve.errors.SieveError`) a device name torch does not know, or one this machine
+    does not have (``cuda`` on a build or machine without CUDA), before anything loads.
+
+    Example:
+        >>> check_device("cpu"); check_device("auto")
+        >>> check_device("cdua")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        sieve.errors.SieveError: device 'cdua' is not one sieve knows: use auto, cpu, cuda, cuda:N, mps, ...
+    """
+    import re
+
+    if device == "auto" or device == "cpu":
+        return
+    if not re.fullmatch(r"cuda(:\d+)?|mps", device) and device not in SPLIT_DEVICE_MAPS:
+        raise SieveError(f"device {device!r} is not one sieve knows: use auto, cpu, cuda, cuda:N, mps, "
+                         f"{', '.join(SPLIT_DEVICE_MAPS[:-1])} or {SPLIT_DEVICE_MAPS[-1]}")
+    if device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise SieveError("device 'mps': this torch sees no Apple GPU (use cpu or auto)")
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        why = "a CPU-only build" if torch.version.cuda is None else "none visible"
+        raise SieveError(f"device {device!r}: this torch sees no CUDA GPU ({why}); use cpu or auto")
+    if device.startswith("cuda:") and int(device[5:]) >= n:
+        raise SieveError(f"device {device!r}: this machine has {n} CUDA GPU(s) (cuda:0..cuda:{n - 1})")
 
 
 def _dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -137,6 +169,7 @@ def load_model(
     """
     from nnsight import TransformersModel
 
+    check_device(device)
     device_map = device
     if device == "auto" or device in SPLIT_DEVICE_MAPS:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -447,6 +447,8 @@ def _validate(r: Recipe) -> Recipe:
                        ("probe.max_new_tokens", r.probe.max_new_tokens, 1)):
         if v < lo:
             raise RecipeError(where, key, f"must be >= {lo}, got {v}")
+    if not r.probe.l2 >= 0:
+        raise RecipeError(where, "probe.l2", f"must be >= 0 (the probe's L2 penalty), got {r.probe.l2}")
     if r.sweep.temperature < 0:
         raise RecipeError(where, "sweep.temperature", f"must be >= 0, got {r.sweep.temperature}")
     if r.sweep.temperature == 0 and r.sweep.samples > 1:

@@ -171,8 +171,10 @@ def _differences(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> st
 
 
 def _has_results(folder: Path) -> bool:
-    """Whether a folder holds results (parquet tables; the detector cache is keyed by its inputs)."""
-    return any(p.suffix == ".parquet" for p in folder.rglob("*.parquet"))
+    """Whether a folder holds results: parquet tables other than ``prompts.parquet``, which a run writes
+    before its first row (a run that failed before any row leaves its folder free for a corrected
+    recipe); the detector cache is keyed by its inputs."""
+    return any(p != folder / "prompts.parquet" for p in folder.rglob("*.parquet"))
 
 
 def check(folder: str | Path, recipe: Recipe) -> None:

@@ -163,9 +163,14 @@ def checked_inputs(recipe: Recipe) -> tuple[Any, PromptSets]:
 
     from transformers import AutoTokenizer
 
-    from sieve.models import _resolve_config, tokenize_prompts
+    from sieve.models import _dtype, _resolve_config, check_device, tokenize_prompts
 
     r, where = recipe, recipe.path or "<recipe>"
+    try:
+        check_device(r.model.device)
+        _dtype(r.model.dtype, r.model.device)
+    except SieveError as e:
+        raise RecipeError(where, "model.device" if "device" in str(e) else "model.dtype", str(e)) from None
     src = _model_source(r)
     with _model_folder_errors(where, src):
         config = _resolve_config(src, r.model.revision or None)
@@ -174,6 +179,11 @@ def checked_inputs(recipe: Recipe) -> tuple[Any, PromptSets]:
     if isinstance(n_layers, int) and not 0 <= r.sae.layer < n_layers:
         raise RecipeError(where, "sae.layer", f"{r.sae.layer} is out of range: the model has {n_layers} layers "
                           f"(0..{n_layers - 1})")
+    for name, spec in r.methods.items():
+        for i, L in enumerate(spec.layers):
+            if isinstance(n_layers, int) and not 0 <= L < n_layers:
+                raise RecipeError(where, f"methods.{name}.layers[{i}]", f"{L} is out of range: the model has "
+                                  f"{n_layers} layers (0..{n_layers - 1})")
     width = getattr(text_config, "hidden_size", None) or getattr(text_config, "n_embd", None)
     sae_src = _sae_source(r)
     cfg_path = Path(sae_src) / "cfg.json" if isinstance(sae_src, Path) else None

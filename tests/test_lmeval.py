@@ -678,3 +678,21 @@ def test_forked_rescoring_with_a_batch_size_schedule(world, tmp_path):
     assert 0 < saved.texts - saved.texts_reused < 4
     assert _bench().compare(full, forked, tol=1e-5)["responses_differ"] == 0
     assert full[1]["gate"] == forked[1]["gate"]
+
+
+@pytest.mark.parametrize("args, said", [
+    ("method=conditional_per_inpt,scale=1", "method='conditional_per_inpt' (--model_args): unknown method"),
+    ("method=conditional_per_input,scale=abc", "scale='abc' (--model_args) is not a number"),
+    ("method=constant_sae", "method='constant_sae' needs scale=VALUE in --model_args"),
+])
+def test_lm_eval_command_line_mistakes_are_one_message(tmp_path, tasks, capsys, args, said):  # noqa: F811
+    """A mistake in --model_args is one line and exit 2, before the model loads (it was a traceback, and a
+    missing scale silently ran an add edit at 0, the unsteered model, under the method's name)."""
+    from sieve.evals.lmeval import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "sieve", "--model_args", f"recipe={ROOT / 'recipes/regex.toml'},{args}", "--tasks", "world_mc",
+              "--include_path", str(tasks), "--output_path", str(tmp_path / "res")])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (lm_eval's own log lines come before it)
+    assert last.startswith("error: ") and said in last, last

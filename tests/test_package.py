@@ -62,6 +62,13 @@ def test_wheel_contents(wheel):
     for needed in ("sieve/py.typed", "sieve/world/data/world.json", "recipes/regex.toml", "recipes/regex.py",
                    "sieve/evals/lmeval.py", "sieve/templates/report.html"):
         assert needed in names, needed
+    for recipe in sorted((ROOT / "recipes").glob("*.toml")):  # every file a shipped recipe reads ships with it
+        spec = tomllib.loads(recipe.read_text())
+        for table, key in (("prompts", "source"), ("prompts", "regex_file"), ("prompts", "neutral_file"),
+                           ("eval", "mmlu_data")):
+            value = spec.get(table, {}).get(key)
+            if value and value != "world":
+                assert f"recipes/{value}" in names, (recipe.name, value)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not any(n.startswith(("tests/", "runs/", "notebooks/", "build/")) for n in names)
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()

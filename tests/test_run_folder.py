@@ -831,3 +831,15 @@ def test_a_merge_of_a_shard_with_a_corrupt_prompts_file_is_one_message(tmp_path,
     assert regex.main(_tiny(dest, "--merge", str(a))) == 2
     err = capsys.readouterr().err
     assert "prompts.parquet cannot be read" in err and "Traceback" not in err
+
+
+def test_a_folder_whose_run_failed_before_any_row_takes_a_corrected_recipe(tmp_path):
+    """A run writes prompts.parquet before its first row; a mistake found then (after the model loaded)
+    must not lock the folder to the mistaken recipe."""
+    out = tmp_path / "out"
+    claim(out, load_recipe(ROOT / "recipes/regex.toml", ["sweep.samples=2"]))
+    pl.DataFrame({"set": ["regex"], "prompt_index": [0]}).write_parquet(out / "prompts.parquet")
+    claim(out, load_recipe(ROOT / "recipes/regex.toml", ["sweep.samples=3"]))  # no rows: the folder is free
+    ResultStore(out / "gen").append([{"key": "1", "x": 1}])
+    with pytest.raises(SieveError, match="holds results of another recipe"):
+        claim(out, load_recipe(ROOT / "recipes/regex.toml", ["sweep.samples=4"]))

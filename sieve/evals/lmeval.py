@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sys
 import warnings
 from collections import deque
@@ -53,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sieve.errors import SieveError
+from sieve.errors import SieveError, printable
 from sieve.evals.task_files import (
     TextEvaluated,
     check_hub_id,
@@ -209,7 +210,7 @@ class SteeredLM(HFLM):
         self,
         recipe: str | Path | None = None,
         method: str = "unsteered",
-        scale: float = 0.0,
+        scale: float | str | None = None,
         *,
         model: Any = None,
         intervention: Intervention | None = None,
@@ -221,7 +222,7 @@ class SteeredLM(HFLM):
         if recipe is not None:
             if model is not None:
                 raise SieveError("give either recipe=FILE or model=, not both")
-            model, intervention, layer = _from_recipe(recipe, method, float(scale))
+            model, intervention, layer = _from_recipe(recipe, method, scale)
         elif model is None:
             raise SieveError(
                 "the sieve model needs a recipe: --model_args recipe=FILE,method=NAME,scale=VALUE "
@@ -614,15 +615,29 @@ def _recording_right_padding(lengths: list[list[int]]):
         _hf.pad_and_concat = original
 
 
-def _from_recipe(recipe: str | Path, method: str, scale: float):
+def _from_recipe(recipe: str | Path, method: str, scale: float | str | None):
+    from sieve.errors import RecipeError
     from sieve.recipe import load_recipe
     from sieve.setting import load_setting
     from sieve.sweep import Cell
 
     r = load_recipe(recipe)
-    cell = Cell(method, float(scale))
-    # the recipe's own [methods.NAME] first, then the registry; a clear error before the model loads
-    needs_probe = cell.steered and r.method(method).detector == "probe"
+    try:  # the recipe's own [methods.NAME] first, then the registry; a clear error before the model loads
+        spec = r.method(method) if method != "unsteered" else None
+    except RecipeError as e:
+        raise SieveError(f"method={method!r} (--model_args): {str(e).split('] ', 1)[-1]}") from None
+    if scale is None and spec is not None:
+        scales = r.scales_for(method)
+        if len(scales) != 1:  # an add edit at scale 0 would silently be the unsteered model
+            raise SieveError(f"method={method!r} needs scale=VALUE in --model_args (the recipe sweeps it at "
+                             f"{scales})")
+        scale = scales[0]
+    try:
+        value = float(scale if scale is not None else 0.0)
+    except ValueError:
+        raise SieveError(f"scale={scale!r} (--model_args) is not a number") from None
+    cell = Cell(method, value)
+    needs_probe = cell.steered and spec is not None and spec.detector == "probe"
     setting = load_setting(r, progress=False, with_probe=needs_probe)
     return setting.model, cell.intervention(setting.parts, r), setting.layer
 
@@ -892,7 +907,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except SieveError as e:  # a mistake in --model_args (recipe, method, scale): one line, as recipes print
+        if os.environ.get("SIEVE_DEBUG"):
+            raise
+        print(f"error: {printable(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
