@@ -87,6 +87,28 @@ def _sae_source(r: Recipe) -> str | Path:
     return _source(r, r.sae.source, "sae.source")
 
 
+def _sae_trained_layer(r: Recipe, sae_src: str | Path, cfg_path: Path | None) -> int | None:
+    """The layer an SAE says it was trained on, where it says so before it loads: its ``cfg.json``'s hook
+    name (sae-lens folders, the world's) or an SAE id naming ``layer_N`` (GemmaScope)."""
+    import json
+    import re
+
+    if cfg_path is not None and cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            cfg = {}
+        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        for v in (meta.get("hook_layer"), cfg.get("hook_layer")):
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                return v
+        m = re.search(r"(?:blocks|layers|h)\.(\d+)", str(meta.get("hook_name") or cfg.get("hook_name") or ""))
+        if m:
+            return int(m.group(1))
+    m = re.match(r"layer_(\d+)/", r.sae.id or "")
+    return int(m.group(1)) if m else None
+
+
 def judge_source(r: Recipe) -> str | Path:
     """``eval.judge_model`` as the judge will read it: a folder relative to the recipe's folder, or a
     hub id (refused where a folder of that name beside the recipe or in the working directory would
@@ -196,6 +218,10 @@ def checked_inputs(recipe: Recipe) -> tuple[Any, PromptSets]:
         if isinstance(d_sae, int) and not 0 <= r.sae.feature < d_sae:
             raise RecipeError(where, "sae.feature", f"{r.sae.feature} is out of range: the SAE has {d_sae} features "
                               f"(0..{d_sae - 1})")
+    trained = _sae_trained_layer(r, sae_src, cfg_path)
+    if trained is not None and trained != r.sae.layer:
+        log.warning("%s: [sae.layer] is %d, but the SAE was trained on layer %d (%s): its feature is read from "
+                    "activations of another layer than the ones it learned", where, r.sae.layer, trained, sae_src)
     with _model_folder_errors(where, src):
         tok = AutoTokenizer.from_pretrained(str(src), revision=r.model.revision or None)
         prompts = load_prompt_sets(r, tok)
@@ -208,16 +234,21 @@ def checked_inputs(recipe: Recipe) -> tuple[Any, PromptSets]:
             other += [(f"probe text {i}", t) for i, t in enumerate(prompts.probe_texts)]
         if r.eval.general == "loss":
             other += [(f"code text {i}", t) for i, t in enumerate(prompts.code)]
-        for items, extra in ((gen, r.sweep.max_new_tokens), (other, 0)):
+        probe_gen = []
+        if r.probe.data == "generations":  # sampled from the contrastive prompts for the probe's training
+            pos, neg = prompts.probe_generation_prompts or ([], [])
+            probe_gen = [(f"probe generation prompt {i}", t) for i, t in enumerate(pos + neg)]
+        for items, extra, key in ((gen, r.sweep.max_new_tokens, "sweep.max_new_tokens"), (other, 0, ""),
+                                  (probe_gen, r.probe.max_new_tokens, "probe.max_new_tokens")):
             if not items:
                 continue
             for (name, _), ids in zip(items, tokenize_prompts(tok, [t for _, t in items])):
                 if len(ids) + extra > limit:
-                    need = f"{len(ids)} tokens" + (f" + max_new_tokens {extra}" if extra else "")
+                    need = f"{len(ids)} tokens" + (f" + {key} {extra}" if extra else "")
                     raise RecipeError(r.resolve(r.prompts.source) if r.prompts.source != "world" else where,
                                       name, f"needs {need} = {len(ids) + extra} positions, but the model has "
-                                      f"{limit} (learned positions): shorten it (e.g. a shorter function) or lower "
-                                      "sweep.max_new_tokens")
+                                      f"{limit} (learned positions): shorten it (e.g. a shorter function)"
+                                      + (f" or lower {key}" if key else ""))
     return tok, prompts
 
 
@@ -299,6 +330,7 @@ def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = Tr
     from sieve.models import layer as layer_of
     from sieve.models import load_model
     from sieve.saes import check_compatible, feature
+    from sieve.steering import sae_layer
 
     r = recipe
     if cache_dir is None:
@@ -313,6 +345,10 @@ def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = Tr
     layer_of(model, r.sae.layer)  # range check with a clear error
     sae = _sae(r)
     check_compatible(sae, model)
+    trained = sae_layer(sae)
+    if not isinstance(_sae_source(r), Path) and trained is not None and trained != r.sae.layer:  # a hub SAE
+        log.warning("[sae.layer] is %d, but the SAE %s was trained on layer %d: its feature is read from "
+                    "activations of another layer than the ones it learned", r.sae.layer, r.sae.source, trained)
     feat = feature(sae, r.sae.feature)
     prompts = load_prompt_sets(r, model.tokenizer)
     parts = Parts(layer=r.sae.layer)

@@ -685,7 +685,7 @@ def test_forked_rescoring_with_a_batch_size_schedule(world, tmp_path):
     ("method=conditional_per_input,scale=abc", "scale='abc' (--model_args) is not a number"),
     ("method=constant_sae", "method='constant_sae' needs scale=VALUE in --model_args"),
 ])
-def test_lm_eval_command_line_mistakes_are_one_message(tmp_path, tasks, capsys, args, said):  # noqa: F811
+def test_lm_eval_command_line_mistakes_are_one_message(tmp_path, tasks, capsys, args, said):
     """A mistake in --model_args is one line and exit 2, before the model loads (it was a traceback, and a
     missing scale silently ran an add edit at 0, the unsteered model, under the method's name)."""
     from sieve.evals.lmeval import main

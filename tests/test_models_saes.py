@@ -146,3 +146,19 @@ def test_study_format_sae_loads_from_state_dict_and_safetensors(tmp_path):
         want = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
         torch.testing.assert_close(sae.encode(h), want)
         torch.testing.assert_close(sae.decode(want), want @ sd["decoder_FD"] + sd["decoder_bias_D"])
+
+
+def test_an_sae_read_at_another_layer_than_its_own_is_warned_about(caplog):
+    import logging
+
+    from sieve.recipe import load_recipe
+    from sieve.setting import preflight
+    from sieve.steering import sae_layer
+    from sieve.world import load_world, world_info
+
+    assert sae_layer(load_world().sae) == int(world_info()["layer"])  # the world's SAE names its layer
+    with caplog.at_level(logging.WARNING, logger="sieve.setting"):
+        preflight(load_recipe("recipes/regex.toml"))
+        assert "trained on layer" not in caplog.text
+        preflight(load_recipe("recipes/regex.toml", ["sae.layer=1"]))
+    assert "[sae.layer] is 1, but the SAE was trained on layer 2" in caplog.text

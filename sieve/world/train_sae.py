@@ -166,6 +166,7 @@ def stage_sae(out: Path, cfg: LMConfig, layer: int = LAYER) -> dict:
     q = sae_quality(sae, _activations(model, heldout, layer, cfg.n_ctx))
     q.update({"layer": layer, "d_sae": D_SAE, "k": K, "train_tokens": int(x.shape[0]),
               "steps": SAE_STEPS, "seconds": round(time.time() - t0)})
+    sae.cfg.metadata.hook_name = f"model.layers.{layer}"  # the layer it reads, for sieve.steering.sae_layer
     save_sae(sae, out / "sae")
     (out / "sae_stats.json").write_text(json.dumps(q, indent=1))
     log.info("SAE: %s", q)
