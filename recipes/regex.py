@@ -503,9 +503,11 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
         summary = summary.join(rates, on=["method", "scale"], how="left")
     write_atomic(out / "summary.parquet", summary.write_parquet)
     write_atomic(out / "summary.csv", summary.write_csv)
+    general = recipe.eval.general
     title = ("held-out loss on regex-free code (nats, lower is better)" if lower
              else f"lm-eval {recipe.eval.lmeval_metric} ({', '.join(recipe.eval.lmeval_tasks)})"
-             if recipe.eval.general == "lmeval" else "MMLU accuracy")
+             if general == "lmeval" else "MMLU accuracy" if general == "mmlu"
+             else "general ability (not measured: eval.general = none)")
     written: list[Path] = []  # a chart left from an earlier report (or shipped) is not this one's
     if charts and recipe.output.charts:
         from sieve.plots import pareto_chart, save_chart
@@ -518,7 +520,8 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
     if not quiet:
         from sieve.tables import summary_table
 
-        ability_name = "held-out loss" if lower else "lm-eval" if recipe.eval.general == "lmeval" else "MMLU"
+        ability_name = ("held-out loss" if lower else "lm-eval" if general == "lmeval" else "MMLU" if general == "mmlu"
+                        else None)
         print(summary_table(summary, validity, out=out, ability_name=ability_name, charts=written))
         if "empty_n" in summary.columns:
             n_empty, n_all = int(summary["empty_n"].fill_null(0).sum()), int(summary["n"].sum())

@@ -500,6 +500,9 @@ class Intervention:
                 raise SieveError(f"{label}: gate {self.gate!r} needs a detector")
         else:
             _gate(self.gate)
+        if (not isinstance(self.gate, str) or self.gate == "always") and self.threshold != 0.0:
+            raise SieveError(f"{label}: threshold {self.threshold:g} is not used: it is the 'token' and 'input' "
+                             "gates' own; a Gate expression carries its thresholds (Fires(detector, t))")
         if isinstance(self.gate, Gate):
             cond: Gate = self.gate
         elif self.gate == "always":
@@ -523,6 +526,10 @@ class Intervention:
             widths.add(("detector", self.detector.width))
         if len({w for _, w in widths}) > 1:
             raise ShapeMismatch(f"{label}: widths differ: " + ", ".join(f"{k} {w}" for k, w in sorted(widths)))
+        clamps = isinstance(self.edit, Edit) and self.edit.kind == "clamp"
+        if (not isinstance(self.gate, str) or self.gate == "always") and self.detector is not None and not clamps:
+            raise SieveError(f"{label}: detector is not used: a gate {self.gate!r} reads no detector of its own, and "
+                             "only a clamp edit clamps one; put it in the gate (Fires(detector, t)) or leave it out")
         layers = _layers(self.layers, label)
         object.__setattr__(self, "layers", layers)
         if self.read_layer is not None:

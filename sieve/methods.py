@@ -197,11 +197,12 @@ def build(method: Method | str, parts: Parts, value: float, *, layer: int | None
     else:
         edit = Edit(m.edit, parts.direction(m.direction), float(value))  # type: ignore[arg-type]
     where = m.layers or (layer if layer is not None else parts.layer)
+    gated = m.gate in ("token", "input")  # an 'always' gate reads no detector; a clamp edit still clamps one
     return Intervention(
         gate=m.gate,  # type: ignore[arg-type]
         edit=edit,
-        detector=det,
-        threshold=thr,
+        detector=det if gated or m.edit == "clamp" else None,
+        threshold=thr if gated else 0.0,
         name=m.name,
         meta={"method": m.name, "value": float(value),
               **({"prompt_gate": m.prompt_gate} if m.prompt_gate is not None else {})},

@@ -97,11 +97,11 @@ def _iv(r: Mapping[str, Any], est: str, lo: str, hi: str, signed: bool = False) 
 
 
 def summary_table(summary: pl.DataFrame, validity: str = "syntax", *, out: Any = None,
-                  ability_name: str = "ability", charts: Sequence[Any] | None = None) -> str:
+                  ability_name: str | None = "ability", charts: Sequence[Any] | None = None) -> str:
     """The printed summary of a regex study: each method's Pareto-front scales, labelled as such, by
     family, with prompt-clustered 95% intervals where the summary has them (Wilson otherwise), and where
     the full table and the charts are (``out``: the run folder; ``charts``: the chart files this report
-    wrote, else those found in ``out``).
+    wrote, else those found in ``out``; ``ability_name`` None: the run measured no general ability).
 
     Example:
         >>> s = pl.DataFrame([{"method": "unsteered", "scale": 0.0, "n": 8, "regex_rate": 0.5, "regex_lo": 0.2,
@@ -137,13 +137,15 @@ def summary_table(summary: pl.DataFrame, validity: str = "syntax", *, out: Any =
             "valid": f"{validity} rate [95%]", "dvalid": f"Δ {validity}"}
     if any("split" in r for r in rows):
         cols["split"] = "complete/prefix/empty"
-    cols.update({"ability": f"{ability_name} [95%]", "neutral": "neutral changed / moved"})
+    if ability_name is not None:
+        cols["ability"] = f"{ability_name} [95%]"
+    cols["neutral"] = "neutral changed / moved"
     how = ("intervals clustered by prompt (bootstrap over prompts; samples of one prompt are not independent)"
            if clustered else "Wilson intervals")
     lines = [
         f"Summary: each method's Pareto-front scales only ({front.height} of {summary.height} method × scale "
-        f"cells; the others are dominated by a scale of the same method on regex rate, {validity} rate and "
-        f"{ability_name}).",
+        f"cells; the others are dominated by a scale of the same method on regex rate"
+        + (f", {validity} rate and {ability_name})." if ability_name is not None else f" and {validity} rate)."),
         f"Rates on the regex-prone prompts with 95% {how}; Δ: paired difference from unsteered on the same "
         "prompt and seed; neutral: share of neutral completions changed from unsteered / how far they moved.",
         "",

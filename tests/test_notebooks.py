@@ -44,3 +44,21 @@ def test_notebook_runs(path, run_dir, monkeypatch):
     if path.name == "results.ipynb":
         assert any("image/svg+xml" in o.get("data", {}) for o in outputs), "the Pareto chart renders inline as SVG"
     assert os.environ["SIEVE_RUN_DIR"] == str(run_dir)
+
+
+def test_results_notebook_runs_on_a_run_that_measured_no_general_ability(tmp_path, monkeypatch):
+    """``eval.general = "none"`` leaves the ability table empty: the notebook said MMLU and stopped."""
+    from recipes import regex
+
+    out = tmp_path / "run"
+    ov = ['sweep.methods=["unsteered","constant_sae"]', "sweep.samples=1", "sweep.max_new_tokens=6",
+          "prompts.regex_limit=3", "prompts.neutral_limit=1", 'eval.general="none"', f'output.dir="{out}"',
+          "output.charts=false"]
+    assert regex.main([str(ROOT / "recipes/regex.toml"), *ov, "--no-progress"]) == 0
+    path = ROOT / "notebooks" / "results.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    monkeypatch.setenv("SIEVE_RUN_DIR", str(out))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors

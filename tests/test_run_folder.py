@@ -843,3 +843,10 @@ def test_a_folder_whose_run_failed_before_any_row_takes_a_corrected_recipe(tmp_p
     ResultStore(out / "gen").append([{"key": "1", "x": 1}])
     with pytest.raises(SieveError, match="holds results of another recipe"):
         claim(out, load_recipe(ROOT / "recipes/regex.toml", ["sweep.samples=4"]))
+
+
+def test_a_run_that_measures_no_general_ability_does_not_call_it_mmlu(tmp_path, capsys):
+    assert regex.main(_tiny(tmp_path / "out")) == 0  # eval.general = "none"
+    printed = capsys.readouterr().out
+    assert "Summary:" in printed and "MMLU" not in printed and "dominated by a scale of the same method on regex " \
+        "rate and syntax rate" in printed
