@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import os
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -221,7 +222,8 @@ OS_PROBE = textwrap.dedent('''
                                ("unshare_newuser", 272, (0x10000000,)), ("socket_inet", 41, (2, 1, 0)),
                                ("socket_netlink", 41, (16, 3, 0)), ("chroot", 161, (b"/sandbox",)), ("setuid0", 105, (0,)),
                                ("mknod_char_device", 133, (b"/sandbox/n", 0o20666, 0x103)),
-                               ("memfd_create", 319, (b"m", 0))]:
+                               ("memfd_create", 319, (b"m", 0)), ("shmget", 29, (0, 1 << 20, 0o1600)),
+                               ("msgget", 68, (0, 0o1600))]:
             v = libc.syscall(nr, *args)
             if v == 0 and nr in (57, 58):
                 libc.syscall(60, 0)  # a child (never expected) leaves at once
@@ -239,7 +241,8 @@ def test_process_namespace_and_device_calls_fail_under_the_os_layers_alone():
     got = ast.literal_eval(r.output.split("GOT ", 1)[1].splitlines()[0])
     assert got["clone3"] == (-1, 38)  # ENOSYS: the C library falls back to clone, which is checked
     for name in ("vfork", "fork", "io_uring_setup", "execveat", "clone_newuser", "unshare_newuser", "chroot",
-                 "mknod_char_device", "memfd_create"):  # memfd pages lie outside the address-space limit
+                 "mknod_char_device", "memfd_create", "shmget", "msgget"):  # memfd, System V shared memory and
+        # message queues hold memory outside the address-space limit
         assert got[name] == (-1, 1), (name, got[name])  # EPERM
     assert got["socket_inet"] == (-1, 13) and got["socket_netlink"] == (-1, 13)  # EACCES
     assert got["setuid0"][0] == -1
@@ -327,3 +330,34 @@ def test_a_prompt_files_code_under_test_nested_too_deeply_is_refused_not_a_crash
     setup = "import re\nre.x[" + "-" * 900 + "1].y = 1\ndef f(x):\n    return x\n"
     e = evaluate_code("def test_a():\n    assert f(1) == 1\n", setup=setup, execute=True, timeout_s=3.0)
     assert e.exec_status == "tampered"
+
+
+def _extract_emails() -> str:
+    import tomllib
+
+    spec = tomllib.loads((Path(__file__).parents[1] / "recipes/prompts/regex_task.toml").read_text())
+    return next(f["code"] for f in spec["function"] if f["name"] == "extract_emails")
+
+
+DATA = Path(__file__).parent / "data"
+MISCOUNTED = sorted((DATA / "sandbox_miscounted").glob("*.txt"))
+HONEST = sorted((DATA / "sandbox_honest").glob("*.txt"))
+
+
+@pytest.mark.parametrize("path", MISCOUNTED, ids=[p.stem for p in MISCOUNTED])
+def test_honest_looking_tests_of_a_false_property_are_not_counted_ok(path):
+    """Written as a careless model might (no lying construct), each states a FALSE property of the real
+    extract_emails: a test class beside a test function, unittest.main() from a test, a test defined
+    under if/else, `return ok` instead of assert, an assert on a tuple. pytest fails or warns on each;
+    they were counted ok."""
+    e = evaluate_code(path.read_text(), setup=_extract_emails(), execute=True, timeout_s=5.0)
+    assert e.exec_status == "error" and not e.executed, (path.stem, e)
+
+
+@pytest.mark.parametrize("path", HONEST, ids=[p.stem for p in HONEST])
+def test_common_honest_tests_are_not_refused(path):
+    """Patterns a model writes in honest tests (the `__main__` guard, a docstring naming a dunder, stdout
+    captured and restored, stdin or argv set, os.environ set, operator.itemgetter, a signal.alarm
+    timeout, a unittest class the module runs itself): they were refused as tampered."""
+    e = evaluate_code(path.read_text(), setup=_extract_emails(), execute=True, timeout_s=5.0)
+    assert e.exec_status == "ok" and e.executed, (path.stem, e)

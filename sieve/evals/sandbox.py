@@ -49,6 +49,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -127,11 +128,11 @@ _RAW_ATTRS = {
 }
 _FORBIDDEN_MODULES = {
     "ctypes", "_ctypes", "gc", "inspect", "_posixsubprocess", "posix", "nt", "importlib", "builtins",
-    "__main__", "atexit", "signal", "subprocess", "multiprocessing", "_multiprocessing", "concurrent",
+    "__main__", "atexit", "subprocess", "multiprocessing", "_multiprocessing", "concurrent",
     "pickle", "_pickle", "copyreg", "marshal", "shelve", "code", "codeop", "runpy", "pty", "socket",
     "_socket", "mmap", "faulthandler", "dis", "unittest.mock", "mock", "_thread", "pydoc", "pkgutil",
     "zipimport", "trace", "bdb", "pdb", "timeit", "doctest", "sysconfig", "site", "resource", "fcntl",
-    "operator", "_operator", "ast", "cProfile", "profile", "_imp", "imp", "posixpath", "_io", "_string",
+    "_operator", "ast", "cProfile", "profile", "_imp", "imp", "posixpath", "_io", "_string",
 }
 # Modules that other modules carry as attributes (``dataclasses.inspect``): refused as attribute names.
 _MODULE_ATTRS = {"inspect", "importlib", "ctypes", "_ctypes", "gc", "_posixsubprocess", "posix", "builtins",
@@ -203,6 +204,10 @@ def screen(code: str, setup: str = "", *, generated: bool = True) -> str | None:
         return _screen(code, setup, generated)
     except (RecursionError, MemoryError):  # nesting deeper than the screen can follow is no honest test
         return "nested too deeply to screen"
+
+
+# What an honest test may set on sys (and put back): the runtime snapshot allows these too.
+_SYS_STREAMS = {"stdout", "stderr", "stdin", "argv"}
 
 
 def _private(attr: str) -> bool:
@@ -279,6 +284,7 @@ def _screen(code: str, setup: str, generated: bool) -> str | None:
     # an import named like a refused builtin (``from re import compile``) stands for it only where it is
     # the name's one binding, at the top of the module (not in a function never called)
     bindings = _binding_counts(tree)
+    bare = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
 
     def bad_module(name: str) -> bool:
         parts = name.split(".")
@@ -328,11 +334,14 @@ def _screen(code: str, setup: str, generated: bool) -> str | None:
                 return f"line {line}: uses {base}.{node.attr}, a module's private state"  # re._cache
             root = _root(node)
             if not isinstance(node.ctx, ast.Load) and isinstance(root, ast.Name) and (
-                    root.id in protected or root.id in aliases):
+                    root.id in protected or root.id in aliases) and not (base == "sys" and node.attr in _SYS_STREAMS):
                 return f"line {line}: changes {root.id}.{node.attr}, which it imported or the code under test defines"
         elif isinstance(node, ast.Subscript):
-            root = _root(node)
-            if not isinstance(node.ctx, ast.Load) and isinstance(root, ast.Name) and (
+            root, env = _root(node), node.value
+            environ = (isinstance(env, ast.Attribute) and env.attr == "environ" and isinstance(env.value, ast.Name)
+                       and aliases.get(env.value.id) == "os") or (
+                isinstance(env, ast.Name) and aliases.get(env.id) == "os.environ")
+            if not isinstance(node.ctx, ast.Load) and isinstance(root, ast.Name) and not environ and (
                     root.id in protected or generated and root.id in aliases):
                 return f"line {line}: changes {root.id}...[...], which it imported or the code under test defines"
         elif isinstance(node, ast.Call) and _computed_copy(node):
@@ -363,7 +372,8 @@ def _screen(code: str, setup: str, generated: bool) -> str | None:
                 return rebinds(hit[0], line)
         elif isinstance(node, ast.ExceptHandler) and node.name in protected:
             return rebinds(node.name, line)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)):
+        elif isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)) and id(node) not in bare and \
+                node.value != "__main__":  # a docstring is inert; so is the string of `__name__ == "__main__"`
             text = node.value.decode("latin-1") if isinstance(node.value, bytes) else node.value
             hit = sorted(_words(text) & unambiguous)
             if hit:
@@ -384,9 +394,58 @@ def collect_tests(code: str) -> list[str]:
         tree = _parse(code)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return []
-    names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-             and n.name.startswith("test")]
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(n.name for n in _module_level(tree.body)
+                              if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name.startswith("test")))
+
+
+def _module_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """The statements that run in the module's own scope: the top level and the bodies of its ``if``,
+    ``try`` and ``with`` blocks (a test defined under ``if HAVE_HYPOTHESIS:`` is the module's too)."""
+    for node in body:
+        yield node
+        if isinstance(node, ast.If):
+            yield from _module_level(node.body + node.orelse)
+        elif isinstance(node, (ast.Try, getattr(ast, "TryStar", ast.Try))):
+            yield from _module_level(node.body + [s for h in node.handlers for s in h.body] + node.orelse
+                                     + node.finalbody)
+        elif isinstance(node, (ast.With, ast.AsyncWith)):
+            yield from _module_level(node.body)
+
+
+def unrun_tests(code: str) -> str | None:
+    """Why tests in ``code`` would not run as written here, so that no outcome of theirs can be counted
+    (None when every test is a module-level function): test classes nothing in the module runs
+    (pytest's ``class Test…`` or a ``unittest.TestCase``), ``unittest.main()`` (it finds no tests in the harness's module and
+    returns), and ``assert (x, "message")``, which is always true.
+
+    Example:
+        >>> unrun_tests("class TestParse:\\n    def test_a(self):\\n        assert False\\n")
+        "line 1: test class 'TestParse' (its tests are not run: write them as module-level test functions)"
+        >>> unrun_tests("def test_a():\\n    assert (1 == 2, 'no')\\n")
+        'line 2: assert on a tuple is always true'
+    """
+    try:
+        tree = _parse(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.ClassDef) and node.name not in used:  # a class the module runs itself is fine
+            bases = {b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases}
+            has_tests = any(isinstance(b, (ast.FunctionDef, ast.AsyncFunctionDef)) and b.name.startswith("test")
+                            for b in node.body)
+            if "TestCase" in bases or "IsolatedAsyncioTestCase" in bases or (node.name.startswith("Test") and has_tests):
+                return (f"line {line}: test class {node.name!r} (its tests are not run: write them as module-level "
+                        "test functions)")
+        elif isinstance(node, ast.Call):
+            f = node.func
+            if isinstance(f, ast.Attribute) and f.attr == "main" and isinstance(f.value, ast.Name) and \
+                    f.value.id == "unittest":
+                return f"line {line}: unittest.main() finds no tests here (write module-level test functions)"
+        elif isinstance(node, ast.Assert) and isinstance(node.test, ast.Tuple) and node.test.elts:
+            return f"line {line}: assert on a tuple is always true"
+    return None
 # -------------------------------------------------------------------------------------- the harness
 
 # Runs inside the sandbox as ``python -I -S -B -c HARNESS``; reads its job (JSON) from stdin. The
@@ -420,7 +479,8 @@ def _seccomp():
                   fsopen=430, fsmount=432, mount_setattr=442, kcmp=312, process_madvise=440,
                   io_uring_setup=425, io_uring_enter=426, io_uring_register=427, keyctl=250, add_key=248,
                   request_key=249, perf_event_open=298, bpf=321, userfaultfd=323, memfd_create=319,
-                  memfd_secret=447)
+                  memfd_secret=447, shmget=29, shmat=30, shmctl=31, shmdt=67, semget=64, semop=65, semctl=66,
+                  semtimedop=220, msgget=68, msgsnd=69, msgrcv=70, msgctl=71)
     elif machine == "aarch64":
         arch, x32 = 0xC00000B7, False
         nr = dict(clone=220, execve=221, execveat=281, clone3=435, ptrace=117, process_vm_readv=270,
@@ -428,7 +488,9 @@ def _seccomp():
                   open_by_handle_at=265, open_tree=428, move_mount=429, fsopen=430, fsmount=432,
                   mount_setattr=442, kcmp=272, process_madvise=440, io_uring_setup=425, io_uring_enter=426,
                   io_uring_register=427, keyctl=219, add_key=217, request_key=218, perf_event_open=241,
-                  bpf=280, userfaultfd=282, memfd_create=279, memfd_secret=447)
+                  bpf=280, userfaultfd=282, memfd_create=279, memfd_secret=447, msgget=186, msgctl=187,
+                  msgrcv=188, msgsnd=189, semget=190, semctl=191, semtimedop=192, semop=193, shmget=194,
+                  shmctl=195, shmat=196, shmdt=197)
     else:
         raise OSError("no seccomp filter for machine " + machine)
     ALLOW, KILL, EPERM, ENOSYS, EACCES = 0x7FFF0000, 0x80000000, 0x50001, 0x50026, 0x5000D
@@ -555,7 +617,7 @@ def _fresh_builtins_refused(create_builtin):
 
 # Names the standard library rebinds by itself while honest code runs (captured output, warning
 # bookkeeping, tempfile's lazily chosen folder): not watched.
-_SELF_REBOUND = {"sys": {"stdout", "stderr", "stdin", "displayhook", "excepthook", "last_type", "last_value",
+_SELF_REBOUND = {"sys": {"stdout", "stderr", "stdin", "argv", "displayhook", "excepthook", "last_type", "last_value",
                          "last_traceback", "last_exc", "ps1", "ps2", "unraisablehook", "breakpointhook"},
                  "builtins": {"_"}, "warnings": {"_filters_version", "filters", "defaultaction", "_onceregistry",
                  "onceregistry"}, "tempfile": {"tempdir", "_name_sequence"}}
@@ -743,6 +805,8 @@ def _worker(job, name, report, result_fd):
             msg = b"T" + encode("changed " + ", ".join(changed[:6]), "utf-8", "replace")
         elif ret is not None and isinstance_(ret, deferred):
             msg = b"Fgenerator and async test functions are not run (their body never ran)"
+        elif ret is not None and not ret:  # return ok instead of assert ok
+            msg = b"Fthe test returned a false value (" + encode(type_(ret).__name__, "utf-8", "replace") + b")"
         else:
             msg = b"P"
     except BaseException as e:
@@ -897,12 +961,12 @@ def bwrap_available() -> bool:
 
 
 def network_isolation_available() -> bool:
-    """Whether ``unshare -rn`` works here (used by the weaker ``"process"`` mode only)."""
+    """Whether ``unshare -rni`` works here (used by the weaker ``"process"`` mode only)."""
     exe = shutil.which("unshare")
     if not exe:
         return False
     try:
-        return subprocess.run([exe, "-rn", "true"], capture_output=True, timeout=5).returncode == 0
+        return subprocess.run([exe, "-rni", "true"], capture_output=True, timeout=5).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -1023,6 +1087,9 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
         why = screen(code, setup) or (screen(setup, generated=False) if setup else None)
         if why:
             return SandboxResult(False, "tampered", why, time.monotonic() - t0)
+    unrun = None if call else unrun_tests(code)
+    if unrun:
+        return SandboxResult(False, "error", unrun, time.monotonic() - t0)
     names = list(call) if call else collect_tests(code)
     if not names:
         return SandboxResult(False, "error", "no test function found", time.monotonic() - t0)
@@ -1040,7 +1107,7 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
         tmp = tempfile.mkdtemp(prefix="sieve-sandbox-")
         cmd = []
         if _net_available():
-            cmd = [shutil.which("unshare") or "unshare", "-rn"]
+            cmd = [shutil.which("unshare") or "unshare", "-rni"]  # own network and System V IPC namespaces
         cwd, env = tmp, {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
     cmd += [interp.exe, "-I", "-S", "-B", "-c", _HARNESS]
     r_fd, w_fd = os.pipe()
