@@ -8,6 +8,7 @@ traces. The most used names are importable from here::
     from sieve import steering, from_feature, SAECode, LatentEdit, Fires
 """
 
+from sieve import steering  # the module, callable as its steering(): sieve.steering(model, iv)
 from sieve.errors import NotAvailableOffline, RecipeError, ShapeMismatch, SieveError
 from sieve.fork import ForkSummary, generate_forked
 from sieve.generation import Completion, generate
@@ -25,7 +26,7 @@ from sieve.methods import METHODS, Method, Parts, build, get_method, register_me
 from sieve.models import chat_prompt, encode_prompts, load_model
 from sieve.recipe import Recipe, load_recipe, recipe_hash, save_recipe
 from sieve.saes import Feature, feature, load_sae
-from sieve.steering import from_feature, steering
+from sieve.steering import from_feature
 
 __version__ = "0.1.0"
 

@@ -1204,8 +1204,8 @@ def generate(
     composed on that row, or None: unsteered), or one for all. Each intervention carries its layers;
     ``layer_index`` binds those that carry none. ``seeds`` is one per prompt
     (or a base seed: row i gets base + i). A row ends at EOS or at the token whose text completes one of
-    ``stop`` (kept in the text, with whatever else that token carries: a token ``"\n\n   "`` ends a
-    row at ``"\n\n"`` with its spaces; e.g. ``["```"]`` ends a fenced code block). ``batch_size=None`` takes
+    ``stop`` (kept in the text, with whatever else that token carries: a token ``"\\n\\n   "`` ends a
+    row at ``"\\n\\n"`` with its spaces; e.g. ``["```"]`` ends a fenced code block). ``batch_size=None`` takes
     :func:`default_batch_size` and halves it when CUDA runs out of memory. Rows are grouped by prompt
     length to limit padding; results come back in the input order. ``on_batch(n)`` is called after each
     batch with its number of rows (e.g. a caller's own progress bar's ``update``).

@@ -18,6 +18,7 @@ decoder row where its pre-activation passes a threshold, or set / scale / ablate
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -185,3 +186,15 @@ def from_feature(
     g = gate if gate == "always" else Fires(det, thr) if gate == "token" else Fires(det, thr).latch()
     return Intervention(g if gate != "always" else "always", e, det if edit == "clamp" else None,
                         name=f"feature {index} {edit}", layers=layer)
+
+
+class _SteeringModule(type(sys.modules[__name__])):  # type: ignore[misc]
+    """This module, callable as :func:`steering`: ``sieve.steering(model, iv)`` is the context manager,
+    and ``import sieve.steering as st`` is still the module (``st.from_feature``)."""
+
+    def __call__(self, model: Any, interventions: Intervention | Sequence[Intervention], *,
+                 layer: int | None = None):
+        return steering(model, interventions, layer=layer)
+
+
+sys.modules[__name__].__class__ = _SteeringModule

@@ -155,3 +155,21 @@ def test_a_steerer_without_the_batch_encoding_is_refused_or_warns(tiny_models):
         warnings.simplefilter("error")
         Steerer([iv], layer=1)(torch.zeros(1, 5, d))  # one row of the user's own: no padding to mistake
         Steerer([iv] * 2, enc, model.tokenizer, layer=1)(torch.zeros(*enc["input_ids"].shape, d))
+
+
+def test_sieve_steering_is_the_module_and_the_context_manager():
+    """``import sieve.steering as st`` gave the function (the package rebound the name): now the module,
+    callable as its ``steering``."""
+    import importlib
+
+    import sieve
+    import sieve.steering as st
+
+    assert st is importlib.import_module("sieve.steering") and callable(st.from_feature)
+    assert sieve.steering is st and callable(sieve.steering)
+    from sieve.world import load_world
+
+    w = load_world()
+    iv = sieve.from_feature(w.sae, w.feature.index, -8.0, gate="always", layer=w.layer)
+    with sieve.steering(w.model, iv) as live:
+        assert type(live).__name__ == "LiveSteering"
