@@ -808,6 +808,9 @@ class Steerer:
             n = batch_size or (encoding["input_ids"].shape[0] if encoding is not None else 1)
             rows = [rows] * n
         self.rows = as_rows(rows, len(rows), layer)
+        if encoding is not None and "input_ids" in encoding and encoding["input_ids"].shape[0] != len(self.rows):
+            raise ShapeMismatch(f"Steerer: {len(self.rows)} rows of interventions for an encoding of "
+                                f"{encoding['input_ids'].shape[0]} prompts: give one per prompt (or one for all)")
         if encoding is not None and tokenizer is not None and any("prompt_gate" in iv.meta for r in self.rows for iv in r):
             # Prompt gates left undecided (steered_logprobs, MMLU, lm-eval) read the decoded prompt.
             self.rows = resolve_prompt_gates(self.rows, _prompt_texts(encoding, tokenizer))[0]

@@ -321,3 +321,18 @@ def test_over_long_prompt_is_refused_before_any_batch_runs(tiny_models):
     from sieve.generation import check_context
 
     check_context(tiny_models["llama"], [10**6], 4)
+
+
+def test_a_steerer_with_fewer_rows_than_its_encoding_is_refused_when_built():
+    """It surfaced inside the trace, as a long nnsight traceback."""
+    from sieve.errors import ShapeMismatch
+    from sieve.interventions import Steerer
+    from sieve.models import encode_prompts
+    from sieve.world import load_world
+
+    w = load_world()
+    enc = encode_prompts(w.model.tokenizer, ["def f(x):", "import re"])
+    iv = Intervention("always", Edit("add", w.feature.direction, 1.0), layers=w.layer)
+    with pytest.raises(ShapeMismatch, match="1 rows of interventions for an encoding of 2 prompts"):
+        Steerer([iv], enc, w.model.tokenizer)
+    assert len(Steerer(iv, enc, w.model.tokenizer).rows) == 2  # one for all
