@@ -501,6 +501,11 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
     rates = judge_rates(gen)
     if rates is not None:
         summary = summary.join(rates, on=["method", "scale"], how="left")
+    from sieve.methods import family
+
+    declared = {name: recipe.method(name) for name in recipe.methods}  # a recipe's own methods have families too
+    summary = summary.with_columns(pl.Series("family", [family(m, declared) for m in summary["method"].to_list()],
+                                             dtype=pl.String))
     write_atomic(out / "summary.parquet", summary.write_parquet)
     write_atomic(out / "summary.csv", summary.write_csv)
     general = recipe.eval.general

@@ -16,6 +16,7 @@ tested ``w·h > b``); clamps move along the direction so the detector reads exac
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -278,10 +279,11 @@ _FAMILY_OF_DETECTOR = {None: "constant", "sae": "SAE-gated", "sae_code": "SAE-ga
                        "caa": "CAA-gated"}
 
 
-def family(method: str) -> str:
+def family(method: str, declared: Mapping[str, Method] | None = None) -> str:
     """The family of a method name: ``baseline`` (unsteered), ``constant`` (no detector), ``SAE-gated``,
     ``probe-gated``, ``CAA-gated`` (by the detector that gates it), or ``other`` (any other detector, or
-    a name not registered here, e.g. from another session's results).
+    a name not registered here, e.g. from another session's results). ``declared``: a recipe's own
+    methods (``{name: recipe.method(name)}``), looked up first.
 
     Example:
         >>> [family(m) for m in ("unsteered", "constant_sae", "conditional_clamping", "probe_sae",
@@ -290,7 +292,7 @@ def family(method: str) -> str:
     """
     if method == UNSTEERED:
         return "baseline"
-    m = METHODS.get(method)
+    m = (declared or {}).get(method) or METHODS.get(method)
     if m is None:
         return "other"
     if m.prompt_gate is not None:

@@ -28,7 +28,7 @@ _SHAPES = {"baseline": "cross", "constant": "square", "SAE-gated": "circle", "pr
            "CAA-gated": "diamond", "lexical": "triangle-right", "other": "triangle-down"}
 
 
-def method_colors(methods: list[str]) -> tuple[list[str], list[str]]:
+def method_colors(methods: list[str], families: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
     """(domain, range) of a colour scale: methods ordered by family (:data:`sieve.methods.FAMILIES`), each
     family in shades of its own hue.
 
@@ -36,11 +36,12 @@ def method_colors(methods: list[str]) -> tuple[list[str], list[str]]:
         >>> method_colors(["probe_sae", "unsteered", "constant_sae", "clamping"])[0]
         ['unsteered', 'constant_sae', 'clamping', 'probe_sae']
     """
-    ordered = sorted(dict.fromkeys(methods), key=lambda m: (FAMILIES.index(family(m)), m))
+    fam_of = {m: (families or {}).get(m) or family(m) for m in methods}
+    ordered = sorted(dict.fromkeys(methods), key=lambda m: (FAMILIES.index(fam_of[m]), m))
     seen: dict[str, int] = {}
     colors = []
     for m in ordered:
-        fam = family(m)
+        fam = fam_of[m]
         k = seen.get(fam, 0)
         seen[fam] = k + 1
         shades = _SHADES[fam]
@@ -94,7 +95,8 @@ def pareto_chart(summary: pl.DataFrame, *, ability_title: str = "general ability
         (1 - pl.col("regex_rate")).alias("regex_avoided"),
         (1 - pl.col("regex_hi")).alias("avoided_lo"),
         (1 - pl.col("regex_lo")).alias("avoided_hi"),
-        pl.col("method").map_elements(family, return_dtype=pl.String).alias("family"),
+        (pl.col("family") if "family" in summary.columns  # a recipe's own methods: set by its report
+         else pl.col("method").map_elements(family, return_dtype=pl.String)).alias("family"),
         pl.when(pl.col("method") == UNSTEERED).then(pl.lit(""))
         .otherwise(pl.col("scale").map_elements(lambda v: f"{v:g}", return_dtype=pl.String)).alias("scale_label"),
         pl.col("scale").abs().alias("scale_order"),
@@ -103,8 +105,9 @@ def pareto_chart(summary: pl.DataFrame, *, ability_title: str = "general ability
     if "pareto" not in df.columns:
         df = df.with_columns(pl.lit(True).alias("pareto"))
     df = df.sort(["method", "scale_order"])
-    domain, colors = method_colors(df["method"].to_list())
-    domain = [f"{family(m)} · {m}" for m in domain]
+    fams = dict(zip(df["method"].to_list(), df["family"].to_list()))
+    domain, colors = method_colors(df["method"].to_list(), fams)
+    domain = [f"{fams[m]} · {m}" for m in domain]
     panels = [_panel(df, "valid_rate", "valid_lo", "valid_hi", "valid code (share; 95% interval)",
                      "Constraint vs task", domain, colors)]
     if "ability" in df.columns and df["ability"].drop_nulls().len():

@@ -422,7 +422,8 @@ def _validate(r: Recipe) -> Recipe:
         raise RecipeError(where, "sweep.methods", 'is empty: list at least one method (e.g. ["unsteered"])')
     for k, values in r.sweep.scales.items():
         if not values:
-            users = [m for m in r.sweep.methods if m == k or (m in METHODS and METHODS[m].edit == k)]
+            users = [m for m in r.sweep.methods if m == k or (m in METHODS and METHODS[m].edit == k)
+                     or (m in r.methods and r.methods[m].edit == k)]
             raise RecipeError(where, f"sweep.scales.{k}", "is empty: give at least one value"
                               + (f" (or drop {users} from sweep.methods)" if users else ""))
     for name, spec in r.methods.items():

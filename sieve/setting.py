@@ -87,6 +87,33 @@ def _sae_source(r: Recipe) -> str | Path:
     return _source(r, r.sae.source, "sae.source")
 
 
+def _gemma_scope_file(r: Recipe, src: str | Path) -> Path | None:
+    """The ``params.npz`` a local GemmaScope source names (the file, its folder, or the folder + id)."""
+    if not isinstance(src, Path):
+        return None
+    for p in (src, src / "params.npz", src / (r.sae.id or "-") / "params.npz"):
+        if p.name == "params.npz" and p.is_file():
+            return p
+    return None
+
+
+def _npz_shape(path: Path, name: str) -> tuple[int, ...] | None:
+    """The shape of array ``name`` in an ``.npz`` file, read from its header alone (None where it
+    cannot be read: the loader then says why)."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(path) as z, z.open(f"{name}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0(f))
+        return tuple(int(x) for x in shape)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
 def _sae_trained_layer(r: Recipe, sae_src: str | Path, cfg_path: Path | None) -> int | None:
     """The layer an SAE says it was trained on, where it says so before it loads: its ``cfg.json``'s hook
     name (sae-lens folders, the world's) or an SAE id naming ``layer_N`` (GemmaScope)."""
@@ -209,6 +236,15 @@ def checked_inputs(recipe: Recipe) -> tuple[Any, PromptSets]:
     width = getattr(text_config, "hidden_size", None) or getattr(text_config, "n_embd", None)
     sae_src = _sae_source(r)
     cfg_path = Path(sae_src) / "cfg.json" if isinstance(sae_src, Path) else None
+    npz = _gemma_scope_file(r, sae_src)
+    if npz is not None:  # GemmaScope's layout: the widths from W_enc's header, without reading the arrays
+        shape = _npz_shape(npz, "W_enc")
+        if shape is not None and isinstance(width, int) and shape[0] != width:
+            raise RecipeError(where, "sae.source", f"the SAE ({npz}) reads vectors of width {shape[0]} but the model's "
+                              f"hidden size is {width}: this SAE was trained on another model")
+        if shape is not None and not 0 <= r.sae.feature < shape[1]:
+            raise RecipeError(where, "sae.feature", f"{r.sae.feature} is out of range: the SAE has {shape[1]} features "
+                              f"(0..{shape[1] - 1})")
     if cfg_path is not None and cfg_path.exists():
         cfg = json.loads(cfg_path.read_text())
         d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")

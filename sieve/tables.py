@@ -118,7 +118,7 @@ def summary_table(summary: pl.DataFrame, validity: str = "syntax", *, out: Any =
         rlo, rhi = ("regex_clo", "regex_chi") if clustered and r.get("regex_clo") is not None else ("regex_lo", "regex_hi")
         vlo, vhi = ("valid_clo", "valid_chi") if clustered and r.get("valid_clo") is not None else ("valid_lo", "valid_hi")
         row = {
-            "family": family(r["method"]), "method": printable(r["method"]), "scale": r["scale"],
+            "family": r.get("family") or family(r["method"]), "method": printable(r["method"]), "scale": r["scale"],
             "regex": _iv(r, "regex_rate", rlo, rhi), "dregex": _iv(r, "regex_diff", "regex_diff_lo", "regex_diff_hi", True),
             "pregex": (f"{r['regex_diff_p']:.3g} ({r['regex_diff_prompts']})" if r.get("regex_diff_p") is not None
                        else "-"),

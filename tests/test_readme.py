@@ -22,19 +22,20 @@ def test_quickstart_runs_and_closed_gates_change_nothing(tmp_path):
     script.write_text(_quickstart() + '''
 texts = model.tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:])
 c = steer.counts()
-for row in (2, 3):  # the steered twins of rows 0 and 1
+for row in (3, 4, 5):  # the steered twins of rows 0, 1 and 2
     opened = c["prompt_fired"][row] + c["gen_fired"][row] > 0
-    print("ROW", row, "fired" if opened else "closed", "same" if texts[row] == texts[row - 2] else "changed")
+    print("ROW", row, "fired" if opened else "closed", "same" if texts[row] == texts[row - 3] else "changed")
 ''')
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = re.findall(r"^ROW (\d) (fired|closed) (same|changed)$", out.stdout, re.M)
-    assert len(rows) == 2
+    assert len(rows) == 3
     for _, gate, result in rows:
         if gate == "closed":
             assert result == "same"  # a gate that never opened left the row token-identical
+    assert ("4", "fired", "changed") in rows  # the README says the intent head opens its gate and changes
 
 
 def _section(title: str, lang: str) -> list[str]:
@@ -79,3 +80,20 @@ def test_composing_recipe_tables_validate():
     ivs = {name: build(r.method(name), parts, -2.0) for name in r.methods}
     assert ivs["caa_two_layers"].layers == (2, 3) and ivs["caa_two_layers"].reads_at == 2
     assert ivs["code_latch_clamp"].edit.op == "set"
+
+
+def test_the_token_healing_example_runs_after_the_quickstart(tmp_path):
+    """The README's healing block continues the quickstart (its model and iv): each healed row's first
+    new token starts with the text it backed up."""
+    text = (ROOT / "README.md").read_text()
+    heal = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "TokenHealer(heals" in b)
+    script = tmp_path / "heal.py"
+    script.write_text(_quickstart() + heal + '''
+new = [model.tokenizer.decode(ids[i, enc["input_ids"].shape[1]:][:1]) for i in range(2)]
+print("OK", all(n.startswith(h.text) for n, h in zip(new, heals) if h is not None), [h is not None for h in heals])
+''')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK True [True, True]" in out.stdout, out.stdout[-2000:]

@@ -232,3 +232,28 @@ def test_study_layer_file_in_torch_zip_format_never_unpickles_code(tmp_path):
     with pytest.raises(SieveError, match=r"layer_12\.pt: not a state dict of tensors"):
         load_sae(folder, layer=12)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_gemma_scope_folder_of_another_width_or_too_few_features_is_refused_before_the_weights_load(tmp_path):
+    """GemmaScope's own layout has no cfg.json: its widths are read from W_enc's header (they were
+    found only after the model loaded, in a message naming no key)."""
+    from sieve.errors import RecipeError
+    from sieve.recipe import load_recipe
+    from sieve.setting import preflight
+
+    root = tmp_path / "gs"
+    _write_gemma_scope(root, _gemma_scope_arrays())
+    base = [f'sae.source="{root}"', f'sae.id="{GS_ID}"', "sae.layer=2"]
+    with pytest.raises(RecipeError, match=rf"\[sae.source\] the SAE .* reads vectors of width {D} but the model's hidden"):
+        preflight(load_recipe("recipes/regex.toml", [*base, "sae.feature=1"]))
+    from sieve.world import load_world
+
+    w = load_world()
+    width = int(w.sae.cfg.d_in)
+    narrow = tmp_path / "gs2"
+    a = _gemma_scope_arrays()
+    a["W_enc"] = np.zeros((width, 5), np.float32)
+    _write_gemma_scope(narrow, a)
+    with pytest.raises(RecipeError, match=r"\[sae.feature\] 7 is out of range: the SAE has 5 features"):
+        preflight(load_recipe("recipes/regex.toml", [f'sae.source="{narrow}"', f'sae.id="{GS_ID}"', "sae.layer=2",
+                                                     "sae.feature=7"]))
