@@ -171,9 +171,10 @@ def prompt_table(tokenizer, prompts) -> pl.DataFrame:
         ids = tokenize_prompts(tokenizer, [p.text for p in items])
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         for i, (p, text, ends) in enumerate(zip(items, texts, token_ends(tokenizer, ids, texts))):
-            rows.append({"set": set_name, "prompt_index": i, "prompt_id": p.id, "text": text, "token_ends": ends})
+            rows.append({"set": set_name, "prompt_index": i, "prompt_id": p.id, "text": text, "token_ends": ends,
+                         "prompt": p.text})
     return pl.DataFrame(rows, schema={"set": pl.Utf8, "prompt_index": pl.Int64, "prompt_id": pl.Utf8,
-                                      "text": pl.Utf8, "token_ends": pl.List(pl.Int64)})
+                                      "text": pl.Utf8, "token_ends": pl.List(pl.Int64), "prompt": pl.Utf8})
 
 
 def check_inputs(out: Path, table: pl.DataFrame, sources: dict, context: str) -> None:
@@ -191,18 +192,23 @@ def check_inputs(out: Path, table: pl.DataFrame, sources: dict, context: str) ->
                          "prompts.parquet is missing, or was not written by this user's sieve for this recipe), so "
                          "whether the prompt files changed since cannot be told: write to a fresh folder (--out DIR)")
     try:
-        old = pl.read_parquet(path, columns=["set", "prompt_index", "prompt_id", "text"])
+        old = pl.read_parquet(path)
     except (Exception, pl.exceptions.PanicException):
         old = None
-    rows = old.iter_rows(named=True) if old is not None else ()
-    was = {(r["set"], r["prompt_index"], r["prompt_id"]): r["text"] for r in rows}
-    for r in table.iter_rows(named=True):
-        before = was.get((r["set"], r["prompt_index"], r["prompt_id"]))
-        if before is not None and before != r["text"]:
-            raise SieveError(f"{out} holds rows made on other prompt texts: {r['set']} prompt {r['prompt_index']} "
-                             f"({printable(r['prompt_id'])}) now reads {printable(r['text'][:60])!r}, before "
-                             f"{printable(before[:60])!r}. The prompt files changed since; write to a fresh folder "
-                             "(--out DIR), or restore them")
+    now = {(r["set"], r["prompt_index"]): r for r in table.iter_rows(named=True)}
+    for r in old.iter_rows(named=True) if old is not None else ():
+        # every prompt the folder's rows were made on is still there, as it was (more may follow)
+        n = now.get((r.get("set"), r.get("prompt_index")))
+        what = f"{printable(str(r.get('set')))} prompt {r.get('prompt_index')} ({printable(str(r.get('prompt_id')))})"
+        if n is None or n["prompt_id"] != r.get("prompt_id"):
+            raise SieveError(f"{out} holds rows made on {what}, which the prompt files no longer hold (now "
+                             f"{'nothing' if n is None else printable(n['prompt_id'])} there). The prompt files "
+                             "changed since; write to a fresh folder (--out DIR), or restore them")
+        if n["text"] != r.get("text") or ("prompt" in r and r["prompt"] is not None and n["prompt"] != r["prompt"]):
+            before = str(r.get("prompt") or r.get("text"))[:60]
+            raise SieveError(f"{out} holds rows made on other prompt texts: {what} now reads "
+                             f"{printable(n['prompt'][:60])!r}, before {printable(before)!r}. "
+                             "The prompt files changed since; write to a fresh folder (--out DIR), or restore them")
     spath = out / SOURCES_FILE
     if not signed(spath, context=context):
         raise SieveError(f"{out} holds rows of this recipe but no record of the model, SAE and data they were made "
@@ -217,7 +223,8 @@ def check_inputs(out: Path, table: pl.DataFrame, sources: dict, context: str) ->
                          "both would mix: write to a fresh folder (--out DIR), or restore them")
 
 
-_PART_NAMES = {"model": "the model", "sae": "the SAE", "judge": "the judge model", "mmlu_data": "the MMLU data"}
+_PART_NAMES = {"model": "the model", "sae": "the SAE", "judge": "the judge model", "mmlu_data": "the MMLU data",
+               "lmeval_include": "the harness task folder"}
 
 
 def sources_change(before: object, now: dict) -> str:

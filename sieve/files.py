@@ -244,18 +244,30 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def folder_digest(folder: str | Path, keep: Callable[[str], bool] | None = None) -> dict[str, str]:
-    """The SHA-256 of each file directly in ``folder`` (hidden names skipped, links followed; ``keep``
-    picks by name), by name: what identifies a local model's or SAE's weights, config and tokenizer.
-    A file is read once: its digest is kept beside sieve's key (``~/.cache/sieve/digests.json``) under its resolved
-    path, size, modification time and inode, and read again only when one of them changes.
+_NOT_FILES = ("/proc", "/sys", "/dev")  # "files" there are not data: unbounded, or the machine's own state
+
+
+def folder_digest(folder: str | Path, keep: Callable[[str], bool] | None = None, *,
+                  recursive: bool = False, extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """A digest of each regular file directly in ``folder`` (every level below it with ``recursive``;
+    ``keep`` picks by name; ``extra``: more paths relative to the folder, e.g. the shards a
+    ``model.safetensors.index.json`` names), by path: what identifies a local model's or SAE's weights,
+    config and tokenizer. Each digest is the file's SHA-256 under this user's key (an HMAC: a record
+    shared with others confirms nothing about files they guess; the bare SHA-256 where there is no key).
+    A file is read once: its SHA-256 is kept beside sieve's key (``~/.cache/sieve/digests.json``) under
+    its resolved path, size, times (modification and change) and inode, and read again only when one of
+    them changes. A file that resolves into ``/proc``, ``/sys`` or ``/dev``, or cannot be read, is a
+    :class:`~sieve.errors.SieveError` naming it.
 
     Example:
         >>> d = Path(tempfile.mkdtemp()); _ = (d / "model.safetensors").write_bytes(b"weights")
-        >>> folder_digest(d)["model.safetensors"][:12]
-        '9a129038d9a0'
+        >>> a = folder_digest(d); _ = (d / "model.safetensors").write_bytes(b"other")
+        >>> list(a), a == folder_digest(d)
+        (['model.safetensors'], False)
     """
     import json
+
+    from sieve.errors import SieveError
 
     folder = Path(folder)
     cache_path = _digest_cache()
@@ -264,20 +276,29 @@ def folder_digest(folder: str | Path, keep: Callable[[str], bool] | None = None)
         cache = cache if isinstance(cache, dict) else {}
     except (OSError, ValueError):
         cache = {}
+    files = sorted(folder.rglob("*") if recursive else folder.iterdir())
+    files += [folder / e for e in extra if not Path(e).is_absolute() and ".." not in Path(e).parts]
     out, changed = {}, False
-    for f in sorted(folder.iterdir()):
-        if f.name.startswith(".") or not f.is_file() or (keep is not None and not keep(f.name)):
+    for f in dict.fromkeys(files):
+        name = f.relative_to(folder).as_posix()
+        if (keep is not None and not keep(f.name)) or not f.is_file():
             continue
         real = f.resolve()
-        st = real.stat()
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        hit = cache.get(str(real))
-        if isinstance(hit, dict) and hit.get("stat") == stamp and isinstance(hit.get("sha256"), str):
-            out[f.name] = hit["sha256"]
-            continue
-        out[f.name] = digest = _file_sha256(real)
-        cache[str(real)] = {"stat": stamp, "sha256": digest}
-        changed = True
+        if any(real.is_relative_to(top) for top in _NOT_FILES):
+            raise SieveError(f"{f} resolves to {real}: not a file a model, SAE or data set is read from")
+        try:
+            st = real.stat()
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+            hit = cache.get(str(real))
+            if isinstance(hit, dict) and hit.get("stat") == stamp and isinstance(hit.get("sha256"), str):
+                sha = hit["sha256"]
+            else:
+                sha = _file_sha256(real)
+                cache[str(real)] = {"stat": stamp, "sha256": sha}
+                changed = True
+        except OSError as e:
+            raise SieveError(f"{f}: cannot be read to identify it ({e.strerror or e})") from None
+        out[name] = local_mac(b"source file", bytes.fromhex(sha)) or sha
     if changed:
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)

@@ -448,6 +448,9 @@ def _validate(r: Recipe) -> Recipe:
                        ("probe.max_new_tokens", r.probe.max_new_tokens, 1)):
         if v < lo:
             raise RecipeError(where, key, f"must be >= {lo}, got {v}")
+    if r.sae.id and (Path(r.sae.id).is_absolute() or ".." in Path(r.sae.id).parts or r.sae.id.startswith("~")):
+        raise RecipeError(where, "sae.id", f"{r.sae.id!r}: an SAE id names a subfolder or file inside the SAE source "
+                          "(e.g. 'layer_8/width_16k/average_l0_71'), not a path of its own")
     if not r.probe.l2 >= 0:
         raise RecipeError(where, "probe.l2", f"must be >= 0 (the probe's L2 penalty), got {r.probe.l2}")
     if r.sweep.temperature < 0:

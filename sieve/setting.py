@@ -6,7 +6,7 @@ of everything that made them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +54,9 @@ def _source(r: Recipe, value: str, key: str) -> str | Path:
     only be a path but names no folder is an error (it would otherwise be asked of the hub)."""
     where = r.path or "<recipe>"
     p = r.resolve(value)
+    real = p.resolve()
+    if any(real.is_relative_to(top) for top in ("/proc", "/sys", "/dev")):
+        raise RecipeError(where, key, f"{value!r} resolves to {real}: not a folder a model or SAE is read from")
     hub_like = "/" in value and not value.startswith(("/", ".", "~")) and value.count("/") == 1
     if p.exists():
         if hub_like:
@@ -155,7 +158,7 @@ def _identity(src: str | Path, revision: str | None = None) -> dict[str, Any]:
     from sieve.models import _resolve_config
 
     if isinstance(src, Path):
-        return {"files": folder_digest(src)}
+        return {"files": folder_digest(src, extra=_model_files(src))}
     _resolve_config(src, revision)  # fetched into the hub cache where it is not there
     return {"hub": src, "revision": revision or "main", "commit": _hub_commit(src, "config.json", revision)}
 
@@ -288,20 +291,43 @@ def checked_inputs(recipe: Recipe) -> tuple[Any, PromptSets]:
     return tok, prompts
 
 
-def _sae_files(r: Recipe, src: Path):
-    """The folder holding the SAE a recipe reads from a local source, and which of its files count
-    (the study's layout keeps every layer's weights in one folder: only this layer's count)."""
-    import re
+def _sae_files(r: Recipe, src: Path) -> tuple[Path, Callable[[str], bool] | None]:
+    """The folder holding the SAE a recipe reads from a local source, and which of its files count:
+    the loader's own choice (:func:`sieve.saes.load_sae`), so the record names what is read. The
+    study's layout keeps every layer's weights in one folder: only this layer's count."""
+    from sieve.saes import _digits
 
-    leaf = src / r.sae.id if r.sae.id and (src / r.sae.id).is_dir() else src
     if src.is_file():
+        if src.name in ("cfg.json", "config.json"):
+            return _sae_files(r, src.parent)
         return src.parent, lambda name: name == src.name
+    if r.sae.id:
+        sub = src / r.sae.id
+        if (sub / "params.npz").is_file() or (sub / "cfg.json").is_file():
+            return sub, None
+    if (src / "cfg.json").is_file() or (src / "params.npz").is_file():
+        return src, None
+    if (src / "config.json").is_file():
+        weights = {".safetensors", ".pt", ".pth", ".bin"}
+        return src, lambda name: name == "config.json" or (
+            Path(name).suffix in weights and str(r.sae.layer) in _digits(Path(name).stem))
+    return src, None
 
-    def keep(name: str) -> bool:
-        m = re.fullmatch(r"layer_(\d+)\.\w+", name)
-        return m is None or int(m.group(1)) == r.sae.layer
 
-    return leaf, keep
+def _model_files(src: Path) -> tuple[str, ...]:
+    """Beyond a model folder's own files: the shards its ``*.index.json`` files name (they may lie in a
+    subfolder)."""
+    import json
+
+    extra: list[str] = []
+    for index in sorted(src.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(weight_map, dict):
+            extra += [v for v in weight_map.values() if isinstance(v, str)]
+    return tuple(dict.fromkeys(extra))
 
 
 def _hub_commit(repo: str, filename: str, revision: str | None) -> str | None:
@@ -342,6 +368,8 @@ def sources_identity(recipe: Recipe) -> dict[str, Any]:
         out["sae"] = {"hub": sae_src, "id": r.sae.id}
     if r.eval.judge == "hf" and r.eval.judge_model:
         out["judge"] = _identity(judge_source(r))
+    if r.eval.general == "lmeval" and r.eval.lmeval_include:  # the harness tasks of the recipe's own, and their data
+        out["lmeval_include"] = {"files": folder_digest(r.resolve(r.eval.lmeval_include), recursive=True)}
     if r.eval.general == "mmlu" and r.eval.mmlu_data:
         data = r.resolve(r.eval.mmlu_data)
         out["mmlu_data"] = {"files": folder_digest(data) if data.is_dir() else

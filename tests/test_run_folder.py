@@ -4,6 +4,7 @@ writer per shard, and survives a truncated part file. (The end-to-end resume of 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -795,15 +796,21 @@ def test_a_cache_file_that_is_a_fifo_or_garbage_is_computed_again(tmp_path):
         signal.signal(signal.SIGALRM, old)
 
 
-@pytest.mark.parametrize("bad", ["fifo", "{not json", '{"recipe": 5}', "[]"])
-def test_report_only_of_a_folder_with_an_unreadable_run_json_is_one_message(tmp_path, capsys, bad):
+def _replaced_after_a_run(tmp_path: Path, name: str, bad: str) -> Path:
+    """A tiny run's folder whose file ``name`` is then a FIFO (``bad == "fifo"``) or holds ``bad``."""
     out = tmp_path / "out"
     assert regex.main(_tiny(out)) == 0
-    (out / "run.json").unlink()
+    (out / name).unlink()
     if bad == "fifo":
-        os.mkfifo(out / "run.json")
+        os.mkfifo(out / name)
     else:
-        (out / "run.json").write_text(bad)
+        (out / name).write_text(bad)
+    return out
+
+
+@pytest.mark.parametrize("bad", ["fifo", "{not json", '{"recipe": 5}', "[]"])
+def test_report_only_of_a_folder_with_an_unreadable_run_json_is_one_message(tmp_path, capsys, bad):
+    out = _replaced_after_a_run(tmp_path, "run.json", bad)
     capsys.readouterr()
     assert regex.main(["--report-only", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -812,13 +819,7 @@ def test_report_only_of_a_folder_with_an_unreadable_run_json_is_one_message(tmp_
 
 @pytest.mark.parametrize("bad", ["fifo", "[]"])
 def test_a_recipe_json_that_is_not_a_json_object_is_one_message(tmp_path, capsys, bad):
-    out = tmp_path / "out"
-    assert regex.main(_tiny(out)) == 0
-    (out / "recipe.json").unlink()
-    if bad == "fifo":
-        os.mkfifo(out / "recipe.json")
-    else:
-        (out / "recipe.json").write_text(bad)
+    out = _replaced_after_a_run(tmp_path, "recipe.json", bad)
     assert regex.main(_tiny(out)) == 2
     assert "recipe.json is not readable JSON" in capsys.readouterr().err
 
@@ -850,3 +851,105 @@ def test_a_run_that_measures_no_general_ability_does_not_call_it_mmlu(tmp_path, 
     printed = capsys.readouterr().out
     assert "Summary:" in printed and "MMLU" not in printed and "dominated by a scale of the same method on regex " \
         "rate and syntax rate" in printed
+
+
+def test_the_digest_of_a_file_rewritten_in_place_with_its_old_time_is_read_again(tmp_path):
+    """``tar xf`` of an update (same size, same mtime, same inode) was served the old digest."""
+    from sieve.files import folder_digest
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"v1" * 100)
+    st = f.stat()
+    first = folder_digest(tmp_path)
+    with open(f, "r+b") as h:  # in place: the inode stays
+        h.write(b"v2" * 100)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_ino == st.st_ino and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert folder_digest(tmp_path) != first
+
+
+def test_the_record_names_what_the_loaders_read(tmp_path):
+    """Shards an index names in a subfolder, the SAE behind a cfg.json given as the source or behind an
+    id naming a folder with no SAE, a study layer's hidden weights file and a hidden MMLU file: each
+    was left out of the record, so rows made with other weights or data were resumed."""
+    import json
+
+    from sieve.setting import _identity, _sae_files, sources_identity
+
+    model = tmp_path / "model"
+    (model / "weights").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "weights/m-1.safetensors"}}))
+    (model / "weights" / "m-1.safetensors").write_bytes(b"v1")
+    assert "weights/m-1.safetensors" in _identity(model)["files"]
+
+    sae = tmp_path / "sae"
+    (sae / "notes").mkdir(parents=True)
+    (sae / "cfg.json").write_text("{}")
+    (sae / "sae_weights.safetensors").write_bytes(b"w")
+    (sae / "notes" / "README.txt").write_text("decoy")
+    for source, sae_id in ((sae / "cfg.json", ""), (sae, "notes")):
+        r = load_recipe(ROOT / "recipes/regex.toml", [f'sae.source="{source}"', f'sae.id="{sae_id}"', "sae.layer=2",
+                                                      "sae.feature=1"])
+        folder, keep = _sae_files(r, source)
+        assert folder == sae and (keep is None or keep("sae_weights.safetensors")), (source, sae_id)
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "config.json").write_text("{}")
+    (study / ".layer_2.safetensors").write_bytes(b"hidden")
+    r = load_recipe(ROOT / "recipes/regex.toml", [f'sae.source="{study}"', "sae.layer=2", "sae.feature=1"])
+    folder, keep = _sae_files(r, study)
+    assert keep(".layer_2.safetensors") and not keep("layer_3.safetensors")
+
+    data = tmp_path / "mm"
+    data.mkdir()
+    (data / ".mmlu.json").write_text("[]")
+    r = load_recipe(ROOT / "recipes/regex.toml", ['eval.general="mmlu"', f'eval.mmlu_data="{data / ".mmlu.json"}"'])
+    assert list(sources_identity(r)["mmlu_data"]["files"]) == [".mmlu.json"]
+
+
+def test_the_record_holds_keyed_digests_and_no_machine_files(tmp_path):
+    """sources.json is shared with the run folder: a link in a model folder to a short secret put its bare
+    SHA-256 there (confirmable by guessing); /proc sources stalled the run for minutes."""
+    import hashlib
+    import shutil
+
+    from sieve.errors import RecipeError
+    from sieve.setting import _identity, sources_identity
+    from sieve.world import world_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(world_model_dir(), model)
+    secret = tmp_path / "db_password"
+    secret.write_text("hunter2\n")
+    (model / "notes.txt").symlink_to(secret)
+    record = json.dumps(_identity(model))
+    assert hashlib.sha256(b"hunter2\n").hexdigest() not in record and "notes.txt" in record
+    (model / "mem").symlink_to("/proc/self/mem")
+    with pytest.raises(SieveError, match="not a file a model, SAE or data set is read from"):
+        _identity(model)
+    for key, value in (("sae.source", "/proc/self/pagemap"), ("model.source", "/proc/self")):
+        with pytest.raises(RecipeError, match="not a folder a model or SAE is read from"):
+            sources_identity(load_recipe(ROOT / "recipes/regex.toml", [f'{key}="{value}"', "sae.layer=2",
+                                                                       "sae.feature=1"]))
+    with pytest.raises(RecipeError, match=r"\[sae.id\] '/proc/self/cwd': an SAE id names a subfolder"):
+        load_recipe(ROOT / "recipes/regex.toml", ['sae.id="/proc/self/cwd"'])
+
+
+def test_prompts_gone_or_changed_in_special_tokens_are_not_resumed(tmp_path, capsys):
+    """New ids under the old positions left the old rows counted under the new prompts; special tokens
+    added before a prompt decode to the same text and were resumed."""
+    prompts = tmp_path / "mine.jsonl"
+    first = {"id": "emails", "prompt": "def find_emails(text):\n   "}
+    prompts.write_text(json.dumps(first) + "\n")
+    out = tmp_path / "out"
+    args = _tiny(out, "--regex-prompts", str(prompts))
+    assert regex.main(args) == 0
+    prompts.write_text(json.dumps({"id": "other", "prompt": "def mean(xs):\n   "}) + "\n")
+    assert regex.main(args) == 2
+    assert "which the prompt files no longer hold (now other there)" in capsys.readouterr().err
+    prompts.write_text(json.dumps({**first, "prompt": "<|endoftext|>" * 3 + first["prompt"]}) + "\n")
+    assert regex.main(args) == 2
+    assert "holds rows made on other prompt texts" in capsys.readouterr().err
+    prompts.write_text(json.dumps(first) + "\n" + json.dumps({"id": "more", "prompt": "def mean(xs):\n   "}) + "\n")
+    assert regex.main(args) == 0  # a prompt added after the others: the old rows stand, the new one is made
