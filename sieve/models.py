@@ -113,7 +113,7 @@ def check_device(device: str) -> None:
     """
     import re
 
-    if device == "auto" or device == "cpu":
+    if device in ("auto", "cpu") or device in SPLIT_DEVICE_MAPS:  # a split map without GPUs loads on the CPU
         return
     if not re.fullmatch(r"cuda(:\d+)?|mps", device) and device not in SPLIT_DEVICE_MAPS:
         raise SieveError(f"device {device!r} is not one sieve knows: use auto, cpu, cuda, cuda:N, mps, "
