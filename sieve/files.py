@@ -244,7 +244,8 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-_NOT_FILES = ("/proc", "/sys", "/dev")  # "files" there are not data: unbounded, or the machine's own state
+_NOT_FILES = ("/proc", "/sys")  # "files" there are not data: unbounded, or the machine's own state (device nodes
+# are not regular files, so /dev/shm's, a RAM disk's, pass)
 
 
 def folder_digest(folder: str | Path, keep: Callable[[str], bool] | None = None, *,
@@ -256,7 +257,8 @@ def folder_digest(folder: str | Path, keep: Callable[[str], bool] | None = None,
     shared with others confirms nothing about files they guess; the bare SHA-256 where there is no key).
     A file is read once: its SHA-256 is kept beside sieve's key (``~/.cache/sieve/digests.json``) under
     its resolved path, size, times (modification and change) and inode, and read again only when one of
-    them changes. A file that resolves into ``/proc``, ``/sys`` or ``/dev``, or cannot be read, is a
+    them changes (``__pycache__`` and ``.pyc`` files are left out: Python writes them as it imports). A file
+    that resolves into ``/proc`` or ``/sys``, or cannot be read, is a
     :class:`~sieve.errors.SieveError` naming it.
 
     Example:
@@ -276,7 +278,8 @@ def folder_digest(folder: str | Path, keep: Callable[[str], bool] | None = None,
         cache = cache if isinstance(cache, dict) else {}
     except (OSError, ValueError):
         cache = {}
-    files = sorted(folder.rglob("*") if recursive else folder.iterdir())
+    files = sorted(f for f in (folder.rglob("*") if recursive else folder.iterdir())
+                   if "__pycache__" not in f.relative_to(folder).parts and f.suffix != ".pyc")  # Python's own
     files += [folder / e for e in extra if not Path(e).is_absolute() and ".." not in Path(e).parts]
     out, changed = {}, False
     for f in dict.fromkeys(files):

@@ -216,8 +216,8 @@ def shard_inputs(folders: Sequence[Path]) -> tuple[pl.DataFrame | None, dict | N
     if frames:
         df = pl.concat([f for _, f in frames], how="diagonal_relaxed")
         same = [c for c in ("prompt_id", "text", "prompt") if c in df.columns]
-        clash = df.group_by(["set", "prompt_index"]).agg(pl.max_horizontal([pl.col(c).n_unique() for c in same])
-                                                          .alias("n")).filter(pl.col("n") > 1)
+        clash = df.group_by(["set", "prompt_index"]).agg(pl.max_horizontal([pl.col(c).drop_nulls().n_unique()
+                                                                             for c in same]).alias("n")).filter(pl.col("n") > 1)
         if clash.height:
             row = clash.sort(["set", "prompt_index"]).row(0, named=True)
             raise SieveError(f"--merge: the shards were made on other prompt texts ({row['set']} prompt "

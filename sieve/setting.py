@@ -55,7 +55,8 @@ def _source(r: Recipe, value: str, key: str) -> str | Path:
     where = r.path or "<recipe>"
     p = r.resolve(value)
     real = p.resolve()
-    if any(real.is_relative_to(top) for top in ("/proc", "/sys", "/dev")):
+    if any(real.is_relative_to(top) for top in ("/proc", "/sys")) or (
+            real.is_relative_to("/dev") and not real.is_relative_to("/dev/shm")):
         raise RecipeError(where, key, f"{value!r} resolves to {real}: not a folder a model or SAE is read from")
     hub_like = "/" in value and not value.startswith(("/", ".", "~")) and value.count("/") == 1
     if p.exists():
@@ -157,8 +158,8 @@ def _identity(src: str | Path, revision: str | None = None) -> dict[str, Any]:
     from sieve.files import folder_digest
     from sieve.models import _resolve_config
 
-    if isinstance(src, Path):
-        return {"files": folder_digest(src, extra=_model_files(src))}
+    if isinstance(src, Path):  # its config, tokenizer and weights (not its README, notes or logs)
+        return {"files": folder_digest(src, _model_file, extra=_model_files(src))}
     _resolve_config(src, revision)  # fetched into the hub cache where it is not there
     return {"hub": src, "revision": revision or "main", "commit": _hub_commit(src, "config.json", revision)}
 
@@ -312,6 +313,16 @@ def _sae_files(r: Recipe, src: Path) -> tuple[Path, Callable[[str], bool] | None
         return src, lambda name: name == "config.json" or (
             Path(name).suffix in weights and str(r.sae.layer) in _digits(Path(name).stem))
     return src, None
+
+
+_MODEL_SUFFIXES = {".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".jinja", ".tiktoken", ".npz",
+                   ".msgpack", ".h5", ".gguf"}
+
+
+def _model_file(name: str) -> bool:
+    """A file of a model folder that transformers may read: config, tokenizer, template or weights."""
+    return not name.startswith(".") and Path(name).suffix in _MODEL_SUFFIXES and not name.lower().startswith(
+        ("readme", "license"))
 
 
 def _model_files(src: Path) -> tuple[str, ...]:

@@ -925,10 +925,12 @@ def test_the_record_holds_keyed_digests_and_no_machine_files(tmp_path):
     (model / "notes.txt").symlink_to(secret)
     record = json.dumps(_identity(model))
     assert hashlib.sha256(b"hunter2\n").hexdigest() not in record and "notes.txt" in record
-    (model / "mem").symlink_to("/proc/self/mem")
+    (model / "README.md").write_text("notes of no weight")  # not read by the loaders: not recorded
+    assert "README.md" not in json.dumps(_identity(model))
+    (model / "mem.bin").symlink_to("/proc/self/mem")
     with pytest.raises(SieveError, match="not a file a model, SAE or data set is read from"):
         _identity(model)
-    for key, value in (("sae.source", "/proc/self/pagemap"), ("model.source", "/proc/self")):
+    for key, value in (("sae.source", "/proc/self/pagemap"), ("model.source", "/proc/self"), ("model.source", "/dev/null")):
         with pytest.raises(RecipeError, match="not a folder a model or SAE is read from"):
             sources_identity(load_recipe(ROOT / "recipes/regex.toml", [f'{key}="{value}"', "sae.layer=2",
                                                                        "sae.feature=1"]))
@@ -953,3 +955,28 @@ def test_prompts_gone_or_changed_in_special_tokens_are_not_resumed(tmp_path, cap
     assert "holds rows made on other prompt texts" in capsys.readouterr().err
     prompts.write_text(json.dumps(first) + "\n" + json.dumps({"id": "more", "prompt": "def mean(xs):\n   "}) + "\n")
     assert regex.main(args) == 0  # a prompt added after the others: the old rows stand, the new one is made
+
+
+def test_a_model_on_a_ram_disk_and_a_task_folder_that_python_wrote_bytecode_into(tmp_path):
+    """/dev/shm (a RAM disk) was refused as if it were a device; a harness task folder's record changed
+    once Python wrote __pycache__ into it, so the next resume was refused."""
+    import shutil
+
+    from sieve.files import folder_digest
+    from sieve.setting import _identity
+    from sieve.world import world_model_dir
+
+    if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK):
+        shm = Path("/dev/shm") / f"sieve-test-{os.getpid()}"
+        try:
+            shutil.copytree(world_model_dir(), shm)
+            assert "model.safetensors" in _identity(shm)["files"]
+        finally:
+            shutil.rmtree(shm, ignore_errors=True)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "utils.py").write_text("x = 1\n")
+    before = folder_digest(tasks, recursive=True)
+    (tasks / "__pycache__").mkdir()
+    (tasks / "__pycache__" / "utils.cpython-311.pyc").write_bytes(b"\x00")
+    assert folder_digest(tasks, recursive=True) == before

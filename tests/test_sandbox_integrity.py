@@ -361,3 +361,9 @@ def test_common_honest_tests_are_not_refused(path):
     timeout, a unittest class the module runs itself): they were refused as tampered."""
     e = evaluate_code(path.read_text(), setup=_extract_emails(), execute=True, timeout_s=5.0)
     assert e.exec_status == "ok" and e.executed, (path.stem, e)
+
+
+def test_a_module_whose_every_test_sits_under_a_false_if_has_no_test():
+    e = evaluate_code("HAVE = False\nif HAVE:\n    def test_a():\n        assert True\n", setup=_extract_emails(),
+                      execute=True, timeout_s=5.0)
+    assert e.exec_status == "error" and not e.executed

@@ -429,7 +429,12 @@ def unrun_tests(code: str) -> str | None:
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    guarded = {id(x) for n in ast.walk(tree) if isinstance(n, ast.If) and isinstance(n.test, ast.Compare)
+               and isinstance(n.test.left, ast.Name) and n.test.left.id == "__name__"
+               for b in n.body for x in ast.walk(b)}  # `if __name__ == "__main__":` never runs here
     for node in ast.walk(tree):
+        if id(node) in guarded:
+            continue
         line = getattr(node, "lineno", 0)
         if isinstance(node, ast.ClassDef) and node.name not in used:  # a class the module runs itself is fine
             bases = {b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases}
@@ -792,23 +797,27 @@ def _worker(job, name, report, result_fd):
         before = snapshot()
         exec(test_code, ns)
         fn = ns.get(name)
-        if not callable(fn):
-            raise NameError("test function " + repr(name) + " is not defined")
-        if not (type_(fn) is function_ and getattr_(fn, "__code__", None) in own_codes):
-            # rebound after its def (test_x = print), or wrapped by a decorator that may swallow failures
-            raise TypeError("test function " + repr(name) + " is not the function its def defines "
-                            "(decorated or rebound): not run")
-        ret = fn()
-        changed = [k for k, v in originals.items() if ns.get(k) is not v or getattr(v, "__code__", None) is not codes[k]]
-        changed += diff(before, snapshot())
-        if changed:
-            msg = b"T" + encode("changed " + ", ".join(changed[:6]), "utf-8", "replace")
-        elif ret is not None and isinstance_(ret, deferred):
-            msg = b"Fgenerator and async test functions are not run (their body never ran)"
-        elif ret is not None and not ret:  # return ok instead of assert ok
-            msg = b"Fthe test returned a false value (" + encode(type_(ret).__name__, "utf-8", "replace") + b")"
+        if fn is None:  # defined under a module-level if that did not hold: not a test of this module
+            msg = b"A"
         else:
-            msg = b"P"
+            if not callable(fn):
+                raise NameError("test function " + repr(name) + " is not callable")
+            if not (type_(fn) is function_ and getattr_(fn, "__code__", None) in own_codes):
+                # rebound after its def (test_x = print), or wrapped by a decorator that may swallow failures
+                raise TypeError("test function " + repr(name) + " is not the function its def defines "
+                                "(decorated or rebound): not run")
+            ret = fn()
+            changed = [k for k, v in originals.items()
+                       if ns.get(k) is not v or getattr(v, "__code__", None) is not codes[k]]
+            changed += diff(before, snapshot())
+            if changed:
+                msg = b"T" + encode("changed " + ", ".join(changed[:6]), "utf-8", "replace")
+            elif ret is not None and isinstance_(ret, deferred):
+                msg = b"Fgenerator and async test functions are not run (their body never ran)"
+            elif ret is False or (type_(ret).__name__ == "bool_" and not ret):  # return ok instead of assert ok
+                msg = b"Fthe test returned False"
+            else:
+                msg = b"P"
     except BaseException as e:
         msg = b"F" + encode(_describe(e), "utf-8", "replace")
     for stream in (out, err):
@@ -832,8 +841,8 @@ def _outcome(name, data, status):
                31: "SIGSYS (forbidden system call)", 11: "SIGSEGV"}.get(sig, "signal " + str(sig))
         return {"test": name, "outcome": "killed", "detail": why}
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
-    kind = {b"P": "pass", b"F": "fail", b"T": "tampered", b"S": "sandbox"}.get(data[:1])
-    if kind is None or kind == "pass" and data != b"P":
+    kind = {b"P": "pass", b"F": "fail", b"T": "tampered", b"S": "sandbox", b"A": "absent"}.get(data[:1])
+    if kind is None or kind in ("pass", "absent") and len(data) != 1:
         why = "the test process exited (" + str(code) + ") without a well-formed outcome"
         return {"test": name, "outcome": "no-result", "detail": why}
     if code != 0:
@@ -1237,6 +1246,8 @@ def _verdict(names: list[str], result: bytes, output: str, why: str, code: int |
         if o is None:
             return SandboxResult(False, "no-result", f"no outcome for {n} (exit {code}): {output[-1000:]}", seconds,
                                  output)
+        if o.get("outcome") == "absent":  # under a module-level if that did not hold
+            continue
         if o.get("outcome") != "pass":
             detail = f"{n}: {o.get('detail', '')}"
             if o.get("outcome") == "sandbox":
@@ -1244,4 +1255,8 @@ def _verdict(names: list[str], result: bytes, output: str, why: str, code: int |
             return SandboxResult(False, status_of.get(o.get("outcome"), "no-result"), detail, seconds, output)
     if not done or code != 0:
         return SandboxResult(False, "no-result", f"the harness did not finish (exit {code})", seconds, output)
-    return SandboxResult(True, "ok", "ran " + ", ".join(names), seconds, output)
+    ran = [n for n in names if outcomes[n].get("outcome") == "pass"]
+    if not ran:
+        return SandboxResult(False, "error", "no test function defined (each sits under a module-level if that did "
+                             "not hold)", seconds, output)
+    return SandboxResult(True, "ok", "ran " + ", ".join(ran), seconds, output)
