@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["write_atomic", "local_mac", "key_problem", "secret_path", "sign", "signed", "mac_path", "move_aside",
-           "write_signed", "folder_digest"]
+           "write_signed", "folder_digest", "machine_path"]
 
 
 def _umask() -> int:
@@ -244,8 +244,16 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-_NOT_FILES = ("/proc", "/sys")  # "files" there are not data: unbounded, or the machine's own state (device nodes
-# are not regular files, so /dev/shm's, a RAM disk's, pass)
+def machine_path(path: Path) -> bool:
+    """Whether a resolved ``path`` lies in ``/proc``, ``/sys`` or ``/dev`` (but ``/dev/shm``, a RAM disk):
+    what is there is the machine's own state, unbounded, or a device, never a model, SAE or data set.
+
+    Example:
+        >>> machine_path(Path("/proc/self/mem")), machine_path(Path("/dev/shm/model")), machine_path(Path("/tmp"))
+        (True, False, False)
+    """
+    return (path.is_relative_to("/proc") or path.is_relative_to("/sys")
+            or (path.is_relative_to("/dev") and not path.is_relative_to("/dev/shm")))
 
 
 def folder_digest(folder: str | Path, keep: Callable[[str], bool] | None = None, *,
@@ -258,7 +266,7 @@ def folder_digest(folder: str | Path, keep: Callable[[str], bool] | None = None,
     A file is read once: its SHA-256 is kept beside sieve's key (``~/.cache/sieve/digests.json``) under
     its resolved path, size, times (modification and change) and inode, and read again only when one of
     them changes (``__pycache__`` and ``.pyc`` files are left out: Python writes them as it imports). A file
-    that resolves into ``/proc`` or ``/sys``, or cannot be read, is a
+    that resolves into the machine's own folders (:func:`machine_path`), or cannot be read, is a
     :class:`~sieve.errors.SieveError` naming it.
 
     Example:
@@ -287,7 +295,7 @@ def folder_digest(folder: str | Path, keep: Callable[[str], bool] | None = None,
         if (keep is not None and not keep(f.name)) or not f.is_file():
             continue
         real = f.resolve()
-        if any(real.is_relative_to(top) for top in _NOT_FILES):
+        if machine_path(real):
             raise SieveError(f"{f} resolves to {real}: not a file a model, SAE or data set is read from")
         try:
             st = real.stat()

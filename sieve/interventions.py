@@ -500,7 +500,8 @@ class Intervention:
                 raise SieveError(f"{label}: gate {self.gate!r} needs a detector")
         else:
             _gate(self.gate)
-        if (not isinstance(self.gate, str) or self.gate == "always") and self.threshold != 0.0:
+        own_reader = isinstance(self.gate, str) and self.gate != "always"  # 'token'/'input': reads detector, threshold
+        if not own_reader and self.threshold != 0.0:
             raise SieveError(f"{label}: threshold {self.threshold:g} is not used: it is the 'token' and 'input' "
                              "gates' own; a Gate expression carries its thresholds (Fires(detector, t))")
         if isinstance(self.gate, Gate):
@@ -527,7 +528,7 @@ class Intervention:
         if len({w for _, w in widths}) > 1:
             raise ShapeMismatch(f"{label}: widths differ: " + ", ".join(f"{k} {w}" for k, w in sorted(widths)))
         clamps = isinstance(self.edit, Edit) and self.edit.kind == "clamp"
-        if (not isinstance(self.gate, str) or self.gate == "always") and self.detector is not None and not clamps:
+        if not own_reader and self.detector is not None and not clamps:
             raise SieveError(f"{label}: detector is not used: a gate {self.gate!r} reads no detector of its own, and "
                              "only a clamp edit clamps one; put it in the gate (Fires(detector, t)) or leave it out")
         layers = _layers(self.layers, label)

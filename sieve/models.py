@@ -115,7 +115,7 @@ def check_device(device: str) -> None:
 
     if device in ("auto", "cpu") or device in SPLIT_DEVICE_MAPS:  # a split map without GPUs loads on the CPU
         return
-    if not re.fullmatch(r"cuda(:\d+)?|mps", device) and device not in SPLIT_DEVICE_MAPS:
+    if not re.fullmatch(r"cuda(:\d+)?|mps", device):
         raise SieveError(f"device {device!r} is not one sieve knows: use auto, cpu, cuda, cuda:N, mps, "
                          f"{', '.join(SPLIT_DEVICE_MAPS[:-1])} or {SPLIT_DEVICE_MAPS[-1]}")
     if device == "mps":

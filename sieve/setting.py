@@ -14,6 +14,7 @@ from typing import Any
 
 from sieve.detectors import caa_detector, feature_detector, probe_detector, probe_training_data
 from sieve.errors import RecipeError, SieveError, first_line
+from sieve.files import folder_digest, machine_path
 from sieve.interventions import SAECode
 from sieve.methods import Parts
 from sieve.prompts import PromptSets, load_prompt_sets
@@ -55,8 +56,7 @@ def _source(r: Recipe, value: str, key: str) -> str | Path:
     where = r.path or "<recipe>"
     p = r.resolve(value)
     real = p.resolve()
-    if any(real.is_relative_to(top) for top in ("/proc", "/sys")) or (
-            real.is_relative_to("/dev") and not real.is_relative_to("/dev/shm")):
+    if machine_path(real):
         raise RecipeError(where, key, f"{value!r} resolves to {real}: not a folder a model or SAE is read from")
     hub_like = "/" in value and not value.startswith(("/", ".", "~")) and value.count("/") == 1
     if p.exists():
@@ -118,24 +118,19 @@ def _npz_shape(path: Path, name: str) -> tuple[int, ...] | None:
         return None
 
 
-def _sae_trained_layer(r: Recipe, sae_src: str | Path, cfg_path: Path | None) -> int | None:
-    """The layer an SAE says it was trained on, where it says so before it loads: its ``cfg.json``'s hook
-    name (sae-lens folders, the world's) or an SAE id naming ``layer_N`` (GemmaScope)."""
-    import json
+def _sae_trained_layer(r: Recipe, cfg: object) -> int | None:
+    """The layer an SAE says it was trained on, where it says so before it loads: its ``cfg.json``'s
+    (``cfg``, parsed) hook name (sae-lens folders, the world's) or an SAE id naming ``layer_N``
+    (GemmaScope)."""
     import re
 
-    if cfg_path is not None and cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, ValueError):
-            cfg = {}
+    from sieve.steering import hook_layer
+
+    if isinstance(cfg, dict):
         meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
-        for v in (meta.get("hook_layer"), cfg.get("hook_layer")):
-            if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-                return v
-        m = re.search(r"(?:blocks|layers|h)\.(\d+)", str(meta.get("hook_name") or cfg.get("hook_name") or ""))
-        if m:
-            return int(m.group(1))
+        trained = hook_layer((meta.get("hook_layer"), cfg.get("hook_layer")), (meta.get("hook_name"), cfg.get("hook_name")))
+        if trained is not None:
+            return trained
     m = re.match(r"layer_(\d+)/", r.sae.id or "")
     return int(m.group(1)) if m else None
 
@@ -155,7 +150,6 @@ def judge_source(r: Recipe) -> str | Path:
 
 def _identity(src: str | Path, revision: str | None = None) -> dict[str, Any]:
     """:func:`sources_identity`'s record of one model: its files' digests, or its hub commit."""
-    from sieve.files import folder_digest
     from sieve.models import _resolve_config
 
     if isinstance(src, Path):  # its config, tokenizer and weights (not its README, notes or logs)
@@ -249,6 +243,7 @@ def checked_inputs(recipe: Recipe) -> tuple[Any, PromptSets]:
         if shape is not None and not 0 <= r.sae.feature < shape[1]:
             raise RecipeError(where, "sae.feature", f"{r.sae.feature} is out of range: the SAE has {shape[1]} features "
                               f"(0..{shape[1] - 1})")
+    cfg: Any = {}
     if cfg_path is not None and cfg_path.exists():
         cfg = json.loads(cfg_path.read_text())
         d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
@@ -258,7 +253,7 @@ def checked_inputs(recipe: Recipe) -> tuple[Any, PromptSets]:
         if isinstance(d_sae, int) and not 0 <= r.sae.feature < d_sae:
             raise RecipeError(where, "sae.feature", f"{r.sae.feature} is out of range: the SAE has {d_sae} features "
                               f"(0..{d_sae - 1})")
-    trained = _sae_trained_layer(r, sae_src, cfg_path)
+    trained = _sae_trained_layer(r, cfg)
     if trained is not None and trained != r.sae.layer:
         log.warning("%s: [sae.layer] is %d, but the SAE was trained on layer %d (%s): its feature is read from "
                     "activations of another layer than the ones it learned", where, r.sae.layer, trained, sae_src)
@@ -353,6 +348,17 @@ def _hub_commit(repo: str, filename: str, revision: str | None) -> str | None:
     return Path(path).parent.name if isinstance(path, str) and "snapshots" in Path(path).parts else None
 
 
+def _weights_identity(r: Recipe) -> dict[str, Any]:
+    """:func:`sources_identity`'s record of the model and the SAE alone (what keys the detector cache)."""
+    sae_src = _sae_source(r)
+    if isinstance(sae_src, Path):
+        folder, keep = _sae_files(r, sae_src)
+        sae: dict[str, Any] = {"files": folder_digest(folder, keep)}
+    else:
+        sae = {"hub": sae_src, "id": r.sae.id}
+    return {"model": _identity(_model_source(r), r.model.revision or None), "sae": sae}
+
+
 def sources_identity(recipe: Recipe) -> dict[str, Any]:
     """What identifies the model, SAE, judge model and MMLU data a recipe reads, beyond the names the recipe gives
     them: for a local folder (the embedded world's included) the SHA-256 of each of its files
@@ -366,17 +372,8 @@ def sources_identity(recipe: Recipe) -> dict[str, Any]:
         >>> sorted(sources_identity(load_recipe("recipes/regex.toml"))["model"]["files"])[:2]
         ['config.json', 'generation_config.json']
     """
-    from sieve.files import folder_digest
-
     r = recipe
-    out: dict[str, Any] = {}
-    out["model"] = _identity(_model_source(r), r.model.revision or None)
-    sae_src = _sae_source(r)
-    if isinstance(sae_src, Path):
-        folder, keep = _sae_files(r, sae_src)
-        out["sae"] = {"files": folder_digest(folder, keep)}
-    else:
-        out["sae"] = {"hub": sae_src, "id": r.sae.id}
+    out = _weights_identity(r)
     if r.eval.judge == "hf" and r.eval.judge_model:
         out["judge"] = _identity(judge_source(r))
     if r.eval.general == "lmeval" and r.eval.lmeval_include:  # the harness tasks of the recipe's own, and their data
@@ -435,7 +432,7 @@ def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = Tr
         parts.add_latents("sae", sae, [r.sae.feature])
     except SieveError as e:
         log.warning("SAE-space methods are not available with this SAE: %s", e)
-    ident = sources_identity(r)
+    ident = _weights_identity(r)  # not the judge's or the data's: they do not make the detectors
     key_base = [ident["model"], ident["sae"], r.sae.id, r.sae.layer]
 
     # CAA: mean difference at the last prompt token over contrastive pairs; its threshold fires as often

@@ -83,10 +83,14 @@ def _bootstrap(sums: np.ndarray, counts: np.ndarray, n_boot: int, seed: int, lev
     if G == 0 or n == 0:
         return _NAN
     est = float(sums.sum() / counts.sum())
-    reps = _replicates(sums, counts, n_boot, np.random.default_rng(seed))
+    return _percentile(est, _replicates(sums, counts, n_boot, np.random.default_rng(seed)), level, n, G)
+
+
+def _percentile(est: float, reps: np.ndarray, level: float, n: int, clusters: int) -> Interval:
+    """``est`` with the percentile interval of its bootstrap replicates ``reps``."""
     a = (1.0 - level) / 2.0
     lo, hi = np.quantile(reps, [a, 1.0 - a])
-    return Interval(est, float(lo), float(hi), n, G)
+    return Interval(est, float(lo), float(hi), n, clusters)
 
 
 def cluster_rate(
@@ -164,9 +168,7 @@ def rate_difference(
     rng = np.random.default_rng(seed)
     reps = _replicates(a_sums, a_counts, n_boot, rng) - _replicates(b_sums, b_counts, n_boot, rng)
     est = float(a_sums.sum() / a_counts.sum() - b_sums.sum() / b_counts.sum())
-    q = (1.0 - level) / 2.0
-    lo, hi = np.quantile(reps, [q, 1.0 - q])
-    return Interval(est, float(lo), float(hi), len(values) + len(other), len(a_sums) + len(b_sums))
+    return _percentile(est, reps, level, len(values) + len(other), len(a_sums) + len(b_sums))
 
 
 class SignFlip(NamedTuple):

@@ -125,11 +125,22 @@ def sae_layer(sae: Any) -> int | None:
         8
     """
     meta = getattr(sae.cfg, "metadata", None)
-    for src in (getattr(meta, "hook_layer", None), getattr(sae.cfg, "hook_layer", None)):
-        if isinstance(src, int) and src >= 0:
-            return src
-    name = getattr(meta, "hook_name", None) or getattr(sae.cfg, "hook_name", None) or ""
-    m = re.search(r"(?:blocks|layers|h)\.(\d+)", str(name))
+    return hook_layer((getattr(meta, "hook_layer", None), getattr(sae.cfg, "hook_layer", None)),
+                      (getattr(meta, "hook_name", None), getattr(sae.cfg, "hook_name", None)))
+
+
+def hook_layer(layers: Sequence[object], names: Sequence[object]) -> int | None:
+    """The layer an SAE's config names: the first of ``layers`` that is a layer index, else the number
+    in the first of ``names`` that is set (``blocks.8.hook_resid_post``, ``model.layers.8``); None.
+
+    Example:
+        >>> hook_layer((None,), ("", "model.layers.2")), hook_layer((5,), ("blocks.8.hook_resid_post",))
+        (2, 5)
+    """
+    for v in layers:
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            return v
+    m = re.search(r"(?:blocks|layers|h)\.(\d+)", str(next((n for n in names if n), "")))
     return int(m.group(1)) if m else None
 
 

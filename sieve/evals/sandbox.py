@@ -222,11 +222,16 @@ def _root(node: ast.AST) -> ast.AST:
     return node
 
 
+def _call_name(call: ast.Call) -> str:
+    """The name a call is made by: ``f`` in ``f(x)`` and in ``m.f(x)``; "" for anything else."""
+    f = call.func
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+
+
 def _computed_copy(call: ast.Call) -> bool:
     """``functools.update_wrapper``/``wraps`` told which attributes to copy by anything but string
     constants: a getattr and setattr with computed names (``assigned=(name,)``)."""
-    f = call.func
-    name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+    name = _call_name(call)
     if name not in ("update_wrapper", "wraps"):
         return False
     given = call.args[2 if name == "update_wrapper" else 1:] + [k.value for k in call.keywords]
@@ -237,28 +242,28 @@ def _computed_copy(call: ast.Call) -> bool:
 def _binding_counts(tree: ast.Module) -> dict[str, int]:
     """How often each name is bound anywhere in ``tree``, counting only a plain top-level import as
     a binding that keeps the name's meaning (any other binding, ``del`` or ``global`` counts twice)."""
-    count: dict[str, int] = {}
     top = {id(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+    count: dict[str, int] = {}
+
+    def bound(names: list[str], weight: int = 2) -> None:
+        for name in names:
+            count[name] = count.get(name, 0) + weight
+
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            for a in node.names:
-                bound = a.asname or a.name.split(".")[0]
-                count[bound] = count.get(bound, 0) + (1 if id(node) in top else 2)
+            bound([a.asname or a.name.split(".")[0] for a in node.names], 1 if id(node) in top else 2)
         elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
-            count[node.id] = count.get(node.id, 0) + 2
+            bound([node.id])
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            count[node.name] = count.get(node.name, 0) + 2
+            bound([node.name])
         elif isinstance(node, ast.arg):
-            count[node.arg] = count.get(node.arg, 0) + 2
+            bound([node.arg])
         elif isinstance(node, (ast.Global, ast.Nonlocal)):
-            for n in node.names:
-                count[n] = count.get(n, 0) + 2
-        elif isinstance(node, ast.ExceptHandler) and node.name:
-            count[node.name] = count.get(node.name, 0) + 2
-        elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
-            count[node.name] = count.get(node.name, 0) + 2
+            bound(node.names)
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            bound([node.name])
         elif isinstance(node, ast.MatchMapping) and node.rest:
-            count[node.rest] = count.get(node.rest, 0) + 2
+            bound([node.rest])
     return count
 
 
@@ -354,7 +359,7 @@ def _screen(code: str, setup: str, generated: bool) -> str | None:
                 if const in _MODULE_ATTRS or const in _ATTRS_ANYWHERE or raw(base, const) or const in _BUILTINS or (
                         isinstance(obj, ast.Name) and obj.id in aliases and _private(const)):
                     return f"line {line}: uses {base + '.' if base else ''}{const}"
-            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            name = _call_name(node)
             if name == "open" and node.args and isinstance(node.args[0], ast.Constant) and isinstance(
                     node.args[0].value, int):
                 return f"line {line}: opens a raw descriptor"
