@@ -21,6 +21,7 @@ from sieve.errors import NotAvailableOffline, SieveError
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "load_model",
+    "own_weights",
     "check_device",
     "layer",
     "hidden_size",
@@ -203,10 +204,34 @@ def load_model(
             str(source), task="text-generation", dispatch=True, device_map=device_map, dtype=torch_dtype,
             rename=_RENAME, **kwargs,
         )
+        own_weights(underlying(model))
     model.tokenizer.padding_side = "left"
     if model.tokenizer.pad_token is None:
         model.tokenizer.pad_token = model.tokenizer.eos_token
     return model
+
+
+def own_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """Give ``module``'s CPU parameters and buffers memory of their own, off the files they were read
+    from, and return it.
+
+    On a CPU, transformers and safetensors leave weights mapped onto their ``.safetensors`` file: a
+    write into that file while the model is loaded (a training job saving into the same folder, a
+    copy over it) would change the weights mid-run, under results recorded as made with the file's
+    earlier contents (``sources.json``). Tensors on an accelerator are copies already, and are left
+    as they are; a weight tied in two places is one parameter, and stays tied.
+
+    Example:
+        >>> import torch
+        >>> lin = own_weights(torch.nn.Linear(2, 2))
+        >>> lin.weight.shape
+        torch.Size([2, 2])
+    """
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.device.type == "cpu":
+                t.data = t.data.clone()
+    return module
 
 
 def underlying(model) -> torch.nn.Module:

@@ -72,12 +72,18 @@ def load_sae(
         >>> sae.cfg.d_in > 0
         True
     """
+    from sieve.models import own_weights
+
+    return own_weights(_load_sae(source, sae_id, layer=layer, device=device, dtype=dtype))
+
+
+def _load_sae(source: str | Path, sae_id: str | None, *, layer: int | None, device: str, dtype: str):
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".npz":
             return load_gemma_scope(path, device=device, dtype=dtype)
         if path.name in {"cfg.json", "config.json"}:
-            return load_sae(path.parent, sae_id, layer=layer, device=device, dtype=dtype)
+            return _load_sae(path.parent, sae_id, layer=layer, device=device, dtype=dtype)
         raise SieveError(f"{path}: an SAE file must be GemmaScope's params.npz, or give the SAE's folder")
     if path.is_dir():
         return _load_local_dir(path, sae_id, layer=layer, device=device, dtype=dtype)

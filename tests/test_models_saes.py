@@ -162,3 +162,37 @@ def test_an_sae_read_at_another_layer_than_its_own_is_warned_about(caplog):
         assert "trained on layer" not in caplog.text
         preflight(load_recipe("recipes/regex.toml", ["sae.layer=1"]))
     assert "[sae.layer] is 1, but the SAE was trained on layer 2" in caplog.text
+
+
+def _overwrite_in_place(path, transform) -> None:
+    """Rewrite a safetensors file's bytes in place: same file, same inode, as a job saving into it would."""
+    from safetensors.torch import load_file
+    from safetensors.torch import save as st_save
+
+    data = st_save({k: transform(v) for k, v in load_file(path).items()})
+    with open(path, "r+b") as f:
+        f.write(data)
+        f.truncate()
+
+
+def test_loaded_weights_do_not_follow_their_file(tmp_path):
+    """A write into a model's or SAE's weight file while they are loaded does not reach the loaded
+    weights (on a CPU they would otherwise stay mapped onto the file)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from sieve.world import world_model_dir, world_sae_dir
+
+    shutil.copytree(world_model_dir(), tmp_path / "model")
+    shutil.copytree(world_sae_dir(), tmp_path / "sae")
+    hf = underlying(load_model(tmp_path / "model"))
+    sae = load_sae(tmp_path / "sae")
+    before = {**{f"m.{k}": v.clone() for k, v in hf.state_dict().items()},
+              **{f"s.{k}": v.clone() for k, v in sae.state_dict().items()}}
+    _overwrite_in_place(tmp_path / "model" / "model.safetensors", torch.zeros_like)
+    _overwrite_in_place(tmp_path / "sae" / "sae_weights.safetensors", torch.zeros_like)
+    assert all(not v.any() for v in load_file(tmp_path / "model" / "model.safetensors").values())  # it did change
+    after = {**{f"m.{k}": v for k, v in hf.state_dict().items()}, **{f"s.{k}": v for k, v in sae.state_dict().items()}}
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert hf.lm_head.weight is hf.transformer.wte.weight  # tied weights stay tied
