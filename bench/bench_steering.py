@@ -90,13 +90,13 @@ def build_model(config: str, device: str):
     tok = AutoTokenizer.from_pretrained(world_model_dir())
     common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id)
-    attn = choose_attention("gemma2" if config == "gemma2-2b" else "llama", device)
-    if attn is not None:
-        common["attn_implementation"] = attn  # flash-attention 2 on CUDA when installed, as load_model does
-    torch.manual_seed(0)
     # Random weights are drawn where the model will run, in its dtype: gemma-2-2b's 2.6B parameters
     # initialised on a CPU first would take longer than the benchmark's generation on a GPU.
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    attn = choose_attention("gemma2" if config == "gemma2-2b" else "llama", device, dtype)
+    if attn is not None:
+        common["attn_implementation"] = attn  # flash-attention 2 on CUDA when installed, as load_model does
+    torch.manual_seed(0)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

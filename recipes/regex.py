@@ -256,6 +256,19 @@ def sources_change(before: object, now: dict) -> str:
     return "; ".join(said) or "the record differs"
 
 
+def check_unchanged(recipe: Recipe, sources: dict, when: str) -> None:
+    """Refuse to go on where a local source changed since ``sources`` was recorded at the start of the
+    run (hub entries are taken as recorded): a model folder written to while the weights loaded, MMLU
+    data or a harness task folder edited before the run read them. Rows stored until then stay."""
+    from sieve.setting import sources_identity
+
+    now = sources_identity(recipe, known=sources)
+    if now != sources:
+        raise SieveError(f"{sources_change(sources, now)} {when}, after this run recorded it: which version this run "
+                         "read cannot be told, so it stops here (the rows stored so far were made before, and "
+                         "stay). Run the command again once nothing writes to it any more")
+
+
 def write_inputs(out: Path, table: pl.DataFrame, sources: dict, context: str) -> None:
     """Write ``prompts.parquet`` and ``sources.json``, signed for ``context`` (the run's recipe hash)."""
     from sieve.report import SOURCES_FILE
@@ -373,14 +386,21 @@ def ability_values(recipe: Recipe, setting, cell: Cell, questions=None,
 
 
 def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, int], progress: bool,
-                work: ForkSummary | None = None, trust_task_code: bool = False) -> None:
+                work: ForkSummary | None = None, trust_task_code: bool = False, sources: dict | None = None) -> None:
     """General ability per cell (held-out loss on regex-free code, or MMLU accuracy), into ``store``.
 
     The held-out loss and MMLU with ``sweep.fork``: cells a few at a time, one unsteered forward per
     batch of texts, and a steered forward only for the texts a cell's gate edits
     (:func:`sieve.fork.forked_forward`); harness tasks likewise, per request
     (:func:`sieve.evals.lmeval.run_harness_cells`); ``work`` adds up the texts reused.
-    ``trust_task_code``: as in :func:`ability_values`."""
+    ``trust_task_code``: as in :func:`ability_values`. ``sources``: the run's record of its inputs
+    (:func:`sieve.setting.sources_identity`); MMLU data or harness tasks that changed since are refused
+    once read (:func:`check_unchanged`)."""
+
+    def unchanged(what: str) -> None:
+        if sources is not None:
+            check_unchanged(recipe, sources, f"while {what}")
+
     if recipe.eval.general == "none":
         return
     done = store.done_keys()
@@ -391,6 +411,7 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, in
         from sieve.evals.mmlu import load_mmlu
 
         questions = load_mmlu(recipe)  # once, not per cell
+        unchanged("the MMLU questions were read")
     if recipe.sweep.fork and recipe.eval.general in ("loss", "mmlu", "lmeval"):
         from sieve.evals.ability import token_logprobs
         from sieve.evals.mmlu import mmlu_accuracy_cells
@@ -402,6 +423,7 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, in
             ivs = [c.intervention(setting.parts, recipe) for c in group]
             if recipe.eval.general == "lmeval":
                 rows, saved = harness_rows(recipe, setting, group, ivs, rh, trust_task_code)
+                unchanged("the harness tasks ran")
             elif recipe.eval.general == "loss":
                 lps, saved = forked_forward(setting.model, setting.prompts.code, ivs, token_logprobs,
                                             batch_size=recipe.forward_batch_size)
@@ -419,6 +441,8 @@ def run_ability(recipe: Recipe, setting, store: ResultStore, part: tuple[int, in
         return
     for cell in tqdm(todo, desc="general ability", disable=not progress):
         metric, values, detail = ability_values(recipe, setting, cell, questions, trust_task_code)
+        if recipe.eval.general == "lmeval":
+            unchanged("the harness tasks ran")
         store.append([AbilityRow.of(cell, metric, values, rh, detail=detail)])
 
 
@@ -699,6 +723,7 @@ def body(run: Run) -> int:
             if len(ResultStore(out / "gen").parts()) > kept:
                 check_inputs(out, table, sources, rh)  # made on other prompt texts, weights or data: refused
             setting = load_setting(recipe, progress=run.progress, cache_dir=out / "cache", checked=True)
+            check_unchanged(recipe, sources, "while the weights loaded")  # weights are the model's own from here
             write_inputs(out, table, sources, rh)
             work = ForkSummary() if recipe.sweep.fork else None
             n = run_generation(recipe, setting, ResultStore(out / "gen", tag, rh), part, run.progress, work)
@@ -706,7 +731,7 @@ def body(run: Run) -> int:
                 log.info("forked generation: %s", work)
             run_judge(recipe, setting, judge, out, part, run.progress)
             run_ability(recipe, setting, ResultStore(out / "ability", tag, rh), part, run.progress, work,
-                        args.trust_task_code)
+                        args.trust_task_code, sources)
             if work is not None and work.texts:
                 log.info("forked general ability: %d of %d (%s, cell) pairs reused the unsteered answer",
                          work.texts_reused, work.texts, "request" if recipe.eval.general == "lmeval" else "text")

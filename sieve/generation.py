@@ -129,7 +129,12 @@ class RowSampler:
             probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
         probs = probs / probs.sum(-1, keepdim=True)
         cdf = probs.cumsum(-1)
-        sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+        # The token whose CDF step holds x = u * total: the first with cdf > x (right=True), x kept below the
+        # total. So a draw of exactly 0 takes the first token of non-zero probability, never one the mask,
+        # top-p or the healer set to 0 (searchsorted's default side gave token 0 there).
+        total = cdf[:, -1]
+        x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        sampled = torch.searchsorted(cdf, x[:, None], right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
         choice = torch.where(t > 0, sampled, logits.argmax(-1)) if self.any_greedy else sampled
         # HF passes its own float copy of the logits: editing it in place is safe (B writes).
         scores[self._rows, choice] = float("inf")
@@ -148,7 +153,10 @@ class RowTracker:
     row has ended.
 
     A row ends at its first EOS token (the EOS is cut) or once its text ends with one of ``stop``
-    (the token completing the stop string is kept; matching is HF's ``StopStringCriteria``). HF's own
+    (the token completing the stop string is kept; matching is HF's ``StopStringCriteria``), but not
+    at a healed row's first token where that token only re-spells the prompt's tail (``respell[i]``:
+    the ids whose text is exactly the text healing backed up): the stop string then lies in the
+    prompt as written, not in the completion. HF's own
     EOS handling is switched off, so no row is padded; a row that has ended keeps generating until the
     batch is done or it leaves the batch (:meth:`keep_rows`, :class:`_DropEnded`), and its extra tokens
     are cut afterwards.
@@ -164,10 +172,14 @@ class RowTracker:
     """
 
     def __init__(self, prompt_len: int, eos_token_ids: Sequence[int], stop=None,
-                 budgets: Sequence[int] | None = None) -> None:
+                 budgets: Sequence[int] | None = None, respell: Sequence[Sequence[int]] | None = None) -> None:
         self.prompt_len = int(prompt_len)
         self.eos = torch.tensor(sorted(set(int(e) for e in eos_token_ids)), dtype=torch.long)
         self.stop = stop  # a StopStringCriteria, or None
+        # [B, K] ids (-1: none) a healed row's first token may be that only re-spell its prompt's tail
+        width = max((len(r) for r in respell or ()), default=0)
+        self.respell = None if stop is None or not width else torch.tensor(
+            [[int(i) for i in r] + [-1] * (width - len(r)) for r in respell], dtype=torch.long)
         # Per-row token budgets (rows of one batch may differ: a healed row gets one more); None: no cut.
         self.budgets = None if budgets is None else torch.tensor([int(b) for b in budgets], dtype=torch.long)
         self.ends: Tensor | None = None  # [B] generated tokens to keep; -1 while the row runs
@@ -191,7 +203,14 @@ class RowTracker:
         ends = self.ends if p is None else self.ends[p]
         budgets = self.budgets if p is None or self.budgets is None else self.budgets[p]
         is_eos = torch.isin(input_ids[:, -1], self.eos)
-        ended = is_eos if self.stop is None else is_eos | self.stop(input_ids, scores)
+        if self.stop is None:
+            ended = is_eos
+        else:
+            at_stop = self.stop(input_ids, scores)
+            if step == 0 and self.respell is not None and p is None:  # the prompt's own tail, re-spelled
+                self.respell = self.respell.to(input_ids.device)
+                at_stop = at_stop & ~(input_ids[:, -1:] == self.respell).any(-1)
+            ended = is_eos | at_stop
         if budgets is not None:
             ended = ended & (step < budgets)  # past its budget a row's tokens are not its own
         at = torch.where(is_eos, step, step + 1)
@@ -565,7 +584,8 @@ def _generate_batch(
     steer = Steerer(rows, enc, tok) if shared is None else shared[1]
     cache = shared[0] if shared is not None else _new_cache(model, steps + 1, True) if grow and own else None
     extra: dict[str, Any] = {} if cache is None else {"past_key_values": cache}
-    tracker = RowTracker(width, _eos_ids(model), stop, budgets=budgets if per_row else None)
+    tracker = RowTracker(width, _eos_ids(model), stop, budgets=budgets if per_row else None,
+                         respell=[h.exact if h is not None and c == 0 else () for h, c in zip(heals, cont)])
     processors: list[Any] = [TokenHealer([h if c == 0 else None for h, c in zip(heals, cont)], width)] \
         if healing else []
     # Greedy rows are left to HF's own argmax: a sampler only when some row samples.

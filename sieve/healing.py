@@ -134,12 +134,14 @@ def token_table(tok) -> TokenTable:
 
 @dataclass(frozen=True)
 class Heal:
-    """One row's healing: the removed token's ``text`` (and exact ``data`` bytes) and the token ids the
-    first generated token may take (every vocabulary entry starting with that text)."""
+    """One row's healing: the removed token's ``text`` (and exact ``data`` bytes), the token ids the
+    first generated token may take (every vocabulary entry starting with that text), and those of
+    them whose text is exactly it (``exact``: a first token that adds nothing to the prompt)."""
 
     text: str
     data: bytes
     allowed: tuple[int, ...]
+    exact: tuple[int, ...] = ()
 
 
 def heal_rows(tok, rows: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[Heal | None]]:
@@ -169,7 +171,7 @@ def heal_rows(tok, rows: Sequence[Sequence[int]]) -> tuple[list[list[int]], list
                 text = None
             allowed = table.extending(data) if text is not None else []
             if text is not None and any(i != last for i in allowed):
-                heal = Heal(text, data, tuple(allowed))
+                heal = Heal(text, data, tuple(allowed), tuple(i for i in allowed if table.bytes_of[i] == data))
                 row = row[:-1]
         kept.append(row)
         heals.append(heal)

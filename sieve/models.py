@@ -88,18 +88,40 @@ def _resolve_config(source: str | Path, revision: str | None):
         raise NotAvailableOffline(_hub_hint("model", str(source)) + f" ({e.__class__.__name__})") from e
 
 
-def choose_attention(model_type: str, device: str) -> str | None:
-    """The attention implementation to ask for: flash-attention 2 on CUDA when installed, else None.
+def choose_attention(model_type: str, device: str, dtype: torch.dtype | None = None) -> str | None:
+    """The attention implementation to ask for: flash-attention 2 on CUDA when installed and the model
+    runs in float16 or bfloat16 (its kernels take no other dtype), else None. Gemma-2 soft-caps its
+    attention logits, which flash-attention supports from 2.6 on: an older one is not asked for.
 
     None leaves transformers' default (sdpa for GPT-2/Llama/Qwen2, eager for Gemma2).
 
     Example:
         >>> choose_attention("gemma2", "cpu") is None
         True
+        >>> choose_attention("llama", "cuda", torch.float32) is None  # on any machine: flash-attention is 16-bit only
+        True
     """
-    if device.startswith("cuda") and torch.cuda.is_available() and importlib.util.find_spec("flash_attn"):
-        return "flash_attention_2"
-    return None
+    if not (device.startswith("cuda") and torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+        return None
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if model_type == "gemma2" and _version_below("flash_attn", (2, 6)):
+        return None
+    return "flash_attention_2"
+
+
+def _version_below(dist: str, least: tuple[int, ...]) -> bool:
+    """Whether the installed distribution's version is below ``least`` (unknown versions are not)."""
+    import re
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in (dist, dist.replace("_", "-")):
+        try:
+            got = tuple(int(x) for x in re.findall(r"\d+", version(name))[: len(least)])
+        except PackageNotFoundError:
+            continue
+        return got < least
+    return False
 
 
 def check_device(device: str) -> None:
@@ -187,7 +209,7 @@ def load_model(
             f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
         )
     kwargs: dict[str, Any] = {}
-    attn = choose_attention(model_type, device) if attn_implementation == "auto" else attn_implementation
+    attn = choose_attention(model_type, device, torch_dtype) if attn_implementation == "auto" else attn_implementation
     if built is not None:
         if device_map in SPLIT_DEVICE_MAPS:
             raise SieveError(f"device {device_map!r} needs a model to load (a hub id or folder), not a built one")

@@ -199,6 +199,22 @@ def _load_from_hub(source: str, sae_id: str | None, *, layer: int | None, device
     return _load_study_from_hub(source, layer=layer, device=device, dtype=dtype)
 
 
+def hub_sae_repo(source: str) -> str | None:
+    """The hub repo an SAE source names, as :func:`load_sae` reads it: a sae-lens release's repo, or
+    the repo id itself (``owner/name``); None for anything else.
+
+    Example:
+        >>> hub_sae_repo("gemma-scope-2b-pt-res-canonical")
+        'google/gemma-scope-2b-pt-res'
+        >>> hub_sae_repo("tilde-research/sieve_coding")
+        'tilde-research/sieve_coding'
+    """
+    directory = _releases()
+    if source in directory:
+        return directory[source].repo_id
+    return source if source.count("/") == 1 else None
+
+
 def _releases() -> dict:
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 

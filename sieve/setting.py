@@ -148,12 +148,15 @@ def judge_source(r: Recipe) -> str | Path:
     return _source(r, r.eval.judge_model, "eval.judge_model")
 
 
-def _identity(src: str | Path, revision: str | None = None) -> dict[str, Any]:
-    """:func:`sources_identity`'s record of one model: its files' digests, or its hub commit."""
+def _identity(src: str | Path, revision: str | None = None, known: Any = None) -> dict[str, Any]:
+    """:func:`sources_identity`'s record of one model: its files' digests, or its hub commit (taken
+    from ``known``, an earlier record of the same hub id, where given)."""
     from sieve.models import _resolve_config
 
     if isinstance(src, Path):  # its config, tokenizer and weights (not its README, notes or logs)
         return {"files": folder_digest(src, _model_file, extra=_model_files(src))}
+    if isinstance(known, dict) and known.get("hub") == src and known.get("revision") == (revision or "main"):
+        return known
     _resolve_config(src, revision)  # fetched into the hub cache where it is not there
     return {"hub": src, "revision": revision or "main", "commit": _hub_commit(src, "config.json", revision)}
 
@@ -348,24 +351,63 @@ def _hub_commit(repo: str, filename: str, revision: str | None) -> str | None:
     return Path(path).parent.name if isinstance(path, str) and "snapshots" in Path(path).parts else None
 
 
-def _weights_identity(r: Recipe) -> dict[str, Any]:
+def _repo_commit(repo: str, repo_type: str = "model") -> str | None:
+    """The commit a hub repo's ``main`` resolves to for a loader now: the hub's answer where it can be
+    reached, else the hub cache's (what an offline load reads); None where neither knows the repo."""
+    from sieve.models import _offline
+
+    if not _offline():
+        from huggingface_hub import HfApi
+
+        try:
+            return HfApi().repo_info(repo, repo_type=repo_type, timeout=30).sha
+        except Exception:  # no network, no such repo, a gated one: the cache may still know
+            pass
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type=repo_type) / "refs" / "main"
+    try:
+        commit = ref.read_text().strip()
+    except OSError:
+        return None
+    return commit or None
+
+
+def _sae_hub_identity(r: Recipe, src: str) -> dict[str, Any]:
+    """A hub SAE's record: the release or repo and id, and the commit of the hub repo its files come from."""
+    from sieve.saes import hub_sae_repo
+
+    repo = hub_sae_repo(src)
+    return {"hub": src, "id": r.sae.id, "repo": repo, "commit": _repo_commit(repo) if repo else None}
+
+
+def _weights_identity(r: Recipe, known: dict[str, Any] | None = None) -> dict[str, Any]:
     """:func:`sources_identity`'s record of the model and the SAE alone (what keys the detector cache)."""
+    known = known or {}
     sae_src = _sae_source(r)
     if isinstance(sae_src, Path):
         folder, keep = _sae_files(r, sae_src)
         sae: dict[str, Any] = {"files": folder_digest(folder, keep)}
+    elif isinstance(known.get("sae"), dict) and known["sae"].get("hub") == sae_src and known["sae"].get("id") == r.sae.id:
+        sae = known["sae"]
     else:
-        sae = {"hub": sae_src, "id": r.sae.id}
-    return {"model": _identity(_model_source(r), r.model.revision or None), "sae": sae}
+        sae = _sae_hub_identity(r, sae_src)
+    return {"model": _identity(_model_source(r), r.model.revision or None, known.get("model")), "sae": sae}
 
 
-def sources_identity(recipe: Recipe) -> dict[str, Any]:
+def sources_identity(recipe: Recipe, *, known: dict[str, Any] | None = None) -> dict[str, Any]:
     """What identifies the model, SAE, judge model and MMLU data a recipe reads, beyond the names the recipe gives
     them: for a local folder (the embedded world's included) the SHA-256 of each of its files
     (:func:`sieve.files.folder_digest`, read once per file and kept by size, time and inode); for a
-    hub model, the commit its config came from; for ``eval.mmlu_data``, the file's SHA-256. Rows made
-    from other sources under the same names are not resumed (a model retrained in its folder, a hub
-    id whose ``main`` moved). A sae-lens release or hub SAE is identified by its name and id only.
+    hub model, the commit its config came from; for a sae-lens release or hub SAE, the commit of the
+    hub repo holding it, and for ``cais/mmlu`` the dataset's (the hub's ``main`` where it can be
+    reached, else the hub cache's); for ``eval.mmlu_data``, the file's SHA-256. Rows made from other
+    sources under the same names are not resumed (a model retrained in its folder, a hub id whose
+    ``main`` moved).
+
+    ``known``: an earlier record whose hub entries are taken as they are, with no hub lookup (to ask
+    again, cheaply, whether local files changed since).
 
     Example:
         >>> from sieve.recipe import load_recipe
@@ -373,16 +415,24 @@ def sources_identity(recipe: Recipe) -> dict[str, Any]:
         ['config.json', 'generation_config.json']
     """
     r = recipe
-    out = _weights_identity(r)
+    known = known or {}
+    out = _weights_identity(r, known)
     if r.eval.judge == "hf" and r.eval.judge_model:
-        out["judge"] = _identity(judge_source(r))
+        out["judge"] = _identity(judge_source(r), None, known.get("judge"))
     if r.eval.general == "lmeval" and r.eval.lmeval_include:  # the harness tasks of the recipe's own, and their data
         out["lmeval_include"] = {"files": folder_digest(r.resolve(r.eval.lmeval_include), recursive=True)}
     if r.eval.general == "mmlu" and r.eval.mmlu_data:
         data = r.resolve(r.eval.mmlu_data)
         out["mmlu_data"] = {"files": folder_digest(data) if data.is_dir() else
                             folder_digest(data.parent, lambda name: name == data.name)}
+    elif r.eval.general == "mmlu":
+        hub = known.get("mmlu_data")
+        out["mmlu_data"] = hub if isinstance(hub, dict) and hub.get("hub") == _MMLU_HUB else {
+            "hub": _MMLU_HUB, "commit": _repo_commit(_MMLU_HUB, "dataset")}
     return out
+
+
+_MMLU_HUB = "cais/mmlu"  # what sieve.evals.mmlu.load_mmlu reads where eval.mmlu_data is empty
 
 
 def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = True,

@@ -203,3 +203,34 @@ def test_a_model_that_only_says_eos_still_re_spells_the_healed_tail(tiny_dirs):
     assert tok.decode(healed.token_ids).startswith("\n")
     assert plain.finished and plain.token_ids == [] and plain.text == ""
     assert healed.counts["gen_edited"] == 1 and plain.counts["gen_edited"] == 0
+
+
+def test_a_stop_string_in_the_prompts_healed_tail_does_not_end_the_row(world):
+    """Healing backs up the prompt's last token; a first token that only re-spells it matched a stop
+    string lying in the prompt as written, and the row came back empty and finished."""
+    m = world.model
+    for prompt, stop in (("import os\nimport sys\n", "\n"), ("x = f(", "("), ("def mean(xs):\n    total =", "=")):
+        healed = generate(m, [prompt], None, max_new_tokens=16, stop=[stop], progress=False)[0]
+        plain = generate(m, [prompt], None, max_new_tokens=16, stop=[stop], token_healing=False, progress=False)[0]
+        assert healed.healed and healed.text, (prompt, healed)  # healed, and not cut at the re-spelled tail
+        assert len(healed.token_ids) > 1
+        assert plain.text  # the contrast: unhealed rows were never cut there
+    # a stop string the first token does complete beyond the prompt still ends the row there
+    o = generate(m, ["import os\nimport sys\n"], None, max_new_tokens=16, stop=["import"], progress=False)[0]
+    assert o.healed == "\n" and o.text == "import" and o.finished
+
+
+def test_a_draw_of_exactly_zero_never_takes_a_token_of_zero_probability():
+    """Inverse-CDF sampling took token 0 for a uniform draw of exactly 0.0, masked, cut by top-p or
+    excluded by healing as it was (token 0 is EOS in the world's vocabulary)."""
+    from sieve.generation import RowSampler
+
+    seed = 5528393
+    assert float(torch.rand((), generator=torch.Generator().manual_seed(seed))) == 0.0  # the premise
+    scores = torch.zeros(1, 6)
+    scores[0, :2] = float("-inf")  # tokens 0 and 1 impossible
+    out = RowSampler([1.0], seeds=[seed])(torch.zeros(1, 1, dtype=torch.long), scores.clone())
+    assert out[0].argmax().item() == 2  # the first token of non-zero probability
+    top = RowSampler([1.0], seeds=[seed], top_p=0.5)(torch.zeros(1, 1, dtype=torch.long),
+                                                     torch.tensor([[0.0, 0.0, 5.0, 0.0]]))
+    assert top[0].argmax().item() == 2  # the whole nucleus

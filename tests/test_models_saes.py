@@ -63,6 +63,31 @@ def test_attention_choice_never_forces_sdpa():
     assert choose_attention("llama", "cpu") is None
 
 
+def test_flash_attention_only_where_its_kernels_run(monkeypatch):
+    """flash-attention 2 was asked for whatever the dtype: a float32 model on a GPU with flash-attn
+    installed loaded, then failed at its first forward (its kernels take float16 and bfloat16 only);
+    Gemma-2's soft-capping needs flash-attn 2.6 or later."""
+    import importlib.metadata
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else None)
+    installed = {"v": "2.7.4.post1"}
+
+    def version(name):
+        if name in ("flash_attn", "flash-attn"):
+            return installed["v"]
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert choose_attention("llama", "cuda", torch.bfloat16) == "flash_attention_2"
+    assert choose_attention("gemma2", "cuda:1", torch.float16) == "flash_attention_2"
+    assert choose_attention("llama", "cuda", torch.float32) is None
+    installed["v"] = "2.5.9"
+    assert choose_attention("gemma2", "cuda", torch.bfloat16) is None
+    assert choose_attention("llama", "cuda", torch.bfloat16) == "flash_attention_2"
+
+
 def _saes(d=64, f=96):
     from sae_lens import (
         JumpReLUSAE,

@@ -980,3 +980,105 @@ def test_a_model_on_a_ram_disk_and_a_task_folder_that_python_wrote_bytecode_into
     (tasks / "__pycache__").mkdir()
     (tasks / "__pycache__" / "utils.cpython-311.pyc").write_bytes(b"\x00")
     assert folder_digest(tasks, recursive=True) == before
+
+
+def test_a_hub_saes_and_hub_datasets_record_is_their_repos_commit(tmp_path, monkeypatch):
+    """A sae-lens release or hub SAE, and cais/mmlu, were recorded by name only: a re-upload under the
+    same name was resumed. Their record is now the commit of the hub repo the loader reads, from the
+    hub where it answers, else from the hub cache (what an offline load reads)."""
+    import huggingface_hub
+    import huggingface_hub.constants as hc
+
+    from sieve.saes import hub_sae_repo
+    from sieve.setting import sources_identity
+    from sieve.world import world_sae_dir
+    from tests.test_sae_layouts import _fake_hub_cache
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _fake_hub_cache(cache, "org/sae", {f"layer_2/{p.name}": p for p in world_sae_dir().iterdir()})
+    r = load_recipe(ROOT / "recipes/regex.toml", ['sae.source="org/sae"', 'sae.id="layer_2"', "sae.layer=2", "sae.feature=1",
+                                                 'eval.general="mmlu"'])
+    first = sources_identity(r)
+    ref = cache / "models--org--sae" / "refs" / "main"
+    assert first["sae"] == {"hub": "org/sae", "id": "layer_2", "repo": "org/sae", "commit": ref.read_text()}
+    assert first["mmlu_data"] == {"hub": "cais/mmlu", "commit": None}  # not in this cache
+    ds = cache / "datasets--cais--mmlu" / "refs"
+    ds.mkdir(parents=True)
+    (ds / "main").write_text("2" * 40)
+    ref.write_text("1" * 40)  # a new upload, fetched into the cache
+    now = sources_identity(r)
+    assert now["sae"]["commit"] == "1" * 40 and now["mmlu_data"]["commit"] == "2" * 40
+    assert regex.sources_change(first, now).startswith(
+        f"the SAE: org/sae was at commit {first['sae']['commit']}, now {'1' * 40}; the MMLU data: cais/mmlu was at")
+    assert sources_identity(r, known=first) == first  # a known record's hub entries are not looked up again
+    assert hub_sae_repo("gemma-scope-2b-pt-res-canonical") == "google/gemma-scope-2b-pt-res"
+
+    class Info:
+        sha = "3" * 40
+
+    asked = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the hub answers: its main is what a load downloads
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, repo, **kw: asked.append(repo) or Info())
+    assert sources_identity(r)["sae"]["commit"] == "3" * 40 and asked == ["org/sae", "cais/mmlu"]
+
+    def unreachable(self, repo, **kw):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", unreachable)  # the cache's answer then
+    assert sources_identity(r)["sae"]["commit"] == "1" * 40
+
+
+def test_a_source_written_while_the_run_reads_it_stops_the_run(tmp_path, monkeypatch, capsys):
+    """The record is taken before the weights load: a model folder written to while they loaded, or
+    MMLU data edited before the run read them, made rows under a record that did not describe them.
+    Now the run stops, saying so, and keeps the rows made before."""
+    from safetensors.torch import load_file, save_file
+
+    import sieve.setting as setting
+
+    model = _world_copy(tmp_path / "model")
+    out = tmp_path / "out"
+    args = _tiny(out)
+    args.insert(1, f'model.source="{model}"')
+    real = setting.load_setting
+
+    def load_while_written(*a, **kw):
+        loaded = real(*a, **kw)
+        w = load_file(model / "model.safetensors")
+        name = next(iter(w))
+        save_file({**w, name: w[name] + 0.01}, model / "model.safetensors", metadata={"format": "pt"})
+        return loaded
+
+    monkeypatch.setattr(setting, "load_setting", load_while_written)
+    assert regex.main(args) == 2
+    err = capsys.readouterr().err
+    assert "the model: model.safetensors changed while the weights loaded, after this run recorded it" in err
+    assert not (out / "gen").exists() or not ResultStore(out / "gen").parts()  # nothing made under that record
+    monkeypatch.setattr(setting, "load_setting", real)
+    assert regex.main(args) == 0  # once nothing writes to it, the run goes on (no rows were made before)
+
+    # MMLU data edited after the record, before the run read it: the generated rows stay, no ability row
+    mmlu = tmp_path / "mmlu.json"
+    mmlu.write_text(json.dumps([{"question": "2+2?", "subject": "math", "choices": ["3", "4", "5", "6"],
+                                 "answer": 1, "split": "test"}]))
+    out2 = tmp_path / "out2"
+    args = [a.replace('eval.general="none"', 'eval.general="mmlu"') for a in _tiny(out2)]
+    args.insert(1, f'eval.mmlu_data="{mmlu}"')
+    import sieve.evals.mmlu as mmlu_mod
+
+    real_mmlu = mmlu_mod.load_mmlu
+
+    def read_then_edited(recipe):
+        qs = real_mmlu(recipe)
+        mmlu.write_text(mmlu.read_text().replace("2+2?", "2+3?"))
+        return qs
+
+    monkeypatch.setattr(mmlu_mod, "load_mmlu", read_then_edited)
+    assert regex.main(args) == 2
+    err = capsys.readouterr().err
+    assert "the MMLU data: mmlu.json changed while the MMLU questions were read" in err
+    assert len(ResultStore(out2 / "gen").table()) == 2 and not (out2 / "ability").exists() or not ResultStore(
+        out2 / "ability").parts()
