@@ -21,6 +21,7 @@ import lm_eval
 from lm_eval.models.huggingface import HFLM
 
 from recipes import regex
+from sieve.errors import SieveError
 from sieve.evals.lmeval import SteeredLM, run_harness, task_manager
 from sieve.interventions import Detector, Edit, Intervention
 from sieve.models import underlying
@@ -292,6 +293,31 @@ def test_lm_eval_command_line_with_recipe_model_args(tmp_path, detector_cache, t
     assert "acc,none" in data["results"]["world_mc"]
     args = data["config"]["model_args"]
     assert args["method"] == "conditional_per_input" and args["scale"] == -8.0
+
+
+def test_lm_eval_command_line_batches_8_and_places_the_model_where_device_says(
+        tmp_path, detector_cache, tasks, capsys):  # noqa: F811
+    """lm_eval passes its own defaults as if given: batch size 1 (the sieve model's 8 was overridden) and
+    device "cuda:0" (so --device was dropped). Now 8 unless --batch_size says otherwise, and --device
+    places the recipe's model."""
+    from sieve.evals.lmeval import main
+    from sieve.recipe import save_recipe
+
+    out = tmp_path / "run"
+    _prepare(out, detector_cache)
+    recipe = save_recipe(load_recipe(ROOT / "recipes/regex.toml", _overrides(out)), tmp_path / "recipe.toml")
+    res = tmp_path / "results"
+    main(["--model", "sieve", "--model_args", f"recipe={recipe},method=unsteered", "--tasks", "world_mc",
+          "--include_path", str(tasks), "--device", "cpu", "--limit", "4", "--output_path", str(res)])
+    (found,) = res.rglob("results_*.json")
+    assert str(json.loads(found.read_text())["config"]["batch_size"]) == "8"
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "sieve", "--model_args", f"recipe={recipe},method=unsteered", "--tasks", "world_mc",
+              "--include_path", str(tasks), "--device", "cdua", "--output_path", str(res)])
+    assert e.value.code == 2
+    assert "device 'cdua' is not one sieve knows" in capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(SieveError, match="device='cuda:3', but the model given is on cpu"):
+        SteeredLM(model=load_world().model, intervention=None, layer=2, device="cuda:3")
 
 
 # -- several cells at once, forked -----------------------------------------------------------------

@@ -219,15 +219,21 @@ class SteeredLM(HFLM):
     ) -> None:
         if "pretrained" in kwargs:
             raise SieveError("the sieve model takes its model from the recipe (recipe=FILE), not pretrained=")
+        device = kwargs.pop("device", None)
+        if _CLI.get("device") is False:  # lm_eval's own default ("cuda:0"), which the command line did not give
+            device = None
         if recipe is not None:
             if model is not None:
                 raise SieveError("give either recipe=FILE or model=, not both")
-            model, intervention, layer = _from_recipe(recipe, method, scale)
+            model, intervention, layer = _from_recipe(recipe, method, scale, device)
         elif model is None:
             raise SieveError(
                 "the sieve model needs a recipe: --model_args recipe=FILE,method=NAME,scale=VALUE "
                 "(or, in Python, SteeredLM(model=..., intervention=..., layer=...))"
             )
+        elif device is not None and not _same_device(device, next(underlying(model).parameters()).device):
+            raise SieveError(f"device={device!r}, but the model given is on "
+                             f"{next(underlying(model).parameters()).device}: place the model there first")
         if layer is None:
             raise SieveError("SteeredLM needs layer= (the decoder layer the intervention edits)")
         self.steered_model = model
@@ -244,7 +250,6 @@ class SteeredLM(HFLM):
         self._fork_cell: int | None = None
         self._contexts: list[str] = []  # the context strings of the batch being encoded for generation
         self._gen_kwargs: Any = ()  # the generation kwargs group being generated (the unsteered run)
-        kwargs.pop("device", None)  # the model is already placed
         kwargs.setdefault("batch_size", 8)
         super().__init__(pretrained=underlying(model), tokenizer=model.tokenizer, **kwargs)
         if self.backend != "causal":
@@ -615,13 +620,16 @@ def _recording_right_padding(lengths: list[list[int]]):
         _hf.pad_and_concat = original
 
 
-def _from_recipe(recipe: str | Path, method: str, scale: float | str | None):
+def _from_recipe(recipe: str | Path, method: str, scale: float | str | None, device: str | None = None):
+    import json
+
     from sieve.errors import RecipeError
     from sieve.recipe import load_recipe
     from sieve.setting import load_setting
     from sieve.sweep import Cell
 
-    r = load_recipe(recipe)
+    # --device (lm_eval's option) places the recipe's model: it overrides [model] device
+    r = load_recipe(recipe, [f"model.device={json.dumps(str(device))}"] if device is not None else None)
     try:  # the recipe's own [methods.NAME] first, then the registry; a clear error before the model loads
         spec = r.method(method) if method != "unsteered" else None
     except RecipeError as e:
@@ -901,12 +909,36 @@ def run_harness_cells(
     return outs, f.summary
 
 
+# Which of lm_eval's own options the command line gave (set by :func:`main`): lm_eval passes its
+# defaults on as if they were the user's (device "cuda:0", batch size 1).
+_CLI: dict[str, bool] = {}
+
+
+def _same_device(asked: str, on: torch.device) -> bool:
+    """Whether a model on ``on`` is where ``asked`` names ("cuda" is any CUDA device)."""
+    a = torch.device(asked)
+    return a.type == on.type and (a.index is None or on.index is None or a.index == on.index)
+
+
+def _given(args: Sequence[str], *names: str) -> bool:
+    return any(a in names or a.split("=", 1)[0] in names for a in args)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``lm_eval``'s own command line with the ``sieve`` model registered (this module is imported)."""
+    """``lm_eval``'s own command line with the ``sieve`` model registered (this module is imported).
+
+    Without ``--batch_size`` the sieve model batches 8 rows (lm_eval's own default is 1); ``--device``,
+    where given, places the recipe's model (over its ``[model] device``), and lm_eval's default device
+    is not used."""
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    args = sys.argv[1:]
+    from_config = _given(args, "--config", "-C")
+    if not _given(args, "--batch_size", "--batch-size", "-b") and not from_config:
+        sys.argv += ["--batch_size", "8"]
+    _CLI["device"] = _given(args, "--device") or from_config
     try:
         cli_evaluate()
     except SieveError as e:  # a mistake in --model_args (recipe, method, scale): one line, as recipes print
@@ -914,6 +946,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {printable(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        _CLI.clear()
 
 
 if __name__ == "__main__":
