@@ -223,7 +223,9 @@ OS_PROBE = textwrap.dedent('''
                                ("socket_netlink", 41, (16, 3, 0)), ("chroot", 161, (b"/sandbox",)), ("setuid0", 105, (0,)),
                                ("mknod_char_device", 133, (b"/sandbox/n", 0o20666, 0x103)),
                                ("memfd_create", 319, (b"m", 0)), ("shmget", 29, (0, 1 << 20, 0o1600)),
-                               ("msgget", 68, (0, 0o1600))]:
+                               ("msgget", 68, (0, 0o1600)), ("setxattr", 188, (b"/sandbox", b"user.k", b"v" * 64, 64, 0)),
+                               ("fsetxattr", 190, (0, b"user.k", b"v", 1, 0)), ("inotify_init1", 294, (0,)),
+                               ("inotify_init", 253, ())]:
             v = libc.syscall(nr, *args)
             if v == 0 and nr in (57, 58):
                 libc.syscall(60, 0)  # a child (never expected) leaves at once
@@ -241,8 +243,10 @@ def test_process_namespace_and_device_calls_fail_under_the_os_layers_alone():
     got = ast.literal_eval(r.output.split("GOT ", 1)[1].splitlines()[0])
     assert got["clone3"] == (-1, 38)  # ENOSYS: the C library falls back to clone, which is checked
     for name in ("vfork", "fork", "io_uring_setup", "execveat", "clone_newuser", "unshare_newuser", "chroot",
-                 "mknod_char_device", "memfd_create", "shmget", "msgget"):  # memfd, System V shared memory and
-        # message queues hold memory outside the address-space limit
+                 "mknod_char_device", "memfd_create", "shmget", "msgget", "setxattr", "fsetxattr", "inotify_init1",
+                 "inotify_init"):  # memfd, System V shared memory, message queues and extended attributes hold
+        # memory outside the address-space limit (a tmpfs's size counts file data only); file watches are a
+        # budget shared with every process of the user
         assert got[name] == (-1, 1), (name, got[name])  # EPERM
     assert got["socket_inet"] == (-1, 13) and got["socket_netlink"] == (-1, 13)  # EACCES
     assert got["setuid0"][0] == -1
@@ -367,3 +371,39 @@ def test_a_module_whose_every_test_sits_under_a_false_if_has_no_test():
     e = evaluate_code("HAVE = False\nif HAVE:\n    def test_a():\n        assert True\n", setup=_extract_emails(),
                       execute=True, timeout_s=5.0)
     assert e.exec_status == "error" and not e.executed
+
+
+def test_many_files_in_the_work_folder_stop_the_test():
+    """A tmpfs bounds its bytes, not its inodes: a test making empty folders held over a GiB of host
+    kernel memory in ten seconds. The harness now stops a test once the folder holds 10,000 more."""
+    code = textwrap.dedent("""
+        import os
+        def test_many():
+            for i in range(200_000):
+                os.mkdir("d%d" % i)
+        """)
+    r = _run(code, "", None, 30.0, 256, 8, None, "bwrap")
+    assert r.status == "killed" and "more than 10000 files and folders in the sandbox folder" in r.detail, r
+    assert r.seconds < 25  # stopped at the limit, not at the time limit
+
+
+def test_code_the_test_wrote_is_not_imported():
+    """A test wrote a module into its folder and imported it: a compiled one (a .so) or bytecode (a .pyc)
+    runs past the screen and the compile check. The audit hook refuses both (a .py is refused as code
+    compiled at run time)."""
+    import importlib.util
+    import marshal
+
+    pyc = importlib.util.MAGIC_NUMBER + b"\0" * 12 + marshal.dumps(compile("VALUE = 1\n", "helper.py", "exec"))
+    for name, data in (("helper.pyc", pyc), ("helper.cpython-311-x86_64-linux-gnu.so", b"\x7fELF" + b"\0" * 60)):
+        code = textwrap.dedent(f"""
+            import sys
+            def test_writes_and_imports():
+                with open({name!r}, "wb") as f:
+                    f.write({data!r})
+                sys.path.insert(0, ".")
+                import helper
+                assert helper.VALUE == 1
+            """)
+        r = _run(code, "", None, 10.0, 256, 8, None, "bwrap")
+        assert r.status == "error" and "importing code the test wrote is not allowed" in r.detail, (name, r)

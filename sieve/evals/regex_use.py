@@ -178,9 +178,12 @@ def find_regex_use(code: str) -> RegexUse:
         >>> find_regex_use("s = 're.match(x)'  # re.sub").used
         False
     """
+    err_line = None
     try:
         tree = parse_quietly(code)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):  # too deep to parse: not Python we can read
+    except SyntaxError as e:
+        tree, err_line = None, e.lineno
+    except (ValueError, RecursionError, MemoryError):  # too deep to parse: not Python we can read
         tree = None
     if tree is not None:
         spans, kinds, names = _ast_uses(tree, code)
@@ -188,7 +191,7 @@ def find_regex_use(code: str) -> RegexUse:
 
     lines = code.splitlines(keepends=True)
     # Longest parsable prefix of whole lines, then the text rule on the rest.
-    for cut in range(len(lines) - 1, 0, -1):
+    for cut in _cuts(len(lines), err_line):
         prefix = "".join(lines[:cut])
         try:
             tree = parse_quietly(prefix)
@@ -199,6 +202,28 @@ def find_regex_use(code: str) -> RegexUse:
         return _result(spans + t_spans, kinds + t_kinds, "partial", names)
     spans, kinds = _text_uses(code, 0)
     return _result(spans, kinds, "text", frozenset())
+
+
+_CUTS = 200  # prefixes tried from the end, and again from the line the parser stopped at
+
+
+def _cuts(n: int, err_line: int | None) -> list[int]:
+    """The prefix lengths (in lines) to try, longest first: every one where the text has at most
+    ``_CUTS`` lines more (a completion cut off mid-statement fails near its end), then the ``_CUTS``
+    before the line the parser stopped at (an unclosed bracket far back), so that a long text that
+    does not parse costs a bounded number of parses, not one per line.
+
+    Example:
+        >>> _cuts(5, 2)
+        [4, 3, 2, 1]
+        >>> c = _cuts(10_000, 9_000); len(c), c[:2], c[200:202]
+        (400, [9999, 9998], [9000, 8999])
+    """
+    tail = list(range(n - 1, max(0, n - 1 - _CUTS), -1))
+    if err_line is not None:
+        seen = set(tail)
+        tail += [c for c in range(min(n - 1, err_line), max(0, err_line - _CUTS), -1) if c not in seen]
+    return tail
 
 
 def _result(

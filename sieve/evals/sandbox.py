@@ -337,12 +337,12 @@ def _screen(code: str, setup: str, generated: bool) -> str | None:
                 return f"line {line}: uses {base + '.' if base else ''}{node.attr}"
             if generated and isinstance(node.value, ast.Name) and node.value.id in aliases and _private(node.attr):
                 return f"line {line}: uses {base}.{node.attr}, a module's private state"  # re._cache
-            root = _root(node)
-            if not isinstance(node.ctx, ast.Load) and isinstance(root, ast.Name) and (
+            root = _root(node) if not isinstance(node.ctx, ast.Load) else None  # a store: where its chain starts
+            if root is not None and isinstance(root, ast.Name) and (
                     root.id in protected or root.id in aliases) and not (base == "sys" and node.attr in _SYS_STREAMS):
                 return f"line {line}: changes {root.id}.{node.attr}, which it imported or the code under test defines"
         elif isinstance(node, ast.Subscript):
-            root, env = _root(node), node.value
+            root, env = _root(node) if not isinstance(node.ctx, ast.Load) else None, node.value
             environ = (isinstance(env, ast.Attribute) and env.attr == "environ" and isinstance(env.value, ast.Name)
                        and aliases.get(env.value.id) == "os") or (
                 isinstance(env, ast.Name) and aliases.get(env.id) == "os.environ")
@@ -476,9 +476,22 @@ def _nodump():
     if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE: no ptrace, no /proc/<pid>/fd of us
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
 
+def _die_with_parent():
+    """Be killed when the parent process ends (sieve for the harness, the harness for a worker): in
+    ``process`` mode nothing else would stop them once sieve is killed."""
+    ctypes, libc = _libc()
+    parent = os.getppid()
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    if libc.prctl(1, 9, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG, SIGKILL
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:  # the parent ended before the call
+        os._exit(70)
+
 def _seccomp():
     """Refuse process creation, exec, ptrace, other processes' memory, mounts, namespaces and
-    non-Unix sockets for this process and its threads, whatever the uid."""
+    non-Unix sockets for this process and its threads, whatever the uid; and memory no limit counts:
+    shared memory, memfds, extended attributes (kernel memory a tmpfs does not bound by its size) and
+    file watches (a budget shared with every process of the user)."""
     ctypes, libc = _libc()
     machine = os.uname().machine
     if machine == "x86_64":
@@ -490,7 +503,8 @@ def _seccomp():
                   io_uring_setup=425, io_uring_enter=426, io_uring_register=427, keyctl=250, add_key=248,
                   request_key=249, perf_event_open=298, bpf=321, userfaultfd=323, memfd_create=319,
                   memfd_secret=447, shmget=29, shmat=30, shmctl=31, shmdt=67, semget=64, semop=65, semctl=66,
-                  semtimedop=220, msgget=68, msgsnd=69, msgrcv=70, msgctl=71)
+                  semtimedop=220, msgget=68, msgsnd=69, msgrcv=70, msgctl=71, setxattr=188, lsetxattr=189,
+                  fsetxattr=190, setxattrat=463, inotify_init=253, inotify_init1=294, fanotify_init=300)
     elif machine == "aarch64":
         arch, x32 = 0xC00000B7, False
         nr = dict(clone=220, execve=221, execveat=281, clone3=435, ptrace=117, process_vm_readv=270,
@@ -500,7 +514,8 @@ def _seccomp():
                   io_uring_register=427, keyctl=219, add_key=217, request_key=218, perf_event_open=241,
                   bpf=280, userfaultfd=282, memfd_create=279, memfd_secret=447, msgget=186, msgctl=187,
                   msgrcv=188, msgsnd=189, semget=190, semctl=191, semtimedop=192, semop=193, shmget=194,
-                  shmctl=195, shmat=196, shmdt=197)
+                  shmctl=195, shmat=196, shmdt=197, setxattr=5, lsetxattr=6, fsetxattr=7, setxattrat=463,
+                  inotify_init1=26, fanotify_init=262)
     else:
         raise OSError("no seccomp filter for machine " + machine)
     ALLOW, KILL, EPERM, ENOSYS, EACCES = 0x7FFF0000, 0x80000000, 0x50001, 0x50026, 0x5000D
@@ -565,6 +580,8 @@ def _audit_hook(root, stdlib, stdlib_dir):
     def hook(event, args):
         if event in block:
             raise PermissionError("sandbox: " + event + " is not allowed")
+        if event == "import" and len(args) > 1 and isinstance(args[1], (str, bytes)) and inside(args[1]):
+            raise PermissionError("sandbox: importing code the test wrote is not allowed")  # a .so, a .pyc
         if event == "import" and args and str(args[0]).split(".")[0] in modules:
             raise PermissionError("sandbox: importing " + str(args[0]) + " is not allowed")
         if event == "compile" and not startswith(str(args[1]) if len(args) > 1 else "", stdlib):
@@ -586,6 +603,8 @@ def _audit_hook(root, stdlib, stdlib_dir):
                 raise PermissionError("sandbox: " + name + " is not allowed")
             if writing and not inside(path):
                 raise PermissionError("sandbox: writing outside the sandbox directory")
+            if not writing and name.endswith(".pyc") and inside(path):  # bytecode the test wrote: past the screen
+                raise PermissionError("sandbox: importing code the test wrote is not allowed")
         if event in paths:
             for p in args[:2]:
                 if isinstance(p, (str, bytes, os.PathLike)) and not inside(p) and event not in ("os.listdir", "os.scandir"):
@@ -761,6 +780,7 @@ def _worker(job, name, report, result_fd):
             os.dup2(report, 3)
             os.close(report)
         os.closerange(4, 1 << 16)
+        _die_with_parent()
         _limits(job)
         if job["seccomp"]:
             _seccomp()
@@ -854,13 +874,26 @@ def _outcome(name, data, status):
         return {"test": name, "outcome": "no-result", "detail": "the test process exited with " + str(code)}
     return {"test": name, "outcome": kind, "detail": data[1:2001].decode("utf-8", "replace")}
 
-def _await(pid, r):
+def _files():
+    """Inodes in use on the sandbox's work folder (its own tmpfs: files, folders, links)."""
+    st = os.statvfs(".")
+    return st.f_files - st.f_ffree
+
+def _await(pid, r, files_over=None):
     """The worker's report and exit status; stop reading once the worker is gone (a descendant that
-    still holds the pipe must not keep us waiting)."""
+    still holds the pipe must not keep us waiting). ``files_over``: kill the worker once the work folder
+    holds more inodes than this (a tmpfs bounds its bytes, not its inodes, each of which is kernel
+    memory); the third value says whether that happened."""
     import select
-    got, status, eof = b"", None, False
+    got, status, eof, over = b"", None, False, False
     os.set_blocking(r, False)
     while status is None:
+        if files_over is not None and not over and _files() > files_over:
+            over = True
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
         if eof or len(got) > 65536:
             status = os.waitpid(pid, 0)[1]
             break
@@ -885,7 +918,7 @@ def _await(pid, r):
         if not chunk:
             break
         got += chunk
-    return got[:65536], status
+    return got[:65536], status, over
 
 def _main():
     data = b""
@@ -900,12 +933,14 @@ def _main():
     os.close(null)
     result_fd = job["result_fd"]
     _nodump()
+    _die_with_parent()
 
     def emit(obj):
         buf = (json.dumps(obj) + "\n").encode()
         while buf:
             buf = buf[os.write(result_fd, buf):]
 
+    files_over = _files() + job["max_files"] if job["pidns"] else None
     for name in job["tests"]:
         r, w = os.pipe()
         pid = os.fork()
@@ -916,14 +951,18 @@ def _main():
             finally:
                 os._exit(70)
         os.close(w)
-        got, status = _await(pid, r)
+        got, status, over = _await(pid, r, files_over)
         os.close(r)
         if job["pidns"] and os.getpid() <= 2:
             try:  # in our own pid namespace: whatever the test left behind goes with it
                 os.kill(-1, 9)
             except OSError:
                 pass
-        emit(_outcome(name, got[:65536], status))
+        out = _outcome(name, got[:65536], status)
+        if over:
+            out = {"test": name, "outcome": "killed", "detail": "more than " + str(job["max_files"]) +
+                   " files and folders in the sandbox folder (a limit)"}
+        emit(out)
     emit({"done": True})
 
 _main()
@@ -944,6 +983,7 @@ _WORK = "/sandbox"
 _OUTPUT_KEEP = 16 << 10  # bytes of stdout/stderr kept for the detail
 _OUTPUT_LIMIT = 8 << 20  # more than this (stdout + stderr) kills the evaluation
 _RESULT_LIMIT = 4 << 20
+_MAX_FILES = 10_000  # inodes the tests may add to the work folder (bwrap mode), each kernel memory
 
 
 @dataclass(frozen=True)
@@ -1112,7 +1152,7 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
     job = {"setup": setup, "code": code, "tests": names, "protected": protected, "cpu_s": max(1, int(timeout_s) + 1),
            "memory_mb": int(memory_mb), "file_mb": int(file_mb), "stdlib": os.path.dirname(interp.stdlib.rstrip("/")),
            "stdlib_dir": interp.stdlib,
-           "seccomp": seccomp, "audit": audit_hook, "pidns": mode == "bwrap"}
+           "seccomp": seccomp, "audit": audit_hook, "pidns": mode == "bwrap", "max_files": _MAX_FILES}
     tmp = None
     if mode == "bwrap":
         cmd = _bwrap_command(interp, max(16, 4 * int(file_mb)))
