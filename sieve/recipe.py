@@ -64,6 +64,10 @@ class SAESpec:
     format. With ``source = "world"``, ``layer``, ``feature`` and ``threshold`` come from the world's
     ``world.json`` (its one record of them) unless the recipe sets them; any other source must name
     ``layer`` and ``feature``. ``threshold``: None takes the SAE's own (JumpReLU) threshold, else 0.
+    ``threshold_on``: what ``threshold`` is compared with: ``"pre_activation"`` (the feature's exact
+    pre-activation ``h·w + b``, what the SAE itself thresholds) or ``"no_bias"`` (``h·w`` alone, as the
+    study's code scored its features: a threshold taken from the study, e.g. Llama's 5.0, then makes the
+    same cut, since sieve gates at ``threshold + b`` on the pre-activation).
     """
 
     source: str = "world"
@@ -71,6 +75,7 @@ class SAESpec:
     layer: int | None = None
     feature: int | None = None
     threshold: float | None = None
+    threshold_on: Literal["pre_activation", "no_bias"] = "pre_activation"
 
 
 @dataclass
@@ -396,6 +401,9 @@ def _resolve_sae(r: Recipe) -> None:
     """Fill ``[sae]`` layer, feature and threshold from ``world.json`` for the world's SAE; require
     layer and feature for any other source."""
     where = r.path or "<recipe>"
+    if r.sae.threshold_on == "no_bias" and r.sae.threshold is None:
+        raise RecipeError(where, "sae.threshold_on", "'no_bias' needs [sae] threshold (a number on h·w without "
+                          "the encoder bias, e.g. the study's); the SAE's own threshold is on the pre-activation")
     if r.sae.source == "world":
         from sieve.world import world_info
 
@@ -654,6 +662,8 @@ def recipe_hash(r: Recipe) -> str:
     d = recipe_dict(r)
     d.pop("output", None)
     d.pop("launch", None)
+    if d.get("sae", {}).get("threshold_on") == "pre_activation":  # the default, as before the key existed
+        d["sae"].pop("threshold_on")
     for key in ("fork", "share_prefill", "kv_cache", "drop_ended", "cascade"):
         d.get("sweep", {}).pop(key, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -475,6 +475,8 @@ def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = Tr
     prompts = load_prompt_sets(r, model.tokenizer)
     parts = Parts(layer=r.sae.layer)
     sae_det, threshold = feature_detector(feat, r.sae.threshold)
+    if r.sae.threshold_on == "no_bias":  # the recipe's threshold is on h·w: the same cut on h·w + b
+        threshold += sae_det.b
     parts.add_detector("sae", sae_det, threshold)
     parts.add_direction("sae", feat.direction)
     try:  # the SAE's code: SAE-space edits and code detectors (JumpReLU, ReLU, TopK SAEs)

@@ -36,9 +36,32 @@ def test_real_model_recipes_match_the_study():
     ll = load_recipe(ROOT / "recipes/regex_llama31_8b.toml")
     assert (ll.model.source, ll.sae.source, ll.sae.layer, ll.sae.feature, ll.sae.threshold) == (
         "meta-llama/Llama-3.1-8B-Instruct", "tilde-research/sieve_coding", 12, 9853, 5.0)
+    assert ll.sae.threshold_on == "no_bias"  # the study's 5.0 was on h·W_enc[:, 9853], without b_enc
     for r in (g2, g9, ll):
         assert r.model.chat and r.eval.execute and r.eval.general == "mmlu" and len(r.sweep.methods) == 13
         assert r.resolve(r.prompts.source).exists()
+
+
+def test_a_threshold_on_the_score_without_the_encoder_bias_makes_the_studys_cut(tmp_path):
+    """The study scored a feature as h·W_enc[:, f] (no b_enc) and gated Llama's at 5.0; sieve gates on the
+    exact pre-activation h·w + b. ``threshold_on = "no_bias"`` moves the threshold by b: the same cut."""
+    import torch
+
+    from sieve.errors import RecipeError
+    from sieve.setting import load_setting
+
+    r = load_recipe(ROOT / "recipes/regex.toml", ["sae.threshold=1.5", 'sae.threshold_on="no_bias"'])
+    s = load_setting(r, progress=False, with_probe=False, cache_dir=tmp_path / "cache")
+    w, b = s.feature.linear()
+    assert b != 0 and s.threshold == pytest.approx(1.5 + b)
+    det, thr = s.parts.detectors["sae"]
+    h = torch.randn(64, w.numel())
+    assert torch.equal(det.score(h) > thr, (h @ w + b) > 1.5 + b)  # ⇔ h·w > 1.5, up to float rounding
+    assert recipe_hash(load_recipe(ROOT / "recipes/regex.toml")) == recipe_hash(
+        load_recipe(ROOT / "recipes/regex.toml", ['sae.threshold_on="pre_activation"']))  # the default: old hashes hold
+    with pytest.raises(RecipeError, match=r"\[sae.threshold_on\] 'no_bias' needs \[sae\] threshold"):
+        load_recipe(ROOT / "recipes/regex.toml", ['sae.source="org/sae"', "sae.layer=2", "sae.feature=1",
+                                                  'sae.threshold_on="no_bias"'])
 
 
 def test_round_trip_and_hash(tmp_path):
