@@ -345,13 +345,19 @@ def run_generation(recipe: Recipe, setting, store: ResultStore, part: tuple[int,
 _ABILITY_CELLS = 32
 
 
-def run_judge(recipe: Recipe, setting, judge, out: Path, part: tuple[int, int], progress: bool) -> None:
+def run_judge(recipe: Recipe, setting, judge, out: Path, part: tuple[int, int], progress: bool,
+              sources: dict | None = None) -> None:
     """The optional LLM judge over this shard's generated tests, after generation: verdicts go to
     ``<output>/judge`` (one row per judged test); tests the judge could not answer are not stored, so
-    running the same command again asks about those only."""
+    running the same command again asks about those only. A local judge model is loaded here, and
+    refused if it changed since the run recorded ``sources`` (:func:`check_unchanged`)."""
     if judge is None:
         return
-    from sieve.evals.judge import judge_rows
+    from sieve.evals.judge import HFJudge, judge_rows
+
+    if isinstance(judge, HFJudge) and sources is not None:
+        judge.model  # noqa: B018 (loaded now, then compared with the record)
+        check_unchanged(recipe, sources, "while the judge model loaded")
 
     mine = {r.key for r in shard(plan(recipe, setting.prompts), part) if r.set == "regex"}
     gen = ResultStore(out / "gen").table()
@@ -680,7 +686,7 @@ def body(run: Run) -> int:
         from sieve.setting import judge_source
 
         judge_model = str(judge_source(recipe))  # a folder beside the recipe, or a hub id no folder stands in for
-    judge = make_judge(recipe.eval.judge, judge_model)  # a bad judge setting, likewise
+    judge = make_judge(recipe.eval.judge, judge_model, lazy=True)  # a bad judge setting, likewise (loaded later)
     if args.merge:
         from sieve.report import merge_runs, shard_inputs
 
@@ -729,7 +735,7 @@ def body(run: Run) -> int:
             n = run_generation(recipe, setting, ResultStore(out / "gen", tag, rh), part, run.progress, work)
             if work is not None and work.rows:
                 log.info("forked generation: %s", work)
-            run_judge(recipe, setting, judge, out, part, run.progress)
+            run_judge(recipe, setting, judge, out, part, run.progress, sources)
             run_ability(recipe, setting, ResultStore(out / "ability", tag, rh), part, run.progress, work,
                         args.trust_task_code, sources)
             if work is not None and work.texts:

@@ -129,12 +129,11 @@ class RowSampler:
             probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
         probs = probs / probs.sum(-1, keepdim=True)
         cdf = probs.cumsum(-1)
-        # The token whose CDF step holds x = u * total: the first with cdf > x (right=True), x kept below the
-        # total. So a draw of exactly 0 takes the first token of non-zero probability, never one the mask,
-        # top-p or the healer set to 0 (searchsorted's default side gave token 0 there).
-        total = cdf[:, -1]
-        x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-        sampled = torch.searchsorted(cdf, x[:, None], right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+        # The first token whose CDF reaches x = u * total, x kept above 0: a draw of exactly 0 (torch.rand's
+        # range includes it) took token 0 even where the mask, top-p or the healer had set its probability
+        # to 0; now it takes the first token of non-zero probability. Every other draw picks as before.
+        x = (u * cdf[:, -1]).clamp_min(torch.finfo(cdf.dtype).tiny)
+        sampled = torch.searchsorted(cdf, x[:, None]).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
         choice = torch.where(t > 0, sampled, logits.argmax(-1)) if self.any_greedy else sampled
         # HF passes its own float copy of the logits: editing it in place is safe (B writes).
         scores[self._rows, choice] = float("inf")

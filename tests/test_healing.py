@@ -57,7 +57,7 @@ def test_rows_are_healed_only_where_a_merge_is_possible(world):
     tok = world.model.tokenizer
     rows = [tok(t)["input_ids"] for t in ("x = 1\n", "x = 1\n    ", "<|endoftext|>")]
     kept, heals = heal_rows(tok, rows)
-    assert heals[0] == Heal("\n", b"\n", heals[0].allowed) and kept[0] == rows[0][:-1]
+    assert heals[0] == Heal("\n", b"\n", heals[0].allowed, (rows[0][-1],)) and kept[0] == rows[0][:-1]
     assert all(token_table(tok).bytes_of[i].startswith(b"\n") for i in heals[0].allowed)
     assert heals[2] is None and kept[2] == rows[2]  # BOS only: nothing to back up
     # A token no other vocabulary entry extends stays as it is.

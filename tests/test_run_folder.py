@@ -1082,3 +1082,40 @@ def test_a_source_written_while_the_run_reads_it_stops_the_run(tmp_path, monkeyp
     assert "the MMLU data: mmlu.json changed while the MMLU questions were read" in err
     assert len(ResultStore(out2 / "gen").table()) == 2 and not (out2 / "ability").exists() or not ResultStore(
         out2 / "ability").parts()
+
+
+def test_a_judge_model_changed_before_it_loads_is_refused(tmp_path, monkeypatch, capsys):
+    """The judge model loads after generation, where the run's record of it was taken before: a judge
+    folder written to in between judged rows under a record that did not describe it. The judge now
+    loads at its first use and is compared with the record then."""
+    from safetensors.torch import load_file, save_file
+
+    import sieve.evals.judge as judge_mod
+
+    judge = _world_copy(tmp_path / "judge")
+    loads = []
+    real_init = judge_mod.HFJudge.__init__
+
+    def counting(self, *a, **kw):
+        real_init(self, *a, **kw)
+        loads.append(self._model is None)  # made lazy: nothing loaded yet
+
+    monkeypatch.setattr(judge_mod.HFJudge, "__init__", counting)
+    real_gen = regex.run_generation
+
+    def then_retrain_the_judge(*a, **kw):
+        n = real_gen(*a, **kw)
+        w = load_file(judge / "model.safetensors")
+        name = next(iter(w))
+        save_file({**w, name: w[name] + 0.01}, judge / "model.safetensors", metadata={"format": "pt"})
+        return n
+
+    monkeypatch.setattr(regex, "run_generation", then_retrain_the_judge)
+    out = tmp_path / "out"
+    args = _tiny(out)
+    args[1:1] = ['eval.judge="hf"', f'eval.judge_model="{judge}"']
+    assert regex.main(args) == 2
+    assert loads == [True]
+    err = capsys.readouterr().err
+    assert "the judge model: model.safetensors changed while the judge model loaded, after this run recorded it" in err
+    assert len(ResultStore(out / "gen").table()) == 2 and not (out / "judge").exists()  # the generated rows stay

@@ -173,12 +173,30 @@ class HFJudge:
         False
     """
 
-    def __init__(self, source: Any, max_new_tokens: int = 160, batch_size: int | None = None) -> None:
-        from sieve.models import load_model
+    def __init__(self, source: Any, max_new_tokens: int = 160, batch_size: int | None = None, *,
+                 lazy: bool = False) -> None:
+        from sieve.models import _resolve_config, load_model
 
-        self.model = load_model(source) if isinstance(source, (str, os.PathLike)) else source
+        self.source = source
+        self._model = None
+        if isinstance(source, (str, os.PathLike)):
+            if lazy:  # loaded at its first use; a missing folder or an uncached hub id fails now
+                _resolve_config(source, None)
+            else:
+                self._model = load_model(source)
+        else:
+            self._model = source
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+
+    @property
+    def model(self) -> Any:
+        """The judge's model (loaded here, the first time, where the judge was made ``lazy``)."""
+        if self._model is None:
+            from sieve.models import load_model
+
+            self._model = load_model(self.source)
+        return self._model
 
     def __call__(self, function: str, test: str) -> Verdict:
         return self.judge_many([(function, test)])[0]
@@ -196,9 +214,9 @@ class HFJudge:
         return [parse_verdict(o.text) for o in outs]
 
 
-def make_judge(kind: str, model: str = "") -> Judge | None:
+def make_judge(kind: str, model: str = "", *, lazy: bool = False) -> Judge | None:
     """The judge for ``eval.judge`` (``off`` gives None); configuration errors surface here, before any
-    generation.
+    generation. ``lazy``: a local judge model is loaded at its first use, not here.
 
     Example:
         >>> make_judge("off") is None
@@ -211,7 +229,7 @@ def make_judge(kind: str, model: str = "") -> Judge | None:
     if kind == "hf":
         if not model:
             raise SieveError("eval.judge = 'hf' needs eval.judge_model (a hub id or local directory)")
-        return HFJudge(model)
+        return HFJudge(model, lazy=lazy)
     raise SieveError(f"unknown judge {kind!r}; allowed: off, openai, hf")
 
 
