@@ -259,6 +259,59 @@ def test_process_mode_runs_and_warns_every_time(monkeypatch, tmp_path):
     assert not marker.exists() and r.status == "error"
 
 
+def test_a_killed_sieve_leaves_nothing_running_in_process_mode(tmp_path, monkeypatch):
+    """With eval.sandbox = "process", killing sieve mid-evaluation left the harness and the test running
+    (re-parented to init, with no wall clock) and its work folder behind. Both now die with their parent,
+    and the folder goes at the next process-mode evaluation."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "from sieve.evals.sandbox import _run\n"
+        "_run('import time\\ndef test_a():\\n    time.sleep(60)\\n', '', None, 60.0, 256, 8, None, 'process')\n")],
+        env={**os.environ, "TMPDIR": str(tmp_path)}, cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not list(tmp_path.glob("sieve-sandbox-*")):
+        time.sleep(0.1)
+    (work,) = tmp_path.glob(f"sieve-sandbox-{child.pid}-*")
+    time.sleep(1.0)  # the harness and its worker are running
+
+    def children(pids: set[int]) -> set[int]:
+        out = set()
+        for d in Path("/proc").iterdir():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) in pids:
+                out.add(int(d.name))
+        return out
+
+    def alive(pid: int) -> bool:  # a zombie (State Z) has ended
+        try:
+            return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    harness = children({child.pid})
+    workers = children(harness)
+    assert harness and workers, "the harness and its worker were not running under the child"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    time.sleep(2.0)
+    assert [pid for pid in harness | workers if alive(pid)] == []  # nothing outlives the killed sieve
+    assert work.exists()  # left by the killed process...
+    with pytest.warns(SandboxWarning):
+        assert run_sandboxed("def test_a():\n    assert True\n", mode="process").ok
+    assert not work.exists()  # ...and swept by the next evaluation
+
+
 def test_invalid_limits_are_refused():
     for kw in ({"timeout_s": 0}, {"memory_mb": -5}, {"file_mb": 0}, {"timeout_s": float("inf")},
                {"timeout_s": float("nan")}, {"memory_mb": 1 << 40}):

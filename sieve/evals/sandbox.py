@@ -44,6 +44,7 @@ import re
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1158,7 +1159,8 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
         cmd = _bwrap_command(interp, max(16, 4 * int(file_mb)))
         cwd, env = "/", {"LANG": "C.UTF-8"}
     else:
-        tmp = tempfile.mkdtemp(prefix="sieve-sandbox-")
+        _sweep_stale_work_dirs()
+        tmp = tempfile.mkdtemp(prefix=f"sieve-sandbox-{os.getpid()}-")
         cmd = []
         if _net_available():
             cmd = [shutil.which("unshare") or "unshare", "-rni"]  # own network and System V IPC namespaces
@@ -1179,6 +1181,27 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     return _verdict(names, *outcome, time.monotonic() - t0)
+
+
+def _sweep_stale_work_dirs() -> None:
+    """Remove ``process`` mode's work folders left by a sieve that was killed mid-evaluation (named by
+    its pid; only this user's, only where that process is gone)."""
+    base = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(base) if n.startswith("sieve-sandbox-") and n.count("-") >= 3]
+    except OSError:
+        return
+    for name in names:
+        pid, d = name.split("-")[2], os.path.join(base, name)
+        try:
+            st = os.lstat(d)
+            if not pid.isdigit() or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)  # still running: its folder is in use
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            continue
 
 
 _NET: bool | None = None
