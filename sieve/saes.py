@@ -323,14 +323,17 @@ def _study_dims(cfg: dict, where: Path) -> tuple[int, int, int]:
 
 
 class _StateDictUnpickler(pickle.Unpickler):
-    """Reads a state dict written with plain ``pickle.dump`` (the study's ``layer_N.pt``): tensors and
-    ordered dicts only, every other global refused (a pickle can otherwise run any code)."""
+    """Reads a state dict written with plain ``pickle.dump`` (the study's ``layer_N.pt``): tensors (also
+    as ``nn.Parameter``s, read as their tensors) and ordered dicts only, every other global refused (a
+    pickle can otherwise run any code)."""
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return torch._utils._rebuild_tensor_v2
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):  # a state dict of nn.Parameters
+            return lambda data, requires_grad, hooks: data.detach()
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return lambda b: torch.load(io.BytesIO(b), weights_only=True)
         raise pickle.UnpicklingError(f"refusing {module}.{name}: only tensors may be stored in an SAE file")

@@ -199,6 +199,17 @@ def test_study_topk_layout_from_folder_and_hub_cache(tmp_path, hub_cache):
         load_sae("tilde-research/sieve_coding", layer=8)
 
 
+def test_study_layer_file_of_parameters_loads(tmp_path):
+    """A layer file holding ``nn.Parameter``s (a module's tensors pickled as they are) loads, as their
+    tensors: the parameter's rebuild is the one global besides tensors' own that is read."""
+    folder = tmp_path / "params"
+    sd = _study_files(folder, 12)
+    with open(folder / "layer_12.pt", "wb") as fh:
+        pickle.dump(OrderedDict((k, torch.nn.Parameter(v)) for k, v in sd.items()), fh)
+    h = 2 * torch.randn(5, D)
+    torch.testing.assert_close(load_sae(folder, layer=12).encode(h), _reference_study_topk(sd, h, k=4))
+
+
 def test_study_layer_file_never_unpickles_code(tmp_path):
     import os
 
