@@ -4,6 +4,7 @@ missing. (Escape attempts: tests/test_sandbox_escapes.py.)"""
 from __future__ import annotations
 
 import os
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -307,9 +308,77 @@ def test_a_killed_sieve_leaves_nothing_running_in_process_mode(tmp_path, monkeyp
     time.sleep(2.0)
     assert [pid for pid in harness | workers if alive(pid)] == []  # nothing outlives the killed sieve
     assert work.exists()  # left by the killed process...
+    os.utime(work, (time.time() - 120, time.time() - 120))  # folders younger than a minute are left alone
     with pytest.warns(SandboxWarning):
         assert run_sandboxed("def test_a():\n    assert True\n", mode="process").ok
     assert not work.exists()  # ...and swept by the next evaluation
+
+
+def test_process_mode_holds_writes_relative_to_a_directory_and_deep_folders(tmp_path, monkeypatch):
+    """In process mode (no mount namespace), ``os.rename(..., dst_dir_fd=fd)`` and ``os.mkdir(...,
+    dir_fd=fd)`` on a descriptor of a folder outside wrote there past the audit hook; a test nesting
+    1,500 folders made the clean-up raise RecursionError, and every later run too. Now the first is
+    refused (descriptors inside the work folder still work: shutil.rmtree), and the
+    second is removed."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    escape = textwrap.dedent(f"""
+        import os
+        def test_a():
+            out = os.open({str(outside)!r}, os.O_RDONLY)
+            with open("payload.txt", "w") as f:
+                f.write("x")
+            try:
+                os.rename("payload.txt", "MARKER.txt", dst_dir_fd=out)
+            except PermissionError:
+                pass
+            try:
+                os.mkdir("DIR", dir_fd=out)
+            except PermissionError:
+                pass
+            try:
+                os.open("OPENED.txt", os.O_WRONLY | os.O_CREAT, dir_fd=out)
+            except PermissionError:
+                pass
+        """)
+    honest = textwrap.dedent("""
+        import os, shutil, tempfile
+        def test_a():
+            d = tempfile.mkdtemp(dir=".")
+            os.makedirs(os.path.join(d, "a", "b"))
+            with open(os.path.join(d, "a", "b", "f.txt"), "w") as f:
+                f.write("x")
+            shutil.rmtree(d)  # descriptors of folders inside the work folder
+            assert not os.path.exists(d)
+        """)
+    deep = "import os\ndef test_a():\n    for _ in range(1500):\n        os.mkdir('a')\n        os.chdir('a')\n"
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with pytest.warns(SandboxWarning):
+        assert run_sandboxed(escape, mode="process", timeout_s=10).ok
+        assert run_sandboxed(honest, mode="process", timeout_s=10).ok
+        assert run_sandboxed(deep, mode="process", timeout_s=20).ok
+    assert sorted(p.name for p in outside.iterdir()) == []  # nothing written outside
+    assert list(tmp_path.glob("sieve-sandbox-*")) == []  # the deep folder went too
+
+
+def test_the_sweep_leaves_folders_in_use_and_new_ones(tmp_path, monkeypatch):
+    """A live evaluation's folder seen from another pid namespace looked stale by its pid and was
+    removed: a folder is now swept only when no evaluation holds its lock, and not in its first minute."""
+    import time
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    held, stale, young = (tmp_path / f"sieve-sandbox-{n}-x" for n in (1, 2, 3))
+    for d in (held, stale, young):
+        (d / "sub").mkdir(parents=True)
+    for d in (held, stale):
+        os.utime(d, (time.time() - 120, time.time() - 120))
+    lock = sandbox._lock_dir(str(held))
+    try:
+        sandbox._sweep_stale_work_dirs()
+        assert held.exists() and young.exists() and not stale.exists()
+    finally:
+        os.close(lock)
 
 
 def test_invalid_limits_are_refused():

@@ -385,6 +385,11 @@ def test_many_files_in_the_work_folder_stop_the_test():
     r = _run(code, "", None, 30.0, 256, 8, None, "bwrap")
     assert r.status == "killed" and "more than 10000 files and folders in the sandbox folder" in r.detail, r
     assert r.seconds < 25  # stopped at the limit, not at the time limit
+    # the report pipe closed first: the harness read its end and stopped counting (706,000 folders, +1.7 GiB)
+    closing = code.replace("def test_many():\n", "import select\ndef test_many():\n    select.epoll.fromfd(1 + 2).close()\n")
+    assert "fromfd" in closing
+    r = _run(closing, "", None, 30.0, 256, 8, None, "bwrap")
+    assert r.status == "killed" and "more than 10000 files" in r.detail and r.seconds < 25, r
 
 
 def test_code_the_test_wrote_is_not_imported():
@@ -395,15 +400,42 @@ def test_code_the_test_wrote_is_not_imported():
     import marshal
 
     pyc = importlib.util.MAGIC_NUMBER + b"\0" * 12 + marshal.dumps(compile("VALUE = 1\n", "helper.py", "exec"))
-    for name, data in (("helper.pyc", pyc), ("helper.cpython-311-x86_64-linux-gnu.so", b"\x7fELF" + b"\0" * 60)):
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("helper.pyc", pyc)
+    for name, data in (("helper.pyc", pyc), ("helper.cpython-311-x86_64-linux-gnu.so", b"\x7fELF" + b"\0" * 60),
+                       ("h.zip", buf.getvalue())):
         code = textwrap.dedent(f"""
             import sys
             def test_writes_and_imports():
                 with open({name!r}, "wb") as f:
                     f.write({data!r})
-                sys.path.insert(0, ".")
+                sys.path.insert(0, {name!r} if {name!r}.endswith(".zip") else ".")
                 import helper
                 assert helper.VALUE == 1
             """)
         r = _run(code, "", None, 10.0, 256, 8, None, "bwrap")
         assert r.status == "error" and "importing code the test wrote is not allowed" in r.detail, (name, r)
+
+
+def test_code_objects_are_not_made_at_run_time():
+    """A coroutine's code (``cr_code``), rebuilt with ``code.replace(co_names=...)`` into a function,
+    was a getattr with a computed name, walked frames to the worker and forged a pass. The screen
+    refuses those names, and the audit hook refuses making code or functions from parts."""
+    forged = textwrap.dedent("""
+        async def co():
+            return x.y
+        def test_a():
+            c = co()
+            code = c.cr_code
+            c.close()
+            assert code is not None
+        """)
+    assert run_sandboxed(forged, timeout_s=10).status == "tampered"
+    for body in ("(lambda: 1).__code__.replace(co_names=('x',))", "type(lambda: 1)((lambda: 1).__code__, {})"):
+        r = _run(f"def test_a():\n    {body}\n", "", None, 10.0, 256, 8, None, "bwrap", screen_code=False)
+        assert r.status == "error" and ("code.__new__ is not allowed" in r.detail
+                                        or "function.__new__ is not allowed" in r.detail), (body, r)

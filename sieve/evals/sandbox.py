@@ -106,7 +106,8 @@ _UNAMBIGUOUS = {
     "tb_frame", "gi_frame", "cr_frame", "ag_frame", "gi_code", "co_code", "settrace", "setprofile",
     "addaudithook", "fork_exec", "closerange", "register_at_fork", "attrgetter", "methodcaller",
     "SystemExit", "__annotations__", "__getattr__", "get_field", "get_type_hints",
-    "ForwardRef", "_eval_type", "__wrapped__",
+    "ForwardRef", "_eval_type", "__wrapped__", "cr_code", "ag_code", "co_names", "co_consts", "CodeType",
+    "FunctionType", "LambdaType",
 }
 # Attribute names refused on any object (not as words in strings: "modules" is an honest word): the
 # module table (``typing.sys.modules``), and the dynamic builtins reached as attributes of the builtins
@@ -477,15 +478,16 @@ def _nodump():
     if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE: no ptrace, no /proc/<pid>/fd of us
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
 
-def _die_with_parent():
+def _die_with_parent(parent):
     """Be killed when the parent process ends (sieve for the harness, the harness for a worker): in
-    ``process`` mode nothing else would stop them once sieve is killed."""
+    ``process`` mode nothing else would stop them once sieve is killed. ``parent``: its pid, known
+    before this process started (0: not known, as inside bwrap's pid namespace, where
+    --die-with-parent and the namespace do this)."""
     ctypes, libc = _libc()
-    parent = os.getppid()
     libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     if libc.prctl(1, 9, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG, SIGKILL
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    if os.getppid() != parent:  # the parent ended before the call
+    if parent and os.getppid() != parent:  # the parent ended before the call
         os._exit(70)
 
 def _seccomp():
@@ -561,12 +563,16 @@ def _audit_hook(root, stdlib, stdlib_dir):
              "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "ctypes.dlopen",
              "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "os.kill", "os.killpg", "pty.spawn",
              "sys.settrace", "sys.setprofile", "signal.pthread_kill", "sys._current_frames", "gc.get_objects",
-             "gc.get_referrers", "gc.get_referents", "os.pidfd_open"}
+             "gc.get_referrers", "gc.get_referents", "os.pidfd_open", "code.__new__", "function.__new__"}
     modules = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing", "_multiprocessing",
                "pty", "gc", "runpy", "faulthandler", "_socket", "socket", "posix", "nt", "_imp", "_io"}
     paths = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.chmod", "os.chown",
              "os.symlink", "os.link", "os.truncate", "os.utime", "os.mkfifo", "os.mknod", "shutil.move",
              "shutil.copyfile", "os.listdir", "os.scandir")
+    # the events whose last one or two arguments are directory descriptors (-1: none): paths relative to them
+    # are not the paths the hook sees
+    dir_fds = {"os.mkdir": 1, "os.remove": 1, "os.rmdir": 1, "os.chmod": 1, "os.chown": 1, "os.symlink": 1,
+               "os.utime": 1, "os.mkfifo": 1, "os.mknod": 1, "os.rename": 2, "os.link": 2}
     realpath, fsdecode, startswith, getframe = os.path.realpath, os.fsdecode, str.startswith, sys._getframe
     generators = {os.path.join(stdlib_dir, f) for f in ("collections/__init__.py", "dataclasses.py")}
     O_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
@@ -581,8 +587,12 @@ def _audit_hook(root, stdlib, stdlib_dir):
     def hook(event, args):
         if event in block:
             raise PermissionError("sandbox: " + event + " is not allowed")
-        if event == "import" and len(args) > 1 and isinstance(args[1], (str, bytes)) and inside(args[1]):
-            raise PermissionError("sandbox: importing code the test wrote is not allowed")  # a .so, a .pyc
+        if event == "import" and (len(args) > 1 and isinstance(args[1], (str, bytes)) and inside(args[1]) or len(
+                args) > 2 and isinstance(args[2], list) and any(isinstance(p, (str, bytes)) and inside(p) for p in args[2])):
+            # a .so, a .pyc, a zip of them: an import from the work folder, or while sys.path names it
+            raise PermissionError("sandbox: importing code the test wrote is not allowed")
+        if event in ("marshal.loads", "marshal.load") and getframe(1).f_code.co_name != "_compile_bytecode":
+            raise PermissionError("sandbox: code from bytes is not allowed")  # but the import system's own
         if event == "import" and args and str(args[0]).split(".")[0] in modules:
             raise PermissionError("sandbox: importing " + str(args[0]) + " is not allowed")
         if event == "compile" and not startswith(str(args[1]) if len(args) > 1 else "", stdlib):
@@ -606,6 +616,9 @@ def _audit_hook(root, stdlib, stdlib_dir):
                 raise PermissionError("sandbox: writing outside the sandbox directory")
             if not writing and name.endswith(".pyc") and inside(path):  # bytecode the test wrote: past the screen
                 raise PermissionError("sandbox: importing code the test wrote is not allowed")
+        if event in dir_fds and any(isinstance(a, int) and a != -1 and not _fd_inside(a, root)
+                                    for a in args[-dir_fds[event]:]):
+            raise PermissionError("sandbox: " + event + " relative to a directory outside the work folder")
         if event in paths:
             for p in args[:2]:
                 if isinstance(p, (str, bytes, os.PathLike)) and not inside(p) and event not in ("os.listdir", "os.scandir"):
@@ -632,6 +645,24 @@ def _stub(name):
     def refused(*args, **kwargs):
         raise PermissionError(1, "sandbox: os." + name + " is not available to tests")
     return refused
+
+def _fd_inside(fd, root):
+    """Whether directory descriptor ``fd`` is the work folder or inside it (where there is no /proc to
+    tell, as inside bwrap, nothing outside the work folder is writable anyway)."""
+    try:
+        p = os.readlink("/proc/self/fd/" + str(int(fd)))
+    except (OSError, ValueError, TypeError):
+        return True
+    return p == root or p.startswith(root + "/")
+
+def _no_dir_fd(real_open, root):
+    """os.open relative to a directory descriptor only inside the work folder (its audit event names
+    the path, not the directory it is relative to). shutil.rmtree and tempfile use it there."""
+    def open_(path, flags, mode=0o777, *, dir_fd=None):
+        if dir_fd is not None and not _fd_inside(dir_fd, root):
+            raise PermissionError(1, "sandbox: os.open relative to a directory outside the work folder")
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+    return open_
 
 def _fresh_builtins_refused(create_builtin):
     """A second copy of an already loaded builtin module (posix, with its real _exit and write) is not
@@ -781,7 +812,7 @@ def _worker(job, name, report, result_fd):
             os.dup2(report, 3)
             os.close(report)
         os.closerange(4, 1 << 16)
-        _die_with_parent()
+        _die_with_parent(job["harness"])
         _limits(job)
         if job["seccomp"]:
             _seccomp()
@@ -793,6 +824,7 @@ def _worker(job, name, report, result_fd):
         own_codes = [c for c in test_code.co_consts if type(c) is type(test_code) and c.co_name == name]
         type_, function_, getattr_, isinstance_ = type, type(_worker), getattr, isinstance
         from types import AsyncGeneratorType, CoroutineType, GeneratorType
+        import traceback  # noqa: F401 (for _describe, before the audit hook: an import may be refused then)
         deferred = (GeneratorType, AsyncGeneratorType, CoroutineType)
         out, err = sys.stdout, sys.stderr
         import _imp
@@ -801,6 +833,7 @@ def _worker(job, name, report, result_fd):
             for attr in _STUBBED:
                 if hasattr(mod, attr):
                     setattr(mod, attr, _stub(attr))
+            mod.open = _no_dir_fd(posix.open, os.path.realpath(os.getcwd()))
         _imp.create_builtin = _fresh_builtins_refused(_imp.create_builtin)
         st = fstat(3)
         report_id = (st.st_dev, st.st_ino)
@@ -895,9 +928,13 @@ def _await(pid, r, files_over=None):
                 os.kill(pid, 9)
             except OSError:
                 pass
-        if eof or len(got) > 65536:
-            status = os.waitpid(pid, 0)[1]
-            break
+        if eof or len(got) > 65536:  # nothing more to read (a closed pipe, a flood): wait, still counting files
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+            else:
+                select.select([], [], [], 0.05)
+            continue
         select.select([r], [], [], 0.05)
         while len(got) <= 65536:
             try:
@@ -922,6 +959,7 @@ def _await(pid, r, files_over=None):
     return got[:65536], status, over
 
 def _main():
+    _die_with_parent(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     data = b""
     while True:
         chunk = os.read(0, 1 << 16)
@@ -934,7 +972,6 @@ def _main():
     os.close(null)
     result_fd = job["result_fd"]
     _nodump()
-    _die_with_parent()
 
     def emit(obj):
         buf = (json.dumps(obj) + "\n").encode()
@@ -942,6 +979,7 @@ def _main():
             buf = buf[os.write(result_fd, buf):]
 
     files_over = _files() + job["max_files"] if job["pidns"] else None
+    job["harness"] = os.getpid()
     for name in job["tests"]:
         r, w = os.pipe()
         pid = os.fork()
@@ -1154,18 +1192,20 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
            "memory_mb": int(memory_mb), "file_mb": int(file_mb), "stdlib": os.path.dirname(interp.stdlib.rstrip("/")),
            "stdlib_dir": interp.stdlib,
            "seccomp": seccomp, "audit": audit_hook, "pidns": mode == "bwrap", "max_files": _MAX_FILES}
-    tmp = None
+    tmp, lock = None, -1
     if mode == "bwrap":
         cmd = _bwrap_command(interp, max(16, 4 * int(file_mb)))
         cwd, env = "/", {"LANG": "C.UTF-8"}
     else:
         _sweep_stale_work_dirs()
         tmp = tempfile.mkdtemp(prefix=f"sieve-sandbox-{os.getpid()}-")
+        lock = _lock_dir(tmp)
         cmd = []
         if _net_available():
             cmd = [shutil.which("unshare") or "unshare", "-rni"]  # own network and System V IPC namespaces
         cwd, env = tmp, {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
-    cmd += [interp.exe, "-I", "-S", "-B", "-c", _HARNESS]
+    # the harness's parent: sieve in process mode (unshare execs it in place); unknown inside bwrap's pid namespace
+    cmd += [interp.exe, "-I", "-S", "-B", "-c", _HARNESS, str(os.getpid()) if mode != "bwrap" else "0"]
     r_fd, w_fd = os.pipe()
     try:
         job["result_fd"] = w_fd
@@ -1179,29 +1219,58 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
             os.close(w_fd)
         os.close(r_fd)
         if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tree(tmp)
+            os.close(lock)
     return _verdict(names, *outcome, time.monotonic() - t0)
 
 
-def _sweep_stale_work_dirs() -> None:
-    """Remove ``process`` mode's work folders left by a sieve that was killed mid-evaluation (named by
-    its pid; only this user's, only where that process is gone)."""
+def _remove_tree(d: str) -> None:
+    """Remove a work folder, however deep a test nested it (``shutil.rmtree`` recurses in Python)."""
+    try:
+        shutil.rmtree(d)
+    except Exception:  # RecursionError on a deep tree, or anything else: the system's rm, no recursion limit
+        rm = shutil.which("rm")
+        if rm:
+            subprocess.run([rm, "-rf", "--", d], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=120, check=False)
+
+
+def _lock_dir(d: str) -> int:
+    """An exclusive lock on work folder ``d``, held by its evaluation (the descriptor; closing it frees it)."""
+    import fcntl
+
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _sweep_stale_work_dirs(min_age_s: float = 60.0) -> None:
+    """Remove ``process`` mode's work folders left by a sieve that was killed mid-evaluation: this
+    user's, older than ``min_age_s``, and not locked (an evaluation holds its folder's lock, seen from
+    any pid namespace sharing the folder)."""
+    import fcntl
+
     base = tempfile.gettempdir()
     try:
-        names = [n for n in os.listdir(base) if n.startswith("sieve-sandbox-") and n.count("-") >= 3]
+        names = [n for n in os.listdir(base) if n.startswith("sieve-sandbox-")]
     except OSError:
         return
     for name in names:
-        pid, d = name.split("-")[2], os.path.join(base, name)
+        d = os.path.join(base, name)
         try:
             st = os.lstat(d)
-            if not pid.isdigit() or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or time.time() - st.st_mtime < min_age_s:
                 continue
-            os.kill(int(pid), 0)  # still running: its folder is in use
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # in use: BlockingIOError
+            _remove_tree(d)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 _NET: bool | None = None
