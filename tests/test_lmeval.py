@@ -318,6 +318,15 @@ def test_lm_eval_command_line_batches_8_and_places_the_model_where_device_says(
     assert "device 'cdua' is not one sieve knows" in capsys.readouterr().err.strip().splitlines()[-1]
     with pytest.raises(SieveError, match="device='cuda:3', but the model given is on cpu"):
         SteeredLM(model=load_world().model, intervention=None, layer=2, device="cuda:3")
+    # abbreviations and short forms are the user's batch size; other subcommands are lm_eval's own
+    res2 = tmp_path / "results2"
+    main(["--model", "sieve", "--model_args", f"recipe={recipe},method=unsteered", "--tasks", "world_mc",
+          "--include_path", str(tasks), "-b3", "--limit", "4", "--output_path", str(res2)])
+    (found,) = res2.rglob("results_*.json")
+    assert str(json.loads(found.read_text())["config"]["batch_size"]) == "3"
+    with pytest.raises(SystemExit) as e:
+        main(["ls", "--help"])
+    assert e.value.code == 0
 
 
 # -- several cells at once, forked -----------------------------------------------------------------

@@ -909,8 +909,8 @@ def run_harness_cells(
     return outs, f.summary
 
 
-# Which of lm_eval's own options the command line gave (set by :func:`main`): lm_eval passes its
-# defaults on as if they were the user's (device "cuda:0", batch size 1).
+# Whether lm_eval's command line (or its --config YAML) gave a device (set by :func:`main`): lm_eval
+# passes its own default ("cuda:0") on as if it were the user's.
 _CLI: dict[str, bool] = {}
 
 
@@ -920,25 +920,35 @@ def _same_device(asked: str, on: torch.device) -> bool:
     return a.type == on.type and (a.index is None or on.index is None or a.index == on.index)
 
 
-def _given(args: Sequence[str], *names: str) -> bool:
-    return any(a in names or a.split("=", 1)[0] in names for a in args)
+def _sieve_defaults(real_from_cli: Any) -> Any:
+    """lm_eval's ``EvaluatorConfig.from_cli``, then, for ``--model sieve``: a batch of 8 where neither
+    the command line nor the YAML gave one (lm_eval's default is 1), and whether a device was given."""
+    def from_cli(cls: Any, namespace: Any) -> Any:
+        used = getattr(namespace, "config", None)
+        yaml = cls.load_yaml_config(used) if used else {}
+        cfg = real_from_cli(cls, namespace)
+        if cfg.model == "sieve":
+            if not hasattr(namespace, "batch_size") and "batch_size" not in yaml:  # its default is SUPPRESS
+                cfg.batch_size = 8
+            _CLI["device"] = getattr(namespace, "device", None) is not None or "device" in yaml
+        return cfg
+    return classmethod(from_cli)
 
 
 def main(argv: list[str] | None = None) -> None:
     """``lm_eval``'s own command line with the ``sieve`` model registered (this module is imported).
 
-    Without ``--batch_size`` the sieve model batches 8 rows (lm_eval's own default is 1); ``--device``,
-    where given, places the recipe's model (over its ``[model] device``), and lm_eval's default device
-    is not used."""
+    For ``--model sieve``: without a batch size (``--batch_size``, or the ``--config`` YAML's) it
+    batches 8 rows (lm_eval's own default is 1); a device given (``--device`` or the YAML's) places
+    the recipe's model over its ``[model] device``, and lm_eval's default device is not used. Other
+    models and subcommands (``ls``, ``validate``) are lm_eval's as they are."""
     from lm_eval.__main__ import cli_evaluate
+    from lm_eval.config.evaluate_config import EvaluatorConfig
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    args = sys.argv[1:]
-    from_config = _given(args, "--config", "-C")
-    if not _given(args, "--batch_size", "--batch-size", "-b") and not from_config:
-        sys.argv += ["--batch_size", "8"]
-    _CLI["device"] = _given(args, "--device") or from_config
+    real = EvaluatorConfig.__dict__["from_cli"]
+    EvaluatorConfig.from_cli = _sieve_defaults(real.__func__)
     try:
         cli_evaluate()
     except SieveError as e:  # a mistake in --model_args (recipe, method, scale): one line, as recipes print
@@ -948,6 +958,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     finally:
         _CLI.clear()
+        EvaluatorConfig.from_cli = real
 
 
 if __name__ == "__main__":
