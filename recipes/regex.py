@@ -218,6 +218,14 @@ def check_inputs(out: Path, table: pl.DataFrame, sources: dict, context: str) ->
         before_s = json.loads(spath.read_text())
     except (OSError, ValueError):
         before_s = None
+    from sieve.setting import with_unrecorded
+
+    filled = with_unrecorded(before_s, sources)
+    if filled != before_s and filled == sources:
+        log.warning("%s: its %s was written by an earlier sieve, which did not record %s: taken as they are now",
+                    out, SOURCES_FILE, " or ".join(sorted({"the hub SAE's commit" if k == "sae" else "the MMLU data's commit"
+                                                          for k in sources if filled.get(k) != before_s.get(k)})))
+    before_s = filled
     if before_s != sources:
         raise SieveError(f"{out} holds rows made with other inputs: {sources_change(before_s, sources)}. Rows of "
                          "both would mix: write to a fresh folder (--out DIR), or restore them")
@@ -248,6 +256,10 @@ def sources_change(before: object, now: dict) -> str:
             names += [f"{printable(k)} is new" for k in n if k not in o]
             names += [f"{printable(k)} is gone" for k in o if k not in n]
             said.append(f"{name}: " + ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else ""))
+        elif isinstance(old, dict) and isinstance(new, dict) and old.get("hub") == new.get("hub") is not None and \
+                old.get("id") != new.get("id"):
+            said.append(f"{name}: {printable(new.get('hub'))} id {printable(str(old.get('id')))!r}, now "
+                        f"{printable(str(new.get('id')))!r}")
         elif isinstance(old, dict) and isinstance(new, dict) and "commit" in new and old.get("hub") == new.get("hub"):
             said.append(f"{name}: {printable(new.get('hub'))} was at commit {printable(old.get('commit'))}, now "
                         f"{printable(new.get('commit'))}")
@@ -356,6 +368,9 @@ def run_judge(recipe: Recipe, setting, judge, out: Path, part: tuple[int, int], 
     from sieve.evals.judge import HFJudge, judge_rows
 
     if isinstance(judge, HFJudge) and sources is not None:
+        hub = sources.get("judge") or {}
+        if judge._model is None and hub.get("hub") and hub.get("commit"):
+            judge.revision = hub["commit"]  # the commit recorded when the run began, not where main is now
         judge.model  # noqa: B018 (loaded now, then compared with the record)
         check_unchanged(recipe, sources, "while the judge model loaded")
 
@@ -728,7 +743,8 @@ def body(run: Run) -> int:
             kept = foreign.get("gen", 0) if foreign.get("kept") else 0
             if len(ResultStore(out / "gen").parts()) > kept:
                 check_inputs(out, table, sources, rh)  # made on other prompt texts, weights or data: refused
-            setting = load_setting(recipe, progress=run.progress, cache_dir=out / "cache", checked=True)
+            setting = load_setting(recipe, progress=run.progress, cache_dir=out / "cache", checked=True,
+                                   sources=sources)
             check_unchanged(recipe, sources, "while the weights loaded")  # weights are the model's own from here
             write_inputs(out, table, sources, rh)
             work = ForkSummary() if recipe.sweep.fork else None

@@ -229,10 +229,14 @@ def shard_inputs(folders: Sequence[Path]) -> tuple[pl.DataFrame | None, dict | N
         if (Path(d) / SOURCES_FILE).is_file():
             with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
                 weights[str(d)] = json.loads((Path(d) / SOURCES_FILE).read_text())
-    if len({json.dumps(w, sort_keys=True) for w in weights.values()}) > 1:
+    from sieve.setting import with_unrecorded
+
+    records = list(weights.values())
+    fullest = max(records, key=lambda w: len(json.dumps(w)), default=None)  # an earlier sieve recorded less
+    if len({json.dumps(with_unrecorded(w, fullest), sort_keys=True) for w in records}) > 1:
         raise SieveError(f"--merge: the shards were made with another model, SAE or data (their {SOURCES_FILE} differ: "
                          f"{', '.join(weights)}): their rows are not one study")
-    return df, (next(iter(weights.values())) if weights and len(weights) == len(folders) else None)
+    return df, (fullest if weights and len(weights) == len(folders) else None)
 
 
 # --- the data the page shows ----------------------------------------------------------------------

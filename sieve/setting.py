@@ -20,7 +20,8 @@ from sieve.methods import Parts
 from sieve.prompts import PromptSets, load_prompt_sets
 from sieve.recipe import Recipe
 
-__all__ = ["Setting", "load_setting", "preflight", "checked_inputs", "sources_identity", "judge_source"]
+__all__ = ["Setting", "load_setting", "preflight", "checked_inputs", "sources_identity", "judge_source",
+           "with_unrecorded"]
 
 log = logging.getLogger(__name__)
 
@@ -435,13 +436,37 @@ def sources_identity(recipe: Recipe, *, known: dict[str, Any] | None = None) -> 
 _MMLU_HUB = "cais/mmlu"  # what sieve.evals.mmlu.load_mmlu reads where eval.mmlu_data is empty
 
 
+def with_unrecorded(old: Any, new: Any) -> Any:
+    """``old`` (a :func:`sources_identity` record) with what sieve did not record before 2026-11-26
+    taken from ``new``: a hub SAE's repo and commit, and ``cais/mmlu``'s record. So a folder written
+    then compares equal to today's record of the same sources.
+
+    Example:
+        >>> with_unrecorded({"sae": {"hub": "r", "id": "i"}}, {"sae": {"hub": "r", "id": "i", "commit": "c"}})
+        {'sae': {'hub': 'r', 'id': 'i', 'commit': 'c'}}
+    """
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return old
+    out = dict(old)
+    o, n = old.get("sae"), new.get("sae")
+    if isinstance(o, dict) and isinstance(n, dict) and "hub" in o and "commit" not in o and \
+            (o.get("hub"), o.get("id")) == (n.get("hub"), n.get("id")):
+        out["sae"] = n
+    m = new.get("mmlu_data")
+    if "mmlu_data" not in old and isinstance(m, dict) and m.get("hub") == _MMLU_HUB:
+        out["mmlu_data"] = m
+    return out
+
+
 def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = True,
-                 cache_dir: str | Path | None = None, checked: bool = False) -> Setting:
+                 cache_dir: str | Path | None = None, checked: bool = False,
+                 sources: dict[str, Any] | None = None) -> Setting:
     """Load model, SAE, feature and build every detector and direction the recipe's methods use.
 
     CAA vectors and probes are cached in ``cache_dir`` (default: ``cache`` in the recipe's output folder).
     The recipe's inputs are checked first (:func:`checked_inputs`) unless ``checked`` says the caller
-    just did.
+    just did. ``sources``: the caller's :func:`sources_identity` record, whose hub entries key the
+    cache without asking the hub again.
 
     Example:
         >>> from sieve.recipe import load_recipe
@@ -484,7 +509,7 @@ def load_setting(recipe: Recipe, *, progress: bool = True, with_probe: bool = Tr
         parts.add_latents("sae", sae, [r.sae.feature])
     except SieveError as e:
         log.warning("SAE-space methods are not available with this SAE: %s", e)
-    ident = _weights_identity(r)  # not the judge's or the data's: they do not make the detectors
+    ident = _weights_identity(r, sources)  # not the judge's or the data's: they do not make the detectors
     key_base = [ident["model"], ident["sae"], r.sae.id, r.sae.layer]
 
     # CAA: mean difference at the last prompt token over contrastive pairs; its threshold fires as often

@@ -1119,3 +1119,55 @@ def test_a_judge_model_changed_before_it_loads_is_refused(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "the judge model: model.safetensors changed while the judge model loaded, after this run recorded it" in err
     assert len(ResultStore(out / "gen").table()) == 2 and not (out / "judge").exists()  # the generated rows stay
+
+
+def test_a_record_written_before_hub_commits_were_recorded_still_resumes(tmp_path, caplog):
+    """sources.json from before 2026-11-26 holds a hub SAE's name and id only, and no cais/mmlu entry:
+    such a folder resumes (with a warning), where the same sources are read; another SAE is refused."""
+    from recipes.regex import check_inputs, write_inputs
+    from sieve.report import shard_inputs
+
+    table = pl.DataFrame({"set": ["regex"], "prompt_index": [0], "prompt_id": ["a"], "text": ["t"], "prompt": ["t"]})
+    now = {"model": {"files": {"model.safetensors": "ab"}},
+           "sae": {"hub": "gemma-scope-2b-pt-res", "id": "layer_8/x", "repo": "google/gemma-scope-2b-pt-res",
+                   "commit": "c" * 40},
+           "mmlu_data": {"hub": "cais/mmlu", "commit": "d" * 40}}
+    old = {"model": now["model"], "sae": {"hub": "gemma-scope-2b-pt-res", "id": "layer_8/x"}}
+    out = tmp_path / "out"
+    out.mkdir()
+    write_inputs(out, table, old, "rh")
+    with caplog.at_level(logging.WARNING):
+        check_inputs(out, table, now, "rh")  # not refused
+    assert "written by an earlier sieve" in caplog.text
+    with pytest.raises(SieveError, match="the SAE: gemma-scope-2b-pt-res id 'layer_8/x', now 'layer_9/x'"):
+        check_inputs(out, table, {**now, "sae": {**now["sae"], "id": "layer_9/x"}}, "rh")
+    # --merge of a shard written then and one written now
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, rec in ((a, old), (b, now)):
+        d.mkdir()
+        write_inputs(d, table, rec, "rh")
+    assert shard_inputs([a, b])[1] == now
+
+
+def test_a_hub_judge_loads_the_commit_the_run_recorded(monkeypatch):
+    """The judge loads after generation, maybe hours after the run recorded its hub commit: it loads that
+    commit, not wherever the hub's main has moved since."""
+    import sieve.models
+    from sieve.evals.judge import HFJudge
+    from sieve.world import world_model_dir
+
+    judge = HFJudge(str(world_model_dir()), lazy=True)
+    asked = []
+
+    class Loaded(Exception):
+        pass
+
+    def load(source, **kw):
+        asked.append(kw.get("revision"))
+        raise Loaded
+
+    monkeypatch.setattr(sieve.models, "load_model", load)
+    sources = {"judge": {"hub": "org/judge", "revision": "main", "commit": "c" * 40}}
+    with pytest.raises(Loaded):
+        regex.run_judge(load_recipe(ROOT / "recipes/regex.toml"), None, judge, Path("."), (0, 1), False, sources)
+    assert asked == ["c" * 40]

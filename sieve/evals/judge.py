@@ -178,6 +178,7 @@ class HFJudge:
         from sieve.models import _resolve_config, load_model
 
         self.source = source
+        self.revision: str | None = None  # the hub commit to load, where a run recorded one
         self._model = None
         if isinstance(source, (str, os.PathLike)):
             if lazy:  # loaded at its first use; a missing folder or an uncached hub id fails now
@@ -195,7 +196,7 @@ class HFJudge:
         if self._model is None:
             from sieve.models import load_model
 
-            self._model = load_model(self.source)
+            self._model = load_model(self.source, revision=self.revision)
         return self._model
 
     def __call__(self, function: str, test: str) -> Verdict:
