@@ -439,3 +439,49 @@ def test_code_objects_are_not_made_at_run_time():
         r = _run(f"def test_a():\n    {body}\n", "", None, 10.0, 256, 8, None, "bwrap", screen_code=False)
         assert r.status == "error" and ("code.__new__ is not allowed" in r.detail
                                         or "function.__new__ is not allowed" in r.detail), (body, r)
+
+
+def test_string_formatter_fields_and_signal_frames_do_not_reach_the_worker():
+    """A string.Formatter subclass resolves fields by names built at run time (``"{0.tb_" + "frame..."``)
+    and hands back the objects: from a traceback it reached the worker's frame and forged a pass; a
+    signal handler is handed the interrupted frame. The screen refuses string.Formatter and its hooks;
+    handlers get no frame."""
+    for code in ("import string\nclass F(string.Formatter):\n    pass\ndef test_a():\n    assert True\n",
+                 "from string import Formatter as G\ndef test_a():\n    assert G\n",
+                 "class F:\n    def convert_field(self, v, c):\n        return v\ndef test_a():\n    assert F\n"):
+        assert run_sandboxed(code, timeout_s=10).status == "tampered", code
+    frames = textwrap.dedent("""
+        import signal
+        seen = []
+        def test_a():
+            signal.signal(signal.SIGUSR1, lambda s, frame: seen.append(frame))
+            signal.raise_signal(signal.SIGUSR1)
+            assert seen == [None]
+        """)
+    assert run_sandboxed(frames, timeout_s=10).ok
+    r = _run(frames.replace("import signal", "import _signal as signal"), "", None, 10.0, 256, 8, None, "bwrap",
+             screen_code=False)
+    assert r.ok, r  # the C module's own signal() is wrapped too
+
+
+def test_the_audit_hook_runs_no_method_of_a_test_object():
+    """A str subclass passed to os.remove ran its own startswith inside the audit hook (os.path.realpath
+    called it), and from there the test emptied the hook's tables. Arguments are now exact copies, and
+    the tables cannot be changed."""
+    code = textwrap.dedent("""
+        import os
+        called = []
+        class S(str):
+            def startswith(self, *a):
+                called.append(1)
+                return str.startswith(self, *a)
+            def __fspath__(self):
+                called.append(2)
+                return str(self)
+        def test_a():
+            open("f", "w").close()
+            os.remove(S("f"))
+            assert called == []
+        """)
+    r = _run(code, "", None, 10.0, 256, 8, None, "bwrap", screen_code=False)
+    assert r.ok, r

@@ -107,7 +107,7 @@ _UNAMBIGUOUS = {
     "addaudithook", "fork_exec", "closerange", "register_at_fork", "attrgetter", "methodcaller",
     "SystemExit", "__annotations__", "__getattr__", "get_field", "get_type_hints",
     "ForwardRef", "_eval_type", "__wrapped__", "cr_code", "ag_code", "co_names", "co_consts", "CodeType",
-    "FunctionType", "LambdaType",
+    "FunctionType", "LambdaType", "convert_field", "format_field", "vformat",
 }
 # Attribute names refused on any object (not as words in strings: "modules" is an honest word): the
 # module table (``typing.sys.modules``), and the dynamic builtins reached as attributes of the builtins
@@ -120,13 +120,13 @@ _BUILTINS = {"exec", "eval", "compile", "globals", "locals", "vars", "setattr", 
              "exit", "quit", "__import__"}
 # Attributes refused on the modules that own processes, exits and raw descriptors (``f.write`` on a
 # file the test opened is fine; ``os.write`` is not).
-_RAW_MODULES = {"os", "posix", "nt", "sys", "io", "_io", "signal", "_thread", "unittest", "shutil"}
+_RAW_MODULES = {"os", "posix", "nt", "sys", "io", "_io", "signal", "_thread", "unittest", "shutil", "string"}
 _RAW_ATTRS = {
     "exit", "abort", "kill", "killpg", "system", "popen", "fdopen", "dup", "dup2", "write", "writev",
     "pwrite", "pwritev", "sendfile", "splice", "copy_file_range", "fork", "forkpty", "execv", "execve",
     "execvp", "execvpe", "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnl", "spawnle",
     "posix_spawn", "posix_spawnp", "modules", "FileIO", "open_code", "mock", "close", "set_inheritable",
-    "pidfd_open", "ptrace", "setns", "unshare",
+    "pidfd_open", "ptrace", "setns", "unshare", "Formatter",
 }
 _FORBIDDEN_MODULES = {
     "ctypes", "_ctypes", "gc", "inspect", "_posixsubprocess", "posix", "nt", "importlib", "builtins",
@@ -134,12 +134,14 @@ _FORBIDDEN_MODULES = {
     "pickle", "_pickle", "copyreg", "marshal", "shelve", "code", "codeop", "runpy", "pty", "socket",
     "_socket", "mmap", "faulthandler", "dis", "unittest.mock", "mock", "_thread", "pydoc", "pkgutil",
     "zipimport", "trace", "bdb", "pdb", "timeit", "doctest", "sysconfig", "site", "resource", "fcntl",
-    "_operator", "ast", "cProfile", "profile", "_imp", "imp", "posixpath", "_io", "_string",
+    "_operator", "ast", "cProfile", "profile", "_imp", "imp", "posixpath", "_io", "_string", "_signal",
 }
 # Modules that other modules carry as attributes (``dataclasses.inspect``): refused as attribute names.
 _MODULE_ATTRS = {"inspect", "importlib", "ctypes", "_ctypes", "gc", "_posixsubprocess", "posix", "builtins",
                  "subprocess", "multiprocessing", "pickle", "_pickle", "marshal", "_imp", "runpy", "pty", "socket",
                  "_socket", "mmap", "faulthandler", "pydoc", "pkgutil", "atexit", "_thread", "copyreg", "_io"}
+# string.Formatter's overridable lookups: a subclass defining them is handed the objects its fields name.
+_FORMATTER_HOOKS = {"convert_field", "format_field", "vformat", "get_field", "get_value"}
 # The prompt file's own code under test: only what would fake a result or reach the harness.
 _SETUP_FORBIDDEN = {"__main__", "_exit", "_getframe", "_current_frames", "f_back", "f_globals",
                     "tb_frame", "gi_frame", "cr_frame", "settrace", "setprofile", "addaudithook",
@@ -368,6 +370,8 @@ def _screen(code: str, setup: str, generated: bool) -> str | None:
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
             if not isinstance(node, ast.Lambda) and node.name in protected:
                 return rebinds(node.name, line)
+            if generated and not isinstance(node, ast.Lambda) and node.name in _FORMATTER_HOOKS:
+                return f"line {line}: defines {node.name!r} (a string.Formatter hook: attributes by computed names)"
             if not isinstance(node, ast.ClassDef):
                 args = node.args
                 for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, *filter(None, [args.vararg, args.kwarg])]:
@@ -559,36 +563,56 @@ def _limits(job):
 
 def _audit_hook(root, stdlib, stdlib_dir):
     """Defence in depth only: the OS is the boundary."""
-    block = {"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "os.fork", "os.forkpty",
+    block = frozenset({"socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "os.fork", "os.forkpty",
              "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen", "ctypes.dlopen",
              "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "os.kill", "os.killpg", "pty.spawn",
              "sys.settrace", "sys.setprofile", "signal.pthread_kill", "sys._current_frames", "gc.get_objects",
-             "gc.get_referrers", "gc.get_referents", "os.pidfd_open", "code.__new__", "function.__new__"}
-    modules = {"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing", "_multiprocessing",
-               "pty", "gc", "runpy", "faulthandler", "_socket", "socket", "posix", "nt", "_imp", "_io"}
+             "gc.get_referrers", "gc.get_referents", "os.pidfd_open", "code.__new__", "function.__new__"})
+    modules = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "subprocess", "multiprocessing",
+                         "_multiprocessing", "pty", "gc", "runpy", "faulthandler", "_socket", "socket", "posix",
+                         "nt", "_imp", "_io"})
     paths = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "shutil.rmtree", "os.chmod", "os.chown",
              "os.symlink", "os.link", "os.truncate", "os.utime", "os.mkfifo", "os.mknod", "shutil.move",
              "shutil.copyfile", "os.listdir", "os.scandir")
     # the events whose last one or two arguments are directory descriptors (-1: none): paths relative to them
     # are not the paths the hook sees
-    dir_fds = {"os.mkdir": 1, "os.remove": 1, "os.rmdir": 1, "os.chmod": 1, "os.chown": 1, "os.symlink": 1,
-               "os.utime": 1, "os.mkfifo": 1, "os.mknod": 1, "os.rename": 2, "os.link": 2}
+    dir_fds1 = frozenset({"os.mkdir", "os.remove", "os.rmdir", "os.chmod", "os.chown", "os.symlink", "os.utime",
+                          "os.mkfifo", "os.mknod"})
+    dir_fds2 = frozenset({"os.rename", "os.link"})
     realpath, fsdecode, startswith, getframe = os.path.realpath, os.fsdecode, str.startswith, sys._getframe
-    generators = {os.path.join(stdlib_dir, f) for f in ("collections/__init__.py", "dataclasses.py")}
+    generators = frozenset(os.path.join(stdlib_dir, f) for f in ("collections/__init__.py", "dataclasses.py"))
+    type_, isinstance_, str_add, bytes_add, str_, bytes_ = type, isinstance, str.__add__, bytes.__add__, str, bytes
+    int_, int_add, bool_ = int, int.__add__, bool
+
+    def exact(p):
+        """A str, bytes or int argument as an exact one: a subclass's own methods (startswith, __ne__)
+        must not run inside the hook."""
+        t = type_(p)
+        if t is str_ or t is bytes_:
+            return p
+        if isinstance_(p, str_):
+            return str_add("", p)
+        if isinstance_(p, bytes_):
+            return bytes_add(b"", p)
+        if isinstance_(p, int_) and t is not bool_:
+            return int_add(0, p)
+        return p
     O_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
     def inside(p):
         try:
-            p = realpath(fsdecode(p))
+            p = realpath(fsdecode(exact(p)))
         except Exception:
             return False
         return p == root or startswith(p, root + "/")
 
     def hook(event, args):
+        args = tuple(exact(a) for a in args)
         if event in block:
             raise PermissionError("sandbox: " + event + " is not allowed")
         if event == "import" and (len(args) > 1 and isinstance(args[1], (str, bytes)) and inside(args[1]) or len(
-                args) > 2 and isinstance(args[2], list) and any(isinstance(p, (str, bytes)) and inside(p) for p in args[2])):
+                args) > 2 and isinstance(args[2], list) and any(isinstance(p, (str, bytes)) and inside(p)
+                                                                for p in list(args[2]))):
             # a .so, a .pyc, a zip of them: an import from the work folder, or while sys.path names it
             raise PermissionError("sandbox: importing code the test wrote is not allowed")
         if event in ("marshal.loads", "marshal.load") and getframe(1).f_code.co_name != "_compile_bytecode":
@@ -616,8 +640,8 @@ def _audit_hook(root, stdlib, stdlib_dir):
                 raise PermissionError("sandbox: writing outside the sandbox directory")
             if not writing and name.endswith(".pyc") and inside(path):  # bytecode the test wrote: past the screen
                 raise PermissionError("sandbox: importing code the test wrote is not allowed")
-        if event in dir_fds and any(isinstance(a, int) and a != -1 and not _fd_inside(a, root)
-                                    for a in args[-dir_fds[event]:]):
+        if (event in dir_fds1 or event in dir_fds2) and any(
+                type_(a) is int and a != -1 and not _fd_inside(a, root) for a in args[-2 if event in dir_fds2 else -1:]):
             raise PermissionError("sandbox: " + event + " relative to a directory outside the work folder")
         if event in paths:
             for p in args[:2]:
@@ -663,6 +687,17 @@ def _no_dir_fd(real_open, root):
             raise PermissionError(1, "sandbox: os.open relative to a directory outside the work folder")
         return real_open(path, flags, mode, dir_fd=dir_fd)
     return open_
+
+def _frameless(real_signal):
+    """signal.signal whose handlers get no frame (a handler is handed the interrupted frame: the test's,
+    and from it the worker's). An alarm timeout never needs it."""
+    def signal_(signum, handler):
+        if callable(handler):
+            def frameless(sig, frame, handler=handler):
+                return handler(sig, None)
+            return real_signal(signum, frameless)
+        return real_signal(signum, handler)
+    return signal_
 
 def _fresh_builtins_refused(create_builtin):
     """A second copy of an already loaded builtin module (posix, with its real _exit and write) is not
@@ -834,6 +869,9 @@ def _worker(job, name, report, result_fd):
                 if hasattr(mod, attr):
                     setattr(mod, attr, _stub(attr))
             mod.open = _no_dir_fd(posix.open, os.path.realpath(os.getcwd()))
+        import _signal
+        import signal
+        signal.signal = _signal.signal = _frameless(_signal.signal)
         _imp.create_builtin = _fresh_builtins_refused(_imp.create_builtin)
         st = fstat(3)
         report_id = (st.st_dev, st.st_ino)
