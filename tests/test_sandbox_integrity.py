@@ -485,3 +485,23 @@ def test_the_audit_hook_runs_no_method_of_a_test_object():
         """)
     r = _run(code, "", None, 10.0, 256, 8, None, "bwrap", screen_code=False)
     assert r.ok, r
+
+
+def test_record_locks_are_refused():
+    """POSIX record locks are kernel memory per lock (about 60 MiB for 336,000, outside memory_mb):
+    seccomp refuses taking them; fcntl's other commands still work (with the screen and hook off)."""
+    code = textwrap.dedent("""
+        import fcntl, os
+        def test_a():
+            fd = os.open("f", os.O_RDWR | os.O_CREAT)
+            assert fcntl.fcntl(fd, fcntl.F_GETFD) >= 0
+            for how in (fcntl.LOCK_EX, fcntl.LOCK_SH):
+                try:
+                    fcntl.lockf(fd, how | fcntl.LOCK_NB, 1, 0)
+                except PermissionError:
+                    pass
+                else:
+                    raise AssertionError("a record lock was taken")
+        """)
+    r = _run(code, "", None, 10.0, 256, 8, None, "bwrap", screen_code=False, audit_hook=False)
+    assert r.ok, r

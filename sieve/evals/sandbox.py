@@ -497,8 +497,8 @@ def _die_with_parent(parent):
 def _seccomp():
     """Refuse process creation, exec, ptrace, other processes' memory, mounts, namespaces and
     non-Unix sockets for this process and its threads, whatever the uid; and memory no limit counts:
-    shared memory, memfds, extended attributes (kernel memory a tmpfs does not bound by its size) and
-    file watches (a budget shared with every process of the user)."""
+    shared memory, memfds, extended attributes (kernel memory a tmpfs does not bound by its size), record
+    locks, and file watches (a budget shared with every process of the user)."""
     ctypes, libc = _libc()
     machine = os.uname().machine
     if machine == "x86_64":
@@ -511,7 +511,8 @@ def _seccomp():
                   request_key=249, perf_event_open=298, bpf=321, userfaultfd=323, memfd_create=319,
                   memfd_secret=447, shmget=29, shmat=30, shmctl=31, shmdt=67, semget=64, semop=65, semctl=66,
                   semtimedop=220, msgget=68, msgsnd=69, msgrcv=70, msgctl=71, setxattr=188, lsetxattr=189,
-                  fsetxattr=190, setxattrat=463, inotify_init=253, inotify_init1=294, fanotify_init=300)
+                  fsetxattr=190, setxattrat=463, inotify_init=253, inotify_init1=294, fanotify_init=300,
+                  fcntl=72)
     elif machine == "aarch64":
         arch, x32 = 0xC00000B7, False
         nr = dict(clone=220, execve=221, execveat=281, clone3=435, ptrace=117, process_vm_readv=270,
@@ -522,7 +523,7 @@ def _seccomp():
                   bpf=280, userfaultfd=282, memfd_create=279, memfd_secret=447, msgget=186, msgctl=187,
                   msgrcv=188, msgsnd=189, semget=190, semctl=191, semtimedop=192, semop=193, shmget=194,
                   shmctl=195, shmat=196, shmdt=197, setxattr=5, lsetxattr=6, fsetxattr=7, setxattrat=463,
-                  inotify_init1=26, fanotify_init=262)
+                  inotify_init1=26, fanotify_init=262, fcntl=25)
     else:
         raise OSError("no seccomp filter for machine " + machine)
     ALLOW, KILL, EPERM, ENOSYS, EACCES = 0x7FFF0000, 0x80000000, 0x50001, 0x50026, 0x5000D
@@ -533,8 +534,11 @@ def _seccomp():
     prog += [(JEQ, 0, 4, nr["clone"]), (LD, 0, 0, 16), (JSET, 0, 1, 0x10000), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
     prog += [(JEQ, 0, 4, nr["socket"]), (LD, 0, 0, 16), (JEQ, 0, 1, 1), (RET, 0, 0, ALLOW), (RET, 0, 0, EACCES)]
     prog += [(JEQ, 0, 1, nr["clone3"]), (RET, 0, 0, ENOSYS)]
+    # fcntl's record locks (F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW): kernel memory per lock, no limit counts it
+    prog += [(JEQ, 0, 7, nr["fcntl"]), (LD, 0, 0, 24), (JEQ, 4, 0, 6), (JEQ, 3, 0, 7), (JEQ, 2, 0, 37),
+             (JEQ, 1, 0, 38), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
     for name, n in nr.items():
-        if name not in ("clone", "socket", "clone3"):
+        if name not in ("clone", "socket", "clone3", "fcntl"):
             prog += [(JEQ, 0, 1, n), (RET, 0, 0, EPERM)]
     prog.append((RET, 0, 0, ALLOW))
 
