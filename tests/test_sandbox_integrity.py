@@ -225,7 +225,8 @@ OS_PROBE = textwrap.dedent('''
                                ("memfd_create", 319, (b"m", 0)), ("shmget", 29, (0, 1 << 20, 0o1600)),
                                ("msgget", 68, (0, 0o1600)), ("setxattr", 188, (b"/sandbox", b"user.k", b"v" * 64, 64, 0)),
                                ("fsetxattr", 190, (0, b"user.k", b"v", 1, 0)), ("inotify_init1", 294, (0,)),
-                               ("inotify_init", 253, ())]:
+                               ("inotify_init", 253, ()), ("mq_open", 240, (b"q", 0o100, 0o600, 0)),
+                               ("vmsplice", 278, (0, 0, 0, 0))]:
             v = libc.syscall(nr, *args)
             if v == 0 and nr in (57, 58):
                 libc.syscall(60, 0)  # a child (never expected) leaves at once
@@ -244,9 +245,10 @@ def test_process_namespace_and_device_calls_fail_under_the_os_layers_alone():
     assert got["clone3"] == (-1, 38)  # ENOSYS: the C library falls back to clone, which is checked
     for name in ("vfork", "fork", "io_uring_setup", "execveat", "clone_newuser", "unshare_newuser", "chroot",
                  "mknod_char_device", "memfd_create", "shmget", "msgget", "setxattr", "fsetxattr", "inotify_init1",
-                 "inotify_init"):  # memfd, System V shared memory, message queues and extended attributes hold
-        # memory outside the address-space limit (a tmpfs's size counts file data only); file watches are a
-        # budget shared with every process of the user
+                 "inotify_init", "mq_open", "vmsplice"):
+        # memfd, System V shared memory, message queues, extended attributes and pages pinned in pipes hold
+        # memory outside the address-space limit (a tmpfs's size counts file data only); file watches and
+        # POSIX message queues are budgets shared with every process of the user
         assert got[name] == (-1, 1), (name, got[name])  # EPERM
     assert got["socket_inet"] == (-1, 13) and got["socket_netlink"] == (-1, 13)  # EACCES
     assert got["setuid0"][0] == -1
@@ -501,6 +503,13 @@ def test_record_locks_are_refused():
         def test_a():
             fd = os.open("f", os.O_RDWR | os.O_CREAT)
             assert fcntl.fcntl(fd, fcntl.F_GETFD) >= 0
+            r, w = os.pipe()
+            try:
+                fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: pinned pipe pages outside memory_mb
+            except PermissionError:
+                pass
+            else:
+                raise AssertionError("the pipe grew")
             for how in (fcntl.LOCK_EX, fcntl.LOCK_SH):
                 try:
                     fcntl.lockf(fd, how | fcntl.LOCK_NB, 1, 0)
@@ -511,3 +520,33 @@ def test_record_locks_are_refused():
         """)
     r = _run(code, "", None, 10.0, 256, 8, None, "bwrap", screen_code=False, audit_hook=False)
     assert r.ok, r
+
+
+def test_threads_of_an_evaluation_are_bounded():
+    """Each thread in the sandbox takes a pid of the host's table: one honest-looking test started 21,813
+    threads (67% of pid_max) under memory_mb = 4096. Where sieve can make a pids cgroup, an evaluation
+    holds at most 256 processes and threads, and the cgroup goes with it."""
+    from sieve.evals import sandbox
+
+    probe = sandbox._tasks_cgroup()
+    if probe is None:
+        pytest.skip("no writable pids cgroup here: threads are bounded by the memory limit only")
+    sandbox._remove_cgroup(probe)
+    parent = os.path.dirname(probe)
+    code = textwrap.dedent("""
+        import threading
+        def test_many():
+            stop, started = threading.Event(), []
+            try:
+                for _ in range(2000):
+                    t = threading.Thread(target=stop.wait)
+                    t.start()
+                    started.append(t)
+            finally:
+                print("STARTED", len(started), flush=True)
+                stop.set()
+        """)
+    r = run_sandboxed(code, timeout_s=30, memory_mb=4096)
+    started = int(r.output.split("STARTED ", 1)[1].split()[0])
+    assert r.status == "error" and started < 256, (started, r)
+    assert not [d for d in os.listdir(parent) if d.startswith(f"sieve-sandbox-{os.getpid()}-")]  # removed

@@ -37,7 +37,9 @@ filesystem or network isolation), which warns every time a process starts using 
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
+import itertools
 import json
 import os
 import re
@@ -498,7 +500,8 @@ def _seccomp():
     """Refuse process creation, exec, ptrace, other processes' memory, mounts, namespaces and
     non-Unix sockets for this process and its threads, whatever the uid; and memory no limit counts:
     shared memory, memfds, extended attributes (kernel memory a tmpfs does not bound by its size), record
-    locks, and file watches (a budget shared with every process of the user)."""
+    locks, pages pinned in pipes (vmsplice, pipe growth), and file watches and POSIX message queues
+    (budgets shared with every process of the user)."""
     ctypes, libc = _libc()
     machine = os.uname().machine
     if machine == "x86_64":
@@ -512,7 +515,8 @@ def _seccomp():
                   memfd_secret=447, shmget=29, shmat=30, shmctl=31, shmdt=67, semget=64, semop=65, semctl=66,
                   semtimedop=220, msgget=68, msgsnd=69, msgrcv=70, msgctl=71, setxattr=188, lsetxattr=189,
                   fsetxattr=190, setxattrat=463, inotify_init=253, inotify_init1=294, fanotify_init=300,
-                  fcntl=72)
+                  fcntl=72, vmsplice=278, mq_open=240, mq_unlink=241, mq_timedsend=242, mq_timedreceive=243,
+                  mq_notify=244, mq_getsetattr=245)
     elif machine == "aarch64":
         arch, x32 = 0xC00000B7, False
         nr = dict(clone=220, execve=221, execveat=281, clone3=435, ptrace=117, process_vm_readv=270,
@@ -523,7 +527,8 @@ def _seccomp():
                   bpf=280, userfaultfd=282, memfd_create=279, memfd_secret=447, msgget=186, msgctl=187,
                   msgrcv=188, msgsnd=189, semget=190, semctl=191, semtimedop=192, semop=193, shmget=194,
                   shmctl=195, shmat=196, shmdt=197, setxattr=5, lsetxattr=6, fsetxattr=7, setxattrat=463,
-                  inotify_init1=26, fanotify_init=262, fcntl=25)
+                  inotify_init1=26, fanotify_init=262, fcntl=25, vmsplice=75, mq_open=180, mq_unlink=181,
+                  mq_timedsend=182, mq_timedreceive=183, mq_notify=184, mq_getsetattr=185)
     else:
         raise OSError("no seccomp filter for machine " + machine)
     ALLOW, KILL, EPERM, ENOSYS, EACCES = 0x7FFF0000, 0x80000000, 0x50001, 0x50026, 0x5000D
@@ -534,9 +539,10 @@ def _seccomp():
     prog += [(JEQ, 0, 4, nr["clone"]), (LD, 0, 0, 16), (JSET, 0, 1, 0x10000), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
     prog += [(JEQ, 0, 4, nr["socket"]), (LD, 0, 0, 16), (JEQ, 0, 1, 1), (RET, 0, 0, ALLOW), (RET, 0, 0, EACCES)]
     prog += [(JEQ, 0, 1, nr["clone3"]), (RET, 0, 0, ENOSYS)]
-    # fcntl's record locks (F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW): kernel memory per lock, no limit counts it
-    prog += [(JEQ, 0, 7, nr["fcntl"]), (LD, 0, 0, 24), (JEQ, 4, 0, 6), (JEQ, 3, 0, 7), (JEQ, 2, 0, 37),
-             (JEQ, 1, 0, 38), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
+    # fcntl's record locks (F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW) and pipe growth (F_SETPIPE_SZ):
+    # kernel memory no limit counts
+    prog += [(JEQ, 0, 8, nr["fcntl"]), (LD, 0, 0, 24), (JEQ, 5, 0, 6), (JEQ, 4, 0, 7), (JEQ, 3, 0, 37),
+             (JEQ, 2, 0, 38), (JEQ, 1, 0, 1031), (RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
     for name, n in nr.items():
         if name not in ("clone", "socket", "clone3", "fcntl"):
             prog += [(JEQ, 0, 1, n), (RET, 0, 0, EPERM)]
@@ -1066,6 +1072,8 @@ _OUTPUT_KEEP = 16 << 10  # bytes of stdout/stderr kept for the detail
 _OUTPUT_LIMIT = 8 << 20  # more than this (stdout + stderr) kills the evaluation
 _RESULT_LIMIT = 4 << 20
 _MAX_FILES = 10_000  # inodes the tests may add to the work folder (bwrap mode), each kernel memory
+_MAX_CODE = 1 << 20  # characters of code (tests and code under test) an evaluation reads
+_MAX_TASKS = 256  # processes and threads of one evaluation, where a pids cgroup can hold them
 
 
 @dataclass(frozen=True)
@@ -1212,6 +1220,9 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
     """The evaluation itself. The keyword switches turn single layers off, for the tests that show
     the OS layers hold on their own."""
     t0 = time.monotonic()
+    if len(code) + len(setup) > _MAX_CODE:  # each parse in sieve's own process grows with it
+        return SandboxResult(False, "error", f"the code is {len(code) + len(setup):,} characters, more than "
+                             f"{_MAX_CODE:,}: not evaluated", time.monotonic() - t0)
     unparsable = None
     try:
         _parse(code)
@@ -1249,6 +1260,9 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
         cwd, env = tmp, {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
     # the harness's parent: sieve in process mode (unshare execs it in place); unknown inside bwrap's pid namespace
     cmd += [interp.exe, "-I", "-S", "-B", "-c", _HARNESS, str(os.getpid()) if mode != "bwrap" else "0"]
+    cgroup = _tasks_cgroup()
+    if cgroup is not None:  # the first process joins the cgroup, then becomes the sandbox (exec: the same pid)
+        cmd = ["/bin/sh", "-c", 'echo $$ 2>/dev/null > "$0"; exec "$@"', os.path.join(cgroup, "cgroup.procs"), *cmd]
     r_fd, w_fd = os.pipe()
     try:
         job["result_fd"] = w_fd
@@ -1264,7 +1278,76 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
         if tmp:
             _remove_tree(tmp)
             os.close(lock)
+        if cgroup is not None:
+            _remove_cgroup(cgroup)
     return _verdict(names, *outcome, time.monotonic() - t0)
+
+
+_CGROUPS = itertools.count()
+
+
+def _tasks_cgroup() -> str | None:
+    """A new cgroup, beside none other, that holds one evaluation's processes and threads to
+    ``_MAX_TASKS`` (each thread takes a pid of the host's table): under this process's own cgroup in the
+    ``pids`` hierarchy (cgroup v1) or the unified one (v2), where this user may write there. None where
+    it may not (then threads are bounded by the memory limit only)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    parents = []
+    for line in lines:
+        hid, ctrls, path = (line.split(":", 2) + ["", ""])[:3]
+        if "pids" in ctrls.split(","):
+            parents.append(os.path.join("/sys/fs/cgroup/pids", path.lstrip("/")))
+        elif hid == "0" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+            parents.append(os.path.join("/sys/fs/cgroup", path.lstrip("/")))
+    for parent in parents:
+        _sweep_cgroups(parent)
+        d = os.path.join(parent, f"sieve-sandbox-{os.getpid()}-{next(_CGROUPS)}")
+        try:
+            os.mkdir(d)
+        except OSError:
+            continue
+        try:
+            with open(os.path.join(d, "pids.max"), "w") as f:
+                f.write(str(_MAX_TASKS))
+            return d
+        except OSError:
+            _remove_cgroup(d)
+    return None
+
+
+def _sweep_cgroups(parent: str) -> None:
+    """Remove the empty cgroups a killed sieve left under ``parent`` (its pid gone; a cgroup that still
+    holds a process cannot be removed)."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith("sieve-sandbox-")]
+    except OSError:
+        return
+    for name in names:
+        pid = name.split("-")[2]
+        try:
+            if pid.isdigit() and int(pid) != os.getpid():
+                os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(parent, name))
+        except OSError:
+            continue
+
+
+def _remove_cgroup(d: str) -> None:
+    """Remove an evaluation's cgroup once its processes are gone (a killed namespace takes a moment)."""
+    for _ in range(40):
+        try:
+            os.rmdir(d)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)
 
 
 def _remove_tree(d: str) -> None:
