@@ -9,7 +9,9 @@ ratio of medians with the range of the per-round ratios:
 - ``old``: the sandbox before the bubblewrap work (an interpreter with an audit hook, under ``unshare
   -rn``), loaded from this repository's history (commit ``OLD_COMMIT``);
 - ``bwrap``: the default mode (bubblewrap, one forked worker per test behind seccomp);
-- ``process``: the weaker mode (same harness, no namespaces).
+- ``process``: the weaker mode (same harness, no namespaces);
+- ``bwrap, no cgroup``: the default mode without the ``pids`` cgroup an evaluation runs in where sieve
+  can make one (to show what that bound costs; the same as ``bwrap`` where no cgroup can be made).
 
 Two workloads: the study's typical answer (one ``test_fuzz`` with 200 random cases) and a module with
 three test functions (one worker process each).
@@ -84,7 +86,9 @@ def main() -> None:
         "old": lambda code: old.run_sandboxed(code, setup=SETUP, timeout_s=10),
         "bwrap": lambda code: sandbox.run_sandboxed(code, setup=SETUP, timeout_s=10),
         "process": lambda code: sandbox.run_sandboxed(code, setup=SETUP, timeout_s=10, mode="process"),
+        "bwrap, no cgroup": _without_cgroup(lambda code: sandbox.run_sandboxed(code, setup=SETUP, timeout_s=10)),
     }
+    print(f"# pids cgroup here: {'yes' if _has_cgroup() else 'no'}")
     print(f"# {platform.machine()}, {platform.python_version()}, {args.repeats} interleaved rounds")
     for label, code in (("1 test function", ONE_TEST), ("3 test functions", THREE_TESTS)):
         for way in ways.values():  # warm-up (interpreter query, probe, page cache)
@@ -103,6 +107,29 @@ def main() -> None:
             lo, hi = pair[len(pair) // 10], pair[-1 - len(pair) // 10]
             print(f"{label}: old {med['old'] * 1000:.0f} ms, {name} {med[name] * 1000:.0f} ms, "
                   f"ratio {med[name] / med['old']:.2f}x (10-90%: {lo:.2f}-{hi:.2f})")
+        pair = sorted(b / a for a, b in zip(times["bwrap, no cgroup"], times["bwrap"]))
+        lo, hi = pair[len(pair) // 10], pair[-1 - len(pair) // 10]
+        print(f"{label}: bwrap without the pids cgroup {med['bwrap, no cgroup'] * 1000:.0f} ms, with it "
+              f"{med['bwrap'] * 1000:.0f} ms, ratio {med['bwrap'] / med['bwrap, no cgroup']:.2f}x (10-90%: {lo:.2f}-{hi:.2f})")
+
+
+def _has_cgroup() -> bool:
+    d = sandbox._tasks_cgroup()
+    if d is not None:
+        sandbox._remove_cgroup(d)
+    return d is not None
+
+
+def _without_cgroup(run):
+    """``run`` with sieve's pids cgroup switched off for its call."""
+    def call(code):
+        real = sandbox._tasks_cgroup
+        sandbox._tasks_cgroup = lambda: None
+        try:
+            return run(code)
+        finally:
+            sandbox._tasks_cgroup = real
+    return call
 
 
 if __name__ == "__main__":

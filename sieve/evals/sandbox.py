@@ -37,6 +37,7 @@ filesystem or network isolation), which warns every time a process starts using 
 from __future__ import annotations
 
 import ast
+import atexit
 import contextlib
 import functools
 import itertools
@@ -1320,8 +1321,9 @@ def _tasks_cgroup() -> str | None:
 
 
 def _sweep_cgroups(parent: str) -> None:
-    """Remove the empty cgroups a killed sieve left under ``parent`` (its pid gone; a cgroup that still
-    holds a process cannot be removed)."""
+    """Remove the empty cgroups left under ``parent``: this process's earlier ones that were still being
+    emptied when their evaluation ended, and a killed sieve's (its pid gone). A cgroup that still holds a
+    process cannot be removed."""
     try:
         names = [n for n in os.listdir(parent) if n.startswith("sieve-sandbox-")]
     except OSError:
@@ -1331,23 +1333,37 @@ def _sweep_cgroups(parent: str) -> None:
         try:
             if pid.isdigit() and int(pid) != os.getpid():
                 os.kill(int(pid), 0)
+                continue  # another live sieve's
         except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(parent, name))
+            pass
         except OSError:
             continue
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(parent, name))
 
 
 def _remove_cgroup(d: str) -> None:
-    """Remove an evaluation's cgroup once its processes are gone (a killed namespace takes a moment)."""
-    for _ in range(40):
+    """Remove an evaluation's cgroup once its processes are gone: a torn-down namespace takes a moment,
+    waited for briefly; a cgroup still busy then is removed by the next evaluation's sweep or at exit."""
+    for _ in range(10):
         try:
             os.rmdir(d)
             return
         except FileNotFoundError:
             return
         except OSError:
-            time.sleep(0.05)
+            time.sleep(0.002)
+    _LEFT.add(d)
+
+
+_LEFT: set[str] = set()
+
+
+@atexit.register
+def _remove_left_cgroups() -> None:
+    for d in list(_LEFT):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
 
 
 def _remove_tree(d: str) -> None:
