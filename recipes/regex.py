@@ -222,9 +222,10 @@ def check_inputs(out: Path, table: pl.DataFrame, sources: dict, context: str) ->
 
     filled = with_unrecorded(before_s, sources)
     if filled != before_s and filled == sources:
+        added = [what for key, what in (("sae", "the hub SAE's commit"), ("mmlu_data", "the MMLU data's commit"))
+                 if filled.get(key) != before_s.get(key)]
         log.warning("%s: its %s was written by an earlier sieve, which did not record %s: taken as they are now",
-                    out, SOURCES_FILE, " or ".join(sorted({"the hub SAE's commit" if k == "sae" else "the MMLU data's commit"
-                                                          for k in sources if filled.get(k) != before_s.get(k)})))
+                    out, SOURCES_FILE, " or ".join(added))
     before_s = filled
     if before_s != sources:
         raise SieveError(f"{out} holds rows made with other inputs: {sources_change(before_s, sources)}. Rows of "
@@ -369,7 +370,7 @@ def run_judge(recipe: Recipe, setting, judge, out: Path, part: tuple[int, int], 
 
     if isinstance(judge, HFJudge) and sources is not None:
         hub = sources.get("judge") or {}
-        if judge._model is None and hub.get("hub") and hub.get("commit"):
+        if hub.get("hub") and hub.get("commit"):  # (a judge loaded already keeps the model it has)
             judge.revision = hub["commit"]  # the commit recorded when the run began, not where main is now
         judge.model  # noqa: B018 (loaded now, then compared with the record)
         check_unchanged(recipe, sources, "while the judge model loaded")

@@ -149,6 +149,12 @@ def judge_source(r: Recipe) -> str | Path:
     return _source(r, r.eval.judge_model, "eval.judge_model")
 
 
+def _recorded(entry: Any, **keys: Any) -> dict[str, Any] | None:
+    """A hub entry of an earlier :func:`sources_identity` record, where it names the same source
+    (``keys``: its ``hub``, ``id``, ``revision``), else None."""
+    return entry if isinstance(entry, dict) and all(entry.get(k) == v for k, v in keys.items()) else None
+
+
 def _identity(src: str | Path, revision: str | None = None, known: Any = None) -> dict[str, Any]:
     """:func:`sources_identity`'s record of one model: its files' digests, or its hub commit (taken
     from ``known``, an earlier record of the same hub id, where given)."""
@@ -156,8 +162,9 @@ def _identity(src: str | Path, revision: str | None = None, known: Any = None) -
 
     if isinstance(src, Path):  # its config, tokenizer and weights (not its README, notes or logs)
         return {"files": folder_digest(src, _model_file, extra=_model_files(src))}
-    if isinstance(known, dict) and known.get("hub") == src and known.get("revision") == (revision or "main"):
-        return known
+    recorded = _recorded(known, hub=src, revision=revision or "main")
+    if recorded is not None:
+        return recorded
     _resolve_config(src, revision)  # fetched into the hub cache where it is not there
     return {"hub": src, "revision": revision or "main", "commit": _hub_commit(src, "config.json", revision)}
 
@@ -390,10 +397,8 @@ def _weights_identity(r: Recipe, known: dict[str, Any] | None = None) -> dict[st
     if isinstance(sae_src, Path):
         folder, keep = _sae_files(r, sae_src)
         sae: dict[str, Any] = {"files": folder_digest(folder, keep)}
-    elif isinstance(known.get("sae"), dict) and known["sae"].get("hub") == sae_src and known["sae"].get("id") == r.sae.id:
-        sae = known["sae"]
     else:
-        sae = _sae_hub_identity(r, sae_src)
+        sae = _recorded(known.get("sae"), hub=sae_src, id=r.sae.id) or _sae_hub_identity(r, sae_src)
     return {"model": _identity(_model_source(r), r.model.revision or None, known.get("model")), "sae": sae}
 
 
@@ -427,8 +432,7 @@ def sources_identity(recipe: Recipe, *, known: dict[str, Any] | None = None) -> 
         out["mmlu_data"] = {"files": folder_digest(data) if data.is_dir() else
                             folder_digest(data.parent, lambda name: name == data.name)}
     elif r.eval.general == "mmlu":
-        hub = known.get("mmlu_data")
-        out["mmlu_data"] = hub if isinstance(hub, dict) and hub.get("hub") == _MMLU_HUB else {
+        out["mmlu_data"] = _recorded(known.get("mmlu_data"), hub=_MMLU_HUB) or {
             "hub": _MMLU_HUB, "commit": _repo_commit(_MMLU_HUB, "dataset")}
     return out
 
@@ -449,11 +453,10 @@ def with_unrecorded(old: Any, new: Any) -> Any:
         return old
     out = dict(old)
     o, n = old.get("sae"), new.get("sae")
-    if isinstance(o, dict) and isinstance(n, dict) and "hub" in o and "commit" not in o and \
-            (o.get("hub"), o.get("id")) == (n.get("hub"), n.get("id")):
+    if isinstance(o, dict) and "hub" in o and "commit" not in o and _recorded(n, hub=o["hub"], id=o.get("id")):
         out["sae"] = n
-    m = new.get("mmlu_data")
-    if "mmlu_data" not in old and isinstance(m, dict) and m.get("hub") == _MMLU_HUB:
+    m = _recorded(new.get("mmlu_data"), hub=_MMLU_HUB)
+    if "mmlu_data" not in old and m is not None:
         out["mmlu_data"] = m
     return out
 

@@ -684,10 +684,27 @@ def _world_copy(dest: Path) -> Path:
     return dest
 
 
+def _retrain_in_place(model: Path) -> None:
+    """Move the first weight of a model folder's ``model.safetensors`` a little, saved in its place."""
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(model / "model.safetensors")
+    name = next(iter(w))
+    save_file({**w, name: w[name] + 0.01}, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def _then(fn, after):
+    """``fn``, with ``after()`` run before it returns (a source written while the run reads it)."""
+    def call(*a, **kw):
+        out = fn(*a, **kw)
+        after()
+        return out
+    return call
+
+
 def test_rows_made_with_other_weights_under_the_same_name_are_not_resumed(tmp_path, capsys):
     """A recipe names its model folder, not its content: a model retrained in place kept the recipe's
     hash and its rows were resumed as the new model's. Now the run refuses, naming the file."""
-    from safetensors.torch import load_file, save_file
 
     model = _world_copy(tmp_path / "model")
     out = tmp_path / "out"
@@ -704,10 +721,7 @@ def test_rows_made_with_other_weights_under_the_same_name_are_not_resumed(tmp_pa
     _world_copy(model)
     assert regex.main(args) == 0
     before = ResultStore(out / "gen").table()
-    w = load_file(model / "model.safetensors")
-    name = next(iter(w))
-    w[name] = w[name] + 0.01  # retrained in place
-    save_file(w, model / "model.safetensors", metadata={"format": "pt"})
+    _retrain_in_place(model)
     assert regex.main(args) == 2
     err = capsys.readouterr().err
     assert "holds rows made with other inputs: the model: model.safetensors changed" in err
@@ -1035,8 +1049,6 @@ def test_a_source_written_while_the_run_reads_it_stops_the_run(tmp_path, monkeyp
     """The record is taken before the weights load: a model folder written to while they loaded, or
     MMLU data edited before the run read them, made rows under a record that did not describe them.
     Now the run stops, saying so, and keeps the rows made before."""
-    from safetensors.torch import load_file, save_file
-
     import sieve.setting as setting
 
     model = _world_copy(tmp_path / "model")
@@ -1044,15 +1056,7 @@ def test_a_source_written_while_the_run_reads_it_stops_the_run(tmp_path, monkeyp
     args = _tiny(out)
     args.insert(1, f'model.source="{model}"')
     real = setting.load_setting
-
-    def load_while_written(*a, **kw):
-        loaded = real(*a, **kw)
-        w = load_file(model / "model.safetensors")
-        name = next(iter(w))
-        save_file({**w, name: w[name] + 0.01}, model / "model.safetensors", metadata={"format": "pt"})
-        return loaded
-
-    monkeypatch.setattr(setting, "load_setting", load_while_written)
+    monkeypatch.setattr(setting, "load_setting", _then(real, lambda: _retrain_in_place(model)))
     assert regex.main(args) == 2
     err = capsys.readouterr().err
     assert "the model: model.safetensors changed while the weights loaded, after this run recorded it" in err
@@ -1088,8 +1092,6 @@ def test_a_judge_model_changed_before_it_loads_is_refused(tmp_path, monkeypatch,
     """The judge model loads after generation, where the run's record of it was taken before: a judge
     folder written to in between judged rows under a record that did not describe it. The judge now
     loads at its first use and is compared with the record then."""
-    from safetensors.torch import load_file, save_file
-
     import sieve.evals.judge as judge_mod
 
     judge = _world_copy(tmp_path / "judge")
@@ -1101,16 +1103,7 @@ def test_a_judge_model_changed_before_it_loads_is_refused(tmp_path, monkeypatch,
         loads.append(self._model is None)  # made lazy: nothing loaded yet
 
     monkeypatch.setattr(judge_mod.HFJudge, "__init__", counting)
-    real_gen = regex.run_generation
-
-    def then_retrain_the_judge(*a, **kw):
-        n = real_gen(*a, **kw)
-        w = load_file(judge / "model.safetensors")
-        name = next(iter(w))
-        save_file({**w, name: w[name] + 0.01}, judge / "model.safetensors", metadata={"format": "pt"})
-        return n
-
-    monkeypatch.setattr(regex, "run_generation", then_retrain_the_judge)
+    monkeypatch.setattr(regex, "run_generation", _then(regex.run_generation, lambda: _retrain_in_place(judge)))
     out = tmp_path / "out"
     args = _tiny(out)
     args[1:1] = ['eval.judge="hf"', f'eval.judge_model="{judge}"']

@@ -231,9 +231,8 @@ class SteeredLM(HFLM):
                 "the sieve model needs a recipe: --model_args recipe=FILE,method=NAME,scale=VALUE "
                 "(or, in Python, SteeredLM(model=..., intervention=..., layer=...))"
             )
-        elif device is not None and not _same_device(device, next(underlying(model).parameters()).device):
-            raise SieveError(f"device={device!r}, but the model given is on "
-                             f"{next(underlying(model).parameters()).device}: place the model there first")
+        elif device is not None and not _same_device(device, on := next(underlying(model).parameters()).device):
+            raise SieveError(f"device={device!r}, but the model given is on {on}: place the model there first")
         if layer is None:
             raise SieveError("SteeredLM needs layer= (the decoder layer the intervention edits)")
         self.steered_model = model

@@ -345,7 +345,7 @@ def _screen(code: str, setup: str, generated: bool) -> str | None:
             if generated and isinstance(node.value, ast.Name) and node.value.id in aliases and _private(node.attr):
                 return f"line {line}: uses {base}.{node.attr}, a module's private state"  # re._cache
             root = _root(node) if not isinstance(node.ctx, ast.Load) else None  # a store: where its chain starts
-            if root is not None and isinstance(root, ast.Name) and (
+            if isinstance(root, ast.Name) and (
                     root.id in protected or root.id in aliases) and not (base == "sys" and node.attr in _SYS_STREAMS):
                 return f"line {line}: changes {root.id}.{node.attr}, which it imported or the code under test defines"
         elif isinstance(node, ast.Subscript):
@@ -353,7 +353,7 @@ def _screen(code: str, setup: str, generated: bool) -> str | None:
             environ = (isinstance(env, ast.Attribute) and env.attr == "environ" and isinstance(env.value, ast.Name)
                        and aliases.get(env.value.id) == "os") or (
                 isinstance(env, ast.Name) and aliases.get(env.id) == "os.environ")
-            if not isinstance(node.ctx, ast.Load) and isinstance(root, ast.Name) and not environ and (
+            if isinstance(root, ast.Name) and not environ and (
                     root.id in protected or generated and root.id in aliases):
                 return f"line {line}: changes {root.id}...[...], which it imported or the code under test defines"
         elif isinstance(node, ast.Call) and _computed_copy(node):
