@@ -10,6 +10,8 @@
 # 3. bench/bench_lmeval.py: the recipe's cells on three local harness tasks (the world's model on the GPU),
 #    each cell in full against forked (run_harness_cells). Not in the default STEPS (the three steps'
 #    limits add up to more than one 10-minute device call): STEPS=3 bash bench/gpu.sh runs it alone.
+# 4. bench/bench_steering.py --sae-cost CONFIG: an SAE-space clamp (16k-latent JumpReLU SAE, sparse and full
+#    encode) against plain generate on the GPU (STEPS="1 2 4"; not in the default STEPS either).
 #
 # Wheels in .whl/ (bench/gpu_wheels.sh; README: "Carrying sieve to an offline GPU machine") are installed
 # into a fresh scratch folder first. Each step has a time limit (STEP1_S, STEP2_S seconds) and prints each
@@ -17,7 +19,8 @@
 # Settings (environment): PYTHON (python3), CONFIG (gemma2-2b), DEVICE (cuda), REPEATS (4),
 # RECIPE_PROMPTS (2), RECIPE_REPEATS (1), RECIPE_CACHE (detector cache; /tmp/sieve-recipe-cache),
 # STEP1_ARGS and STEP2_ARGS (more bench_steering.py arguments, e.g. STEP1_ARGS="--engines none grow"),
-# STEPS (which steps, "1 2"), STEP3_S, LMEVAL_REPEATS (1), WHEELS (1: install .whl/*.whl when present).
+# STEPS (which steps, "1 2"), STEP3_S, LMEVAL_REPEATS (1), STEP4_S, SAE_REPEATS (3), WHEELS (1: install .whl/*.whl
+# when present).
 set -uo pipefail
 out=$(mkdir -p "${1:-runs/gpu}" && cd "${1:-runs/gpu}" && pwd) || exit 1
 cd "$(dirname "$0")/.."
@@ -56,5 +59,9 @@ fi
 if [[ $steps == *" 3 "* ]]; then
 timeout "${STEP3_S:-300}" "$py" bench/bench_lmeval.py --repeats "${LMEVAL_REPEATS:-1}" \
     --cache "${RECIPE_CACHE:-/tmp/sieve-recipe-cache}" --out "$out/lmeval.json" 2>&1 | tee "$out/lmeval.log" || rc=1
+fi
+if [[ $steps == *" 4 "* ]]; then
+timeout "${STEP4_S:-120}" "$py" bench/bench_steering.py --sae-cost "$config" --device "$device" \
+    --repeats "${SAE_REPEATS:-3}" --out "$out/sae-$config.json" 2>&1 | tee "$out/sae-$config.log" || rc=1
 fi
 exit $rc
