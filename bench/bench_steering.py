@@ -458,14 +458,16 @@ ENGINES = {"none": BEFORE, "share": dict(BEFORE, share_prefill=True), "grow": di
 
 
 def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | None = None,
-                 engines: tuple[str, ...] = ()) -> dict:
+                 engines: tuple[str, ...] = (), warmup: int | None = None) -> dict:
     """The recipe's rows five ways, interleaved: the study's loop structure (one ``generate`` per method
     × scale, batch 20, every row's prefill its own, HF's cache; here with sieve's own edit, since its
     hook cannot express latches or SAE-space edits); the sweep as it was (all rows batched, nothing
     shared: ``sweep.fork = false``, ``share_prefill = false``, ``kv_cache = "hf"``); forking alone; the
     engine alone (prefill shared, growing cache, rows leaving their batch when they end; no forking);
     and all of it (the default: forked rows also read their prefix from their trajectory). ``engines``:
-    also the sweep unforked under these :data:`ENGINES` settings (each saving alone)."""
+    also the sweep unforked under these :data:`ENGINES` settings (each saving alone). ``warmup``: rounds
+    of every side run first and not timed (default: 1 on a GPU, where each side's first run paid 2-4x
+    its later ones for allocation and kernel selection on an H200; 0 on a CPU)."""
     model, todo, prompts_, ivs, kw, bs = recipe_rows(prompts, cache, recipe)
     seeds = [row.seed for row in todo]
     hf = underlying(model)
@@ -504,12 +506,16 @@ def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | 
     sides += [(f"engine:{name}", engine(e)) for name, e in ENGINES.items() if name in engines]
     t: dict[str, list[float]] = {name: [] for name, _ in sides}
     last: dict[str, list] = {}
-    for _ in range(repeats):
+    if warmup is None:
+        warmup = int(where["device"].startswith("cuda"))
+    for i in range(warmup + repeats):
         for name, fn in sides:
             t0 = time.perf_counter()
             last[name] = fn()
-            t[name].append(time.perf_counter() - t0)
-            progress(f"recipe rows, {name}: {t[name][-1]:.2f}s")
+            took = time.perf_counter() - t0
+            if i >= warmup:
+                t[name].append(took)
+            progress(f"recipe rows, {name}: {took:.2f}s" + (" (warm-up, not counted)" if i < warmup else ""))
     w = work["all"]
 
     # Rows that differ from the sweep as it was, by how the default run made them (read off its
@@ -526,6 +532,7 @@ def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | 
 
     med = {k: statistics.median(v) for k, v in t.items()}
     return {**where, "prompts": prompts, "rows": len(todo), "tokens": sum(len(o.token_ids) for o in last["full"]),
+            "warmup": warmup,
             "seconds": med, "runs": t,
             "all_vs_full": med["full"] / med["all"], "all_vs_loop": med["loop"] / med["all"],
             "all_vs_full_range": [min(f / g for f, g in zip(t["full"], t["all"])),
@@ -624,6 +631,8 @@ def main() -> None:
     ap.add_argument("--engines", nargs="*", default=[], choices=list(ENGINES),
                     help="also time sieve's sweep under these engine settings (each saving alone; greedy sweep, and "
                          "the recipe's rows with --recipe-prompts)")
+    ap.add_argument("--warmup", type=int, default=None, metavar="N",
+                    help="with --recipe-prompts: untimed rounds of every side first (default 1 on a GPU, 0 on a CPU)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs (two fresh processes)")
     ap.add_argument("--gate-rate", type=float, default=None, metavar="P",
                     help="the sweep's detectors fire on this share of held-out neutral tokens (default: threshold "
@@ -637,12 +646,13 @@ def main() -> None:
         return
     if args.recipe_prompts:
         res = bench_recipe(args.recipe_prompts, args.repeats, Path(args.cache) if args.cache else None,
-                           Path(args.recipe) if args.recipe else None, tuple(args.engines))
+                           Path(args.recipe) if args.recipe else None, tuple(args.engines), args.warmup)
         res |= {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                 "commit": _commit()}
         sec = res["seconds"]
         print(f"# {args.recipe or 'recipes/regex.toml'} workload: {res['prompts']} prompts, {res['rows']} rows, "
-              f"{res['tokens']} tokens, {args.repeats} interleaved repeats (medians), {res['threads']} torch threads")
+              f"{res['tokens']} tokens, {args.repeats} interleaved repeats (medians) after {res['warmup']} untimed, "
+              f"{res['threads']} torch threads")
         print(f"study's loop (one generate per cell, batch 20): {sec['loop']:.1f}s; the sweep as it was (all rows "
               f"batched, nothing shared): {sec['full']:.1f}s ({res['full_vs_loop']:.2f}x the loop)")
         print(f"forking alone: {sec['forked']:.1f}s ({res['forked_vs_full']:.2f}x); the engine (shared prefill, growing "
