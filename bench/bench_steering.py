@@ -354,11 +354,13 @@ def sweep_plan(model, layer: int, per_cell: int, gate_rate: float | None = None)
 
 def sieve_way(model, layer: int, rows, ivs, n: int, device: str, sampled: bool = False, fork: bool = False,
               summary: list | None = None, engine: dict | None = None) -> list[list[int]]:
-    """All rows of the sweep in batched generation, rows mixing methods and scales: on CUDA all in one
-    batch, on a CPU in batches of sieve's default size (32). Token healing is off: the study's way feeds
-    the prompts' tokens as they are, and both must do the same work. Rows are seeded by prompt, as a
-    sweep's are. ``fork``: :func:`sieve.fork.generate_forked` (its work summary appended to ``summary``)."""
-    bs = len(rows) if device == "cuda" else None
+    """All rows of the sweep in batched generation, rows mixing methods and scales, in batches of sieve's
+    default size (32 on a CPU; on CUDA as many as fit, :func:`sieve.generation.default_batch_size`: what a
+    user gets; until 2026-11-27 this side passed all rows as one batch on CUDA). Token healing is off:
+    the study's way feeds the prompts' tokens as they are, and both must do the same work. Rows are seeded
+    by prompt, as a sweep's are. ``fork``: :func:`sieve.fork.generate_forked` (its work summary appended
+    to ``summary``)."""
+    bs = None
     index = {p: i for i, p in enumerate(dict.fromkeys(rows))}
     kw = dict(layer_index=layer, max_new_tokens=n, batch_size=bs, progress=False,
               temperature=1.0 if sampled else 0.0, seeds=[index[p] for p in rows], token_healing=False) | (engine or {})
