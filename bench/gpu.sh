@@ -14,8 +14,9 @@
 #    encode) against plain generate on the GPU (STEPS="1 2 4"; not in the default STEPS either).
 #
 # Wheels in .whl/ (bench/gpu_wheels.sh; README: "Carrying sieve to an offline GPU machine") are installed
-# into a fresh scratch folder first. Each step has a time limit (STEP1_S, STEP2_S seconds) and prints each
-# part as it ends, so a step stopped at its limit still leaves what it measured in OUT_DIR/*.log.
+# into a fresh scratch folder first (or .whl/site.tar.xz, from PACK=1, unpacked there). Each step has a time
+# limit (STEP1_S, STEP2_S seconds) and prints each part as it ends, so a step stopped at its limit still leaves
+# what it measured in OUT_DIR/*.log.
 # Settings (environment): PYTHON (python3), CONFIG (gemma2-2b), DEVICE (cuda), REPEATS (4),
 # RECIPE_PROMPTS (2), RECIPE_REPEATS (1), RECIPE_CACHE (detector cache; /tmp/sieve-recipe-cache),
 # STEP1_ARGS and STEP2_ARGS (more bench_steering.py arguments, e.g. STEP1_ARGS="--engines none grow"),
@@ -27,7 +28,11 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 config=${CONFIG:-gemma2-2b}
 device=${DEVICE:-cuda}
-if [ "${WHEELS:-1}" = 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
+if [ "${WHEELS:-1}" = 1 ] && [ -f .whl/site.tar.xz ]; then  # PACK=1 bash bench/gpu_wheels.sh
+    rm -rf /tmp/sieve-site && mkdir -p /tmp/sieve-site && tar -xJf .whl/site.tar.xz -C /tmp/sieve-site \
+        || { echo "bench/gpu.sh: unpacking .whl/site.tar.xz failed" >&2; exit 1; }
+    export PYTHONPATH=/tmp/sieve-site${PYTHONPATH:+:$PYTHONPATH}
+elif [ "${WHEELS:-1}" = 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
     rm -rf /tmp/sieve-site
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/sieve-site .whl/*.whl \
         || { echo "bench/gpu.sh: installing the wheels in .whl/ failed" >&2; exit 1; }
