@@ -147,6 +147,7 @@ class RecipeCLI:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         for handler in logging.getLogger().handlers:
             handler.addFilter(_printable_record)  # names from shared folders reach the terminal escaped
+        logging.captureWarnings(True)  # warnings too (they name recipe files)
         try:
             recipe = load_recipe(path, overrides)
             # output.dir set on the command line (an override) is the user's, not the recipe file's.

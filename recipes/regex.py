@@ -62,9 +62,9 @@ import polars as pl
 from tqdm.std import tqdm
 
 from recipes.cli import RecipeCLI, Run
-from sieve.errors import SieveError, printable
+from sieve.errors import SieveError, first_line, printable
 from sieve.evals.code import answer_validity, evaluate_code, function_validity
-from sieve.files import write_atomic, write_signed
+from sieve.files import read_regular, write_atomic, write_signed
 from sieve.fork import ForkSummary, generate_forked
 from sieve.generation import default_batch_size, generate
 from sieve.launch import EXECUTORS
@@ -215,8 +215,8 @@ def check_inputs(out: Path, table: pl.DataFrame, sources: dict, context: str) ->
                          f"with (its {SOURCES_FILE} is missing, or was not written by this user's sieve for this "
                          "recipe), so whether they changed since cannot be told: write to a fresh folder (--out DIR)")
     try:
-        before_s = json.loads(spath.read_text())
-    except (OSError, ValueError):
+        before_s = json.loads(read_regular(spath))
+    except (OSError, ValueError, RecursionError):
         before_s = None
     from sieve.setting import with_unrecorded
 
@@ -547,8 +547,13 @@ def report(recipe: Recipe, out: Path, *, charts: bool = True, quiet: bool = Fals
         raise SieveError(f"no results in {out / 'gen'} yet")
     gen = attach_verdicts(gen, ResultStore(out / "judge").table() if (out / "judge").is_dir() else None)
     ability = ResultStore(out / "ability").table()
-    validity = "executed" if recipe.eval.execute and gen["executed"].drop_nulls().len() else "syntax"
-    summary = summarize(gen, ability if ability.height else None, validity=validity)
+    try:
+        validity = "executed" if recipe.eval.execute and gen["executed"].drop_nulls().len() else "syntax"
+        summary = summarize(gen, ability if ability.height else None, validity=validity)
+    except pl.exceptions.PolarsError as e:  # a shared folder's parts need not hold what a run writes
+        raise SieveError(f"the rows in {out / 'gen'} or {out / 'ability'} lack what a run writes "
+                         f"({first_line(e):.160}): parts of another kind, or of a damaged folder; move them away "
+                         "to report the rest") from None
     lower = recipe.eval.general == "loss"
     summary = pareto_front(summary, lower_ability_is_better=lower)
     rates = judge_rates(gen)

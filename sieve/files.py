@@ -13,12 +13,41 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["write_atomic", "local_mac", "key_problem", "secret_path", "sign", "signed", "mac_path", "move_aside",
-           "write_signed", "folder_digest", "machine_path"]
+           "write_signed", "folder_digest", "machine_path", "read_regular"]
+
+
+def read_regular(path: str | Path) -> bytes:
+    """A regular file's bytes. A shared folder can ship a FIFO, socket or device under a file's name
+    (``recipe.toml``, an SAE's ``cfg.json``), whose read would block or never end: those raise
+    :class:`ValueError` without reading (links are followed, as a hub cache's are).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "a.json").write_text("{}")
+        >>> read_regular(d / "a.json")
+        b'{}'
+        >>> os.mkfifo(d / "b.json")
+        >>> read_regular(d / "b.json")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: ...b.json is not a regular file
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

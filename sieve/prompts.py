@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sieve.errors import RecipeError, SieveError
-from sieve.recipe import read_text
+from sieve.recipe import parse_toml, read_text
 from sieve.world import DATA_DIR
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = [
     "Prompt", "PromptSets", "load_prompt_sets", "WORLD_PROMPTS_DIR", "PromptFileError", "load_prompt_file",
@@ -126,10 +120,7 @@ def _task_sets(r: Any, tokenizer: Any) -> PromptSets:
     if not path.is_file():
         raise RecipeError(r.path or "<recipe>", "prompts.source",
                           f"prompt file {path} " + ("is not a file" if path.exists() else "not found"))
-    try:
-        spec = tomllib.loads(read_text(path))
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(path, "-", f"is not valid TOML: {e}") from e
+    spec = parse_toml(read_text(path), path)
     for key in ("instruction", "prefill", "function", "neutral", "contrastive"):
         if key not in spec:
             raise RecipeError(path, key, "is required in a prompts file")
@@ -244,6 +235,8 @@ def _jsonl_prompts(path: Path, text: str, kind: str) -> list[tuple[Prompt, int]]
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise PromptFileError(path, n, f"is not valid JSON ({e.msg}, column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # an integer past the digit limit; nesting too deep
+            raise PromptFileError(path, n, f"is not JSON sieve reads ({type(e).__name__}: {str(e)[:100]})") from None
         if not isinstance(obj, dict):
             raise PromptFileError(path, n, f"must be a JSON object with a 'prompt' field, got {type(obj).__name__}")
         prompt = obj.get("prompt")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from sieve.errors import RecipeError
+from sieve.errors import RecipeError, first_line
 from sieve.launch import LaunchSpec, check_recipe_launch
 from sieve.methods import UNSTEERED
 
@@ -521,10 +521,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path).resolve()
     if not path.is_file():
         raise RecipeError(path, "-", "file not found" if not path.exists() else "is not a file")
-    try:
-        data = tomllib.loads(read_text(path))
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(path, "-", f"is not valid TOML: {e}") from e
+    data = parse_toml(read_text(path), path)
     check_file_settings(data, path, path.parent)  # what only the command line may set
     if overrides:
         data = apply_overrides(data, overrides, path)
@@ -601,12 +598,34 @@ def read_text(path: Path) -> str:
         Traceback (most recent call last):
         sieve.errors.RecipeError: ...r.toml: [-] is not UTF-8 text: byte 0xe9 at offset 11 ...
     """
-    data = Path(path).read_bytes()
+    from sieve.files import read_regular
+
+    try:
+        data = read_regular(path)
+    except (OSError, ValueError) as e:
+        raise RecipeError(path, "-", f"cannot be read: {first_line(e):.160}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RecipeError(path, "-", f"is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
                           "(save the file as UTF-8)") from None
+
+
+def parse_toml(text: str, path: Path | str) -> dict[str, Any]:
+    """TOML text as a table, with one :class:`RecipeError` naming the file for anything that is not
+    (invalid TOML, but also nesting too deep for the parser, or an integer past Python's digit limit).
+
+    Example:
+        >>> parse_toml("a = [" * 5000, "r.toml")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        sieve.errors.RecipeError: r.toml: [-] is not valid TOML: nested too deep...
+    """
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise RecipeError(path, "-", "is not valid TOML: nested too deep to read") from None
+    except ValueError as e:  # tomllib.TOMLDecodeError, and int() past sys.get_int_max_str_digits()
+        raise RecipeError(path, "-", f"is not valid TOML: {first_line(e):.160}") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], where: Path | str = "<overrides>") -> dict:

@@ -39,7 +39,7 @@ from typing import Any
 import polars as pl
 
 from sieve.errors import SieveError, first_line
-from sieve.files import write_atomic, write_signed
+from sieve.files import read_regular, write_atomic, write_signed
 from sieve.methods import FAMILIES, family
 from sieve.recipe import Recipe, recipe_from_dict, recipe_hash
 
@@ -227,8 +227,8 @@ def shard_inputs(folders: Sequence[Path]) -> tuple[pl.DataFrame | None, dict | N
     weights = {}
     for d in folders:
         if (Path(d) / SOURCES_FILE).is_file():
-            with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
-                weights[str(d)] = json.loads((Path(d) / SOURCES_FILE).read_text())
+            with contextlib.suppress(OSError, ValueError, RecursionError):
+                weights[str(d)] = json.loads(read_regular(Path(d) / SOURCES_FILE))
     from sieve.setting import with_unrecorded
 
     records = list(weights.values())
@@ -296,6 +296,10 @@ def _method_colors(cells: list[dict[str, Any]]) -> dict[str, str]:
 
 def _session_info(run: dict[str, Any] | None) -> dict[str, Any]:
     sessions = (run or {}).get("sessions", [])
+    # a shared folder's run.json may hold anything: sessions without their times are not reported
+    sessions = [s for s in sessions if isinstance(s, dict) and isinstance(s.get("started"), str)
+                and isinstance(s.get("finished"), str) and isinstance(s.get("seconds", 0.0), (int, float))] \
+        if isinstance(sessions, list) else []
     if not sessions:
         return {"sessions": []}
     return {"sessions": sessions, "started": min(s["started"] for s in sessions),

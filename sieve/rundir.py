@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from sieve.errors import RecipeError, SieveError, first_line
-from sieve.files import write_atomic
+from sieve.files import read_regular, write_atomic
 from sieve.recipe import Recipe, recipe_dict, recipe_hash
 
 if sys.version_info >= (3, 11):
@@ -197,9 +197,9 @@ def check(folder: str | Path, recipe: Recipe) -> None:
     if meta.get("hash") == h:
         return
     old = {}
-    if toml_path.exists():
-        with contextlib.suppress(tomllib.TOMLDecodeError, UnicodeDecodeError):
-            old = tomllib.loads(toml_path.read_text())
+    if toml_path.exists():  # only to name the keys that differ: a file that does not read is left out
+        with contextlib.suppress(ValueError, RecursionError, OSError):  # a FIFO, bad TOML or UTF-8, too deep
+            old = tomllib.loads(read_regular(toml_path).decode("utf-8"))
     diff = _differences(old, recipe_dict(recipe)) if old else ""
     raise SieveError(
         f"{folder} holds results of another recipe (hash {meta.get('hash')}, from {meta.get('file')} "

@@ -127,10 +127,12 @@ def _shortlist(ids: list[str], near: str | None, n: int = 8) -> list[str]:
 
 
 def _read_json(p: Path) -> dict:
+    from sieve.files import read_regular
+
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SieveError(f"{p}: not readable JSON ({e})") from e
+        return json.loads(read_regular(p))
+    except (OSError, ValueError, RecursionError) as e:  # JSON errors, a FIFO, nesting too deep
+        raise SieveError(f"{p}: not readable JSON ({first_line(e):.160})") from None
 
 
 def _offline_hint(what: str, repo: str, files: str) -> str:
@@ -359,7 +361,10 @@ def _read_state_dict(f: Path) -> dict[str, Tensor]:
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise SieveError(f"{f}: not a state dict of tensors ({e})") from e
         if not isinstance(sd, dict):  # torch.save's legacy format starts with a magic number
-            sd = torch.load(f, map_location="cpu", weights_only=True)
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+                raise SieveError(f"{f}: not a state dict of tensors ({first_line(e):.200})") from None
     if not isinstance(sd, dict):
         raise SieveError(f"{f}: expected a state dict of tensors, found {type(sd).__name__}")
     return {k: v for k, v in sd.items() if isinstance(v, Tensor)}

@@ -14,7 +14,7 @@ from typing import Any
 
 from sieve.detectors import caa_detector, feature_detector, probe_detector, probe_training_data
 from sieve.errors import RecipeError, SieveError, first_line
-from sieve.files import folder_digest, machine_path
+from sieve.files import folder_digest, machine_path, read_regular
 from sieve.interventions import SAECode
 from sieve.methods import Parts
 from sieve.prompts import PromptSets, load_prompt_sets
@@ -256,7 +256,12 @@ def checked_inputs(recipe: Recipe) -> tuple[Any, PromptSets]:
                               f"(0..{shape[1] - 1})")
     cfg: Any = {}
     if cfg_path is not None and cfg_path.exists():
-        cfg = json.loads(cfg_path.read_text())
+        try:
+            cfg = json.loads(read_regular(cfg_path))
+        except (OSError, ValueError, RecursionError) as e:  # JSON errors, a FIFO, nesting too deep
+            raise RecipeError(where, "sae.source", f"{cfg_path} is not readable JSON ({first_line(e):.160})") from None
+        if not isinstance(cfg, dict):
+            raise RecipeError(where, "sae.source", f"{cfg_path} is not a JSON object")
         d_in, d_sae = cfg.get("d_in"), cfg.get("d_sae")
         if isinstance(width, int) and isinstance(d_in, int) and d_in != width:
             raise RecipeError(where, "sae.source", f"the SAE reads vectors of width {d_in} but the model's hidden size "
@@ -339,8 +344,8 @@ def _model_files(src: Path) -> tuple[str, ...]:
     extra: list[str] = []
     for index in sorted(src.glob("*.index.json")):
         try:
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-        except (OSError, ValueError, AttributeError):
+            weight_map = json.loads(read_regular(index)).get("weight_map", {})
+        except (OSError, ValueError, AttributeError, RecursionError):  # a FIFO, bad JSON: names no shards
             continue
         if isinstance(weight_map, dict):
             extra += [v for v in weight_map.values() if isinstance(v, str)]

@@ -402,12 +402,47 @@ def test_sandbox_is_a_recipe_key(tmp_path):
 def test_code_nested_too_deep_for_the_parser_is_a_syntax_failure_not_a_crash():
     """Generated code can be deeper than Python's parser allows (RecursionError, MemoryError): sieve's
     own process must not fall over, and it counts as not valid Python."""
-    for code in ("x = " + "1+" * 100_000 + "1\ndef test_a():\n    pass\n",
-                 "x = " + "-" * 100_000 + "1\ndef test_a():\n    pass\n"):
+    for code in ("x = " + "1+" * 60_000 + "1\ndef test_a():\n    pass\n",
+                 "x = " + "-" * 60_000 + "1\ndef test_a():\n    pass\n"):
         e = evaluate_code(code, execute=True)
         assert not e.syntax and e.exec_status == "syntax" and e.executed is False
         r = run_sandboxed(code)
         assert r.status == "error" and r.detail.startswith("does not parse")
+
+
+def test_code_over_the_size_cap_is_not_read():
+    """Every parse and walk in sieve's own process grows with the code: over the cap (about 32k tokens,
+    far past any generation budget) an evaluation is refused before the first parse."""
+    code = "def test_a():\n    pass\n" + "x = 1\n" * (sandbox._MAX_CODE // 6)
+    r = run_sandboxed(code)
+    assert r.status == "error" and "not evaluated" in r.detail and not r.ok, r
+
+
+def test_nested_main_guards_cost_one_walk(monkeypatch):
+    """``if __name__ ...:`` blocks nested 90 deep: finding what they guard visits each node a bounded
+    number of times (it walked each guard's body once per enclosing guard: 74 s of sieve's CPU for a
+    crafted module under the old 1 MiB cap)."""
+    import ast
+
+    depth = 90
+    code = ("".join("    " * i + "if __name__ == 'x':\n" for i in range(depth)) + "    " * depth + "class TestA:\n"
+            + "    " * (depth + 1) + "def test_a(self):\n" + "    " * (depth + 2) + "pass\n"
+            + "def test_b():\n    pass\n")
+    nodes = sum(1 for _ in ast.walk(ast.parse(code)))
+    visited = 0
+    walk = ast.walk
+
+    def counting(node):
+        nonlocal visited
+        for n in walk(node):
+            visited += 1
+            yield n
+
+    monkeypatch.setattr(ast, "walk", counting)
+    assert sandbox.unrun_tests(code) is None  # the test class sits under the guards: not reported
+    assert visited <= 3 * nodes, (visited, nodes)
+    monkeypatch.setattr(ast, "walk", walk)
+    assert sandbox.unrun_tests(code.replace("if __name__ == 'x':", "if True:")) is not None
 
 
 def test_installed_but_unusable_bwrap_says_what_to_allow(monkeypatch, tmp_path):

@@ -254,6 +254,32 @@ def test_process_namespace_and_device_calls_fail_under_the_os_layers_alone():
     assert got["setuid0"][0] == -1
 
 
+SIGNAL_QUEUE = textwrap.dedent("""
+    import signal
+    def test_queue():
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
+        queued = 0
+        try:
+            for _ in range(5000):
+                signal.raise_signal(signal.SIGRTMIN)
+                queued += 1
+        except OSError:
+            pass
+        print("QUEUED", queued, flush=True)
+        assert queued <= 64
+""")
+
+
+@pytest.mark.parametrize("mode", ["bwrap", "process"])
+def test_queued_signals_do_not_spend_the_host_users_budget(mode):
+    """Queued real-time signals count against RLIMIT_SIGPENDING of the real user, passed up through
+    the user namespace to the user sieve runs as: a test that queued about 96,000 left every process of
+    that user unable to queue a signal (sigqueue, pthread_kill with a real-time signal) until it ended.
+    The harness sets the limit to 64."""
+    r = run_sandboxed(SIGNAL_QUEUE, timeout_s=10.0, mode=mode)
+    assert r.ok and r.status == "ok", r
+
+
 SETUP_FORGERIES = {
     "update_wrapper_walks_to_the_worker": textwrap.dedent("""
         import functools
@@ -522,16 +548,30 @@ def test_record_locks_are_refused():
     assert r.ok, r
 
 
+def _cgroups_here() -> dict[str, str]:
+    """Which of an evaluation's cgroups sieve can make here ("pids", "memory" -> the cgroup it made,
+    removed again)."""
+    from sieve.evals import sandbox
+
+    made = sandbox._eval_cgroups(1 << 30)
+    kinds = {}
+    for d in made:
+        if os.path.exists(os.path.join(d, "pids.max")):
+            kinds["pids"] = d
+        if any(os.path.exists(os.path.join(d, f)) for f in ("memory.max", "memory.limit_in_bytes")):
+            kinds["memory"] = d
+        sandbox._remove_cgroup(d)
+    return kinds
+
+
 def test_threads_of_an_evaluation_are_bounded():
     """Each thread in the sandbox takes a pid of the host's table: one honest-looking test started 21,813
     threads (67% of pid_max) under memory_mb = 4096. Where sieve can make a pids cgroup, an evaluation
     holds at most 256 processes and threads, and the cgroup goes with it."""
-    from sieve.evals import sandbox
 
-    probe = sandbox._tasks_cgroup()
+    probe = _cgroups_here().get("pids")
     if probe is None:
         pytest.skip("no writable pids cgroup here: threads are bounded by the memory limit only")
-    sandbox._remove_cgroup(probe)
     parent = os.path.dirname(probe)
     code = textwrap.dedent("""
         import threading
@@ -550,3 +590,32 @@ def test_threads_of_an_evaluation_are_bounded():
     started = int(r.output.split("STARTED ", 1)[1].split()[0])
     assert r.status == "error" and started < 256, (started, r)
     assert not [d for d in os.listdir(parent) if d.startswith(f"sieve-sandbox-{os.getpid()}-")]  # removed
+
+
+PAGE_TABLES = textwrap.dedent("""
+    import ctypes
+    def test_pt():
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        n = 0
+        for i in range(70000):
+            addr = (1 << 40) + i * (1 << 30)  # a page in each GiB: page tables of its own
+            p = libc.mmap(addr, 4096, 1, 0x2 | 0x20 | 0x100000, -1, 0)  # PROT_READ, private anonymous, no replace
+            if p is None or p != addr:
+                break
+            ctypes.c_char.from_address(p).value
+            n += 1
+        print("MAPPED", n, flush=True)
+""")
+
+
+def test_kernel_memory_of_an_evaluation_is_bounded():
+    """Page tables are kernel memory outside the address-space limit: a test mapping a page in each GiB
+    held 514 MiB of them under memory_mb = 300 (screen and hook off: it needs ctypes). Where sieve can
+    make a memory cgroup, an evaluation's memory, kernel memory included, is bounded by memory_mb, the
+    work folder and 64 MiB for the interpreter: the test is killed."""
+    if "memory" not in _cgroups_here():
+        pytest.skip("no writable memory cgroup here: kernel memory is bounded by the address-space limit only")
+    r = _run(PAGE_TABLES, "", None, 20.0, 300, 8, None, "bwrap", screen_code=False, audit_hook=False)
+    assert r.status == "killed" and "MAPPED" not in r.output, r

@@ -176,6 +176,37 @@ def test_code_in_sub_folders_and_inline_group_tasks_is_found_and_includes_stay_i
     assert not marker.exists()
 
 
+def test_yaml_aliases_are_refused_before_they_are_walked(tmp_path):
+    """Aliases of aliases (461 bytes, nine levels of ten) held sieve's reader for a minute before the
+    model loaded: a node reached twice is refused at once."""
+    bomb = "a0: &a0 [" + ", ".join(["x"] * 10) + "]\n" + "".join(
+        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 10)) + "task: bomb\n"
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    found = task_code(tmp_path)
+    assert [c.file.name for c in found] == ["bomb.yaml"] and "YAML alias" in found[0].what
+    (tmp_path / "bomb.yaml").write_text("a: &x [1]\nb: *x\ntask: t\n")  # one alias is refused too
+    assert "YAML alias" in task_code(tmp_path)[0].what
+
+
+def test_includes_fanning_out_read_each_file_once(tmp_path, monkeypatch):
+    """24 files each including the next twice would be 2**24 reads; each file is read once, and a
+    folder is limited in how many files its includes reach."""
+    from sieve.evals import task_files
+
+    for i in range(24):
+        inc = f"include: [f{i + 1}.yaml, f{i + 1}.yaml]\n" if i < 23 else ""
+        (tmp_path / f"f{i}.yaml").write_text(f"{inc}doc_to_text: '{{{{q}}}}'\n" + ("task: top\n" if i == 0 else ""))
+    reads = []
+    real = task_files._Reader._load
+    monkeypatch.setattr(task_files._Reader, "_load", lambda self, path, seen: reads.append(path) or real(self, path,
+                                                                                                          seen))
+    assert task_code(tmp_path) == []
+    assert sorted(p.name for p in reads) == sorted(f"f{i}.yaml" for i in range(24))
+    monkeypatch.setattr(task_files, "_MAX_FILES", 10)
+    found = task_code(tmp_path)
+    assert found and "more than 10 task files" in found[0].what
+
+
 def test_a_folder_task_reaches_the_harness_as_a_plain_config(tmp_path):
     folder, _ = _folder(tmp_path, files={"tasks/base.yaml": "output_type: multiple_choice\ndoc_to_target: 1\n",
                                          "tasks/sub/t3.yaml": "task: t3\ninclude: ../base.yaml\n<<: {num_fewshot: 0}\n"

@@ -1,13 +1,15 @@
-"""Decide whether Python code uses regular expressions (the ``re`` module), and where.
+"""Decide whether Python code uses regular expressions (the ``re`` module, or the third-party ``regex``
+module, a drop-in for it), and where.
 
 The study searched the text for ``re.match(`` and friends: that misses aliases and
 ``from re import ...`` and counts matches inside strings and comments. sieve parses the code:
 
 - ``import re`` / ``import re as rx`` / ``from re import sub, compile as c`` are uses (the import
-  itself), and bind names whose later use is also counted;
+  itself), and bind names whose later use is also counted; likewise ``import regex`` (a steered model
+  that swaps ``re`` for ``regex`` still uses regular expressions);
 - ``re.<anything>`` on a name bound to the module (``re`` itself unless the code rebinds it) is a use;
   when it is called, the whole call, pattern arguments included, is the span;
-- ``__import__("re")`` and ``importlib.import_module("re")`` are uses;
+- ``__import__("re")`` and ``importlib.import_module("re")`` (or ``name="re"``) are uses;
 - strings and comments never count.
 
 Code that does not parse (a completion cut off mid-line, say) is handled by parsing the longest
@@ -27,8 +29,13 @@ from typing import Literal
 
 __all__ = ["RegexUse", "find_regex_use", "parse_quietly"]
 
+_MODULES = frozenset({"re", "regex"})  # modules whose use is regex use
+
+# An import of either module, also inside a list (``import os, re as rx``); ``from re(gex) import``;
+# ``re.<name>``. (``regex.<name>`` is not matched as text: ``regex`` is a common variable name.)
 _TEXT_RULE = re.compile(
-    r"\bimport\s+re\b(?!\w)|\bfrom\s+re\s+import\b|\bre\s*\.\s*[A-Za-z_]\w*"
+    r"\bimport\s+(?:[\w.]+(?:\s+as\s+\w+)?\s*,\s*)*(?:re|regex)\b(?!\w)|\bfrom\s+(?:re|regex)\s+import\b"
+    r"|\bre\s*\.\s*[A-Za-z_]\w*"
 )
 
 Parsed = Literal["ast", "partial", "text"]
@@ -64,50 +71,68 @@ def _line_offsets(code: str) -> list[int]:
     return offsets
 
 
-def _node_span(node: ast.AST, offsets: list[int], code: str) -> tuple[int, int]:
-    # ast col offsets are in UTF-8 bytes; convert per line to characters.
-    def to_char(lineno: int, col: int) -> int:
-        start = offsets[lineno - 1]
-        line = code[start : offsets[lineno] if lineno < len(offsets) else len(code)]
-        return start + len(line.encode("utf-8")[:col].decode("utf-8", errors="ignore"))
+class _Columns:
+    """Character offsets of AST positions in ``code`` (ast columns count UTF-8 bytes): an ASCII line's
+    byte column is its character column, and any other line gets a byte-to-character table once, so
+    that many uses on one long line cost a lookup each, not a re-encoding of the line."""
 
-    return (
-        to_char(node.lineno, node.col_offset),  # type: ignore[attr-defined]
-        to_char(node.end_lineno, node.end_col_offset),  # type: ignore[attr-defined]
-    )
+    def __init__(self, code: str) -> None:
+        self.code = code
+        self.offsets = _line_offsets(code)
+        self.tables: dict[int, list[int] | None] = {}
+
+    def char(self, lineno: int, col: int) -> int:
+        start = self.offsets[lineno - 1]
+        if lineno not in self.tables:
+            line = self.code[start : self.offsets[lineno] if lineno < len(self.offsets) else len(self.code)]
+            table = None
+            if not line.isascii():  # byte offset -> characters wholly before it
+                table = [0]
+                for i, ch in enumerate(line, 1):
+                    table.extend([i - 1] * (len(ch.encode("utf-8")) - 1) + [i])
+            self.tables[lineno] = table
+        table = self.tables[lineno]
+        return start + (col if table is None else table[min(col, len(table) - 1)])
+
+    def span(self, node: ast.AST) -> tuple[int, int]:
+        return (self.char(node.lineno, node.col_offset),  # type: ignore[attr-defined]
+                self.char(node.end_lineno, node.end_col_offset))  # type: ignore[attr-defined]
 
 
 def _is_import_of_re(node: ast.Call) -> bool:
     f = node.func
     name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
-    if name not in {"__import__", "import_module"} or not node.args:
+    if name not in {"__import__", "import_module"}:
         return False
-    arg = node.args[0]
-    return isinstance(arg, ast.Constant) and arg.value == "re"
+    arg = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "name"), None)
+    return isinstance(arg, ast.Constant) and arg.value in _MODULES
 
 
 def _ast_uses(tree: ast.AST, code: str) -> tuple[list[tuple[int, int]], list[str], set[str]]:
-    offsets = _line_offsets(code)
+    cols = _Columns(code)
     module_names: set[str] = {"re"}
     func_names: set[str] = set()
     rebound: set[str] = set()
     spans: list[tuple[int, int]] = []
     kinds: list[str] = []
+    re_imported = False  # the ``re`` module itself imported, in any form
 
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                if a.name == "re":
-                    module_names.add(a.asname or "re")
-                    spans.append(_node_span(node, offsets, code))
+                if a.name in _MODULES:
+                    module_names.add(a.asname or a.name)
+                    re_imported |= a.name == "re"
+                    spans.append(cols.span(node))
                     kinds.append("import")
                 elif (a.asname or a.name) == "re":
                     rebound.add("re")
         elif isinstance(node, ast.ImportFrom):
-            if node.module == "re" and node.level == 0:
+            if node.module in _MODULES and node.level == 0:
+                re_imported |= node.module == "re"
                 for a in node.names:
                     func_names.add(a.asname or a.name)
-                spans.append(_node_span(node, offsets, code))
+                spans.append(cols.span(node))
                 kinds.append("import")
         elif isinstance(node, (ast.Name,)) and isinstance(node.ctx, ast.Store):
             rebound.add(node.id)
@@ -115,8 +140,7 @@ def _ast_uses(tree: ast.AST, code: str) -> tuple[list[tuple[int, int]], list[str
             rebound.add(node.arg)
 
     # ``re`` is the module unless the code binds that name to something else and never imports it.
-    imported_as_re = any(k == "import" for k in kinds) and "re" in module_names
-    if "re" in rebound and not imported_as_re:
+    if "re" in rebound and not re_imported:
         module_names.discard("re")
 
     called: set[int] = set()
@@ -129,7 +153,7 @@ def _ast_uses(tree: ast.AST, code: str) -> tuple[list[tuple[int, int]], list[str
                 and f.value.id in module_names
             ) or (isinstance(f, ast.Name) and f.id in func_names)
             if hit or _is_import_of_re(node):
-                spans.append(_node_span(node, offsets, code))
+                spans.append(cols.span(node))
                 kinds.append("call")
                 called.add(id(f))
     for node in ast.walk(tree):
@@ -139,7 +163,7 @@ def _ast_uses(tree: ast.AST, code: str) -> tuple[list[tuple[int, int]], list[str
             and node.value.id in module_names
             and id(node) not in called
         ):
-            spans.append(_node_span(node, offsets, code))
+            spans.append(cols.span(node))
             kinds.append("attribute")
     return spans, kinds, module_names | func_names
 

@@ -426,6 +426,24 @@ def _module_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
             yield from _module_level(node.body)
 
 
+def _under_main_guard(tree: ast.AST) -> set[int]:
+    """The ids of the nodes in the body of an ``if __name__ ...:`` (which never runs here), in one walk:
+    a walk per guard costs the square of the nesting depth."""
+    guarded: set[int] = set()
+    todo: list[tuple[ast.AST, bool]] = [(tree, False)]
+    while todo:
+        node, inside = todo.pop()
+        if inside:
+            guarded.add(id(node))
+        main = (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+        for name, value in ast.iter_fields(node):
+            for child in value if isinstance(value, list) else [value]:
+                if isinstance(child, ast.AST):
+                    todo.append((child, inside or (main and name == "body")))
+    return guarded
+
+
 def unrun_tests(code: str) -> str | None:
     """Why tests in ``code`` would not run as written here, so that no outcome of theirs can be counted
     (None when every test is a module-level function): test classes nothing in the module runs
@@ -443,9 +461,7 @@ def unrun_tests(code: str) -> str | None:
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    guarded = {id(x) for n in ast.walk(tree) if isinstance(n, ast.If) and isinstance(n.test, ast.Compare)
-               and isinstance(n.test.left, ast.Name) and n.test.left.id == "__name__"
-               for b in n.body for x in ast.walk(b)}  # `if __name__ == "__main__":` never runs here
+    guarded = _under_main_guard(tree)
     for node in ast.walk(tree):
         if id(node) in guarded:
             continue
@@ -569,7 +585,8 @@ def _limits(job):
     cpu, mem, fsize = job["cpu_s"], job["memory_mb"] << 20, job["file_mb"] << 20
     for res, val in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (mem, mem)),
                      (resource.RLIMIT_FSIZE, (fsize, fsize)), (resource.RLIMIT_NOFILE, (64, 64)),
-                     (resource.RLIMIT_CORE, (0, 0))):
+                     (resource.RLIMIT_CORE, (0, 0)), (resource.RLIMIT_SIGPENDING, (64, 64))):
+        # queued signals count against the host user's budget (a user namespace passes them up)
         resource.setrlimit(res, val)
 
 def _audit_hook(root, stdlib, stdlib_dir):
@@ -1073,7 +1090,8 @@ _OUTPUT_KEEP = 16 << 10  # bytes of stdout/stderr kept for the detail
 _OUTPUT_LIMIT = 8 << 20  # more than this (stdout + stderr) kills the evaluation
 _RESULT_LIMIT = 4 << 20
 _MAX_FILES = 10_000  # inodes the tests may add to the work folder (bwrap mode), each kernel memory
-_MAX_CODE = 1 << 20  # characters of code (tests and code under test) an evaluation reads
+_MAX_CODE = 1 << 17  # characters of code (tests and code under test) an evaluation reads: about 32k tokens,
+# where a 1 MiB module cost sieve's own process 16 s of CPU and 860 MB in its parses and walks
 _MAX_TASKS = 256  # processes and threads of one evaluation, where a pids cgroup can hold them
 
 
@@ -1199,7 +1217,9 @@ def run_sandboxed(
     the test functions (``call``, or every top-level ``def test*``), each in its own process.
 
     ``timeout_s`` bounds the whole evaluation (wall clock); ``memory_mb`` (address space),
-    ``file_mb`` (largest file) and CPU seconds bound each test process. ``mode="bwrap"`` (default)
+    ``file_mb`` (largest file) and CPU seconds bound each test process; where sieve can make cgroups,
+    the evaluation holds at most 256 tasks and ``memory_mb`` + its work folder + 64 MiB of memory,
+    kernel memory included. ``mode="bwrap"`` (default)
     refuses with :class:`SandboxUnavailable` where bubblewrap is missing; ``"process"`` is the
     weaker, explicitly chosen mode.
 
@@ -1248,8 +1268,9 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
            "stdlib_dir": interp.stdlib,
            "seccomp": seccomp, "audit": audit_hook, "pidns": mode == "bwrap", "max_files": _MAX_FILES}
     tmp, lock = None, -1
+    work_mb = max(16, 4 * int(file_mb))
     if mode == "bwrap":
-        cmd = _bwrap_command(interp, max(16, 4 * int(file_mb)))
+        cmd = _bwrap_command(interp, work_mb)
         cwd, env = "/", {"LANG": "C.UTF-8"}
     else:
         _sweep_stale_work_dirs()
@@ -1261,9 +1282,13 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
         cwd, env = tmp, {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
     # the harness's parent: sieve in process mode (unshare execs it in place); unknown inside bwrap's pid namespace
     cmd += [interp.exe, "-I", "-S", "-B", "-c", _HARNESS, str(os.getpid()) if mode != "bwrap" else "0"]
-    cgroup = _tasks_cgroup()
-    if cgroup is not None:  # the first process joins the cgroup, then becomes the sandbox (exec: the same pid)
-        cmd = ["/bin/sh", "-c", 'echo $$ 2>/dev/null > "$0"; exec "$@"', os.path.join(cgroup, "cgroup.procs"), *cmd]
+    # the memory of the harness, a test process and the work folder, with room for the interpreter: this
+    # counts what the address-space limit does not (page tables, other kernel memory)
+    cgroups = _eval_cgroups((int(memory_mb) + work_mb + _MEMORY_ROOM_MB) << 20)
+    if cgroups:  # the first process joins the cgroups, then becomes the sandbox (exec: the same pid)
+        cmd = ["/bin/sh", "-c", 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ 2>/dev/null > "$1"; shift; '
+               'n=$((n - 1)); done; exec "$@"', "sh", str(len(cgroups)),
+               *(os.path.join(c, "cgroup.procs") for c in cgroups), *cmd]
     r_fd, w_fd = os.pipe()
     try:
         job["result_fd"] = w_fd
@@ -1279,31 +1304,56 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
         if tmp:
             _remove_tree(tmp)
             os.close(lock)
-        if cgroup is not None:
-            _remove_cgroup(cgroup)
+        for c in cgroups:
+            _remove_cgroup(c)
     return _verdict(names, *outcome, time.monotonic() - t0)
 
 
 _CGROUPS = itertools.count()
 
 
-def _tasks_cgroup() -> str | None:
-    """A new cgroup, beside none other, that holds one evaluation's processes and threads to
-    ``_MAX_TASKS`` (each thread takes a pid of the host's table): under this process's own cgroup in the
-    ``pids`` hierarchy (cgroup v1) or the unified one (v2), where this user may write there. None where
-    it may not (then threads are bounded by the memory limit only)."""
+_MEMORY_ROOM_MB = 64  # the harness's interpreter and bubblewrap, beside a test's memory_mb and the work folder
+
+
+def _eval_cgroups(memory_bytes: int) -> list[str]:
+    """New cgroups, beside none other, that hold one evaluation's processes: its tasks to ``_MAX_TASKS``
+    (each thread takes a pid of the host's table) and, where the memory controller is there, its memory
+    to ``memory_bytes``, kernel memory included (page tables of pages mapped far apart held 514 MiB
+    outside a 300 MB address-space limit). Made under this process's own cgroups: in the ``pids`` and
+    ``memory`` hierarchies (cgroup v1) or the unified one (v2, both in one), where this user may write
+    there. Empty where it may not (then threads and kernel memory are bounded by the address-space
+    limit only)."""
     try:
         with open("/proc/self/cgroup") as f:
             lines = f.read().splitlines()
     except OSError:
-        return None
-    parents = []
+        return []
+    tasks, memory = [], []
     for line in lines:
         hid, ctrls, path = (line.split(":", 2) + ["", ""])[:3]
         if "pids" in ctrls.split(","):
-            parents.append(os.path.join("/sys/fs/cgroup/pids", path.lstrip("/")))
+            tasks.append(os.path.join("/sys/fs/cgroup/pids", path.lstrip("/")))
+        if "memory" in ctrls.split(","):
+            memory.append(os.path.join("/sys/fs/cgroup/memory", path.lstrip("/")))
         elif hid == "0" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
-            parents.append(os.path.join("/sys/fs/cgroup", path.lstrip("/")))
+            tasks.append(os.path.join("/sys/fs/cgroup", path.lstrip("/")))
+    made = []
+    d = _new_cgroup(tasks, {"pids.max": str(_MAX_TASKS)})
+    if d is not None:
+        made.append(d)
+        if os.path.exists(os.path.join(d, "memory.max")):  # v2 with the memory controller
+            try:
+                with open(os.path.join(d, "memory.max"), "w") as f:
+                    f.write(str(memory_bytes))
+                return made
+            except OSError:
+                pass
+    m = _new_cgroup(memory, {"memory.limit_in_bytes": str(memory_bytes)})
+    return made + ([m] if m is not None else [])
+
+
+def _new_cgroup(parents: list[str], settings: dict[str, str]) -> str | None:
+    """A new cgroup under the first of ``parents`` where one can be made and given ``settings``."""
     for parent in parents:
         _sweep_cgroups(parent)
         d = os.path.join(parent, f"sieve-sandbox-{os.getpid()}-{next(_CGROUPS)}")
@@ -1312,8 +1362,9 @@ def _tasks_cgroup() -> str | None:
         except OSError:
             continue
         try:
-            with open(os.path.join(d, "pids.max"), "w") as f:
-                f.write(str(_MAX_TASKS))
+            for name, value in settings.items():
+                with open(os.path.join(d, name), "w") as f:
+                    f.write(value)
             return d
         except OSError:
             _remove_cgroup(d)

@@ -137,18 +137,26 @@ def _loader() -> type:
 
 
 def _tags(node: yaml.Node, file: Path, found: list[TaskCode]) -> None:
-    """Every node whose tag is not plain data (``!function``, ``!!python/...``, on values and keys)."""
-    if node.tag not in _DATA_TAGS:
-        value = node.value if isinstance(node, yaml.ScalarNode) else "…"
-        found.append(TaskCode(file, node.start_mark.line + 1, f"YAML tag {node.tag} {value!s:.60} (the harness "
+    """Every node whose tag is not plain data (``!function``, ``!!python/...``, on values and keys), and
+    every node reached a second time: a YAML alias (``*name``) repeats a node, and aliases of aliases
+    grow a 461-byte file into billions of values (walked, or expanded later by whatever reads them)."""
+    seen: set[int] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if id(n) in seen:
+            found.append(TaskCode(file, n.start_mark.line + 1, "repeats a node through a YAML alias (*name): "
+                                                               "shared task files write their values out"))
+            return
+        seen.add(id(n))
+        if n.tag not in _DATA_TAGS:
+            value = n.value if isinstance(n, yaml.ScalarNode) else "…"
+            found.append(TaskCode(file, n.start_mark.line + 1, f"YAML tag {n.tag} {value!s:.60} (the harness "
                                                                "imports or builds Python objects from tags)"))
-    if isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _tags(item, file, found)
-    elif isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            _tags(k, file, found)
-            _tags(v, file, found)
+        if isinstance(n, yaml.SequenceNode):
+            todo.extend(reversed(n.value))
+        elif isinstance(n, yaml.MappingNode):
+            todo.extend(x for k, v in reversed(n.value) for x in (v, k))
 
 
 def _lines(node: yaml.Node | None) -> dict[str, int]:
@@ -158,6 +166,9 @@ def _lines(node: yaml.Node | None) -> dict[str, int]:
     return {str(k.value): k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
 
 
+_MAX_FILES = 500  # task files one folder's tasks may read, includes counted
+
+
 class _Reader:
     """Reads a folder's task files as data, collecting what is refused."""
 
@@ -165,6 +176,8 @@ class _Reader:
         self.folder, self.root = folder.resolve(), root.resolve()
         self.found: list[TaskCode] = []
         self.registries = {k: _registry(k) for k in ("metric", "filter", "aggregation", "sampler")}
+        self.loaded: dict[Path, tuple[dict[str, Any] | None, dict[str, int]]] = {}  # each file read once
+        self.reads = 0
 
     def refuse(self, file: Path, line: int, what: str) -> None:
         self.found.append(TaskCode(file, line, what))
@@ -176,6 +189,16 @@ class _Reader:
         if path in seen:
             self.refuse(path, 1, "include cycle")
             return None, {}
+        if path not in self.loaded:
+            if self.reads >= _MAX_FILES:
+                self.refuse(path, 1, f"more than {_MAX_FILES} task files read through includes")
+                return None, {}
+            self.reads += 1
+            self.loaded[path] = self._load(path, seen)
+        cfg, lines = self.loaded[path]
+        return (None if cfg is None else dict(cfg)), dict(lines)
+
+    def _load(self, path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any] | None, dict[str, int]]:
         try:
             raw = path.read_bytes()
             nodes = list(yaml.compose_all(raw, Loader=_loader()))
