@@ -10,8 +10,9 @@ ratio of medians with the range of the per-round ratios:
   -rn``), loaded from this repository's history (commit ``OLD_COMMIT``);
 - ``bwrap``: the default mode (bubblewrap, one forked worker per test behind seccomp);
 - ``process``: the weaker mode (same harness, no namespaces);
-- ``bwrap, no cgroup``: the default mode without the ``pids`` cgroup an evaluation runs in where sieve
-  can make one (to show what that bound costs; the same as ``bwrap`` where no cgroup can be made).
+- ``bwrap, no cgroup``: the default mode without the ``pids`` and memory cgroups an evaluation runs in
+  where sieve can make them (to show what those bounds cost; the same as ``bwrap`` where none can be
+  made).
 
 Two workloads: the study's typical answer (one ``test_fuzz`` with 200 random cases) and a module with
 three test functions (one worker process each).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import platform
 import statistics
 import subprocess
@@ -88,7 +90,7 @@ def main() -> None:
         "process": lambda code: sandbox.run_sandboxed(code, setup=SETUP, timeout_s=10, mode="process"),
         "bwrap, no cgroup": _without_cgroup(lambda code: sandbox.run_sandboxed(code, setup=SETUP, timeout_s=10)),
     }
-    print(f"# pids cgroup here: {'yes' if _has_cgroup() else 'no'}")
+    print(f"# cgroups here: {', '.join(_cgroups()) or 'none'}")
     print(f"# {platform.machine()}, {platform.python_version()}, {args.repeats} interleaved rounds")
     for label, code in (("1 test function", ONE_TEST), ("3 test functions", THREE_TESTS)):
         for way in ways.values():  # warm-up (interpreter query, probe, page cache)
@@ -109,26 +111,29 @@ def main() -> None:
                   f"ratio {med[name] / med['old']:.2f}x (10-90%: {lo:.2f}-{hi:.2f})")
         pair = sorted(b / a for a, b in zip(times["bwrap, no cgroup"], times["bwrap"]))
         lo, hi = pair[len(pair) // 10], pair[-1 - len(pair) // 10]
-        print(f"{label}: bwrap without the pids cgroup {med['bwrap, no cgroup'] * 1000:.0f} ms, with it "
+        print(f"{label}: bwrap without the cgroups {med['bwrap, no cgroup'] * 1000:.0f} ms, with them "
               f"{med['bwrap'] * 1000:.0f} ms, ratio {med['bwrap'] / med['bwrap, no cgroup']:.2f}x (10-90%: {lo:.2f}-{hi:.2f})")
 
 
-def _has_cgroup() -> bool:
-    d = sandbox._tasks_cgroup()
-    if d is not None:
+def _cgroups() -> list[str]:
+    """Which of an evaluation's cgroups sieve makes here."""
+    made = sandbox._eval_cgroups(1 << 30)
+    kinds = [k for d in made for k, f in (("pids", "pids.max"), ("memory", "memory.max"),
+                                          ("memory", "memory.limit_in_bytes")) if os.path.exists(os.path.join(d, f))]
+    for d in made:
         sandbox._remove_cgroup(d)
-    return d is not None
+    return kinds
 
 
 def _without_cgroup(run):
-    """``run`` with sieve's pids cgroup switched off for its call."""
+    """``run`` with sieve's cgroups switched off for its call."""
     def call(code):
-        real = sandbox._tasks_cgroup
-        sandbox._tasks_cgroup = lambda: None
+        real = sandbox._eval_cgroups
+        sandbox._eval_cgroups = lambda memory_bytes: []
         try:
             return run(code)
         finally:
-            sandbox._tasks_cgroup = real
+            sandbox._eval_cgroups = real
     return call
 
 
