@@ -468,7 +468,7 @@ def bench_recipe(prompts: int, repeats: int, cache: Path | None, recipe: Path | 
     engine alone (prefill shared, growing cache, rows leaving their batch when they end; no forking);
     and all of it (the default: forked rows also read their prefix from their trajectory). ``engines``:
     also the sweep unforked under these :data:`ENGINES` settings (each saving alone). ``warmup``: rounds
-    of every side run first and not timed (default: 1 on a GPU, where each side's first run paid 2-4x
+    of every side run first and not timed (default: 1 on a GPU, where most sides' first run paid 1.5-4.8x
     its later ones for allocation and kernel selection on an H200; 0 on a CPU)."""
     model, todo, prompts_, ivs, kw, bs = recipe_rows(prompts, cache, recipe)
     seeds = [row.seed for row in todo]

@@ -21,6 +21,7 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 pyver=${1:-3.12}
 mkdir -p .whl
+rm -f .whl/site.tar.xz  # an earlier pack would stand in for these wheels (bench/gpu.sh unpacks it first)
 "$py" -m pip download --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \

@@ -43,6 +43,7 @@ import json
 import logging
 import sys
 import tempfile  # noqa: F401 - the doctests use it
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +59,11 @@ __all__ = ["DEFAULT_RECIPE", "RecipeCLI", "Run"]
 DEFAULT_RECIPE = Path(__file__).parent / "regex.toml"
 
 log = logging.getLogger("recipes")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one log line each (escaped by the handlers' filter), without the source line."""
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
 
 
 def _printable_record(record: logging.LogRecord) -> bool:
@@ -147,7 +153,7 @@ class RecipeCLI:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         for handler in logging.getLogger().handlers:
             handler.addFilter(_printable_record)  # names from shared folders reach the terminal escaped
-        logging.captureWarnings(True)  # warnings too (they name recipe files)
+        warnings.showwarning = _show_warning  # warnings too: they name recipe files
         try:
             recipe = load_recipe(path, overrides)
             # output.dir set on the command line (an override) is the user's, not the recipe file's.

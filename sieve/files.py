@@ -22,10 +22,11 @@ __all__ = ["write_atomic", "local_mac", "key_problem", "secret_path", "sign", "s
            "write_signed", "folder_digest", "machine_path", "read_regular"]
 
 
-def read_regular(path: str | Path) -> bytes:
-    """A regular file's bytes. A shared folder can ship a FIFO, socket or device under a file's name
-    (``recipe.toml``, an SAE's ``cfg.json``), whose read would block or never end: those raise
-    :class:`ValueError` without reading (links are followed, as a hub cache's are).
+def read_regular(path: str | Path, limit: int = 16 << 20) -> bytes:
+    """A regular file's bytes, at most ``limit`` of them. A shared folder can ship a FIFO, socket or
+    device under a file's name (``recipe.toml``, an SAE's ``cfg.json``), whose read would block or never
+    end, or a link to a file that reads on past any size (``/proc/self/pagemap``, which says it is a
+    regular file of size 0): those raise :class:`ValueError` (links are followed, as a hub cache's are).
 
     Example:
         >>> import tempfile
@@ -42,9 +43,12 @@ def read_regular(path: str | Path) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"{path} is not a regular file")
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 20):  # whole MiB (pagemap reads only in multiples of 8 bytes)
             chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"{path} is larger than {limit:,} bytes: not read")
         return b"".join(chunks)
     finally:
         os.close(fd)

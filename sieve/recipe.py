@@ -616,7 +616,7 @@ def parse_toml(text: str, path: Path | str) -> dict[str, Any]:
     (invalid TOML, but also nesting too deep for the parser, or an integer past Python's digit limit).
 
     Example:
-        >>> parse_toml("a = [" * 5000, "r.toml")  # doctest: +ELLIPSIS
+        >>> parse_toml("a = " + "[" * 5000, "r.toml")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         sieve.errors.RecipeError: r.toml: [-] is not valid TOML: nested too deep...
     """

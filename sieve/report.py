@@ -137,10 +137,8 @@ def load_run(out: Path) -> dict[str, Any] | None:
     if not path.exists() and not path.is_symlink():
         return None
     try:
-        if not path.is_file():  # a FIFO would hang the read
-            raise ValueError("not a regular file")
-        run = json.loads(path.read_text())
-    except (ValueError, OSError, UnicodeDecodeError) as e:
+        run = json.loads(read_regular(path))  # not a FIFO, nor a link to what never ends
+    except (ValueError, RecursionError, OSError) as e:
         raise SieveError(f"{path} is not readable ({first_line(e):.120}): it records the folder's sessions and "
                          "recipe; restore it, or move it away to report without it") from None
     if not isinstance(run, dict):

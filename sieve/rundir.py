@@ -185,12 +185,10 @@ def check(folder: str | Path, recipe: Recipe) -> None:
     if not meta_path.exists() or not _has_results(folder):
         return
     try:
-        if not meta_path.is_file():  # a FIFO would hang the read
-            raise ValueError("not a regular file")
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(read_regular(meta_path))  # not a FIFO, nor a link to what never ends
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError, OSError) as e:
+    except (ValueError, RecursionError, OSError) as e:
         raise SieveError(f"{meta_path} is not readable JSON ({first_line(e):.120}); it says which recipe made this "
                          "folder: restore it or use another output folder") from None
     h = recipe_hash(recipe)

@@ -619,3 +619,35 @@ def test_kernel_memory_of_an_evaluation_is_bounded():
         pytest.skip("no writable memory cgroup here: kernel memory is bounded by the address-space limit only")
     r = _run(PAGE_TABLES, "", None, 20.0, 300, 8, None, "bwrap", screen_code=False, audit_hook=False)
     assert r.status == "killed" and "MAPPED" not in r.output, r
+
+
+def test_a_sandbox_that_cannot_join_its_cgroups_does_not_run(monkeypatch, tmp_path):
+    """The wrapper fails closed: where writing its pid into an evaluation's cgroup fails, the sandbox is
+    not started (it would run without the task and memory bounds)."""
+    from sieve.evals import sandbox
+
+    monkeypatch.setattr(sandbox, "_eval_cgroups", lambda memory_bytes: [str(tmp_path / "gone")])
+    r = _run("def test_a():\n    assert True\n", "", None, 10.0, 256, 8, None, "bwrap")
+    assert not r.ok and r.status == "no-result" and "could not join" in r.detail, r
+
+
+def test_a_sweep_keeps_the_cgroups_another_thread_has_made_and_not_yet_joined():
+    """One thread's sweep removed the empty cgroups another thread had just made for its evaluation and
+    not yet joined (3 of 24 evaluations run from three threads then ran past the 256-task bound): a
+    process sweeps only the cgroups its own finished evaluations left."""
+    from sieve.evals import sandbox
+
+    made = sandbox._eval_cgroups(1 << 30)
+    if not made:
+        pytest.skip("no writable cgroup here")
+    try:
+        for d in made:
+            sandbox._sweep_cgroups(os.path.dirname(d))  # what another thread's next evaluation does first
+        assert all(os.path.isdir(d) for d in made), made
+        sandbox._LEFT.update(made)  # once its evaluation has ended and the cgroup could not be removed
+        for d in made:
+            sandbox._sweep_cgroups(os.path.dirname(d))
+        assert not any(os.path.isdir(d) for d in made) and not sandbox._LEFT & set(made)
+    finally:
+        for d in made:
+            sandbox._remove_cgroup(d)

@@ -78,6 +78,14 @@ def test_a_fifo_or_bad_json_as_the_saes_cfg_is_one_error_before_the_weights(tmp_
         preflight(recipe)
 
 
+def test_a_recipe_linked_to_a_file_that_reads_on_forever_is_one_error(tmp_path):
+    """/proc/self/pagemap says it is a regular file of size 0 and reads on for hundreds of GiB: a recipe
+    linked to it filled 2.2 GB before a MemoryError; the read stops at a size cap."""
+    (tmp_path / "recipe.toml").symlink_to("/proc/self/pagemap")
+    with pytest.raises(RecipeError, match="cannot be read.*larger than"):
+        _returns(lambda: load_recipe(tmp_path / "recipe.toml"))
+
+
 def test_a_fifo_named_like_a_weight_index_in_a_model_folder_does_not_block(tmp_path):
     from sieve.setting import _model_files
 

@@ -189,8 +189,8 @@ def test_yaml_aliases_are_refused_before_they_are_walked(tmp_path):
 
 
 def test_includes_fanning_out_read_each_file_once(tmp_path, monkeypatch):
-    """24 files each including the next twice would be 2**24 reads; each file is read once, and a
-    folder is limited in how many files its includes reach."""
+    """24 files each including the next twice would be 2**24 reads; each file is read once (includes
+    stay in the folder, so reads are bounded by its files)."""
     from sieve.evals import task_files
 
     for i in range(24):
@@ -202,9 +202,18 @@ def test_includes_fanning_out_read_each_file_once(tmp_path, monkeypatch):
                                                                                                           seen))
     assert task_code(tmp_path) == []
     assert sorted(p.name for p in reads) == sorted(f"f{i}.yaml" for i in range(24))
-    monkeypatch.setattr(task_files, "_MAX_FILES", 10)
+
+
+def test_a_task_file_too_large_or_a_template_too_deep_is_refused_in_one_line(tmp_path):
+    """A 21 MB task file took 40 s and 2.7 GB before the model loaded; a template of 200 nested
+    parentheses stopped the run with Jinja's RecursionError."""
+    (tmp_path / "big.yaml").write_text("task: big\nfewshot_config:\n  samples:\n" + "  - {}\n" * 200_000)
     found = task_code(tmp_path)
-    assert found and "more than 10 task files" in found[0].what
+    assert [c.file.name for c in found] == ["big.yaml"] and "larger than 1,048,576 bytes" in found[0].what
+    (tmp_path / "big.yaml").unlink()
+    (tmp_path / "deep.yaml").write_text("task: deep\ndoc_to_text: '{{ " + "(" * 200 + "q" + ")" * 200 + " }}'\n")
+    found = task_code(tmp_path)
+    assert [c.file.name for c in found] == ["deep.yaml"] and "nested no deeper" in found[0].what
 
 
 def test_a_folder_task_reaches_the_harness_as_a_plain_config(tmp_path):

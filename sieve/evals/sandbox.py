@@ -1286,9 +1286,10 @@ def _run(code: str, setup: str, call: list[str] | None, timeout_s: float, memory
     # counts what the address-space limit does not (page tables, other kernel memory)
     cgroups = _eval_cgroups((int(memory_mb) + work_mb + _MEMORY_ROOM_MB) << 20)
     if cgroups:  # the first process joins the cgroups, then becomes the sandbox (exec: the same pid)
-        cmd = ["/bin/sh", "-c", 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ 2>/dev/null > "$1"; shift; '
-               'n=$((n - 1)); done; exec "$@"', "sh", str(len(cgroups)),
-               *(os.path.join(c, "cgroup.procs") for c in cgroups), *cmd]
+        # (fails closed: a sandbox outside its cgroups does not run)
+        cmd = ["/bin/sh", "-c", 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ 2>/dev/null > "$1" || { echo '
+               '"sieve: could not join the evaluation\'s cgroup $1" >&2; exit 125; }; shift; n=$((n - 1)); done; '
+               'exec "$@"', "sh", str(len(cgroups)), *(os.path.join(c, "cgroup.procs") for c in cgroups), *cmd]
     r_fd, w_fd = os.pipe()
     try:
         job["result_fd"] = w_fd
@@ -1337,23 +1338,16 @@ def _eval_cgroups(memory_bytes: int) -> list[str]:
             memory.append(os.path.join("/sys/fs/cgroup/memory", path.lstrip("/")))
         elif hid == "0" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
             tasks.append(os.path.join("/sys/fs/cgroup", path.lstrip("/")))
-    made = []
-    d = _new_cgroup(tasks, {"pids.max": str(_MAX_TASKS)})
-    if d is not None:
-        made.append(d)
-        if os.path.exists(os.path.join(d, "memory.max")):  # v2 with the memory controller
-            try:
-                with open(os.path.join(d, "memory.max"), "w") as f:
-                    f.write(str(memory_bytes))
-                return made
-            except OSError:
-                pass
-    m = _new_cgroup(memory, {"memory.limit_in_bytes": str(memory_bytes)})
-    return made + ([m] if m is not None else [])
+    # v1: one cgroup per hierarchy; v2: one for both, with whichever controllers its parent enables
+    settings = {"pids.max": str(_MAX_TASKS), "memory.max": str(memory_bytes)}
+    made = [d for d in (_new_cgroup(tasks, settings), _new_cgroup(memory, {"memory.limit_in_bytes": str(memory_bytes)}))
+            if d is not None]
+    return made
 
 
 def _new_cgroup(parents: list[str], settings: dict[str, str]) -> str | None:
-    """A new cgroup under the first of ``parents`` where one can be made and given ``settings``."""
+    """A new cgroup under the first of ``parents`` where one can be made and given those of ``settings``
+    its controllers offer (at least one)."""
     for parent in parents:
         _sweep_cgroups(parent)
         d = os.path.join(parent, f"sieve-sandbox-{os.getpid()}-{next(_CGROUPS)}")
@@ -1362,12 +1356,15 @@ def _new_cgroup(parents: list[str], settings: dict[str, str]) -> str | None:
         except OSError:
             continue
         try:
-            for name, value in settings.items():
+            offered = [name for name in settings if os.path.exists(os.path.join(d, name))]
+            for name in offered:
                 with open(os.path.join(d, name), "w") as f:
-                    f.write(value)
-            return d
+                    f.write(settings[name])
+            if offered:
+                return d
         except OSError:
-            _remove_cgroup(d)
+            pass
+        _remove_cgroup(d)
     return None
 
 
@@ -1380,9 +1377,15 @@ def _sweep_cgroups(parent: str) -> None:
     except OSError:
         return
     for name in names:
-        pid = name.split("-")[2]
+        pid, d = name.split("-")[2], os.path.join(parent, name)
+        if pid == str(os.getpid()):
+            if d in _LEFT:  # this process's own: only those its evaluations left (another thread's may be
+                with contextlib.suppress(OSError):  # made and not yet joined)
+                    os.rmdir(d)
+                    _LEFT.discard(d)
+            continue
         try:
-            if pid.isdigit() and int(pid) != os.getpid():
+            if pid.isdigit():
                 os.kill(int(pid), 0)
                 continue  # another live sieve's
         except ProcessLookupError:
@@ -1390,7 +1393,7 @@ def _sweep_cgroups(parent: str) -> None:
         except OSError:
             continue
         with contextlib.suppress(OSError):
-            os.rmdir(os.path.join(parent, name))
+            os.rmdir(d)
 
 
 def _remove_cgroup(d: str) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from sieve.errors import SieveError, first_line
+from sieve.files import read_regular
 
 __all__ = ["TaskCode", "TASK_KEYS", "data_tasks", "task_code", "check_task_folder", "check_task_names",
            "check_hub_id", "hub_datasets_checked", "no_text_evaluation", "TextEvaluated", "sandboxed_templates"]
@@ -112,23 +113,26 @@ def _registry(kind: str) -> set[str] | None:
     return names - {"custom"}  # the custom filter calls a function named by the file
 
 
-def _template_reaches_internals(text: str) -> bool:
-    """Whether a Jinja template reads an attribute or item named with a leading underscore (the way
-    out of a template to Python's internals). Early notice only: the sandbox is what refuses it."""
+def _template_problem(text: str) -> str | None:
+    """What is wrong with a Jinja template as data: reading an attribute or item named with a leading
+    underscore (the way out of a template to Python's internals; early notice only: the sandbox is
+    what refuses it), or nesting too deep for Jinja's parser (which fails with a RecursionError)."""
     if "{{" not in text and "{%" not in text:
-        return False
+        return None
     from jinja2 import Environment, nodes
     from jinja2.exceptions import TemplateSyntaxError
 
     try:
         tree = Environment().parse(text)
     except TemplateSyntaxError:
-        return False  # the harness reports it when it renders
+        return None  # the harness reports it when it renders
+    except (RecursionError, MemoryError):
+        return "a template nested no deeper than Jinja's parser reads"
     for n in tree.find_all((nodes.Getattr, nodes.Getitem)):
         name = n.attr if isinstance(n, nodes.Getattr) else getattr(n.arg, "value", None)
         if isinstance(name, str) and name.startswith("_"):
-            return True
-    return False
+            return "a template that reads no '_'-named attribute (Python's internals)"
+    return None
 
 
 def _loader() -> type:
@@ -166,7 +170,7 @@ def _lines(node: yaml.Node | None) -> dict[str, int]:
     return {str(k.value): k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
 
 
-_MAX_FILES = 500  # task files one folder's tasks may read, includes counted
+_MAX_BYTES = 1 << 20  # a task file's size (the harness's own are under 64 KB): each is parsed twice, in memory
 
 
 class _Reader:
@@ -177,7 +181,6 @@ class _Reader:
         self.found: list[TaskCode] = []
         self.registries = {k: _registry(k) for k in ("metric", "filter", "aggregation", "sampler")}
         self.loaded: dict[Path, tuple[dict[str, Any] | None, dict[str, int]]] = {}  # each file read once
-        self.reads = 0
 
     def refuse(self, file: Path, line: int, what: str) -> None:
         self.found.append(TaskCode(file, line, what))
@@ -189,20 +192,20 @@ class _Reader:
         if path in seen:
             self.refuse(path, 1, "include cycle")
             return None, {}
-        if path not in self.loaded:
-            if self.reads >= _MAX_FILES:
-                self.refuse(path, 1, f"more than {_MAX_FILES} task files read through includes")
-                return None, {}
-            self.reads += 1
+        if path not in self.loaded:  # includes stay in the folder: reads are bounded by its files
             self.loaded[path] = self._load(path, seen)
         cfg, lines = self.loaded[path]
         return (None if cfg is None else dict(cfg)), dict(lines)
 
     def _load(self, path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any] | None, dict[str, int]]:
         try:
-            raw = path.read_bytes()
+            raw = read_regular(path, _MAX_BYTES)
+        except (OSError, ValueError) as e:  # a FIFO or device, a link to what never ends, too large
+            self.refuse(path, 1, f"cannot be read: {first_line(e).replace(str(path) + ' ', '', 1):.120}")
+            return None, {}
+        try:
             nodes = list(yaml.compose_all(raw, Loader=_loader()))
-        except (OSError, yaml.YAMLError) as e:
+        except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             self.refuse(path, (mark.line + 1) if mark else 1,
                         f"cannot be read as YAML ({type(e).__name__}: {first_line(e):.80})")
@@ -280,8 +283,8 @@ class _Reader:
                 return v  # a target index, or several targets
             if not isinstance(v, str):
                 return bad(_STR)
-            if _template_reaches_internals(v):
-                return bad("a template that reads no '_'-named attribute (Python's internals)")
+            if (problem := _template_problem(v)) is not None:
+                return bad(problem)
             return v
         if rule == _STRS:
             if isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
