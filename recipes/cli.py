@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -62,7 +63,12 @@ log = logging.getLogger("recipes")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one log line each (escaped by the handlers' filter), without the source line."""
+    """Warnings as one log line each (escaped by the handlers' filter), without the source line; one
+    written to a given file goes there as before."""
+    if file is not None:
+        with contextlib.suppress(OSError):
+            file.write(warnings.formatwarning(message, category, filename, lineno, line))
+        return
     logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
 
 
@@ -153,7 +159,7 @@ class RecipeCLI:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         for handler in logging.getLogger().handlers:
             handler.addFilter(_printable_record)  # names from shared folders reach the terminal escaped
-        warnings.showwarning = _show_warning  # warnings too: they name recipe files
+        shown, warnings.showwarning = warnings.showwarning, _show_warning  # warnings too: they name recipe files
         try:
             recipe = load_recipe(path, overrides)
             # output.dir set on the command line (an override) is the user's, not the recipe file's.
@@ -170,3 +176,5 @@ class RecipeCLI:
                 raise
             print(f"error: {printable(e)}", file=sys.stderr)
             return 2
+        finally:
+            warnings.showwarning = shown

@@ -11,6 +11,7 @@ checked is the outcome: never ``ok``. Attempts run through :func:`evaluate_code`
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import textwrap
 from pathlib import Path
@@ -629,6 +630,12 @@ def test_a_sandbox_that_cannot_join_its_cgroups_does_not_run(monkeypatch, tmp_pa
     monkeypatch.setattr(sandbox, "_eval_cgroups", lambda memory_bytes: [str(tmp_path / "gone")])
     r = _run("def test_a():\n    assert True\n", "", None, 10.0, 256, 8, None, "bwrap")
     assert not r.ok and r.status == "no-result" and "could not join" in r.detail, r
+    sandbox._probe.cache_clear()  # and the check before a run says so, not "allow user namespaces"
+    try:
+        with pytest.raises(sandbox.SandboxUnavailable, match="could not be put into the cgroup sieve made"):
+            sandbox.check_sandbox("bwrap")
+    finally:
+        sandbox._probe.cache_clear()
 
 
 def test_a_sweep_keeps_the_cgroups_another_thread_has_made_and_not_yet_joined():
@@ -651,3 +658,45 @@ def test_a_sweep_keeps_the_cgroups_another_thread_has_made_and_not_yet_joined():
     finally:
         for d in made:
             sandbox._remove_cgroup(d)
+
+
+def test_cgroups_a_dead_sieve_of_the_same_pid_left_do_not_stop_new_ones():
+    """A sieve killed mid-evaluation leaves empty cgroups named by its pid; a later sieve given the same
+    pid (a container's) could make none of its own (the names existed) and ran without bounds: names of
+    this pid it never made are swept, and a name that still exists is skipped."""
+    import itertools
+
+    from sieve.evals import sandbox
+
+    made = sandbox._eval_cgroups(1 << 30)
+    if not made:
+        pytest.skip("no writable cgroup here")
+    for d in made:
+        sandbox._remove_cgroup(d)
+    parents = [os.path.dirname(d) for d in made]
+    n = next(sandbox._CGROUPS)
+    stale = [os.path.join(p, f"sieve-sandbox-{os.getpid()}-{n + k}") for p in parents for k in range(1, 12)]
+    for d in stale:
+        os.mkdir(d)
+    try:
+        again = sandbox._eval_cgroups(1 << 30)
+        assert len(again) == len(made), again
+        for d in again:
+            sandbox._remove_cgroup(d)
+        assert not [d for d in stale if os.path.isdir(d)]
+        # a stale name that cannot be swept (it holds a cgroup of its own) at the next number: stepped over
+        m = next(sandbox._CGROUPS)
+        busy = [os.path.join(p, f"sieve-sandbox-{os.getpid()}-{m + 1}") for p in parents]
+        stale += [os.path.join(d, "inner") for d in busy] + busy  # removed inner first, in finally
+        for d in busy:
+            os.mkdir(d)
+            os.mkdir(os.path.join(d, "inner"))
+        sandbox._CGROUPS = itertools.count(m + 1)
+        again = sandbox._eval_cgroups(1 << 30)
+        assert len(again) == len(made) and not set(again) & set(busy), again
+        for d in again:
+            sandbox._remove_cgroup(d)
+    finally:
+        for d in sorted(stale, key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)

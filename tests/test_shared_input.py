@@ -152,3 +152,21 @@ def test_warnings_naming_a_shared_folder_reach_the_terminal_escaped(tmp_path):
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert "[kind] is no longer read" in p.stderr and "[sweep.samples]" in p.stderr, p.stderr
     assert "\x1b" not in p.stderr and "\x07" not in p.stderr and "\\x1b]0;TITLE\\x07" in p.stderr
+
+
+def test_the_cli_puts_warnings_back_as_it_found_them(tmp_path):
+    """The CLI logs warnings as escaped lines while it runs, and leaves the process's warning display as
+    it was (a notebook calling it keeps its warnings' file and line); a warning written to a given file
+    goes there."""
+    import io
+    import warnings
+
+    from recipes import cli
+    from recipes.regex import main
+
+    before = warnings.showwarning
+    assert main([str(RECIPE), "sweep.samples=0", "--out", str(tmp_path / "out")]) == 2
+    assert warnings.showwarning is before
+    buf = io.StringIO()
+    cli._show_warning(UserWarning("w"), UserWarning, "f.py", 3, file=buf)
+    assert "f.py:3: UserWarning: w" in buf.getvalue()

@@ -213,7 +213,9 @@ def test_a_task_file_too_large_or_a_template_too_deep_is_refused_in_one_line(tmp
     (tmp_path / "big.yaml").unlink()
     (tmp_path / "deep.yaml").write_text("task: deep\ndoc_to_text: '{{ " + "(" * 200 + "q" + ")" * 200 + " }}'\n")
     found = task_code(tmp_path)
-    assert [c.file.name for c in found] == ["deep.yaml"] and "nested no deeper" in found[0].what
+    assert [c.file.name for c in found] == ["deep.yaml"] and "nested at most 32 deep" in found[0].what
+    (tmp_path / "deep.yaml").write_text("task: deep\ndoc_to_text: '{{ " + "(" * 40 + "q" + ")" * 40 + " }}'\n")
+    assert "nested at most 32 deep" in task_code(tmp_path)[0].what  # parses here, but not from a deeper stack
 
 
 def test_a_folder_task_reaches_the_harness_as_a_plain_config(tmp_path):

@@ -1185,6 +1185,12 @@ def check_sandbox(mode: SandboxMode = "bwrap", python: str | None = None) -> Non
     if mode == "process":
         _warn_process()
     why = _probe(mode, python)
+    if why and "could not join the evaluation's cgroup" in why:
+        raise SandboxUnavailable(
+            f"the sandbox could not be put into the cgroup sieve made for it ({why.strip()[-200:]}): sieve makes "
+            "one per evaluation, under its own cgroup, to bound its tasks and memory, and does not run the "
+            "sandbox outside it. Run sieve where it may move its own child processes between its cgroups "
+            "(as root, or in a cgroup delegated to its user), or where it may make none")
     if why and mode == "bwrap":
         raise SandboxUnavailable(
             f"bubblewrap is installed but the sandbox does not work here ({why}). It needs user namespaces: "
@@ -1321,9 +1327,10 @@ def _eval_cgroups(memory_bytes: int) -> list[str]:
     (each thread takes a pid of the host's table) and, where the memory controller is there, its memory
     to ``memory_bytes``, kernel memory included (page tables of pages mapped far apart held 514 MiB
     outside a 300 MB address-space limit). Made under this process's own cgroups: in the ``pids`` and
-    ``memory`` hierarchies (cgroup v1) or the unified one (v2, both in one), where this user may write
-    there. Empty where it may not (then threads and kernel memory are bounded by the address-space
-    limit only)."""
+    ``memory`` hierarchies (cgroup v1) or the unified one (v2: one cgroup with whichever of the two
+    controllers this process's cgroup enables for its children; memory, a domain controller, only
+    where that cgroup holds no process, in practice the root), where this user may write there. Empty
+    where it may not (then threads and kernel memory are bounded by the address-space limit only)."""
     try:
         with open("/proc/self/cgroup") as f:
             lines = f.read().splitlines()
@@ -1350,11 +1357,21 @@ def _new_cgroup(parents: list[str], settings: dict[str, str]) -> str | None:
     its controllers offer (at least one)."""
     for parent in parents:
         _sweep_cgroups(parent)
-        d = os.path.join(parent, f"sieve-sandbox-{os.getpid()}-{next(_CGROUPS)}")
-        try:
-            os.mkdir(d)
-        except OSError:
+        for _ in range(8):  # a name a dead sieve of this pid left and the sweep could not remove: the next
+            d = os.path.join(parent, f"sieve-sandbox-{os.getpid()}-{next(_CGROUPS)}")
+            try:
+                os.mkdir(d)
+                break
+            except FileExistsError:
+                continue
+            except OSError:
+                d = ""
+                break
+        else:
+            d = ""
+        if not d:
             continue
+        _MINE.add(d)
         try:
             offered = [name for name in settings if os.path.exists(os.path.join(d, name))]
             for name in offered:
@@ -1379,8 +1396,10 @@ def _sweep_cgroups(parent: str) -> None:
     for name in names:
         pid, d = name.split("-")[2], os.path.join(parent, name)
         if pid == str(os.getpid()):
-            if d in _LEFT:  # this process's own: only those its evaluations left (another thread's may be
-                with contextlib.suppress(OSError):  # made and not yet joined)
+            # this process's own only where its evaluation has ended (another thread's may be made and not
+            # yet joined); a name of this pid it never made is a dead predecessor's (a pid used again)
+            if d in _LEFT or d not in _MINE:
+                with contextlib.suppress(OSError):
                     os.rmdir(d)
                     _LEFT.discard(d)
             continue
@@ -1411,6 +1430,7 @@ def _remove_cgroup(d: str) -> None:
 
 
 _LEFT: set[str] = set()
+_MINE: set[str] = set()  # the cgroups this process has made
 
 
 @atexit.register

@@ -113,12 +113,21 @@ def _registry(kind: str) -> set[str] | None:
     return names - {"custom"}  # the custom filter calls a function named by the file
 
 
+_MAX_NESTING = 32
+
+
 def _template_problem(text: str) -> str | None:
     """What is wrong with a Jinja template as data: reading an attribute or item named with a leading
     underscore (the way out of a template to Python's internals; early notice only: the sandbox is
     what refuses it), or nesting too deep for Jinja's parser (which fails with a RecursionError)."""
     if "{{" not in text and "{%" not in text:
         return None
+    depth = deepest = 0
+    for ch in text:  # brackets nested past any template's need cost Jinja ~14 frames a level, to parse and render
+        depth += (ch in "([{") - (ch in ")]}")
+        deepest = max(deepest, depth)
+    if deepest > _MAX_NESTING:
+        return f"a template with brackets nested at most {_MAX_NESTING} deep"
     from jinja2 import Environment, nodes
     from jinja2.exceptions import TemplateSyntaxError
 
@@ -127,7 +136,7 @@ def _template_problem(text: str) -> str | None:
     except TemplateSyntaxError:
         return None  # the harness reports it when it renders
     except (RecursionError, MemoryError):
-        return "a template nested no deeper than Jinja's parser reads"
+        return f"a template with brackets nested at most {_MAX_NESTING} deep"
     for n in tree.find_all((nodes.Getattr, nodes.Getitem)):
         name = n.attr if isinstance(n, nodes.Getattr) else getattr(n.arg, "value", None)
         if isinstance(name, str) and name.startswith("_"):
