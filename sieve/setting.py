@@ -344,7 +344,7 @@ def _model_files(src: Path) -> tuple[str, ...]:
     extra: list[str] = []
     for index in sorted(src.glob("*.index.json")):
         try:
-            weight_map = json.loads(read_regular(index)).get("weight_map", {})
+            weight_map = json.loads(read_regular(index, 256 << 20)).get("weight_map", {})  # a large MoE's: ~9 MB
         except (OSError, ValueError, AttributeError, RecursionError):  # a FIFO, bad JSON: names no shards
             continue
         if isinstance(weight_map, dict):

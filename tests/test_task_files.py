@@ -204,6 +204,20 @@ def test_includes_fanning_out_read_each_file_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in reads) == sorted(f"f{i}.yaml" for i in range(24))
 
 
+def test_tasks_including_one_file_share_none_of_its_values(tmp_path):
+    """Each file is read once; the tasks that include it get their own copy of its nested values (the
+    harness sets some in place, e.g. generation_kwargs)."""
+    from sieve.evals import task_files
+
+    (tmp_path / "base.yaml").write_text("metadata:\n  version: 1\ngeneration_kwargs:\n  until: ['x']\n")
+    reader = task_files._Reader(tmp_path, tmp_path)
+    a, _ = reader.load(tmp_path / "base.yaml")
+    b, _ = reader.load(tmp_path / "base.yaml")
+    a["metadata"]["version"] = 2
+    a["generation_kwargs"]["until"].append("y")
+    assert b == {"metadata": {"version": 1}, "generation_kwargs": {"until": ["x"]}}
+
+
 def test_a_task_file_too_large_or_a_template_too_deep_is_refused_in_one_line(tmp_path):
     """A 21 MB task file took 40 s and 2.7 GB before the model loaded; a template of 200 nested
     parentheses stopped the run with Jinja's RecursionError."""

@@ -24,6 +24,7 @@ attribute starting with ``_``, no unsafe callables) for every task sieve runs, t
 
 from __future__ import annotations
 
+import copy
 import re
 import tempfile  # noqa: F401 - the doctests use it
 from collections.abc import Iterator, Sequence
@@ -204,7 +205,7 @@ class _Reader:
         if path not in self.loaded:  # includes stay in the folder: reads are bounded by its files
             self.loaded[path] = self._load(path, seen)
         cfg, lines = self.loaded[path]
-        return (None if cfg is None else dict(cfg)), dict(lines)
+        return (None if cfg is None else copy.deepcopy(cfg)), dict(lines)  # tasks sharing an include share nothing
 
     def _load(self, path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any] | None, dict[str, int]]:
         try:
@@ -214,7 +215,7 @@ class _Reader:
             return None, {}
         try:
             nodes = list(yaml.compose_all(raw, Loader=_loader()))
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, RecursionError) as e:  # (PyYAML without libyaml recurses on nesting)
             mark = getattr(e, "problem_mark", None)
             self.refuse(path, (mark.line + 1) if mark else 1,
                         f"cannot be read as YAML ({type(e).__name__}: {first_line(e):.80})")
