@@ -64,7 +64,7 @@ from tqdm.std import tqdm
 from recipes.cli import RecipeCLI, Run
 from sieve.errors import SieveError, first_line, printable
 from sieve.evals.code import answer_validity, evaluate_code, function_validity
-from sieve.files import read_regular, write_atomic, write_signed
+from sieve.files import read_json, write_atomic, write_signed
 from sieve.fork import ForkSummary, generate_forked
 from sieve.generation import default_batch_size, generate
 from sieve.launch import EXECUTORS
@@ -215,8 +215,8 @@ def check_inputs(out: Path, table: pl.DataFrame, sources: dict, context: str) ->
                          f"with (its {SOURCES_FILE} is missing, or was not written by this user's sieve for this "
                          "recipe), so whether they changed since cannot be told: write to a fresh folder (--out DIR)")
     try:
-        before_s = json.loads(read_regular(spath))
-    except (OSError, ValueError, RecursionError):
+        before_s = read_json(spath)
+    except ValueError:
         before_s = None
     from sieve.setting import with_unrecorded
 

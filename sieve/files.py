@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["write_atomic", "local_mac", "key_problem", "secret_path", "sign", "signed", "mac_path", "move_aside",
-           "write_signed", "folder_digest", "machine_path", "read_regular"]
+           "write_signed", "folder_digest", "machine_path", "read_regular", "read_json"]
 
 
 def read_regular(path: str | Path, limit: int = 16 << 20) -> bytes:
@@ -27,6 +29,7 @@ def read_regular(path: str | Path, limit: int = 16 << 20) -> bytes:
     device under a file's name (``recipe.toml``, an SAE's ``cfg.json``), whose read would block or never
     end, or a link to a file that reads on past any size (``/proc/self/pagemap``, which says it is a
     regular file of size 0): those raise :class:`ValueError` (links are followed, as a hub cache's are).
+    Messages do not repeat the path: the caller names the file.
 
     Example:
         >>> import tempfile
@@ -37,21 +40,43 @@ def read_regular(path: str | Path, limit: int = 16 << 20) -> bytes:
         >>> os.mkfifo(d / "b.json")
         >>> read_regular(d / "b.json")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        ValueError: ...b.json is not a regular file
+        ValueError: not a regular file
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path} is not a regular file")
+            raise ValueError("not a regular file")
         chunks, size = [], 0
         while chunk := os.read(fd, 1 << 20):  # whole MiB (pagemap reads only in multiples of 8 bytes)
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
-                raise ValueError(f"{path} is larger than {limit:,} bytes: not read")
+                raise ValueError(f"larger than {limit:,} bytes: not read")
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def read_json(path: str | Path, limit: int = 16 << 20) -> Any:
+    """The JSON in a regular file (:func:`read_regular`). Every way a shared file can fail to be JSON
+    sieve reads (missing or unreadable, a FIFO, too large, not UTF-8, not JSON, nested too deep, an
+    integer past Python's digit limit) raises :class:`ValueError` with the reason, so a caller catches
+    one exception.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "deep.json").write_text("[" * 100_000)
+        >>> read_json(d / "deep.json")
+        Traceback (most recent call last):
+        ValueError: nested too deep to read
+    """
+    try:
+        return json.loads(read_regular(path, limit))
+    except OSError as e:
+        raise ValueError(e.strerror or str(e)) from None
+    except RecursionError:
+        raise ValueError("nested too deep to read") from None
 
 
 def _umask() -> int:

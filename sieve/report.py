@@ -39,7 +39,7 @@ from typing import Any
 import polars as pl
 
 from sieve.errors import SieveError, first_line
-from sieve.files import read_regular, write_atomic, write_signed
+from sieve.files import read_json, write_atomic, write_signed
 from sieve.methods import FAMILIES, family
 from sieve.recipe import Recipe, recipe_from_dict, recipe_hash
 
@@ -137,8 +137,8 @@ def load_run(out: Path) -> dict[str, Any] | None:
     if not path.exists() and not path.is_symlink():
         return None
     try:
-        run = json.loads(read_regular(path))  # not a FIFO, nor a link to what never ends
-    except (ValueError, RecursionError, OSError) as e:
+        run = read_json(path)  # not a FIFO, nor a link to what never ends
+    except ValueError as e:
         raise SieveError(f"{path} is not readable ({first_line(e):.120}): it records the folder's sessions and "
                          "recipe; restore it, or move it away to report without it") from None
     if not isinstance(run, dict):
@@ -225,8 +225,8 @@ def shard_inputs(folders: Sequence[Path]) -> tuple[pl.DataFrame | None, dict | N
     weights = {}
     for d in folders:
         if (Path(d) / SOURCES_FILE).is_file():
-            with contextlib.suppress(OSError, ValueError, RecursionError):
-                weights[str(d)] = json.loads(read_regular(Path(d) / SOURCES_FILE))
+            with contextlib.suppress(ValueError):
+                weights[str(d)] = read_json(Path(d) / SOURCES_FILE)
     from sieve.setting import with_unrecorded
 
     records = list(weights.values())

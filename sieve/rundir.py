@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from sieve.errors import RecipeError, SieveError, first_line
-from sieve.files import read_regular, write_atomic
+from sieve.files import read_json, read_regular, write_atomic
 from sieve.recipe import Recipe, recipe_dict, recipe_hash
 
 if sys.version_info >= (3, 11):
@@ -185,10 +185,10 @@ def check(folder: str | Path, recipe: Recipe) -> None:
     if not meta_path.exists() or not _has_results(folder):
         return
     try:
-        meta = json.loads(read_regular(meta_path))  # not a FIFO, nor a link to what never ends
+        meta = read_json(meta_path)  # not a FIFO, nor a link to what never ends
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
-    except (ValueError, RecursionError, OSError) as e:
+    except ValueError as e:
         raise SieveError(f"{meta_path} is not readable JSON ({first_line(e):.120}); it says which recipe made this "
                          "folder: restore it or use another output folder") from None
     h = recipe_hash(recipe)

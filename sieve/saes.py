@@ -15,7 +15,6 @@ sae-lens is imported lazily: it pulls transformer-lens and costs ~10 s at import
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
 from collections import OrderedDict
@@ -127,11 +126,11 @@ def _shortlist(ids: list[str], near: str | None, n: int = 8) -> list[str]:
 
 
 def _read_json(p: Path) -> dict:
-    from sieve.files import read_regular
+    from sieve.files import read_json
 
     try:
-        return json.loads(read_regular(p))
-    except (OSError, ValueError, RecursionError) as e:  # JSON errors, a FIFO, nesting too deep
+        return read_json(p)
+    except ValueError as e:
         raise SieveError(f"{p}: not readable JSON ({first_line(e):.160})") from None
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from sieve.detectors import caa_detector, feature_detector, probe_detector, probe_training_data
 from sieve.errors import RecipeError, SieveError, first_line
-from sieve.files import folder_digest, machine_path, read_regular
+from sieve.files import folder_digest, machine_path, read_json
 from sieve.interventions import SAECode
 from sieve.methods import Parts
 from sieve.prompts import PromptSets, load_prompt_sets
@@ -217,8 +217,6 @@ def checked_inputs(recipe: Recipe) -> tuple[Any, PromptSets]:
         Traceback (most recent call last):
         sieve.errors.RecipeError: ...[sae.layer] 9 is out of range: the model has 4 layers (0..3)
     """
-    import json
-
     from transformers import AutoTokenizer
 
     from sieve.models import _dtype, _resolve_config, check_device, tokenize_prompts
@@ -257,8 +255,8 @@ def checked_inputs(recipe: Recipe) -> tuple[Any, PromptSets]:
     cfg: Any = {}
     if cfg_path is not None and cfg_path.exists():
         try:
-            cfg = json.loads(read_regular(cfg_path))
-        except (OSError, ValueError, RecursionError) as e:  # JSON errors, a FIFO, nesting too deep
+            cfg = read_json(cfg_path)
+        except ValueError as e:
             raise RecipeError(where, "sae.source", f"{cfg_path} is not readable JSON ({first_line(e):.160})") from None
         if not isinstance(cfg, dict):
             raise RecipeError(where, "sae.source", f"{cfg_path} is not a JSON object")
@@ -339,13 +337,11 @@ def _model_file(name: str) -> bool:
 def _model_files(src: Path) -> tuple[str, ...]:
     """Beyond a model folder's own files: the shards its ``*.index.json`` files name (they may lie in a
     subfolder)."""
-    import json
-
     extra: list[str] = []
     for index in sorted(src.glob("*.index.json")):
         try:
-            weight_map = json.loads(read_regular(index, 256 << 20)).get("weight_map", {})  # a large MoE's: ~9 MB
-        except (OSError, ValueError, AttributeError, RecursionError):  # a FIFO, bad JSON: names no shards
+            weight_map = read_json(index, 256 << 20).get("weight_map", {})  # a large MoE's: ~9 MB
+        except (ValueError, AttributeError):  # a FIFO, bad JSON, not an object: names no shards
             continue
         if isinstance(weight_map, dict):
             extra += [v for v in weight_map.values() if isinstance(v, str)]

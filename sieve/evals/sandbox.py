@@ -1347,9 +1347,8 @@ def _eval_cgroups(memory_bytes: int) -> list[str]:
             tasks.append(os.path.join("/sys/fs/cgroup", path.lstrip("/")))
     # v1: one cgroup per hierarchy; v2: one for both, with whichever controllers its parent enables
     settings = {"pids.max": str(_MAX_TASKS), "memory.max": str(memory_bytes)}
-    made = [d for d in (_new_cgroup(tasks, settings), _new_cgroup(memory, {"memory.limit_in_bytes": str(memory_bytes)}))
+    return [d for d in (_new_cgroup(tasks, settings), _new_cgroup(memory, {"memory.limit_in_bytes": str(memory_bytes)}))
             if d is not None]
-    return made
 
 
 def _new_cgroup(parents: list[str], settings: dict[str, str]) -> str | None:
@@ -1357,21 +1356,9 @@ def _new_cgroup(parents: list[str], settings: dict[str, str]) -> str | None:
     its controllers offer (at least one)."""
     for parent in parents:
         _sweep_cgroups(parent)
-        for _ in range(8):  # a name a dead sieve of this pid left and the sweep could not remove: the next
-            d = os.path.join(parent, f"sieve-sandbox-{os.getpid()}-{next(_CGROUPS)}")
-            try:
-                os.mkdir(d)
-                break
-            except FileExistsError:
-                continue
-            except OSError:
-                d = ""
-                break
-        else:
-            d = ""
-        if not d:
+        d = _cgroup_dir(parent)
+        if d is None:
             continue
-        _MINE.add(d)
         try:
             offered = [name for name in settings if os.path.exists(os.path.join(d, name))]
             for name in offered:
@@ -1382,6 +1369,22 @@ def _new_cgroup(parents: list[str], settings: dict[str, str]) -> str | None:
         except OSError:
             pass
         _remove_cgroup(d)
+    return None
+
+
+def _cgroup_dir(parent: str) -> str | None:
+    """A new cgroup folder under ``parent``, named by this process and a count (a name a dead sieve of the
+    same pid left, and the sweep could not remove, is stepped over), or None where none can be made."""
+    for _ in range(8):
+        d = os.path.join(parent, f"sieve-sandbox-{os.getpid()}-{next(_CGROUPS)}")
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+        _MINE.add(d)
+        return d
     return None
 
 
@@ -1402,6 +1405,7 @@ def _sweep_cgroups(parent: str) -> None:
                 with contextlib.suppress(OSError):
                     os.rmdir(d)
                     _LEFT.discard(d)
+                    _MINE.discard(d)
             continue
         try:
             if pid.isdigit():
@@ -1421,16 +1425,18 @@ def _remove_cgroup(d: str) -> None:
     for _ in range(10):
         try:
             os.rmdir(d)
-            return
         except FileNotFoundError:
-            return
+            pass
         except OSError:
             time.sleep(0.002)
+            continue
+        _MINE.discard(d)
+        return
     _LEFT.add(d)
 
 
 _LEFT: set[str] = set()
-_MINE: set[str] = set()  # the cgroups this process has made
+_MINE: set[str] = set()  # the cgroups this process has made and not removed
 
 
 @atexit.register

@@ -115,6 +115,7 @@ def _registry(kind: str) -> set[str] | None:
 
 
 _MAX_NESTING = 32
+_TOO_DEEP = f"a template with brackets nested at most {_MAX_NESTING} deep"
 
 
 def _template_problem(text: str) -> str | None:
@@ -128,7 +129,7 @@ def _template_problem(text: str) -> str | None:
         depth += (ch in "([{") - (ch in ")]}")
         deepest = max(deepest, depth)
     if deepest > _MAX_NESTING:
-        return f"a template with brackets nested at most {_MAX_NESTING} deep"
+        return _TOO_DEEP
     from jinja2 import Environment, nodes
     from jinja2.exceptions import TemplateSyntaxError
 
@@ -137,7 +138,7 @@ def _template_problem(text: str) -> str | None:
     except TemplateSyntaxError:
         return None  # the harness reports it when it renders
     except (RecursionError, MemoryError):
-        return f"a template with brackets nested at most {_MAX_NESTING} deep"
+        return _TOO_DEEP
     for n in tree.find_all((nodes.Getattr, nodes.Getitem)):
         name = n.attr if isinstance(n, nodes.Getattr) else getattr(n.arg, "value", None)
         if isinstance(name, str) and name.startswith("_"):
@@ -211,7 +212,7 @@ class _Reader:
         try:
             raw = read_regular(path, _MAX_BYTES)
         except (OSError, ValueError) as e:  # a FIFO or device, a link to what never ends, too large
-            self.refuse(path, 1, f"cannot be read: {first_line(e).replace(str(path) + ' ', '', 1):.120}")
+            self.refuse(path, 1, f"cannot be read: {first_line(e):.120}")
             return None, {}
         try:
             nodes = list(yaml.compose_all(raw, Loader=_loader()))
